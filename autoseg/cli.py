@@ -1,0 +1,166 @@
+"""The ``autoseg`` command line: argument parsing only; each command calls one public function.
+
+Bad input ends with one line on stderr naming the file and the problem, and exit code 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from autoseg import __version__
+from autoseg.errors import DatasetError, UserError
+
+EXIT_BAD_INPUT = 2
+
+
+def _jobs(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
+def _add_jobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-j", "--jobs", type=_jobs, default=None,
+                   help="worker processes (default: the number of CPUs, %(default)s means that)")
+
+
+def _add_workdir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-w", "--workdir", type=Path, default=None,
+                   help="where artifacts go (default: ./autoseg_work/<dataset folder name>)")
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from autoseg.validate import validate_dataset
+
+    problems = validate_dataset(a.dataset, jobs=a.jobs, progress=not a.quiet)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"autoseg validate: {len(problems)} problem(s) found in {a.dataset}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{a.dataset}: OK")
+    return 0
+
+
+def cmd_fingerprint(a: argparse.Namespace) -> int:
+    from autoseg.fingerprint import FINGERPRINT_FILE, extract_fingerprint
+    from autoseg.workdir import resolve_workdir
+
+    fp = extract_fingerprint(a.dataset, jobs=a.jobs, progress=not a.quiet)
+    out = resolve_workdir(a.dataset, a.workdir) / FINGERPRINT_FILE
+    fp.save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from autoseg.synth import generate
+
+    out = generate(a.task, a.out_dir, cases=a.cases, size=a.size, seed=a.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_convert_msd(a: argparse.Namespace) -> int:
+    from autoseg.msd import convert_msd
+
+    out = convert_msd(a.src, a.dst, jobs=a.jobs)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from autoseg.fingerprint import FINGERPRINT_FILE, extract_fingerprint
+    from autoseg.validate import validate_dataset
+    from autoseg.workdir import resolve_workdir
+
+    problems = validate_dataset(a.dataset, jobs=a.jobs, progress=not a.quiet)
+    if problems:
+        raise DatasetError(problems)
+    fp = extract_fingerprint(a.dataset, jobs=a.jobs, progress=not a.quiet)
+    out = resolve_workdir(a.dataset, a.workdir) / FINGERPRINT_FILE
+    fp.save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from autoseg.synth import SIZES, TASKS
+
+    parser = argparse.ArgumentParser(
+        prog="autoseg",
+        description="Self-configuring segmentation for medical images. Typical use: "
+                    "`autoseg plan DATASET` then `autoseg train DATASET`.")
+    parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a dataset and list every problem found",
+                       description="Check a dataset in the nnU-Net v2 raw layout and report every problem, "
+                                   "one line each, naming the file. Exit code 2 when any is found.")
+    p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
+    _add_jobs(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("fingerprint", help="extract dataset statistics to WORKDIR/fingerprint.json",
+                       description="Extract spacing, shape, intensity and label statistics of every training "
+                                   "case. Deterministic: the same dataset gives the same file for any -j.")
+    p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
+    _add_workdir(p)
+    _add_jobs(p)
+    p.set_defaults(func=cmd_fingerprint)
+
+    p = sub.add_parser("plan", help="validate, fingerprint and plan a dataset",
+                       description="Run validate -> fingerprint (-> plan -> preprocess) on a dataset.")
+    p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
+    _add_workdir(p)
+    _add_jobs(p)
+    p.set_defaults(func=cmd_plan)
+
+    tasks = "\n".join(f"  {name:<12} {t.description}" for name, t in TASKS.items())
+    p = sub.add_parser("synth", help="generate a synthetic dataset (nnU-Net v2 layout)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=f"Generate a synthetic labelled dataset.\n\ntasks:\n{tasks}")
+    p.add_argument("task", choices=sorted(TASKS), metavar="TASK")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    p.add_argument("--cases", type=_jobs, default=None, help="number of training cases (default: per size)")
+    p.add_argument("--size", choices=SIZES, default="small",
+                   help="tiny (tests, seconds), small (demo) or bench (benchmarks); default %(default)s")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("convert-msd", help="import a Medical Segmentation Decathlon task",
+                       description="Convert an MSD task folder (4D NIfTI, channels last) into the nnU-Net v2 layout.")
+    p.add_argument("src", type=Path, metavar="SRC")
+    p.add_argument("dst", type=Path, metavar="DST")
+    _add_jobs(p)
+    p.set_defaults(func=cmd_convert_msd)
+    return parser
+
+
+def run(argv: list[str] | None = None, parser_factory: Callable[[], argparse.ArgumentParser] = build_parser) -> int:
+    parser = parser_factory()
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except UserError as e:
+        if a.debug:
+            raise
+        for line in str(e).splitlines() or ["unknown error"]:
+            print(f"autoseg: error: {line}" if not isinstance(e, DatasetError) else line, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("autoseg: interrupted", file=sys.stderr)
+        return 130
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    sys.exit(run())

@@ -1,0 +1,190 @@
+"""The nnU-Net v2 raw dataset layout, read unchanged.
+
+::
+
+    DATASET/dataset.json
+    DATASET/imagesTr/CASE_0000.nii.gz   one file per channel (_0000, _0001, ...)
+    DATASET/labelsTr/CASE.nii.gz
+    DATASET/imagesTs/CASE_0000.nii.gz   optional
+
+``dataset.json`` holds ``channel_names`` (index -> name; the name says the modality, e.g. "CT"),
+``labels`` (name -> value, or name -> list of values for regions), ``numTraining`` and ``file_ending``;
+optionally ``regions_class_order`` and an ``ignore`` label (the highest value).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoseg.errors import DatasetError, Problem
+from autoseg.io import SUPPORTED_ENDINGS
+
+REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: its channel files in channel order and its label file (None for test cases)."""
+
+    id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+
+@dataclass
+class Dataset:
+    """A parsed ``dataset.json`` plus where the dataset lives."""
+
+    root: Path
+    channel_names: list[str]
+    labels: dict[str, int | list[int]]
+    num_training: int
+    file_ending: str
+    regions_class_order: list[int] | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.raw.get("name") or self.root.name)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def ignore_label(self) -> int | None:
+        v = self.labels.get("ignore")
+        return v if isinstance(v, int) else None
+
+    @property
+    def has_regions(self) -> bool:
+        return any(isinstance(v, list) for v in self.labels.values())
+
+    @property
+    def label_values(self) -> list[int]:
+        """Integer values that may appear in label files (region labels are unions of these)."""
+        vals: set[int] = set()
+        for v in self.labels.values():
+            vals.update(v if isinstance(v, list) else [v])
+        return sorted(vals)
+
+    @property
+    def classes(self) -> dict[int, str]:
+        """Foreground classes (value -> name) of a plain (non-region) label map, without background and ignore."""
+        return {v: k for k, v in self.labels.items() if isinstance(v, int) and v != 0 and k != "ignore"}
+
+    def cases(self, split: str = "Tr") -> list[Case]:
+        """Cases found on disk, sorted by id. ``split`` is 'Tr' or 'Ts'."""
+        return list_cases(self.root / f"images{split}", self.file_ending, self.num_channels,
+                          self.root / "labelsTr" if split == "Tr" else None)
+
+
+def _ending_ok(ending: object) -> bool:
+    return isinstance(ending, str) and ending.lower() in SUPPORTED_ENDINGS
+
+
+def parse_dataset_json(root: Path) -> tuple[Dataset | None, list[Problem]]:
+    """Parse and check ``root/dataset.json``; return the dataset (None if unusable) and every problem."""
+    root = Path(root)
+    path = root / "dataset.json"
+    where = str(path)
+    if not root.is_dir():
+        return None, [Problem(str(root), "dataset folder not found")]
+    if not path.is_file():
+        return None, [Problem(where, "missing: a dataset needs dataset.json (nnU-Net v2 layout)")]
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, [Problem(where, f"not valid JSON ({e})")]
+    if not isinstance(raw, dict):
+        return None, [Problem(where, "must hold a JSON object")]
+    problems = [Problem(where, f"lacks the required key '{k}'") for k in REQUIRED_KEYS if k not in raw]
+    if problems:
+        return None, problems
+
+    channels = raw["channel_names"]
+    if not isinstance(channels, dict) or not channels:
+        problems.append(Problem(where, "'channel_names' must be a non-empty object like {\"0\": \"CT\"}"))
+        channel_names: list[str] = []
+    else:
+        try:
+            order = sorted(channels, key=int)
+        except ValueError:
+            order = []
+            problems.append(Problem(where, "'channel_names' keys must be channel indices 0, 1, ..."))
+        if order and [int(k) for k in order] != list(range(len(order))):
+            problems.append(Problem(where, f"'channel_names' indices must be 0..{len(order) - 1}, got {order}"))
+        channel_names = [str(channels[k]) for k in order]
+
+    labels = raw["labels"]
+    if not isinstance(labels, dict) or not labels:
+        problems.append(Problem(where, "'labels' must be a non-empty object like {\"background\": 0, \"organ\": 1}"))
+        labels = {}
+    else:
+        problems += _check_labels(labels, where)
+
+    n = raw["numTraining"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        problems.append(Problem(where, f"'numTraining' must be a non-negative integer, got {n!r}"))
+    ending = raw["file_ending"]
+    if not _ending_ok(ending):
+        problems.append(Problem(where, f"'file_ending' {ending!r} is not supported (use one of {', '.join(SUPPORTED_ENDINGS)})"))
+    rco = raw.get("regions_class_order")
+    if rco is not None and not (isinstance(rco, list) and all(isinstance(v, int) for v in rco)):
+        problems.append(Problem(where, "'regions_class_order' must be a list of integers"))
+    if problems:
+        return None, problems
+    return Dataset(root, channel_names, dict(labels), n, ending.lower(), rco, raw), []
+
+
+def _check_labels(labels: dict, where: str) -> list[Problem]:
+    problems = []
+    bad = [k for k, v in labels.items()
+           if not (isinstance(v, int) and not isinstance(v, bool))
+           and not (isinstance(v, list) and v and all(isinstance(x, int) for x in v))]
+    if bad:
+        return [Problem(where, f"label '{k}' must map to an integer (or a list of integers for a region)") for k in bad]
+    plain = {k: v for k, v in labels.items() if isinstance(v, int)}
+    if plain.get("background", None) != 0 and 0 not in plain.values():
+        problems.append(Problem(where, "labels must start with background = 0"))
+    elif plain.get("background", 0) != 0:
+        problems.append(Problem(where, f"'background' must be 0, got {plain['background']}"))
+    values = sorted(v for k, v in plain.items() if k != "ignore")
+    if values and values != list(range(len(values))):
+        problems.append(Problem(where, f"label values must be consecutive integers from 0, got {values}"))
+    if len(set(values)) != len(values):
+        problems.append(Problem(where, "two labels share a value"))
+    if "ignore" in plain and values and plain["ignore"] <= max(values):
+        problems.append(Problem(where, f"the 'ignore' label must be the highest value, got {plain['ignore']}"))
+    return problems
+
+
+def load_dataset(root: Path | str) -> Dataset:
+    """Parse ``dataset.json``; raise :class:`DatasetError` listing every problem in it."""
+    ds, problems = parse_dataset_json(Path(root))
+    if ds is None:
+        raise DatasetError(problems)
+    return ds
+
+
+def list_cases(images_dir: Path, file_ending: str, num_channels: int, labels_dir: Path | None) -> list[Case]:
+    """Group ``CASE_XXXX<ending>`` files into cases; channels missing here are left for ``validate`` to name."""
+    if not images_dir.is_dir():
+        return []
+    found: dict[str, dict[int, Path]] = {}
+    for p in images_dir.iterdir():
+        if not p.name.lower().endswith(file_ending):
+            continue
+        m = _CHANNEL_RE.match(p.name[: -len(file_ending)])
+        if m:
+            found.setdefault(m["case"], {})[int(m["channel"])] = p
+    cases = []
+    for cid in sorted(found):
+        images = tuple(images_dir / f"{cid}_{c:04d}{file_ending}" for c in range(num_channels))
+        label = labels_dir / f"{cid}{file_ending}" if labels_dir is not None else None
+        cases.append(Case(cid, images, label))
+    return cases
