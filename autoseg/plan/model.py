@@ -1,0 +1,290 @@
+"""The Plans data model: how a dataset is preprocessed, which network trains on it and for how long.
+
+``plans.json`` is the single, human-editable description of every configuration (``2d``, ``3d_fullres``,
+``3d_lowres``). Every knob is a value here, never a subclass: a user can edit the file and re-run
+``preprocess`` or ``train``. Loading validates it and names the offending key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from autoseg.artifacts import header, write_json
+from autoseg.errors import UserError
+
+PLANS_FILE = "plans.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Normalization:
+    """How one channel is normalized. ``ct``: clip to [clip_low, clip_high], then (x - mean) / std with the
+    dataset's foreground statistics. ``zscore``: per image, inside the nonzero mask when ``use_mask``.
+    ``rescale``: divide by 255 (natural images). ``none``: as is."""
+
+    scheme: str = "zscore"
+    use_mask: bool = False
+    clip_low: float | None = None
+    clip_high: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+@dataclass
+class Resampling:
+    """Interpolation orders, and whether the out-of-plane axis is resampled separately (anisotropic data)."""
+
+    image_order: int = 3
+    label_order: int = 1  # applied to one-hot labels, then argmax
+    separate_z: bool = False
+    z_axis: int | None = None
+    z_order: int = 0
+
+
+@dataclass
+class Network:
+    """A network described as data; ``autoseg.nets.build_network`` builds it by ``family``."""
+
+    family: str = "unet"  # registry name: unet, resenc_unet, ...
+    features: list[int] = field(default_factory=list)  # per stage
+    kernel_sizes: list[list[int]] = field(default_factory=list)  # per stage
+    strides: list[list[int]] = field(default_factory=list)  # per stage; the first is all ones
+    blocks_per_stage: list[int] = field(default_factory=list)  # encoder convs (unet) or residual blocks
+    decoder_convs: int = 2
+    norm: str = "instance"
+    nonlin: str = "leaky_relu"
+    deep_supervision: bool = True
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.features)
+
+
+@dataclass
+class Loss:
+    name: str = "dice_ce"  # dice_ce, dice, jaccard, ce, focal, focal_dice
+    batch_dice: bool = False
+    ds_weights: str = "halving"  # deep-supervision weights: halving from full resolution, lowest dropped
+
+
+@dataclass
+class Optimizer:
+    name: str = "sgd"  # sgd (Nesterov) or adamw
+    lr: float = 1e-2
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    grad_clip: float = 12.0
+
+
+@dataclass
+class Schedule:
+    """In optimizer steps, derived from the budget and the measured step time."""
+
+    name: str = "poly"
+    steps: int = 1000
+    warmup_steps: int = 0
+    poly_exponent: float = 0.9
+    val_every: int = 250
+
+
+@dataclass
+class Augmentation:
+    rotation_deg: float = 30.0
+    scale: list[float] = field(default_factory=lambda: [0.7, 1.4])
+    elastic: bool = False
+    noise: float = 0.1
+    blur: float = 0.2
+    brightness: float = 0.15
+    contrast: float = 0.15
+    gamma: float = 0.3
+    low_resolution: float = 0.25
+    mirror_axes: list[int] = field(default_factory=list)
+    dummy_2d: bool = False  # slice-wise (2D) spatial augmentation for very anisotropic 3D patches
+
+
+@dataclass
+class Sampling:
+    """Foreground oversampling: a share of patches centred on a voxel of a randomly chosen present class."""
+
+    foreground_fraction: float = 0.33
+    class_weights: dict[str, float] = field(default_factory=dict)  # label value -> relative probability
+
+
+@dataclass
+class Measurement:
+    """What the planner measured for the chosen setup on the target device."""
+
+    step_time_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    parameters: int = 0
+    gflops_per_step: float = 0.0
+    precision_speedup: float = 1.0  # bf16/fp16 over fp32, as measured
+    extrapolated: bool = False  # True when the numbers are a fit to smaller measured patches
+
+
+@dataclass
+class Configuration:
+    """One way to process and train on the dataset."""
+
+    name: str
+    ndim: int
+    spacing: list[float]
+    median_shape: list[int]  # after resampling to ``spacing``, of the cropped images
+    patch_size: list[int]
+    batch_size: int
+    normalization: list[Normalization]
+    resampling: Resampling
+    network: Network
+    loss: Loss = field(default_factory=Loss)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    schedule: Schedule = field(default_factory=Schedule)
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    sampling: Sampling = field(default_factory=Sampling)
+    precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (CUDA AMP)
+    channels_last: bool = False
+    measured: Measurement = field(default_factory=Measurement)
+    lowres_of: str | None = None  # set on 3d_lowres: the configuration it is a coarser version of
+
+
+@dataclass
+class Plans:
+    """All configurations for one dataset, and what they were planned for."""
+
+    dataset_name: str
+    fingerprint_hash: str
+    planner: str
+    device: dict[str, Any]
+    budget_s: float
+    configurations: dict[str, Configuration]
+    axis_order: list[int] = field(default_factory=list)  # transpose applied before everything: coarsest axis first
+    folds: int = 5
+    train_runs: list[dict[str, Any]] = field(default_factory=list)  # [{"configuration", "fold", "seconds"}]
+    planning_time_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("meta")
+        return {**header("plans"), **d}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "plans.json") -> Plans:
+        return _parse_plans(d, source)
+
+    def save(self, path: Path | str) -> None:
+        write_json(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Plans:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no plans here; run `autoseg plan DATASET` first")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from e
+        return _parse_plans(d, str(path))
+
+
+_NESTED = {"normalization": Normalization, "resampling": Resampling, "network": Network, "loss": Loss,
+           "optimizer": Optimizer, "schedule": Schedule, "augmentation": Augmentation,
+           "sampling": Sampling, "measured": Measurement}
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    """Build a dataclass from a dict, rejecting unknown keys and wrong types with the key's path."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected an object, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(known)})")
+    kwargs = {}
+    for name, value in d.items():
+        key = f"{where}.{name}"
+        if name in _NESTED and cls is not Plans:
+            sub = _NESTED[name]
+            kwargs[name] = ([_build(sub, v, f"{key}[{i}]") for i, v in enumerate(value)]
+                            if isinstance(value, list) else _build(sub, value, key))
+        else:
+            _check_type(known[name].type, value, key)
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise UserError(f"{where}: {e}") from e
+
+
+def _check_type(annotation: str, value: Any, key: str) -> None:
+    ann = str(annotation)
+    ok = True
+    if value is None:
+        ok = "None" in ann
+    elif ann.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif ann.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif ann.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif ann.startswith("str"):
+        ok = isinstance(value, str)
+    elif ann.startswith("list"):
+        ok = isinstance(value, list)
+    elif ann.startswith("dict"):
+        ok = isinstance(value, dict)
+    if not ok:
+        raise UserError(f"{key}: expected {ann}, got {value!r}")
+
+
+def _parse_plans(d: Any, source: str) -> Plans:
+    if not isinstance(d, dict) or d.get("artifact") != "plans":
+        raise UserError(f"{source}: not a plans file (missing \"artifact\": \"plans\")")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{source}: format_version {d.get('format_version')!r} is not supported "
+                        f"(this autoseg reads {FORMAT_VERSION}); re-run `autoseg plan`")
+    body = {k: v for k, v in d.items() if k not in ("artifact", "format_version", "autoseg_version")}
+    configs = body.pop("configurations", None)
+    if not isinstance(configs, dict) or not configs:
+        raise UserError(f"{source}: 'configurations' must be a non-empty object")
+    plans = _build(Plans, {**body, "configurations": {}}, source)
+    for name, c in configs.items():
+        cfg = _build(Configuration, c, f"{source}: configurations.{name}")
+        _check_configuration(cfg, f"{source}: configurations.{name}")
+        plans.configurations[name] = cfg
+    plans.meta = {"autoseg_version": d.get("autoseg_version")}
+    return plans
+
+
+def _check_configuration(c: Configuration, where: str) -> None:
+    """Semantic checks a user's edit can break: lengths agree with ndim, sizes positive, known names."""
+    from autoseg.nets import NETWORKS  # local: nets imports torch
+
+    n = c.ndim
+    for key in ("spacing", "patch_size", "median_shape"):
+        v = getattr(c, key)
+        if len(v) != n or any(x <= 0 for x in v):
+            raise UserError(f"{where}.{key}: expected {n} positive numbers, got {v}")
+    if c.batch_size < 1:
+        raise UserError(f"{where}.batch_size: must be >= 1, got {c.batch_size}")
+    net = c.network
+    if net.family not in NETWORKS:
+        raise UserError(f"{where}.network.family: unknown '{net.family}' (known: {', '.join(sorted(NETWORKS))})")
+    for key in ("kernel_sizes", "strides"):
+        v = getattr(net, key)
+        if len(v) != net.n_stages or any(len(k) != n for k in v):
+            raise UserError(f"{where}.network.{key}: expected {net.n_stages} entries of {n} integers")
+    if net.blocks_per_stage and len(net.blocks_per_stage) != net.n_stages:
+        raise UserError(f"{where}.network.blocks_per_stage: expected {net.n_stages} entries")
+    divisor = [1] * n
+    for s in net.strides:
+        divisor = [a * b for a, b in zip(divisor, s)]
+    if any(p % d for p, d in zip(c.patch_size, divisor)):
+        raise UserError(f"{where}.patch_size: {c.patch_size} must be divisible by {divisor} (the network's total stride)")
+    if c.precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"{where}.precision: expected fp32, bf16 or fp16, got '{c.precision}'")
+    if c.schedule.steps < 1:
+        raise UserError(f"{where}.schedule.steps: must be >= 1")
