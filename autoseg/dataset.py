@@ -100,6 +100,8 @@ def parse_dataset_json(root: Path) -> tuple[Dataset | None, list[Problem]]:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return None, [Problem(where, f"not valid JSON ({e})")]
+    except OSError as e:
+        return None, [Problem(where, f"cannot read ({e.strerror or e})")]
     if not isinstance(raw, dict):
         return None, [Problem(where, "must hold a JSON object")]
     problems = [Problem(where, f"lacks the required key '{k}'") for k in REQUIRED_KEYS if k not in raw]
@@ -134,33 +136,57 @@ def parse_dataset_json(root: Path) -> tuple[Dataset | None, list[Problem]]:
     if not _ending_ok(ending):
         problems.append(Problem(where, f"'file_ending' {ending!r} is not supported (use one of {', '.join(SUPPORTED_ENDINGS)})"))
     rco = raw.get("regions_class_order")
-    if rco is not None and not (isinstance(rco, list) and all(isinstance(v, int) for v in rco)):
-        problems.append(Problem(where, "'regions_class_order' must be a list of integers"))
+    problems += _check_regions(labels, rco, where)
     if problems:
         return None, problems
     return Dataset(root, channel_names, dict(labels), n, ending.lower(), rco, raw), []
 
 
 def _check_labels(labels: dict, where: str) -> list[Problem]:
-    problems = []
-    bad = [k for k, v in labels.items()
-           if not (isinstance(v, int) and not isinstance(v, bool))
-           and not (isinstance(v, list) and v and all(isinstance(x, int) for x in v))]
+    """Background 0, consecutive values, distinct names per value, and an integer ignore label above the rest.
+
+    With regions (a label mapping to a list of values, as in BraTS) the values that must be consecutive are
+    all the integers the labels mention, since a label file holds those.
+    """
+    bad = [k for k, v in labels.items() if not (_is_int(v) or (isinstance(v, list) and v and all(map(_is_int, v))))]
     if bad:
         return [Problem(where, f"label '{k}' must map to an integer (or a list of integers for a region)") for k in bad]
+    problems = []
     plain = {k: v for k, v in labels.items() if isinstance(v, int)}
     if plain.get("background", None) != 0 and 0 not in plain.values():
         problems.append(Problem(where, "labels must start with background = 0"))
     elif plain.get("background", 0) != 0:
         problems.append(Problem(where, f"'background' must be 0, got {plain['background']}"))
+    if "ignore" in labels and not _is_int(labels["ignore"]):
+        problems.append(Problem(where, f"the 'ignore' label must be one integer, got {labels['ignore']!r}"))
     values = sorted(v for k, v in plain.items() if k != "ignore")
-    if values and values != list(range(len(values))):
-        problems.append(Problem(where, f"label values must be consecutive integers from 0, got {values}"))
     if len(set(values)) != len(values):
         problems.append(Problem(where, "two labels share a value"))
-    if "ignore" in plain and values and plain["ignore"] <= max(values):
-        problems.append(Problem(where, f"the 'ignore' label must be the highest value, got {plain['ignore']}"))
+    mentioned = sorted({x for k, v in labels.items() if k != "ignore" for x in (v if isinstance(v, list) else [v])})
+    if mentioned and mentioned != list(range(len(mentioned))):
+        problems.append(Problem(where, f"label values must be consecutive integers from 0, got {mentioned}"))
+    if _is_int(labels.get("ignore")) and mentioned and labels["ignore"] <= max(mentioned):
+        problems.append(Problem(where, f"the 'ignore' label must be the highest value, got {labels['ignore']}"))
     return problems
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_regions(labels: dict, rco: object, where: str) -> list[Problem]:
+    """Region training needs ``regions_class_order``: one label value per region, to turn regions back into a map."""
+    if rco is not None and not (isinstance(rco, list) and all(map(_is_int, rco))):
+        return [Problem(where, "'regions_class_order' must be a list of integers")]
+    if not any(isinstance(v, list) for v in labels.values()):
+        return []
+    regions = [k for k in labels if k not in ("background", "ignore") and labels[k] != 0]
+    if rco is None:
+        return [Problem(where, "labels define regions (lists of values) but 'regions_class_order' is missing; "
+                               f"give one value per region ({len(regions)})")]
+    if len(rco) != len(regions):
+        return [Problem(where, f"'regions_class_order' has {len(rco)} entries but labels define {len(regions)} regions")]
+    return []
 
 
 def load_dataset(root: Path | str) -> Dataset:
@@ -177,7 +203,7 @@ def list_cases(images_dir: Path, file_ending: str, num_channels: int, labels_dir
         return []
     found: dict[str, dict[int, Path]] = {}
     for p in images_dir.iterdir():
-        if not p.name.lower().endswith(file_ending):
+        if p.name.startswith(".") or not p.name.lower().endswith(file_ending):  # hidden: macOS "._x", our temps
             continue
         m = _CHANNEL_RE.match(p.name[: -len(file_ending)])
         if m:

@@ -11,8 +11,12 @@ images: spacing 1, origin 0, identity direction, and an RGB(A) file contributes 
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
+import struct
 import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,14 +88,115 @@ def is_natural(path: Path | str) -> bool:
     return file_ending(path) in NATURAL_ENDINGS
 
 
-def _read_sitk(path: Path) -> sitk.Image:
+def read_sitk(path: Path | str) -> sitk.Image:
+    """Read ``path`` with SimpleITK; a missing, unreadable or truncated file is a :class:`UserError`."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        return sitk.ReadImage(str(path))
+        img = sitk.ReadImage(str(path))
     except RuntimeError as e:  # SimpleITK reports unreadable/truncated files as RuntimeError
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip() and "ITK ERROR" not in ln), "")
-        raise UserError(f"{path}: cannot read image (unreadable or truncated file){': ' + first if first else ''}") from e
+        raise UserError(f"{path}: cannot read image (unreadable or truncated file){_sitk_reason(e)}") from e
+    if file_ending(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
+    if _is_gray_palette_bmp(path, img):
+        img = sitk.VectorIndexSelectionCast(img, 0)
+    return img
+
+
+_read_sitk = read_sitk  # the name other modules knew first
+
+
+def _sitk_reason(e: RuntimeError) -> str:
+    """The informative last line of a SimpleITK error, without its source-file and class-address prefixes."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("Exception thrown in SimpleITK", "Reason:"))]
+    if not lines:
+        return ""
+    reason = lines[-1]
+    for prefix in ("sitk::ERROR:", "ITK ERROR:", "[nrrd]"):
+        reason = reason.removeprefix(prefix).strip()
+    if "):" in reason and reason.split("(", 1)[0].isidentifier():  # "NrrdImageIO(0x55...): message"
+        reason = reason.split("):", 1)[1].strip()
+    return f": {reason}"
+
+
+def _nifti_sizes(header: bytes) -> tuple[int, int] | None:
+    """(voxel data offset, voxel data bytes) from a NIfTI-1 or NIfTI-2 header, or None if it is neither."""
+    for end in "<>":
+        if len(header) >= 348 and struct.unpack(end + "i", header[:4])[0] == 348:
+            dims = struct.unpack(end + "8h", header[40:56])
+            bitpix = struct.unpack(end + "h", header[72:74])[0]
+            offset = int(struct.unpack(end + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(end + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(end + "h", header[14:16])[0]
+            dims = struct.unpack(end + "8q", header[16:80])
+            offset = struct.unpack(end + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    count = 1
+    for d in dims[1:1 + max(0, min(dims[0], 7))]:
+        count *= max(d, 1)
+    return max(offset, 348), count * max(bitpix, 0) // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK's NIfTI reader fills a truncated file's missing voxels with zeros; refuse such a file instead.
+
+    A ``.nii`` must be as long as its header says. For ``.nii.gz`` the gzip trailer's length field is
+    compared first (cheap); only when it disagrees is the stream decompressed to measure it for certain.
+    """
+    gz = file_ending(path) == ".nii.gz"
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            sizes = _nifti_sizes(f.read(540))
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: truncated or corrupt file ({e}); copy or export it again") from e
+    if sizes is None:
+        return
+    need = sum(sizes)
+    if gz and _gzip_trailer_size(path) == need % 2**32:
+        return
+    have = _gunzipped_size(path, need) if gz else path.stat().st_size
+    if have < need:
+        raise UserError(f"{path}: truncated file: its data ends before the {need} bytes its header announces; "
+                        "copy or export it again")
+
+
+def _gzip_trailer_size(path: Path) -> int:
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", f.read(4))[0]
+
+
+def _gunzipped_size(path: Path, enough: int) -> int:
+    """Bytes that decompress from ``path`` before the stream ends or breaks (counting stops at ``enough``)."""
+    n = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while n < enough and (chunk := f.read(1 << 20)):
+                n += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        pass
+    return n
+
+
+def _is_gray_palette_bmp(path: Path, img: sitk.Image) -> bool:
+    """ITK expands an 8-bit BMP's palette to RGB; a gray palette (what a gray image is saved with) is one channel."""
+    if file_ending(path) != ".bmp" or img.GetNumberOfComponentsPerPixel() != 3:
+        return False
+    with open(path, "rb") as f:
+        head = f.read(54)
+        if len(head) < 54 or struct.unpack("<H", head[28:30])[0] > 8:
+            return False
+        dib_size = struct.unpack("<I", head[14:18])[0]
+        colors = struct.unpack("<I", head[46:50])[0] or 2 ** struct.unpack("<H", head[28:30])[0]
+        f.seek(14 + dib_size)
+        palette = np.frombuffer(f.read(4 * colors), np.uint8)
+    palette = palette[: len(palette) // 4 * 4].reshape(-1, 4)
+    return bool(np.all(palette[:, 0] == palette[:, 1]) and np.all(palette[:, 1] == palette[:, 2]))
 
 
 def _geometry_of(img: sitk.Image, natural: bool) -> Geometry:
@@ -106,7 +211,7 @@ def _geometry_of(img: sitk.Image, natural: bool) -> Geometry:
 def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
     """Read one image file as float32 ``(C, *spatial)``; C > 1 only for vector pixels (e.g. RGB PNG)."""
     path = Path(path)
-    img = _read_sitk(path)
+    img = read_sitk(path)
     arr = sitk.GetArrayFromImage(img)
     if img.GetNumberOfComponentsPerPixel() > 1:
         arr = np.moveaxis(arr, -1, 0)
@@ -136,7 +241,7 @@ def read_images(paths: Sequence[Path | str]) -> tuple[np.ndarray, Geometry]:
 def read_label(path: Path | str) -> tuple[np.ndarray, Geometry]:
     """Read a label map as an integer array ``(*spatial)``; non-integer values are an error."""
     path = Path(path)
-    img = _read_sitk(path)
+    img = read_sitk(path)
     if img.GetNumberOfComponentsPerPixel() > 1:
         if not is_natural(path):
             raise UserError(f"{path}: label map has {img.GetNumberOfComponentsPerPixel()} components per voxel, expected 1")
@@ -163,25 +268,33 @@ def _to_sitk(array: np.ndarray, geometry: Geometry, vector: bool = False) -> sit
 
 
 def _atomic_write(img: sitk.Image, path: Path, compress: bool = True) -> None:
-    """Write to a temporary name in the same folder, then rename: a killed write leaves nothing behind."""
+    """Write into a private temporary folder beside ``path``, then rename: a failed write leaves nothing behind.
+
+    The file keeps its final name inside that folder, so a MetaImage header (``.mhd``) names the data file
+    (``.raw``/``.zraw``) it will sit next to; the data file is moved first, the header last.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     ending = file_ending(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ending, dir=path.parent)
-    os.close(fd)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     try:
-        sitk.WriteImage(img, tmp, useCompression=compress and ending != ".mhd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        try:
+            sitk.WriteImage(img, str(tmp_dir / path.name), useCompression=compress and ending != ".mhd")
+        except RuntimeError as e:
+            reason = _sitk_reason(e).replace(str(tmp_dir / path.name), path.name)
+            raise UserError(f"{path}: cannot write image{reason}") from e
+        for f in sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name):
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def write_label(array: np.ndarray, geometry: Geometry, path: Path | str) -> None:
-    """Write a label map with the given geometry (uint8 when it fits, else uint16)."""
+    """Write a label map with the given geometry in the smallest unsigned type that holds it."""
     path = Path(path)
     if array.max(initial=0) > 255 and is_natural(path) and file_ending(path) != ".tif" and file_ending(path) != ".tiff":
         raise UserError(f"{path}: labels above 255 cannot be stored in {file_ending(path)}")
-    dtype = np.uint8 if array.max(initial=0) < 256 else np.uint16
+    top = int(array.max(initial=0))
+    dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32
     _atomic_write(_to_sitk(np.ascontiguousarray(array, dtype=dtype), geometry), path)
 
 
