@@ -151,3 +151,23 @@ def test_installed_console_script_reports_bad_input_without_traceback(tmp_path: 
     assert done.returncode == EXIT_BAD_INPUT
     assert done.stderr.splitlines() == ["autoseg: error: Task00_None: MSD task folder not found"]
     assert done.stdout == ""
+
+
+def test_synth_writes_a_dataset_that_validates(tmp_path: Path, capsys):
+    out = tmp_path / "Dataset900_Png"
+    assert run(["-q", "synth", "png-2d", str(out), "--size", "tiny", "--cases", "2"]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    assert run(["-q", "validate", str(out), "-j", "1"]) == 0
+
+
+def test_plan_validates_first_and_stops_on_problems(tmp_path: Path, capsys):
+    root = write_tiny_dataset(tmp_path / "Dataset001_Tiny", cases=2)
+    work = tmp_path / "work"
+    assert run(["-q", "plan", str(root), "-w", str(work), "-j", "1"]) == 0
+    assert (work / "fingerprint.json").is_file()
+    capsys.readouterr()
+    (root / "labelsTr" / "case000.nii.gz").write_bytes(b"broken")
+    assert run(["-q", "plan", str(root), "-w", str(tmp_path / "work2"), "-j", "1"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.splitlines()
+    assert err and all(line.startswith(str(root)) for line in err)
+    assert not (tmp_path / "work2" / "fingerprint.json").exists()
