@@ -76,17 +76,11 @@ def cmd_convert_msd(a: argparse.Namespace) -> int:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from autoseg.fingerprint import FINGERPRINT_FILE, extract_fingerprint
-    from autoseg.validate import validate_dataset
-    from autoseg.workdir import resolve_workdir
+    from autoseg.workflow import plan_dataset, summary
 
-    problems = validate_dataset(a.dataset, jobs=a.jobs, progress=not a.quiet)
-    if problems:
-        raise DatasetError(problems)
-    fp = extract_fingerprint(a.dataset, jobs=a.jobs, progress=not a.quiet)
-    out = resolve_workdir(a.dataset, a.workdir) / FINGERPRINT_FILE
-    fp.save(out)
-    print(f"wrote {out}")
+    result = plan_dataset(a.dataset, a.workdir, planner=a.planner, budget=a.budget, device=a.device,
+                          jobs=a.jobs, replan=a.replan, progress=not a.quiet, folds=a.folds)
+    print(summary(result))
     return 0
 
 
@@ -100,16 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="check a dataset and list every problem found",
+    p = sub.add_parser("validate", parents=[common], help="check a dataset and list every problem found",
                        description="Check a dataset in the nnU-Net v2 raw layout and report every problem, "
                                    "one line each, naming the file. Exit code 2 when any is found.")
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     _add_jobs(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("fingerprint", help="extract dataset statistics to WORKDIR/fingerprint.json",
+    p = sub.add_parser("fingerprint", parents=[common], help="extract dataset statistics to WORKDIR/fingerprint.json",
                        description="Extract spacing, shape, intensity and label statistics of every training "
                                    "case. Deterministic: the same dataset gives the same file for any -j.")
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
@@ -117,15 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_jobs(p)
     p.set_defaults(func=cmd_fingerprint)
 
-    p = sub.add_parser("plan", help="validate, fingerprint and plan a dataset",
-                       description="Run validate -> fingerprint (-> plan -> preprocess) on a dataset.")
+    p = sub.add_parser("plan", help="validate, fingerprint, plan and preprocess a dataset", parents=[common],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run validate -> fingerprint -> plan -> preprocess on a dataset.\n\n"
+                                   "The planner measures real training steps of candidate networks on the device\n"
+                                   "and fits patch, batch, width and the number of steps to the wall-clock budget.\n"
+                                   "Writes WORKDIR/fingerprint.json, WORKDIR/plans.json (human-editable: edit it\n"
+                                   "and re-run `autoseg plan` or `autoseg train`) and WORKDIR/preprocessed/.")
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     _add_workdir(p)
+    p.add_argument("--planner", default="default",
+                   help="planner name (default, resenc) or path to your own planner .py file")
+    p.add_argument("--budget", default=None,
+                   help="wall-clock budget for training, e.g. 20m, 8h (default: 1h on CPU, 8h on CUDA)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--folds", type=_jobs, default=5, help="cross-validation folds (default %(default)s)")
+    p.add_argument("--replan", action="store_true", help="make a new plans.json even if one is up to date")
     _add_jobs(p)
     p.set_defaults(func=cmd_plan)
 
     tasks = "\n".join(f"  {name:<12} {t.description}" for name, t in TASKS.items())
-    p = sub.add_parser("synth", help="generate a synthetic dataset (nnU-Net v2 layout)",
+    p = sub.add_parser("synth", parents=[common], help="generate a synthetic dataset (nnU-Net v2 layout)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=f"Generate a synthetic labelled dataset.\n\ntasks:\n{tasks}")
     p.add_argument("task", choices=sorted(TASKS), metavar="TASK")
@@ -136,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("convert-msd", help="import a Medical Segmentation Decathlon task",
+    p = sub.add_parser("convert-msd", parents=[common], help="import a Medical Segmentation Decathlon task",
                        description="Convert an MSD task folder (4D NIfTI, channels last) into the nnU-Net v2 layout.")
     p.add_argument("src", type=Path, metavar="SRC")
     p.add_argument("dst", type=Path, metavar="DST")

@@ -1,0 +1,60 @@
+"""The wall-clock budget: parsing it, dividing it into training runs, and turning seconds into steps."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from autoseg.errors import UserError
+
+DEFAULT_BUDGET_S = {"cpu": 3600.0, "mps": 2 * 3600.0, "cuda": 8 * 3600.0}
+RESERVE_FRACTION = 0.1  # validation, out-of-fold prediction and bundling come out of the same budget
+RESERVE_FIXED_S = 20.0
+FOLDS_MIN_RUN_S = 30 * 60  # train all folds only when each run still gets half an hour
+ALL_CONFIGS_MIN_BUDGET_S = 2 * 3600  # below this, only the primary configuration trains by default
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '20m', '1.5h', '1h30m', '2d' or a plain number of seconds."""
+    t = str(text).strip().lower()
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", t)
+    if not parts or "".join(f"{a}{b}" for a, b in parts) != t.replace(" ", ""):
+        raise UserError(f"budget '{text}': expected a duration like 90s, 20m, 1.5h or 1h30m")
+    seconds = sum(float(a) * _UNITS[b] for a, b in parts)
+    if seconds <= 0:
+        raise UserError(f"budget '{text}': must be positive")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 2 * 3600:
+        return f"{s // 60}m{s % 60:02d}s" if s % 60 else f"{s // 60}m"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def allocate_runs(primary: str, others: list[str], folds: int, budget_s: float) -> list[dict]:
+    """Which (configuration, fold) runs the default ``autoseg train`` does, and the seconds of each.
+
+    Small budgets buy one well-trained model rather than several half-trained ones: all folds only when
+    each run keeps ``FOLDS_MIN_RUN_S``; secondary configurations only above ``ALL_CONFIGS_MIN_BUDGET_S``.
+    """
+    train_s = max(budget_s * (1 - RESERVE_FRACTION) - RESERVE_FIXED_S, budget_s * 0.5)
+    configs = [primary] + (others if budget_s >= ALL_CONFIGS_MIN_BUDGET_S else [])
+    n_folds = folds if train_s / (len(configs) * folds) >= FOLDS_MIN_RUN_S else 1
+    per_run = train_s / (len(configs) * n_folds)
+    return [{"configuration": c, "fold": f, "seconds": round(per_run, 1)} for c in configs for f in range(n_folds)]
+
+
+def target_steps(run_s: float) -> int:
+    """How many steps a run should at least get: more for longer runs, sub-linearly, so that longer
+    budgets buy both a bigger model and more steps."""
+    return int(min(max(40 * math.sqrt(run_s), 200), 20000))

@@ -1,0 +1,233 @@
+"""Measured compute: step time and peak memory of a real forward/backward/optimizer step on the device.
+
+The planner never guesses memory from feature-map counts: it runs the candidate network. Large
+candidates on slow devices are measured on a smaller proxy patch and extrapolated by FLOPs (counted
+exactly on the meta device) — the extrapolation is marked in the plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from autoseg.nets import build_network
+from autoseg.plan.model import Network
+
+MiB = 1 << 20
+
+
+@dataclass
+class DeviceInfo:
+    type: str  # cpu, cuda, mps
+    name: str
+    memory_bytes: int  # what training may use: GPU memory, or a share of the RAM on CPU
+    threads: int
+    bf16: bool  # bf16 autocast is worth measuring (CPU with AVX-512 BF16/AMX, or CUDA with bf16)
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "name": self.name, "memory_gb": round(self.memory_bytes / 2**30, 2),
+                "threads": self.threads}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _available_ram() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def best_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def detect_device(requested: str | None = None) -> DeviceInfo:
+    """Describe the device training will run on; ``requested`` is cpu, cuda, cuda:N or mps (default: best)."""
+    kind = requested or best_device()
+    if kind.startswith("cuda"):
+        if not torch.cuda.is_available():
+            from autoseg.errors import UserError
+
+            raise UserError(f"--device {kind}: CUDA is not available on this machine (use --device cpu)")
+        idx = torch.device(kind).index or 0
+        props = torch.cuda.get_device_properties(idx)
+        return DeviceInfo("cuda", props.name, int(props.total_memory * 0.9), torch.get_num_threads(),
+                          torch.cuda.is_bf16_supported())
+    if kind == "mps":
+        return DeviceInfo("mps", "Apple MPS", int(_available_ram() * 0.6), torch.get_num_threads(), False)
+    if kind != "cpu":
+        from autoseg.errors import UserError
+
+        raise UserError(f"--device {kind}: unknown device (use cpu, cuda, cuda:N or mps)")
+    flags = _cpu_flags()
+    bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+    return DeviceInfo("cpu", _cpu_name(), int(_available_ram() * 0.5), torch.get_num_threads(), bf16)
+
+
+@dataclass
+class StepMeasurement:
+    step_time_s: float
+    peak_memory_bytes: int
+    flops: float
+    precision: str
+    channels_last: bool
+    grad_cosine: float = 1.0  # agreement of the first step's gradient with fp32 (precision check)
+
+
+def count_step_flops(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int) -> float:
+    """FLOPs of forward + backward. Convolution FLOPs are linear in the voxels of a patch divisible by the
+    network's total stride, so they are counted once per network (on the meta device: exact, no compute)
+    at the smallest such patch, and scaled."""
+    divisor = [1] * ndim
+    for s in cfg.strides:
+        divisor = [a * b for a, b in zip(divisor, s)]
+    key = json.dumps([asdict(cfg), in_ch, n_classes, ndim])
+    ref = tuple(2 * d for d in divisor)  # instance norm needs more than one voxel at the bottleneck
+    return _flops_at(key, ref) * batch * math.prod(patch) / math.prod(ref)
+
+
+@functools.lru_cache(maxsize=256)
+def _flops_at(key: str, patch: tuple[int, ...]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net, in_ch, n_classes, ndim = json.loads(key)
+    with torch.device("meta"):
+        model = build_network(Network(**net), in_ch, n_classes, ndim).train()
+        x = torch.empty(1, in_ch, *patch)
+        with FlopCounterMode(display=False) as counter:
+            out = model(x)
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            sum(o.sum() for o in outs).backward()
+    return float(counter.get_total_flops())
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of distinct tensors autograd keeps for the backward pass."""
+
+    def __init__(self):
+        self.bytes, self._seen = 0, set()
+
+        def pack(t: torch.Tensor):
+            key = (t.untyped_storage().data_ptr(), t.dtype)
+            if key not in self._seen:
+                self._seen.add(key)
+                self.bytes += t.untyped_storage().nbytes()
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _first_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None])
+
+
+def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int,
+                 device: str = "cpu", precision: str = "fp32", channels_last: bool = False, steps: int = 2,
+                 reference_grad: torch.Tensor | None = None, seed: int = 0) -> tuple[StepMeasurement, torch.Tensor]:
+    """Run ``1 + steps`` real training steps (the first is warm-up) and return the median step time, the
+    peak memory above the baseline, and the first step's gradient (for comparing precisions)."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model = build_network(cfg, in_ch, n_classes, ndim).to(dev).train()
+    fmt = (torch.channels_last_3d if ndim == 3 else torch.channels_last) if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, in_ch, *patch, generator=g).to(dev).to(memory_format=fmt)
+    y = torch.randint(0, n_classes, (batch, *patch), generator=g).to(dev)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
+
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    times, grad = [], None
+    for i in range(1 + steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        saved = _SavedBytes() if dev.type != "cuda" and i == 0 else contextlib.nullcontext()
+        with saved, torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(x)
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            loss = nn.functional.cross_entropy(outs[0].float(), y)
+            for o in outs[1:]:  # deep supervision heads: a cheap stand-in target
+                loss = loss + 0.5 * o.float().square().mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if i == 0:
+            grad = _first_grad(model).cpu()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+        if i == 0 and dev.type != "cuda":
+            # CPU/MPS allocators keep no peak statistics: count what autograd saves for backward (the
+            # activations that dominate training memory) plus weights, gradients and momentum.
+            activations = saved.bytes
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) - base
+    else:
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        peak = activations + 3 * params + 2 * x.numel() * x.element_size()
+    cosine = 1.0
+    if reference_grad is not None and grad is not None and reference_grad.shape == grad.shape:
+        cosine = float(nn.functional.cosine_similarity(reference_grad, grad, dim=0))
+    # the minimum is the honest number on a shared machine: noise only ever adds time
+    m = StepMeasurement(min(times[1:] or times), int(peak), 0.0, precision, channels_last, cosine)
+    del model, opt, x, y
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return m, grad
+
+
+def threads_note() -> str:
+    return f"torch threads {torch.get_num_threads()}, CPUs {os.cpu_count()}"

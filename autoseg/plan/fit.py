@@ -1,0 +1,200 @@
+"""Fit a configuration to the device: patch, width and batch under measured time and memory limits.
+
+The order in which things are given up when the device cannot afford the ideal: first patch beyond
+what holds the typical object, then width, then patch below the object size. Batch grows only when
+memory and time are left over.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from autoseg.plan import compute
+from autoseg.plan.compute import DeviceInfo, StepMeasurement
+from autoseg.plan.model import Measurement, Network
+from autoseg.plan.rules import Topology, make_network, shrink_patch, topology
+
+WIDTHS = (32, 16, 8)
+MIN_BATCH = 2
+PROXY_VOXELS = {3: 24 ** 3, 2: 96 ** 2}  # proxy patch for timing slow devices
+REAL_MEASURE_MAX_S = 3.0  # measure the final choice for real when a step is predicted below this
+
+
+@dataclass
+class FitRequest:
+    family: str
+    ndim: int
+    spacing: list[float]
+    median_shape: list[int]
+    ideal_patch: list[int]
+    object_patch: list[int]
+    in_channels: int
+    num_classes: int
+    run_seconds: float
+    min_steps: int
+    feature_cap: int
+    dataset_voxels: float = 1e9  # all training voxels at this spacing (2D: all slices): caps the batch
+    blocks: list[int] | None = None  # per stage; None = the family's default rule
+    decoder_convs: int = 2
+    max_batch: int = 64
+    precision: tuple[str, bool, float] | None = None  # (precision, channels_last, speedup) decided before
+
+
+@dataclass
+class FitResult:
+    network: Network
+    patch_size: list[int]
+    batch_size: int
+    precision: str
+    channels_last: bool
+    measured: Measurement
+    steps: int
+    log: list[str] = field(default_factory=list)
+    precision_choice: tuple[str, bool, float] = ("fp32", False, 1.0)
+
+
+class Throughput:
+    """Measured FLOP/s per (width, precision), on a proxy patch, reused across candidates."""
+
+    def __init__(self, device: DeviceInfo, req: FitRequest):
+        self.device, self.req = device, req
+        self.cache: dict[tuple, tuple[float, float, StepMeasurement]] = {}
+
+    def proxy(self, patch: list[int], divisor: list[int]) -> list[int]:
+        target = PROXY_VOXELS[self.req.ndim]
+        p = list(patch)
+        while np.prod(p) > target:
+            axis = int(np.argmax(p))
+            if p[axis] - divisor[axis] < divisor[axis]:
+                break
+            p[axis] -= divisor[axis]
+        return p
+
+    def measure(self, net: Network, topo: Topology, precision: str, channels_last: bool,
+                ref_grad=None) -> tuple[float, float, StepMeasurement, object]:
+        """(FLOP/s, bytes per voxel-sample-channel, measurement, gradient) on the proxy for this width."""
+        key = (net.features[0], precision, channels_last)
+        if key in self.cache:
+            fps, mem, m = self.cache[key]
+            return fps, mem, m, None
+        patch = self.proxy(topo.patch_size, topo.divisor)
+        r = self.req
+        m, grad = compute.measure_step(net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH,
+                                       self.device.type, precision, channels_last, reference_grad=ref_grad)
+        flops = compute.count_step_flops(net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH)
+        m.flops = flops
+        per_unit = m.peak_memory_bytes / (np.prod(patch) * MIN_BATCH * net.features[0])
+        self.cache[key] = (flops / m.step_time_s, per_unit, m)
+        return flops / m.step_time_s, per_unit, m, grad
+
+
+def choose_precision(device: DeviceInfo, req: FitRequest, tp: Throughput, net: Network,
+                     topo: Topology, log: list[str]) -> tuple[str, bool, float]:
+    """CPU: measure fp32 against bf16 autocast with channels-last, keep bf16 when faster and its gradient
+    agrees with fp32 (cosine > 0.99). CUDA: bf16 when supported, else fp16 AMP. MPS: fp32."""
+    if device.type == "cuda":
+        return ("bf16" if device.bf16 else "fp16"), False, 1.0
+    if device.type != "cpu" or not device.bf16:
+        return "fp32", False, 1.0
+    fps32, _, m32, grad = tp.measure(net, topo, "fp32", False)
+    fps16, _, m16, _ = tp.measure(net, topo, "bf16", True, ref_grad=grad)
+    log.append(f"precision: fp32 {m32.step_time_s:.3f}s vs bf16+channels-last {m16.step_time_s:.3f}s "
+               f"per proxy step (gradient cosine {m16.grad_cosine:.4f})")
+    if fps16 > 1.1 * fps32 and m16.grad_cosine > 0.99:
+        return "bf16", True, fps16 / fps32
+    return "fp32", False, 1.0
+
+
+def _predict(tp: Throughput, net: Network, topo: Topology, patch: list[int], batch: int, precision: str,
+             channels_last: bool) -> tuple[float, float, float]:
+    """(seconds per step, bytes, flops) predicted from the proxy measurement of this width."""
+    r = tp.req
+    fps, per_unit, m, _ = tp.measure(net, topo, precision, channels_last)
+    flops = compute.count_step_flops(net, r.in_channels, r.num_classes, r.ndim, patch, batch)
+    mem = per_unit * np.prod(patch) * batch * net.features[0]
+    return flops / fps, float(mem), flops
+
+
+def _search(req: FitRequest, device: DeviceInfo, tp: Throughput, prec: tuple[str, bool], t_max: float,
+            calibration: float) -> tuple[Network, Topology, float, float] | None:
+    """The first candidate, in the order things are given up, predicted to fit time and memory."""
+    for phase in ("above_object", "below_object"):
+        floor = req.object_patch if phase == "above_object" else [1] * req.ndim
+        for width in WIDTHS:
+            patch = list(req.ideal_patch)
+            while patch is not None:
+                topo = topology(req.spacing, patch)
+                net = make_network(req.family, topo, width, req.feature_cap, _blocks(req, topo), req.decoder_convs)
+                t, mem, _ = _predict(tp, net, topo, topo.patch_size, MIN_BATCH, *prec)
+                if t * calibration <= t_max and mem <= device.memory_bytes:
+                    return net, topo, t * calibration, mem
+                patch = shrink_patch(topo.patch_size, req.median_shape, topo.divisor, floor)
+    return None
+
+
+def _smallest(req: FitRequest) -> tuple[Network, Topology]:
+    topo = topology(req.spacing, [min(p, 16) for p in req.ideal_patch])
+    return make_network(req.family, topo, WIDTHS[-1], req.feature_cap, _blocks(req, topo), req.decoder_convs), topo
+
+
+def fit(req: FitRequest, device: DeviceInfo) -> FitResult:
+    """Choose width, patch and batch for ``req`` on ``device``; the chosen setup is measured for real
+    (or extrapolated from a proxy when one step would take long), and a prediction that the real step
+    time proves wrong by > 25 % re-runs the search once with the error corrected."""
+    log: list[str] = []
+    t_max = req.run_seconds / req.min_steps
+    tp = Throughput(device, req)
+    topo = topology(req.spacing, req.ideal_patch)  # precision is compared on a proxy of the ideal network
+    net = make_network(req.family, topo, WIDTHS[0], req.feature_cap, _blocks(req, topo), req.decoder_convs)
+    precision, cl, speedup = req.precision or choose_precision(device, req, tp, net, topo, log)
+    calibration, found = 1.0, None
+    for _ in range(2):
+        found = _search(req, device, tp, (precision, cl), t_max, calibration)
+        if found is None:
+            net, topo = _smallest(req)
+            t, mem, _ = _predict(tp, net, topo, topo.patch_size, MIN_BATCH, precision, cl)
+            found = (net, topo, t * calibration, mem)
+            log.append("no candidate reaches the target steps in this budget: smallest network chosen")
+        net, topo, t, mem = found
+        batch = _grow_batch(req, device, t, mem, t_max, topo.patch_size)
+        t_pred, mem_pred, flops = _predict(tp, net, topo, topo.patch_size, batch, precision, cl)
+        t_pred *= calibration
+        if t_pred > REAL_MEASURE_MAX_S and device.type == "cpu":
+            extrapolated = True
+            break
+        m, _ = compute.measure_step(net, req.in_channels, req.num_classes, req.ndim, topo.patch_size, batch,
+                                    device.type, precision, cl)
+        error = m.step_time_s / max(t_pred, 1e-9)
+        t_pred, mem_pred, extrapolated = m.step_time_s, float(m.peak_memory_bytes), False
+        if error <= 1.25 and t_pred <= 1.25 * t_max:
+            break
+        calibration *= error
+        log.append(f"measured {m.step_time_s:.3f}s/step, {error:.2f}x the prediction: searching again")
+    steps = max(1, int(req.run_seconds / max(t_pred, 1e-6)))
+    from autoseg.nets import build_network, count_parameters
+
+    with __import__("torch").device("meta"):
+        params = count_parameters(build_network(net, req.in_channels, req.num_classes, req.ndim))
+    measured = Measurement(round(t_pred, 4), round(mem_pred / compute.MiB, 1), int(params),
+                           round(flops / 1e9, 2), round(speedup, 2), extrapolated)
+    log.append(f"width {net.features[0]}, patch {topo.patch_size}, batch {batch}: "
+               f"{t_pred:.3f}s/step{' (extrapolated)' if extrapolated else ''}, limit {t_max:.3f}s/step")
+    return FitResult(net, topo.patch_size, batch, precision, cl, measured, steps, log, (precision, cl, speedup))
+
+
+def _blocks(req: FitRequest, topo: Topology) -> list[int]:
+    if req.blocks is not None:
+        return (req.blocks + [req.blocks[-1]] * topo.n_stages)[: topo.n_stages]
+    return [2] * topo.n_stages
+
+
+def _grow_batch(req: FitRequest, device: DeviceInfo, t: float, mem: float, t_max: float, patch: list[int]) -> int:
+    """Use spare memory and time for a larger batch, capped at 5% of the dataset's voxels per step."""
+    per_sample_t, per_sample_mem = t / MIN_BATCH, mem / MIN_BATCH
+    by_time = math.floor(t_max / max(per_sample_t, 1e-9))
+    by_mem = math.floor(device.memory_bytes / max(per_sample_mem, 1.0))
+    by_data = math.floor(0.05 * req.dataset_voxels / np.prod(patch))
+    return int(max(MIN_BATCH, min(by_time, by_mem, max(by_data, MIN_BATCH), req.max_batch)))

@@ -1,0 +1,37 @@
+"""``make_plans``: a Fingerprint, a planner, a device and a budget in; Plans out."""
+
+from __future__ import annotations
+
+import time
+
+from autoseg.fingerprint import Fingerprint
+from autoseg.plan.budget import DEFAULT_BUDGET_S, format_duration, parse_duration
+from autoseg.plan.compute import detect_device
+from autoseg.plan.model import Plans
+from autoseg.plan.registry import PlanningContext, get_planner
+
+
+def resolve_budget(budget: str | float | None, device_type: str) -> tuple[float, bool]:
+    """Seconds of budget, and whether it is the device's default."""
+    if budget is None:
+        return DEFAULT_BUDGET_S[device_type], True
+    return (float(budget) if isinstance(budget, (int, float)) else parse_duration(budget)), False
+
+
+def make_plans(fingerprint: Fingerprint, planner: str = "default", budget: str | float | None = None,
+               device: str | None = None, folds: int = 5) -> Plans:
+    """Plan every configuration for ``fingerprint`` with the named planner (or a planner file), fitted to
+    the measured speed and memory of ``device`` (default: the best available) and to ``budget`` (wall clock:
+    '20m', '8h', or seconds; default: per device, see ``autoseg.plan.budget.DEFAULT_BUDGET_S``).
+
+    >>> plans = make_plans(Fingerprint.load("autoseg_work/MyData/fingerprint.json"), budget="20m")  # doctest: +SKIP
+    """
+    info = detect_device(device)
+    seconds, is_default = resolve_budget(budget, info.type)
+    ctx = PlanningContext(info, seconds, folds, planner)
+    t0 = time.perf_counter()
+    plans = get_planner(planner)(fingerprint, ctx)
+    plans.planning_time_s = round(time.perf_counter() - t0, 2)
+    if is_default:
+        plans.notes.insert(0, f"budget: default for {info.type}, {format_duration(seconds)} (set --budget)")
+    return plans

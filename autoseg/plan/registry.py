@@ -1,0 +1,64 @@
+"""Planners by name, or from a user's file: ``autoseg plan --planner default|resenc|path/to/mine.py``.
+
+A planner is a function ``(fingerprint, context) -> Plans`` registered with ``@register_planner(name)``.
+A user's file registers its own, or defines a function named ``plan``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoseg.errors import UserError
+from autoseg.fingerprint import Fingerprint
+from autoseg.plan.compute import DeviceInfo
+from autoseg.plan.model import Plans
+
+
+@dataclass
+class PlanningContext:
+    """What a planner is told besides the fingerprint: the device and the wall-clock budget."""
+
+    device: DeviceInfo
+    budget_s: float
+    folds: int = 5
+    planner_name: str = "default"
+
+
+Planner = Callable[[Fingerprint, PlanningContext], Plans]
+PLANNERS: dict[str, Planner] = {}
+
+
+def register_planner(name: str) -> Callable[[Planner], Planner]:
+    def deco(fn: Planner) -> Planner:
+        PLANNERS[name] = fn
+        return fn
+    return deco
+
+
+def get_planner(name_or_path: str) -> Planner:
+    """A registered planner by name, or the planner a Python file defines."""
+    importlib.import_module("planners")  # registers the built-in planners
+    if name_or_path in PLANNERS:
+        return PLANNERS[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise UserError(f"{path}: planner file not found")
+        before = set(PLANNERS)
+        spec = importlib.util.spec_from_file_location(f"autoseg_user_planner_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # the user's code: report it as their file's problem
+            raise UserError(f"{path}: the planner file failed to load ({type(e).__name__}: {e})") from e
+        new = [n for n in PLANNERS if n not in before]
+        if new:
+            return PLANNERS[new[0]]
+        if callable(getattr(module, "plan", None)):
+            return module.plan
+        raise UserError(f"{path}: defines no planner (decorate a function with @register_planner or name it `plan`)")
+    raise UserError(f"unknown planner '{name_or_path}' (known: {', '.join(sorted(PLANNERS))}, or a path to a .py file)")

@@ -1,0 +1,120 @@
+"""The default planner: nnU-Net's rules, sized by measured compute and the wall-clock budget.
+
+- spacing: median, with the 10th percentile on an axis > 3x coarser than the others; coarsest axis first
+- configurations: 2d always; 3d_fullres for 3D data; 3d_lowres when the 3d_fullres patch covers < 25 %
+  of the median image
+- topology: pool an axis while its spacing is within 2x of the finest, kernel 1 on coarser axes,
+  bottleneck >= 4 voxels, features doubling from the base width to 320 (3D) / 512 (2D)
+- patch: from a mm-cube of the image, not below what holds the 95th-percentile object when the
+  device allows; then width and batch fitted to measured step time and memory (autoseg.plan.fit)
+- normalization, resampling, sampling and augmentation from the fingerprint (autoseg.plan.rules)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from autoseg.fingerprint import Fingerprint
+from autoseg.plan import budget, rules
+from autoseg.plan.fit import FitRequest, fit
+from autoseg.plan.model import Configuration, Loss, Optimizer, Plans, Schedule
+from autoseg.plan.registry import PlanningContext, register_planner
+
+
+@dataclass(frozen=True)
+class Settings:
+    family: str = "unet"
+    blocks: tuple[int, ...] | None = None  # per stage (repeating the last); None: 2 convs per stage
+    decoder_convs: int = 2
+    ideal_voxels_3d: int = 160 ** 3
+    ideal_voxels_2d: int = 1024 ** 2
+    feature_cap_3d: int = 320
+    feature_cap_2d: int = 512
+
+
+DEFAULT = Settings()
+
+
+def num_classes(fp: Fingerprint) -> int:
+    """Network outputs: background plus each foreground value (regions: one output per region)."""
+    plain = [v for k, v in fp.labels.items() if isinstance(v, int) and k != "ignore"]
+    regions = [v for v in fp.labels.values() if isinstance(v, list)]
+    return len(regions) + 1 if regions else len(plain)
+
+
+def ideal_patch(ndim: int, spacing: list[float], median_shape: list[int], s: Settings) -> list[int]:
+    return rules.initial_patch(spacing, median_shape, s.ideal_voxels_3d if ndim == 3 else s.ideal_voxels_2d)
+
+
+def configure(name: str, ndim: int, spacing: list[float], median_shape: list[int], fp: Fingerprint,
+              order: list[int], run_s: float, ctx: PlanningContext, s: Settings,
+              precision: tuple[str, bool, float] | None = None) -> tuple[Configuration, list[str], tuple]:
+    ideal = ideal_patch(ndim, spacing, median_shape, s)
+    obj = [min(o, i) for o, i in zip(rules.object_patch(fp, spacing, order, median_shape), ideal)]
+    req = FitRequest(family=s.family, ndim=ndim, spacing=spacing, median_shape=median_shape, ideal_patch=ideal,
+                     object_patch=obj, in_channels=fp.num_channels, num_classes=num_classes(fp),
+                     run_seconds=run_s, min_steps=budget.target_steps(run_s),
+                     feature_cap=s.feature_cap_3d if ndim == 3 else s.feature_cap_2d,
+                     dataset_voxels=dataset_voxels(fp, spacing, order), blocks=list(s.blocks) if s.blocks else None,
+                     decoder_convs=s.decoder_convs, precision=precision)
+    r = fit(req, ctx.device)
+    val_every = max(50, min(r.steps // 10, 1000))
+    cfg = Configuration(
+        name=name, ndim=ndim, spacing=[round(x, 6) for x in spacing], median_shape=median_shape,
+        patch_size=r.patch_size, batch_size=r.batch_size, normalization=rules.normalization(fp),
+        resampling=rules.resampling(spacing), network=r.network, loss=Loss(), optimizer=Optimizer(),
+        schedule=Schedule(steps=r.steps, val_every=val_every),
+        augmentation=rules.augmentation(ndim, r.patch_size, spacing), sampling=rules.sampling(fp),
+        precision=r.precision, channels_last=r.channels_last, measured=r.measured)
+    return cfg, [f"{name}: {line}" for line in r.log], r.precision_choice
+
+
+def dataset_voxels(fp: Fingerprint, spacing: list[float], order: list[int]) -> float:
+    """Voxels of all cropped training images at ``spacing`` (a 2D spacing counts every slice)."""
+    total, k = 0.0, len(spacing)
+    for c in fp.cases:
+        shape, sp = rules.permute(c.cropped_shape, order), rules.permute(c.spacing, order)
+        plane = float(np.prod(rules.resampled_shape(shape[-k:], sp[-k:], spacing)))
+        total += plane * float(np.prod(shape[:-k]))
+    return total
+
+
+def plan_with(fp: Fingerprint, ctx: PlanningContext, s: Settings = DEFAULT) -> Plans:
+    order = rules.axis_order(fp.median_spacing) if fp.ndim == 3 else list(range(fp.ndim))
+    spacing = rules.permute(rules.target_spacing(fp), order)
+    shape = rules.median_resampled_shape(fp, spacing, order)
+    is_3d = fp.ndim == 3 and shape[0] > 1
+    primary = "3d_fullres" if is_3d else "2d"
+    others = ["2d"] if is_3d else []
+    runs = budget.allocate_runs(primary, others, ctx.folds, ctx.budget_s)
+    run_s = {r["configuration"]: r["seconds"] for r in runs}
+    default_run_s = runs[0]["seconds"]
+    configs: dict[str, Configuration] = {}
+    notes: list[str] = []
+    if is_3d:
+        configs["3d_fullres"], log, prec3d = configure("3d_fullres", 3, spacing, shape, fp, order,
+                                                       run_s["3d_fullres"], ctx, s)
+        notes += log
+        # lowres is about images larger than the patch memory allows, not about a small time budget
+        low = rules.lowres_spacing(spacing, shape, int(np.prod(ideal_patch(3, spacing, shape, s))))
+        if low is not None:
+            low_shape = rules.median_resampled_shape(fp, low, order)
+            cfg, log, _ = configure("3d_lowres", 3, low, low_shape, fp, order,
+                                    run_s.get("3d_lowres", default_run_s), ctx, s, prec3d)
+            configs["3d_lowres"] = replace(cfg, lowres_of="3d_fullres")
+            notes += log
+    in_plane = spacing[-2:]
+    shape2d = shape[-2:]
+    configs["2d"], log, _ = configure("2d", 2, in_plane, shape2d, fp, order, run_s.get("2d", default_run_s), ctx, s)
+    notes += log
+    return Plans(dataset_name=fp.dataset_name, fingerprint_hash=fp.dataset_hash, planner=ctx.planner_name,
+                 device=ctx.device.to_dict(), budget_s=ctx.budget_s, configurations=configs,
+                 axis_order=order if fp.ndim == 3 else list(range(fp.ndim)), folds=ctx.folds, train_runs=runs,
+                 notes=notes)
+
+
+@register_planner("default")
+def plan(fp: Fingerprint, ctx: PlanningContext) -> Plans:
+    return plan_with(fp, ctx, DEFAULT)
