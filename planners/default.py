@@ -111,8 +111,8 @@ def plan_with(fp: Fingerprint, ctx: PlanningContext, s: Settings = DEFAULT) -> P
     notes += log
     return Plans(dataset_name=fp.dataset_name, fingerprint_hash=fp.dataset_hash, planner=ctx.planner_name,
                  device=ctx.device.to_dict(), budget_s=ctx.budget_s, configurations=configs,
-                 axis_order=order if fp.ndim == 3 else list(range(fp.ndim)), folds=ctx.folds, train_runs=runs,
-                 notes=notes)
+                 axis_order=order if fp.ndim == 3 else list(range(fp.ndim)), channel_names=list(fp.channel_names),
+                 labels=dict(fp.labels), file_ending=fp.file_ending, folds=ctx.folds, train_runs=runs, notes=notes)
 
 
 @register_planner("default")

@@ -160,11 +160,36 @@ class Plans:
     budget_s: float
     configurations: dict[str, Configuration]
     axis_order: list[int] = field(default_factory=list)  # transpose applied before everything: coarsest axis first
+    channel_names: list[str] = field(default_factory=list)  # the input contract: channels in file order
+    labels: dict[str, Any] = field(default_factory=dict)  # dataset.json labels (name -> value or region list)
+    file_ending: str = ".nii.gz"
     folds: int = 5
     train_runs: list[dict[str, Any]] = field(default_factory=list)  # [{"configuration", "fold", "seconds"}]
     planning_time_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def ignore_label(self) -> int | None:
+        v = self.labels.get("ignore")
+        return v if isinstance(v, int) else None
+
+    @property
+    def num_classes(self) -> int:
+        """Network outputs: background plus each foreground value (regions: one output per region)."""
+        regions = [v for v in self.labels.values() if isinstance(v, list)]
+        if regions:
+            return len(regions) + 1
+        return len([v for k, v in self.labels.items() if isinstance(v, int) and k != "ignore"])
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Foreground class index -> name (plain label maps)."""
+        return {v: k for k, v in self.labels.items() if isinstance(v, int) and v != 0 and k != "ignore"}
 
     def to_dict(self) -> dict:
         d = asdict(self)
