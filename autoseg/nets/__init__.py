@@ -55,4 +55,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...], backward: bool =
     return float(counter.get_total_flops())
 
 
+from autoseg.nets import deeplab as _deeplab  # noqa: E402,F401  (registers "deeplabv3plus")
+from autoseg.nets import fcn as _fcn  # noqa: E402,F401  (registers "fcn")
 from autoseg.nets import unet as _unet  # noqa: E402,F401  (registers the U-Net families)
+from autoseg.nets.summary import describe, training_outputs  # noqa: E402,F401  (cost, output count)
