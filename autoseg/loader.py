@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -238,6 +239,13 @@ def default_workers() -> int:
     return max(1, min(8, cpus - 1))
 
 
+class MakesBatches(Protocol):
+    """Anything with ``make(step)``: a :class:`BatchMaker`, or a wrapper (e.g. one that picks a DDP rank's
+    share of the sequence)."""
+
+    def make(self, step: int) -> dict[str, np.ndarray]: ...
+
+
 class _Steps(Sampler[int]):
     """start, start + 1, ... without end: the dataset index is the step."""
 
@@ -249,7 +257,7 @@ class _Steps(Sampler[int]):
 
 
 class _StepDataset(Dataset):
-    def __init__(self, maker: BatchMaker):
+    def __init__(self, maker: MakesBatches):
         self.maker = maker
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
@@ -269,7 +277,8 @@ class PatchLoader:
     available. ``num_workers=0`` makes them in this process (tests, debugging). Close it (or use ``with``)
     to stop the workers; ``step`` is the step of the next batch."""
 
-    def __init__(self, maker: BatchMaker, start_step: int = 0, num_workers: int | None = None, prefetch: int = 2):
+    def __init__(self, maker: MakesBatches, start_step: int = 0, num_workers: int | None = None,
+                 prefetch: int = 2):
         workers = default_workers() if num_workers is None else num_workers
         self.step = start_step
         self._loader = DataLoader(
@@ -300,7 +309,7 @@ class PatchLoader:
         self.close()
 
 
-def measure_loader(maker: BatchMaker, steps: int = 10, start_step: int = 0) -> float:
+def measure_loader(maker: MakesBatches, steps: int = 10, start_step: int = 0) -> float:
     """Seconds one process takes to make a batch (mean over ``steps``, after one warm-up batch that opens
     the memory maps), with one BLAS thread as in a worker. With W workers the loader keeps up when this / W
     is below the training step time."""
