@@ -3,18 +3,37 @@
 Per case: spacing, shape, nonzero crop; per channel: foreground intensity statistics; per class: how
 often it is present, its volume, its connected components and its extent in mm — the label statistics
 that nnU-Net does not collect but that patch size, sampling and post-processing depend on.
+
+Extraction reads each case once in a worker process and sends back only a :class:`CaseFingerprint` and a
+small intensity sample, so memory stays at about one case per worker. The result does not depend on the
+number of workers: every random draw is seeded from the case id and results are ordered by case id.
+
+>>> fp = extract_fingerprint("Dataset001_Liver", jobs=4)     # doctest: +SKIP
+>>> fp.save("autoseg_work/Dataset001_Liver/fingerprint.json")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from autoseg.artifacts import header, write_json
-from autoseg.errors import UserError
+import cc3d
+import numpy as np
+
+from autoseg.artifacts import hash_files, header, write_json
+from autoseg.dataset import Case, Dataset, load_dataset
+from autoseg.errors import DatasetError, Problem, UserError
+from autoseg.io import read_images, read_label
 
 FINGERPRINT_FILE = "fingerprint.json"
+SAMPLES_PER_CASE = 10_000  # foreground intensities drawn per case and channel (with replacement, as nnU-Net)
 
 
 @dataclass
@@ -122,3 +141,280 @@ def modality_of(channel_name: str) -> str:
     """Modality from a channel name as nnU-Net reads it: 'CT' anywhere in the name means CT."""
     name = channel_name.strip()
     return "CT" if name.upper() == "CT" or name.upper().startswith("CT") else name.upper()
+
+
+# --- one case: runs in a worker process; only small results travel back -----------------------------
+
+
+def case_seed(case_id: str) -> int:
+    """A seed from the case id alone: a case draws the same sample whichever worker reads it, in any order."""
+    return int.from_bytes(hashlib.blake2b(case_id.encode(), digest_size=8).digest(), "little")
+
+
+def _projections(mask: np.ndarray) -> list[np.ndarray]:
+    """Per axis, whether each slice holds a set voxel; two passes over the volume whatever its dimensions."""
+    first = mask.any(axis=tuple(range(1, mask.ndim)))
+    if mask.ndim == 1:
+        return [first]
+    return [first, *_projections(mask.any(axis=0))]
+
+
+def mask_box(mask: np.ndarray) -> list[list[int]] | None:
+    """``[start, stop)`` per axis of the set voxels of ``mask``; None when none is set."""
+    box = []
+    for hits in _projections(mask):
+        idx = np.flatnonzero(hits)
+        if idx.size == 0:
+            return None
+        box.append([int(idx[0]), int(idx[-1]) + 1])
+    return box
+
+
+def _slices(box: list[list[int]]) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in box)
+
+
+def nonzero_box(images: np.ndarray) -> list[list[int]]:
+    """``[start, stop)`` per spatial axis of the voxels nonzero in any channel; the whole image if none is.
+
+    nnU-Net fills holes in the mask first; filling holes never changes a bounding box, so this skips it.
+    """
+    mask = images[0] != 0
+    for channel in images[1:]:
+        mask |= channel != 0
+    return mask_box(mask) or [[0, size] for size in mask.shape]
+
+
+def foreground_sample(images: np.ndarray, label: np.ndarray, ignore_label: int | None, count: int,
+                      seed: int) -> np.ndarray:
+    """``(C, count)`` intensities at foreground voxels (label > 0, not ignore), drawn with replacement.
+
+    Every case contributes the same number of values, as in nnU-Net, so large cases do not dominate the
+    dataset's statistics; ``(C, 0)`` when the case has no foreground.
+    """
+    fg = label > 0
+    if ignore_label is not None:
+        fg &= label != ignore_label
+    where = np.flatnonzero(fg)
+    if where.size == 0:
+        return np.zeros((images.shape[0], 0), np.float32)
+    pick = np.sort(where[np.random.default_rng(seed).integers(0, where.size, count)])
+    return images.reshape(images.shape[0], -1)[:, pick]
+
+
+def _value_boxes(label: np.ndarray) -> dict[int, tuple[int, tuple[slice, ...]]]:
+    """Voxel count and bounding box of every value present, in one pass (cc3d.statistics)."""
+    if int(label.max(initial=0)) < label.size:  # cc3d's limit: values below the voxel count
+        stats = cc3d.statistics(label)
+        return {v: (int(n), stats["bounding_boxes"][v]) for v, n in enumerate(stats["voxel_counts"]) if n}
+    boxes = {}
+    for v in np.unique(label).tolist():
+        mask = label == v
+        boxes[v] = (int(mask.sum()), _slices(mask_box(mask)))
+    return boxes
+
+
+def class_stats(label: np.ndarray, spacing: Sequence[float], ignore_label: int | None
+                ) -> tuple[dict[str, int], dict[str, int], dict[str, list[float]]]:
+    """Per label value present (not background, not ignore): voxels, connected components, bbox extent in mm.
+
+    Works inside the bounding box of all labelled voxels (a tenth of a CT volume, typically): ten times
+    less to scan. Components use full connectivity (26 in 3D, 8 in 2D), each inside its value's box.
+    """
+    labelled = mask_box(label > 0)
+    if labelled is None:
+        return {}, {}, {}
+    label = np.ascontiguousarray(label[_slices(labelled)])
+    connectivity = 26 if label.ndim == 3 else 8
+    voxels, components, extents = {}, {}, {}
+    for value, (count, box) in sorted(_value_boxes(label).items()):
+        if value == 0 or value == ignore_label:
+            continue
+        key = str(value)
+        voxels[key] = count
+        components[key] = int(cc3d.connected_components(label[box] == value, connectivity=connectivity,
+                                                        return_N=True)[1])
+        extents[key] = [round((s.stop - s.start) * float(sp), 6) for s, sp in zip(box, spacing)]
+    return voxels, components, extents
+
+
+def analyze_case(case: Case, ignore_label: int | None = None, samples: int = SAMPLES_PER_CASE
+                 ) -> tuple[CaseFingerprint, np.ndarray]:
+    """Fingerprint one case and draw its foreground intensity sample; the images are dropped on return."""
+    if case.label is None:
+        raise UserError(f"{case.images[0]}: training case {case.id} has no label file")
+    images, geometry = read_images(case.images)
+    label, _ = read_label(case.label)
+    if label.shape != images.shape[1:]:
+        raise UserError(f"{case.label}: label shape {label.shape} differs from the image shape "
+                        f"{images.shape[1:]}; run `autoseg validate` for details")
+    crop = nonzero_box(images)
+    sample = foreground_sample(images, label, ignore_label, samples, case_seed(case.id))
+    del images
+    voxels, components, extents = class_stats(label, geometry.spacing, ignore_label)
+    fp = CaseFingerprint(id=case.id, spacing=[float(s) for s in geometry.spacing], shape=list(label.shape),
+                         cropped_shape=[b - a for a, b in crop], crop_box=crop,
+                         source_hash=hash_files([*case.images, case.label]), class_voxels=voxels,
+                         class_components=components, class_extent_mm=extents)
+    return fp, sample
+
+
+def _analyze_job(job: tuple[Case, int | None, int]) -> tuple[CaseFingerprint, np.ndarray]:
+    return analyze_case(*job)
+
+
+# --- running cases in parallel -------------------------------------------------------------------------
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """forkserver where there is one: safe after the caller started threads, and workers import only this
+    module (numpy, SimpleITK, cc3d) instead of forking whatever the caller had loaded (torch...)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def map_cases(fn: Callable[[T], R], items: Sequence[T], jobs: int, progress: bool = False,
+              desc: str = "cases") -> list[R]:
+    """``[fn(x) for x in items]``, with ``jobs`` worker processes when > 1, a progress bar on stderr when asked.
+
+    Results come back in the order of ``items`` whatever order the workers finish in. A worker that dies
+    (e.g. killed for memory) fails the call instead of hanging it.
+    """
+    from tqdm import tqdm
+
+    results: list = [None] * len(items)
+    with tqdm(total=len(items), desc=desc, unit="case", disable=not progress) as bar:
+        if jobs <= 1 or len(items) <= 1:
+            for i, item in enumerate(items):
+                results[i] = fn(item)
+                bar.update()
+            return results
+        with ProcessPoolExecutor(min(jobs, len(items)), mp_context=_pool_context()) as pool:
+            futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+            try:
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    bar.update()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    return results
+
+
+# --- the dataset: aggregation --------------------------------------------------------------------------
+
+
+def channel_stats(name: str, sample: np.ndarray) -> ChannelStats:
+    """Statistics of one channel's pooled foreground sample (float64 arithmetic, plain floats out)."""
+    s = sample.astype(np.float64)
+    p_lo, median, p_hi = np.percentile(s, (0.5, 50.0, 99.5))
+    return ChannelStats(name=name, modality=modality_of(name), mean=float(s.mean()), std=float(s.std()),
+                        median=float(median), min=float(s.min()), max=float(s.max()),
+                        percentile_00_5=float(p_lo), percentile_99_5=float(p_hi))
+
+
+def _spread(values: Sequence[float] | np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {"median": 0.0, "p5": 0.0, "p95": 0.0}
+    median, p5, p95 = np.percentile(np.asarray(values, np.float64), (50.0, 5.0, 95.0))
+    return {"median": round(float(median), 6), "p5": round(float(p5), 6), "p95": round(float(p95), 6)}
+
+
+def _per_axis(extents: np.ndarray, q: float) -> list[float]:
+    """Percentile ``q`` of each axis of ``(cases, ndim)`` extents; zeros when there are no cases."""
+    if len(extents) == 0:
+        return [0.0] * extents.shape[1]
+    return [round(float(v), 6) for v in np.percentile(extents, q, axis=0)]
+
+
+def class_summary(value: int, name: str, cases: Sequence[CaseFingerprint], ndim: int) -> ClassStats:
+    """One class over the dataset; volume, components and extent are taken over the cases where it is present."""
+    key = str(value)
+    present = [c for c in cases if c.class_voxels.get(key, 0) > 0]
+    voxels = [c.class_voxels[key] for c in present]
+    mm3 = [c.class_voxels[key] * float(np.prod(c.spacing)) for c in present]
+    comps = [c.class_components[key] for c in present]
+    extents = np.array([c.class_extent_mm[key] for c in present], np.float64).reshape(-1, ndim)
+    return ClassStats(
+        value=value, name=name, cases_present=len(present),
+        volume_voxels=_spread(voxels), volume_mm3=_spread(mm3),
+        components_per_case={"median": float(np.median(comps)) if comps else 0.0,
+                             "max": float(max(comps, default=0))},
+        extent_mm={"median": _per_axis(extents, 50.0), "p95": _per_axis(extents, 95.0)},
+    )
+
+
+def dataset_classes(ds: Dataset, cases: Sequence[CaseFingerprint]) -> dict[int, str]:
+    """Classes to summarise: the declared ones; for region datasets, every integer value declared or found."""
+    if not ds.has_regions:
+        return dict(sorted(ds.classes.items()))
+    names = {v: k for k, v in ds.labels.items() if isinstance(v, int)}
+    values = set(ds.label_values) | {int(k) for c in cases for k in c.class_voxels}
+    values -= {0, ds.ignore_label}
+    return {v: names.get(v, f"label_{v}") for v in sorted(values)}
+
+
+def dataset_hash(ds: Dataset, cases: Sequence[CaseFingerprint]) -> str:
+    """Hash of dataset.json and of every case's id and content: changes when any input changes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update((ds.root / "dataset.json").read_bytes())
+    for c in cases:
+        h.update(f"\0{c.id}:{c.source_hash}".encode())
+    return h.hexdigest()
+
+
+def _median_int(values: np.ndarray) -> list[int]:
+    return [int(np.floor(m + 0.5)) for m in np.median(values, axis=0)]
+
+
+def _check_consistent(cases: Sequence[CaseFingerprint], samples: Sequence[np.ndarray], ds: Dataset) -> None:
+    problems = []
+    ndim = len(cases[0].shape)
+    for c, s in zip(cases, samples):
+        if len(c.shape) != ndim:
+            problems.append(Problem(c.id, f"is {len(c.shape)}D while {cases[0].id} is {ndim}D"))
+        if s.shape[0] != ds.num_channels:
+            problems.append(Problem(c.id, f"has {s.shape[0]} image channel(s), dataset.json names {ds.num_channels}"))
+    if not any(s.shape[1] for s in samples):
+        problems.append(Problem(str(ds.root / "labelsTr"), "no training case has any foreground label"))
+    if problems:
+        raise DatasetError(problems)
+
+
+def extract_fingerprint(dataset: Path | str, jobs: int | None = None, progress: bool = False) -> Fingerprint:
+    """Read every training case of ``dataset`` (nnU-Net v2 layout) and summarise what planning needs.
+
+    ``jobs`` worker processes (default: the CPU count) read cases in parallel; the result is identical for
+    any ``jobs``. Bad input raises :class:`UserError` naming the file.
+    """
+    ds = load_dataset(dataset)
+    cases = ds.cases("Tr")
+    if not cases:
+        raise DatasetError([Problem(str(ds.root / "imagesTr"), "no training cases found (expected CASE_0000"
+                                                               f"{ds.file_ending} files)")])
+    jobs = jobs or os.cpu_count() or 1
+    results = map_cases(_analyze_job, [(c, ds.ignore_label, SAMPLES_PER_CASE) for c in cases], jobs, progress,
+                        desc="fingerprint")
+    fps = [fp for fp, _ in results]
+    samples = [s for _, s in results]
+    _check_consistent(fps, samples, ds)
+    ndim = len(fps[0].shape)
+    pooled = np.concatenate(samples, axis=1)
+    median_spacing = [float(v) for v in np.median(np.array([c.spacing for c in fps]), axis=0)]
+    return Fingerprint(
+        dataset_name=ds.name, dataset_hash=dataset_hash(ds, fps), ndim=ndim,
+        channel_names=list(ds.channel_names), labels=dict(ds.labels), file_ending=ds.file_ending,
+        cases=fps,
+        channels=[channel_stats(name, pooled[i]) for i, name in enumerate(ds.channel_names)],
+        classes=[class_summary(v, n, fps, ndim) for v, n in dataset_classes(ds, fps).items()],
+        median_spacing=median_spacing,
+        median_shape=_median_int(np.array([c.shape for c in fps])),
+        median_cropped_shape=_median_int(np.array([c.cropped_shape for c in fps])),
+        anisotropy_ratio=round(max(median_spacing) / min(median_spacing), 6),
+    )
