@@ -84,6 +84,22 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    from autoseg.workflow import train_dataset
+
+    runs = train_dataset(a.dataset, a.workdir, configuration=a.config, fold=a.fold, budget=a.budget,
+                         device=a.device, extend=a.extend, seed=a.seed, workers=a.workers,
+                         progress=not a.quiet, splits_file=a.splits)
+    for r in runs:
+        status = "finished" if r.finished else "stopped"
+        line = f"{r.configuration} fold {r.fold}: {status} after {r.steps} steps ({r.seconds:.0f}s)"
+        if r.oof:
+            dice = ", ".join(f"{k} {v:.3f}" for k, v in r.oof["mean_dice"].items() if v is not None)
+            line += f"; held-out Dice: {dice}"
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from autoseg.synth import SIZES, TASKS
 
@@ -132,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replan", action="store_true", help="make a new plans.json even if one is up to date")
     _add_jobs(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("train", help="train the planned configurations and folds", parents=[common],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train the runs `autoseg plan` planned (or those asked for) inside the budget.\n"
+                                   "A killed run resumes from its last checkpoint when the same command is run again;\n"
+                                   "--extend continues finished runs with more budget. After each fold, its held-out\n"
+                                   "cases are predicted on full images and scored (runs/<config>/fold_<k>/validation).")
+    p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
+    _add_workdir(p)
+    p.add_argument("--config", default=None, help="configuration to train (default: those in the plan's runs)")
+    p.add_argument("--fold", default=None, help="fold number or 'all' (default: the plan's runs)")
+    p.add_argument("--budget", default=None, help="total wall-clock budget, split over the runs (e.g. 15m)")
+    p.add_argument("--extend", default=None, metavar="T", help="continue finished runs for T more (e.g. 10m)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: from the CPU count)")
+    p.add_argument("--splits", type=Path, default=None, help="a splits file (nnU-Net splits_final.json format)")
+    p.set_defaults(func=cmd_train)
 
     tasks = "\n".join(f"  {name:<12} {t.description}" for name, t in TASKS.items())
     p = sub.add_parser("synth", parents=[common], help="generate a synthetic dataset (nnU-Net v2 layout)",

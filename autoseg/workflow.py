@@ -115,3 +115,81 @@ def summary(result: PlanResult) -> str:
 
 def _fmt(v: list[float]) -> str:
     return "(" + ", ".join(f"{x:.3g}" for x in v) + ")"
+
+
+@dataclass
+class TrainedRun:
+    configuration: str
+    fold: int
+    seconds: float
+    finished: bool
+    steps: int
+    oof: dict | None = None
+
+
+def select_runs(plans: Plans, configuration: str | None, fold: str | int | None) -> list[tuple[str, int, float]]:
+    """(configuration, fold, seconds) to train: the plan's runs by default; ``fold='all'`` means every fold."""
+    from autoseg.errors import UserError
+
+    planned = plans.train_runs or [{"configuration": next(iter(plans.configurations)), "fold": 0,
+                                    "seconds": plans.budget_s}]
+    default_s = planned[0]["seconds"]
+    if configuration is not None and configuration not in plans.configurations:
+        raise UserError(f"--config {configuration}: plans.json has {', '.join(plans.configurations)}")
+    configs = [configuration] if configuration else list(dict.fromkeys(r["configuration"] for r in planned))
+    seconds = {(r["configuration"], r["fold"]): r["seconds"] for r in planned}
+    if fold is None:
+        runs = [(r["configuration"], r["fold"]) for r in planned if r["configuration"] in configs]
+        if not runs:
+            runs = [(c, 0) for c in configs]
+    elif str(fold) == "all":
+        runs = [(c, k) for c in configs for k in range(plans.folds)]
+    else:
+        runs = [(c, int(fold)) for c in configs]
+    return [(c, k, seconds.get((c, k), default_s)) for c, k in runs]
+
+
+def train_dataset(dataset: Path | str, workdir: Path | str | None = None, configuration: str | None = None,
+                  fold: str | int | None = None, budget: str | float | None = None, device: str | None = None,
+                  extend: str | float | None = None, seed: int = 0, workers: int | None = None,
+                  progress: bool = True, splits_file: Path | str | None = None) -> list[TrainedRun]:
+    """Train the planned runs (or the ones asked for) inside the budget, then predict and score each
+    finished fold's held-out cases. ``budget`` overrides the plan's and is split evenly over the runs."""
+    from autoseg.crossval import load_splits
+    from autoseg.oof import predict_fold_validation
+    from autoseg.plan.budget import format_duration, parse_duration
+    from autoseg.train import Trainer, cached_cases
+
+    work = resolve_workdir(dataset, workdir)
+    plans = Plans.load(work / PLANS_FILE)
+    runs = select_runs(plans, configuration, fold)
+    if budget is not None:
+        total = float(budget) if isinstance(budget, (int, float)) else parse_duration(budget)
+        runs = [(c, k, total / len(runs)) for c, k, _ in runs]
+    extend_s = None if extend is None else (float(extend) if isinstance(extend, (int, float)) else parse_duration(extend))
+    print(f"training {len(runs)} run(s): " + ", ".join(f"{c} fold {k} ({format_duration(s)})" for c, k, s in runs),
+          file=sys.stderr)
+    results = []
+    for c, k, s in runs:
+        trainer = Trainer(work, c, k, plans=plans, seconds=s, device=device, seed=seed, workers=workers,
+                          progress=progress, extend_s=extend_s, splits_file=splits_file)
+        r = trainer.fit()
+        run = TrainedRun(c, k, r.seconds, r.finished, r.steps)
+        if r.finished and trainer_is_main():
+            val = load_splits(work, cached_cases(work, c), plans.folds, splits_file)[k]["val"]
+            summary_path = r.folder / "validation" / "summary.json"
+            if not summary_path.is_file() or extend_s:
+                run.oof = predict_fold_validation(work, dataset, plans, c, k, val, r.folder,
+                                                  device=device or "cpu", progress=progress)
+            else:
+                import json
+
+                run.oof = json.loads(summary_path.read_text())
+        results.append(run)
+    return results
+
+
+def trainer_is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

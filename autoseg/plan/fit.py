@@ -122,8 +122,8 @@ def _search(req: FitRequest, device: DeviceInfo, tp: Throughput, prec: tuple[str
             calibration: float) -> tuple[Network, Topology, float, float] | None:
     """The first candidate, in the order things are given up, predicted to fit time and memory."""
     for phase in ("above_object", "below_object"):
-        floor = req.object_patch if phase == "above_object" else [1] * req.ndim
-        for width in WIDTHS:
+        floor = req.object_patch if phase == "above_object" else min_patch(req)
+        for width in (WIDTHS if phase == "above_object" else WIDTHS[-1:]):
             patch = list(req.ideal_patch)
             while patch is not None:
                 topo = topology(req.spacing, patch)
@@ -133,6 +133,11 @@ def _search(req: FitRequest, device: DeviceInfo, tp: Throughput, prec: tuple[str
                     return net, topo, t * calibration, mem
                 patch = shrink_patch(topo.patch_size, req.median_shape, topo.divisor, floor)
     return None
+
+
+def min_patch(req: FitRequest) -> list[int]:
+    """Below this a patch sees too little to learn from: 16 voxels an axis, or the image when smaller."""
+    return [min(16, m) for m in req.median_shape]
 
 
 def _smallest(req: FitRequest) -> tuple[Network, Topology]:

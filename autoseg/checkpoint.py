@@ -1,0 +1,42 @@
+"""Training checkpoints: tensors and plain values only, written atomically, loaded without pickle.
+
+``torch.load(..., weights_only=True)`` refuses arbitrary objects, so opening a checkpoint never runs code.
+A checkpoint holds the model and optimizer state, the step and the run's bookkeeping; batches are a pure
+function of (seed, step), so nothing else is needed for a resumed run to continue exactly.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoseg.artifacts import atomic_write_bytes
+from autoseg.errors import UserError
+
+LATEST = "checkpoint_latest.pt"
+FINAL = "checkpoint_final.pt"
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, step: int, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "step": step, "state": state, "torch_rng": torch.get_rng_state()}, buf)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which and what to do
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to start the run over") from e
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare network inside DDP / compiled wrappers (whose state_dict keys are prefixed)."""
+    return getattr(model, "module", model)

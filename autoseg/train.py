@@ -1,0 +1,347 @@
+"""The training loop: one (configuration, fold) run, configured by plans.json alone.
+
+- the schedule is in steps (poly learning rate), derived from the run's seconds and the measured step
+  time; a fresh run re-derives it once from its own first steps, so it spends the budget it was given;
+- batches are a pure function of (seed, step), and checkpoints are written atomically every few minutes
+  and at the end, so a killed run resumes where its last checkpoint left it, bit for bit;
+- ``extend_s`` continues a finished run with more budget (a warm restart of the poly schedule);
+- AMP on CUDA, bf16 autocast on CPU when planned, channels-last when measured faster;
+- under ``torchrun`` it runs as DDP: the batch is split across ranks and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoseg.checkpoint import FINAL, LATEST, load_checkpoint, save_checkpoint, unwrap
+from autoseg.crossval import load_splits
+from autoseg.distributed import DistContext
+from autoseg.errors import UserError
+from autoseg.losses import build_loss
+from autoseg.nets import build_network, training_outputs
+from autoseg.plan.model import PLANS_FILE, Augmentation, Configuration, Optimizer, Plans
+from autoseg.preprocess import PREPROCESSED_DIR
+from autoseg.sliding_window import AUTOCAST
+from autoseg.trainlog import TrainLog
+
+RUNS_DIR = "runs"
+CHECKPOINT_EVERY_S = 300.0
+VALIDATION_BATCHES = 4
+ADAPT_AFTER_STEPS = 30
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    steps: int
+    finished: bool
+    seconds: float
+    val_dice: dict[str, float] = field(default_factory=dict)  # last patch validation, per class name
+
+
+def run_folder(workdir: Path | str, configuration: str, fold: int) -> Path:
+    return Path(workdir) / RUNS_DIR / configuration / f"fold_{fold}"
+
+
+def cached_cases(workdir: Path | str, configuration: str) -> list[str]:
+    folder = Path(workdir) / PREPROCESSED_DIR / configuration
+    ids = sorted(p.stem for p in folder.glob("*.json"))
+    if not ids:
+        raise UserError(f"{folder}: no preprocessed cases; run `autoseg plan` first")
+    return ids
+
+
+def make_optimizer(cfg: Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise UserError(f"plans.json: unknown optimizer '{cfg.name}' (sgd, adamw)")
+
+
+def poly_lr(base: float, step: int, total: int, exponent: float, warmup: int = 0) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (1 - min(step, total - 1) / max(total, 1)) ** exponent
+
+
+def no_augmentation(cfg: Configuration) -> Configuration:
+    """The same configuration with every augmentation off: for validation patches."""
+    off = Augmentation(rotation_deg=0.0, scale=[1.0, 1.0], elastic=False, noise=0.0, blur=0.0, brightness=0.0,
+                       contrast=0.0, gamma=0.0, low_resolution=0.0, mirror_axes=[], dummy_2d=False)
+    return replace(cfg, augmentation=off)
+
+
+class RankBatches:
+    """Each DDP rank draws its own batches: rank r of w takes batch ``step * w + r`` of the sequence."""
+
+    def __init__(self, maker, rank: int, world: int):
+        self.maker, self.rank, self.world = maker, rank, world
+
+    def make(self, step: int) -> dict:
+        return self.maker.make(step * self.world + self.rank)
+
+
+class PatchDice:
+    """Global Dice per class over validation patches, from accumulated TP/FP/FN (nnU-Net's pseudo Dice)."""
+
+    def __init__(self, num_classes: int):
+        self.tp = np.zeros(num_classes - 1)
+        self.fp = np.zeros(num_classes - 1)
+        self.fn = np.zeros(num_classes - 1)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor, ignore: int | None) -> None:
+        pred = logits.argmax(1)
+        valid = (target != ignore) if ignore is not None else torch.ones_like(target, dtype=torch.bool)
+        for c in range(1, len(self.tp) + 1):
+            p, t = (pred == c) & valid, (target == c) & valid
+            self.tp[c - 1] += (p & t).sum().item()
+            self.fp[c - 1] += (p & ~t).sum().item()
+            self.fn[c - 1] += (~p & t).sum().item()
+
+    def dice(self) -> np.ndarray:
+        denom = 2 * self.tp + self.fp + self.fn
+        return np.where(denom > 0, 2 * self.tp / np.maximum(denom, 1), np.nan)
+
+
+def _forward_loss(model, loss_fn, data, target, dev, precision):
+    amp = AUTOCAST.get(precision)
+    with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = model(data)
+    return out, loss_fn(out, target)
+
+
+class Trainer:
+    """One run. Construct cheaply; ``fit()`` does the work."""
+
+    def __init__(self, workdir: Path | str, configuration: str, fold: int, *, plans: Plans | None = None,
+                 seconds: float | None = None, steps: int | None = None, extend_s: float | None = None,
+                 device: str | None = None, seed: int = 0, workers: int | None = None, progress: bool = True,
+                 checkpoint_every_s: float = CHECKPOINT_EVERY_S, splits_file: Path | str | None = None,
+                 stop_after: int | None = None):
+        self.workdir = Path(workdir)
+        self.plans = plans or Plans.load(self.workdir / PLANS_FILE)
+        if configuration not in self.plans.configurations:
+            raise UserError(f"plans.json has no configuration '{configuration}' "
+                            f"(it has {', '.join(self.plans.configurations)})")
+        self.name, self.fold = configuration, fold
+        self.cfg = self.plans.configurations[configuration]
+        self.seconds, self.steps, self.extend_s = seconds, steps, extend_s
+        self.device, self.seed, self.workers, self.progress = device, seed, workers, progress
+        self.checkpoint_every_s, self.splits_file, self.stop_after = checkpoint_every_s, splits_file, stop_after
+        self.folder = run_folder(self.workdir, configuration, fold)
+
+    # --- setup --------------------------------------------------------------------------------------
+    def _split(self) -> tuple[list[str], list[str]]:
+        ids = cached_cases(self.workdir, self.name)
+        splits = load_splits(self.workdir, ids, self.plans.folds, self.splits_file)
+        if not 0 <= self.fold < len(splits):
+            raise UserError(f"fold {self.fold} does not exist: the split has folds 0..{len(splits) - 1}")
+        return splits[self.fold]["train"], splits[self.fold]["val"]
+
+    def _total_steps(self) -> int:
+        if self.steps is not None:
+            return int(self.steps)
+        if self.seconds is not None:
+            return max(1, int(self.seconds / max(self.cfg.measured.step_time_s, 1e-6)))
+        return self.cfg.schedule.steps
+
+    def fit(self) -> RunResult:
+        from autoseg.loader import BatchMaker, PatchLoader, default_workers
+
+        dist = DistContext.start(self.device)
+        dev, cfg, plans = dist.device, self.cfg, self.plans
+        train_ids, val_ids = self._split()
+        torch.manual_seed(self.seed + 1000 * self.fold)
+        model = build_network(cfg.network, plans.in_channels, plans.num_classes, cfg.ndim).to(dev)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last_3d if cfg.ndim == 3 else torch.channels_last)
+        optimizer = make_optimizer(cfg.optimizer, model)
+        scaler = torch.amp.GradScaler(dev.type) if cfg.precision == "fp16" and dev.type == "cuda" else None
+        n_outputs = training_outputs(cfg.network, plans.in_channels, plans.num_classes, cfg.ndim)
+        loss_fn = build_loss(cfg.loss, plans.num_classes, plans.ignore_label, n_outputs)
+
+        state, start = self._resume(model, optimizer, scaler)
+        if state.get("finished") and not self.extend_s:
+            if dist.is_main:
+                print(f"{self.folder}: already finished ({state['total_steps']} steps); --extend T to train more")
+            dist.stop()
+            return self._result(state)
+        if self.extend_s and state.get("finished"):
+            more = max(1, int(self.extend_s / max(state.get("seconds_per_step") or cfg.measured.step_time_s, 1e-6)))
+            state.update(total_steps=state["total_steps"] + more, finished=False, adapt=False)
+            state.setdefault("extensions", []).append({"at_step": start, "steps": more, "seconds": self.extend_s})
+        model = dist.wrap(model)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = TrainLog(self.folder, plans.class_names)
+        if dist.is_main:
+            log.truncate_after(start)
+
+        per_rank = replace(cfg, batch_size=max(1, math.ceil(cfg.batch_size / dist.world)))
+        maker = BatchMaker(self.workdir / PREPROCESSED_DIR / self.name, train_ids, per_rank,
+                           seed=self.seed * 7919 + self.fold, ignore_label=plans.ignore_label)
+        workers = default_workers() if self.workers is None else self.workers
+        loader = PatchLoader(RankBatches(maker, dist.rank, dist.world), start_step=start, num_workers=workers)
+        val_maker = BatchMaker(self.workdir / PREPROCESSED_DIR / self.name, val_ids, no_augmentation(cfg),
+                               seed=12345, ignore_label=plans.ignore_label)
+        try:
+            result = self._loop(model, optimizer, scaler, loss_fn, loader, val_maker, log, state, start, dist)
+        finally:
+            loader.close()
+        dist.stop()
+        return result
+
+    def _resume(self, model, optimizer, scaler) -> tuple[dict, int]:
+        latest = self.folder / LATEST
+        if not latest.is_file():
+            total = self._total_steps()
+            return {"total_steps": total, "elapsed_s": 0.0, "finished": False, "seed": self.seed,
+                    "adapt": self.steps is None, "budget_s": self.seconds, "configuration": self.name,
+                    "fold": self.fold}, 0
+        ck = load_checkpoint(latest)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["torch_rng"])
+        state = dict(ck["state"])
+        if state.get("seed") != self.seed:
+            raise UserError(f"{latest}: this run was started with seed {state.get('seed')}, not {self.seed}; "
+                            f"use that seed or delete {self.folder}")
+        return state, int(ck["step"])
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def _loop(self, model, optimizer, scaler, loss_fn, loader, val_maker, log, state, start, dist) -> RunResult:
+        from tqdm import tqdm
+
+        cfg, dev = self.cfg, dist.device
+        total = state["total_steps"]
+        bar = tqdm(total=total, initial=start, desc=f"train {self.name} fold {self.fold}", unit="step",
+                   disable=not (self.progress and dist.is_main), dynamic_ncols=True)
+        t_run, t_ckpt, elapsed0 = time.perf_counter(), time.perf_counter(), state["elapsed_s"]
+        losses, step, it = [], start, iter(loader)
+        fmt = (torch.channels_last_3d if cfg.ndim == 3 else torch.channels_last) if cfg.channels_last else None
+        adapt_at = start + ADAPT_AFTER_STEPS if state.get("adapt") and start == 0 and state.get("budget_s") else None
+        t_adapt = None
+        try:
+            while step < state["total_steps"]:
+                if self.stop_after is not None and step >= self.stop_after:
+                    break
+                lr = poly_lr(cfg.optimizer.lr, step, state["total_steps"], cfg.schedule.poly_exponent,
+                             cfg.schedule.warmup_steps)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                batch = next(it)
+                data = batch["data"].to(dev, non_blocking=True)
+                target = batch["target"].to(dev, non_blocking=True).long()
+                if fmt is not None:
+                    data = data.contiguous(memory_format=fmt)
+                _, loss = _forward_loss(model, loss_fn, data, target, dev, cfg.precision)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                losses.append(loss.item())
+                step += 1
+                bar.update(1)
+                if step == start + 5:
+                    t_adapt = time.perf_counter()  # after warm-up: kernel selection, worker start
+                if adapt_at is not None and step == adapt_at and t_adapt is not None:
+                    state["total_steps"] = self._adapted_total(state, step, (time.perf_counter() - t_adapt) / (step - start - 5))
+                    state["total_steps"] = dist.broadcast_int(state["total_steps"])
+                    bar.total = state["total_steps"]
+                if step % cfg.schedule.val_every == 0 or step == state["total_steps"]:
+                    dice = self._validate(model, val_maker, dist)
+                    row = {"step": step, "elapsed_s": elapsed0 + time.perf_counter() - t_run, "lr": lr,
+                           "loss": float(np.mean(losses)) if losses else float("nan")}
+                    row.update(self._dice_row(dice))
+                    losses = []
+                    if dist.is_main:
+                        log.append(row)
+                        bar.set_postfix(loss=f"{row['loss']:.3f}", dice=f"{row['val_dice_mean']:.3f}")
+                if time.perf_counter() - t_ckpt > self.checkpoint_every_s and step < state["total_steps"]:
+                    state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
+                    self._save(LATEST, model, optimizer, scaler, step, state, dist)
+                    t_ckpt = time.perf_counter()
+        except KeyboardInterrupt:
+            state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
+            self._save(LATEST, model, optimizer, scaler, step, state, dist)
+            bar.close()
+            raise
+        bar.close()
+        state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
+        state["seconds_per_step"] = state["elapsed_s"] / max(step, 1)
+        finished = step >= state["total_steps"]
+        state["finished"] = finished
+        self._save(LATEST, model, optimizer, scaler, step, state, dist)
+        if finished:
+            self._save(FINAL, model, optimizer, scaler, step, state, dist)
+        if dist.is_main:
+            log.plot()
+        result = self._result(state, step)
+        rows = log.rows()
+        if rows:
+            result.val_dice = {k[len("val_dice_"):]: float(v) for k, v in rows[-1].items()
+                               if k.startswith("val_dice_") and v not in ("", "nan")}
+        return result
+
+    def _adapted_total(self, state: dict, step: int, seconds_per_step: float) -> int:
+        """Re-derive the total from this run's own speed (loader and validation included, roughly) so the
+        run spends its budget; the plan's measurement was of the bare network."""
+        overhead = 1.0 + 0.02 * VALIDATION_BATCHES  # validation costs a few forward passes per val_every
+        remaining = state["budget_s"] - state["elapsed_s"] - seconds_per_step * step
+        return max(step + 1, step + int(remaining / (seconds_per_step * overhead)))
+
+    @torch.inference_mode()
+    def _validate(self, model, val_maker, dist) -> np.ndarray:
+        if not dist.is_main:
+            return np.full(self.plans.num_classes - 1, np.nan)
+        net = unwrap(model)
+        net.eval()
+        scores = PatchDice(self.plans.num_classes)
+        for k in range(VALIDATION_BATCHES):
+            b = val_maker.make(k)
+            data = torch.as_tensor(b["data"]).to(dist.device)
+            target = torch.as_tensor(b["target"]).to(dist.device).long()
+            amp = AUTOCAST.get(self.cfg.precision)
+            with torch.autocast(dist.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = net(data)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            scores.update(out.float(), target, self.plans.ignore_label)
+        net.train()
+        return scores.dice()
+
+    def _dice_row(self, dice: np.ndarray) -> dict:
+        row = {"val_dice_mean": float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")}
+        for (_, name), d in zip(sorted(self.plans.class_names.items()), dice):
+            row[f"val_dice_{name}"] = float(d)
+        return row
+
+    def _save(self, name: str, model, optimizer, scaler, step: int, state: dict, dist) -> None:
+        if dist.is_main:
+            save_checkpoint(self.folder / name, unwrap(model), optimizer, scaler, step, dict(state))
+
+    def _result(self, state: dict, step: int | None = None) -> RunResult:
+        return RunResult(self.folder, int(step if step is not None else state["total_steps"]),
+                         bool(state.get("finished")), float(state.get("elapsed_s", 0.0)))
+
+
+def train_run(workdir: Path | str, configuration: str, fold: int, **kwargs) -> RunResult:
+    """Train (or resume, or extend) one fold of one configuration; see :class:`Trainer` for options."""
+    return Trainer(workdir, configuration, fold, **kwargs).fit()
