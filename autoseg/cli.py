@@ -89,7 +89,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     runs = train_dataset(a.dataset, a.workdir, configuration=a.config, fold=a.fold, budget=a.budget,
                          device=a.device, extend=a.extend, seed=a.seed, workers=a.workers,
-                         progress=not a.quiet, splits_file=a.splits)
+                         progress=not a.quiet, splits_file=a.splits, steps=a.steps)
     for r in runs:
         status = "finished" if r.finished else "stopped"
         line = f"{r.configuration} fold {r.fold}: {status} after {r.steps} steps ({r.seconds:.0f}s)"
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", default=None, help="fold number or 'all' (default: the plan's runs)")
     p.add_argument("--budget", default=None, help="total wall-clock budget, split over the runs (e.g. 15m)")
     p.add_argument("--extend", default=None, metavar="T", help="continue finished runs for T more (e.g. 10m)")
+    p.add_argument("--steps", type=_jobs, default=None,
+                   help="train exactly this many steps per run (repeatable; default: from the budget)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: from the CPU count)")

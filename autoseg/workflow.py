@@ -152,9 +152,11 @@ def select_runs(plans: Plans, configuration: str | None, fold: str | int | None)
 def train_dataset(dataset: Path | str, workdir: Path | str | None = None, configuration: str | None = None,
                   fold: str | int | None = None, budget: str | float | None = None, device: str | None = None,
                   extend: str | float | None = None, seed: int = 0, workers: int | None = None,
-                  progress: bool = True, splits_file: Path | str | None = None) -> list[TrainedRun]:
+                  progress: bool = True, splits_file: Path | str | None = None,
+                  steps: int | None = None) -> list[TrainedRun]:
     """Train the planned runs (or the ones asked for) inside the budget, then predict and score each
-    finished fold's held-out cases. ``budget`` overrides the plan's and is split evenly over the runs."""
+    finished fold's held-out cases. ``budget`` overrides the plan's and is split evenly over the runs;
+    ``steps`` fixes each run's length instead (no adaptation to the measured speed: repeatable)."""
     from autoseg.crossval import load_splits
     from autoseg.oof import predict_fold_validation
     from autoseg.plan.budget import format_duration, parse_duration
@@ -171,7 +173,7 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
           file=sys.stderr)
     results = []
     for c, k, s in runs:
-        trainer = Trainer(work, c, k, plans=plans, seconds=s, device=device, seed=seed, workers=workers,
+        trainer = Trainer(work, c, k, plans=plans, seconds=s, steps=steps, device=device, seed=seed, workers=workers,
                           progress=progress, extend_s=extend_s, splits_file=splits_file)
         r = trainer.fit()
         run = TrainedRun(c, k, r.seconds, r.finished, r.steps)
