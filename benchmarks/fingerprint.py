@@ -116,14 +116,20 @@ def agreement(ours: Fingerprint, theirs: dict) -> list[str]:
     return lines
 
 
+MEASURED_CODE = ("autoseg/fingerprint.py", "autoseg/io.py", "autoseg/dataset.py", "autoseg/artifacts.py",
+                 "autoseg/errors.py", "autoseg/cli.py", "autoseg/workdir.py")
+
+
 def git_commit() -> str:
+    """The commit measured, naming the files on the measured path that differ from it."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "autoseg"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + (" + uncommitted changes in autoseg/" if dirty else "")
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *MEASURED_CODE], cwd=REPO,
+                               capture_output=True, text=True).stdout.split()[1::2]
     except OSError:
         return "unknown"
+    return head + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
 
 
 def _row(name: str, m: Measurement) -> str:
@@ -163,6 +169,9 @@ def render(args: argparse.Namespace, data: Path, fp: Fingerprint, runs: dict[str
                                                 for r in rs))
     lines.append("- load average while running (1 min, before each timed run): "
                  + ", ".join(f"{v:.1f}" for v in loads) + f" on {os.cpu_count()} cores")
+    if statistics.median(loads) > (os.cpu_count() or 1):
+        lines.append("- the machine was busy with other work while this ran: wall times are longer and noisier "
+                     "than on an idle machine; CPU times and the ratios are the steadier numbers")
     lines += ["", "## What is measured", "",
               "- Wall time of the whole command (interpreter start, imports, pool start-up, writing the file).",
               "- CPU time: user + system seconds of every process of the tree (the work done, whatever else "
