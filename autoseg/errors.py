@@ -33,6 +33,9 @@ class DatasetError(UserError):
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
 
+    def __reduce__(self):  # survive pickling across worker processes with the problems intact
+        return (DatasetError, (self.problems,))
+
 
 def display(path: Path | str) -> str:
     return str(path)

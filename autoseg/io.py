@@ -235,7 +235,8 @@ def read_images(paths: Sequence[Path | str]) -> tuple[np.ndarray, Geometry]:
         arrays.append(a)
     if geometry is None:
         raise UserError("no image files given")
-    return np.concatenate(arrays, axis=0), geometry
+    # one file: no copy (a large CT would otherwise briefly need twice its memory)
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)), geometry
 
 
 def read_label(path: Path | str) -> tuple[np.ndarray, Geometry]:
