@@ -212,11 +212,11 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
         opt.zero_grad(set_to_none=True)
         _sync(dev)
         times.append(time.perf_counter() - t0)
-        i += 1
         if i == 0 and dev.type != "cuda":
             # CPU/MPS allocators keep no peak statistics: count what autograd saves for backward (the
             # activations that dominate training memory) plus weights, gradients and momentum.
             activations = saved.bytes
+        i += 1
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
