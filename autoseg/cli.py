@@ -100,6 +100,19 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from autoseg.evaluate import METRICS_FILE, evaluate_folder, parse_tolerance, summary_lines
+
+    out = a.output or a.pred_dir / METRICS_FILE
+    result = evaluate_folder(a.pred_dir, a.ref_dir, a.dataset_json, parse_tolerance(a.nsd_tolerance),
+                             jobs=a.jobs, progress=not a.quiet, output=out)
+    for w in result["warnings"]:
+        print(f"autoseg evaluate: warning: {w}", file=sys.stderr)
+    print("\n".join(summary_lines(result)))
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from autoseg.synth import SIZES, TASKS
 
@@ -168,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: from the CPU count)")
     p.add_argument("--splits", type=Path, default=None, help="a splits file (nnU-Net splits_final.json format)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", parents=[common], help="score predictions against reference labels",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score each reference case against the prediction of the same file name: per class\n"
+                                   "Dice, IoU, sensitivity, specificity, precision, HD95 (mm), NSD and volumes.\n"
+                                   "A class empty in both scores NaN (left out of means); HD95 is NaN when either is\n"
+                                   "empty; such cases are counted per class. Writes metrics.json and metrics.csv.")
+    p.add_argument("pred_dir", type=Path, metavar="PRED_DIR")
+    p.add_argument("ref_dir", type=Path, metavar="REF_DIR")
+    p.add_argument("--dataset-json", type=Path, default=None,
+                   help="dataset.json giving class names, regions, the ignore label and the file ending")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="metrics JSON file; the CSV goes beside it (default: PRED_DIR/metrics.json)")
+    p.add_argument("--nsd-tolerance", default=None, metavar="MM|NAME=MM,...",
+                   help="NSD tolerance in mm, for all classes or per class (default: the largest voxel spacing)")
+    _add_jobs(p)
+    p.set_defaults(func=cmd_evaluate)
 
     tasks = "\n".join(f"  {name:<12} {t.description}" for name, t in TASKS.items())
     p = sub.add_parser("synth", parents=[common], help="generate a synthetic dataset (nnU-Net v2 layout)",
