@@ -100,6 +100,28 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from autoseg.predict import predict
+    from autoseg.predict_inputs import parse_folds
+
+    def report(line: str) -> None:
+        tqdm.write(f"autoseg: error: {line}", file=sys.stderr)
+
+    s = predict(a.model, a.input, a.output, configuration=a.config, folds=parse_folds(a.folds), device=a.device,
+                mirror=a.mirror, overlap=a.overlap, tile_batch=a.tile_batch,
+                save_probabilities=a.save_probabilities, jobs=a.jobs, progress=not a.quiet, report=report)
+    if s.mirror:
+        print(f"autoseg predict: {s.mirror}", file=sys.stderr)
+    cases = len(s.written) // (2 if a.save_probabilities else 1)
+    print(f"wrote {cases} prediction(s) to {a.output} in {s.seconds:.1f}s")
+    if s.failed:
+        print(f"autoseg predict: {len(s.failed)} case(s) not predicted (see the errors above)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from autoseg.evaluate import METRICS_FILE, evaluate_folder, parse_tolerance, summary_lines
 
@@ -181,6 +203,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: from the CPU count)")
     p.add_argument("--splits", type=Path, default=None, help="a splits file (nnU-Net splits_final.json format)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", parents=[common], help="segment images with a trained model",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Segment every case of INPUT (a folder of CASE_XXXX<ending> files, one per channel,\n"
+                                   "or one file) with the trained folds in MODEL (a workdir), averaging their\n"
+                                   "probabilities. Each case is written as OUTPUT/CASE<ending> with the input's\n"
+                                   "spacing, origin and direction. A case that does not fit the model gets one error\n"
+                                   "line and the others are still predicted (exit code 2 at the end).")
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument("input", type=Path, metavar="INPUT")
+    p.add_argument("output", type=Path, metavar="OUTPUT")
+    p.add_argument("--config", default=None,
+                   help="configuration (default: WORKDIR/selection.json's, else the first planned)")
+    p.add_argument("--folds", default="all", help="folds to ensemble, e.g. 0,1 (default: all trained ones)")
+    p.add_argument("--mirror", choices=("auto", "on", "off"), default="auto",
+                   help="test-time mirroring; auto: on when the first case takes at most 20 s of network time "
+                        "with it on this device (default %(default)s)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window tile overlap (default %(default)s)")
+    p.add_argument("--tile-batch", type=_jobs, default=None,
+                   help="tiles per network pass (default: the training batch, at least 4)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write OUTPUT/CASE.npz: per-class probabilities (float16) in the input's geometry")
+    p.add_argument("-j", "--jobs", type=_jobs, default=1,
+                   help="export threads: with N > 1, N - 1 cases are written while the next is predicted")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", parents=[common], help="score predictions against reference labels",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
