@@ -20,15 +20,14 @@ def parse_duration(text: str) -> float:
     """'90s', '20m', '1.5h', '1h30m', '2d' or a plain number of seconds."""
     t = str(text).strip().lower()
     try:
-        return float(t)
+        seconds = float(t)
     except ValueError:
-        pass
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", t)
-    if not parts or "".join(f"{a}{b}" for a, b in parts) != t.replace(" ", ""):
-        raise UserError(f"budget '{text}': expected a duration like 90s, 20m, 1.5h or 1h30m")
-    seconds = sum(float(a) * _UNITS[b] for a, b in parts)
-    if seconds <= 0:
-        raise UserError(f"budget '{text}': must be positive")
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", t)
+        if not parts or "".join(f"{a}{b}" for a, b in parts) != t.replace(" ", ""):
+            raise UserError(f"budget '{text}': expected a duration like 90s, 20m, 1.5h or 1h30m") from None
+        seconds = sum(float(a) * _UNITS[b] for a, b in parts)
+    if not math.isfinite(seconds) or seconds <= 0:  # '-5', '0', 'nan' and 'inf' parse as floats too
+        raise UserError(f"budget '{text}': must be a positive, finite duration")
     return seconds
 
 

@@ -15,7 +15,7 @@ def resolve_budget(budget: str | float | None, device_type: str) -> tuple[float,
     """Seconds of budget, and whether it is the device's default."""
     if budget is None:
         return DEFAULT_BUDGET_S[device_type], True
-    return (float(budget) if isinstance(budget, (int, float)) else parse_duration(budget)), False
+    return parse_duration(budget), False  # numbers too: a zero or negative budget is refused the same way
 
 
 def make_plans(fingerprint: Fingerprint, planner: str = "default", budget: str | float | None = None,

@@ -167,7 +167,7 @@ class Plans:
     train_runs: list[dict[str, Any]] = field(default_factory=list)  # [{"configuration", "fold", "seconds"}]
     planning_time_s: float = 0.0
     notes: list[str] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict, compare=False)  # bookkeeping (who wrote the file), not content
 
     @property
     def in_channels(self) -> int:
@@ -233,8 +233,11 @@ def _build(cls: type, d: Any, where: str) -> Any:
         key = f"{where}.{name}"
         if name in _NESTED and cls is not Plans:
             sub = _NESTED[name]
+            wants_list = str(known[name].type).startswith("list")
+            if wants_list != isinstance(value, list):
+                raise UserError(f"{key}: expected {'a list of objects' if wants_list else 'an object'}, got {value!r}")
             kwargs[name] = ([_build(sub, v, f"{key}[{i}]") for i, v in enumerate(value)]
-                            if isinstance(value, list) else _build(sub, value, key))
+                            if wants_list else _build(sub, value, key))
         else:
             _check_type(known[name].type, value, key)
             kwargs[name] = value
@@ -245,24 +248,48 @@ def _build(cls: type, d: Any, where: str) -> Any:
 
 
 def _check_type(annotation: str, value: Any, key: str) -> None:
-    ann = str(annotation)
-    ok = True
-    if value is None:
-        ok = "None" in ann
-    elif ann.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif ann.startswith("float"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif ann.startswith("bool"):
-        ok = isinstance(value, bool)
-    elif ann.startswith("str"):
-        ok = isinstance(value, str)
-    elif ann.startswith("list"):
-        ok = isinstance(value, list)
-    elif ann.startswith("dict"):
-        ok = isinstance(value, dict)
-    if not ok:
-        raise UserError(f"{key}: expected {ann}, got {value!r}")
+    if not _matches(str(annotation), value):
+        raise UserError(f"{key}: expected {annotation}, got {value!r}")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split an annotation at ``sep`` outside brackets: 'dict[str, list[int]] | None' -> two parts at '|'."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == sep and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [*parts, cur.strip()]
+
+
+def _matches(ann: str, value: Any) -> bool:
+    """Whether a JSON value fits a field's annotation, elements of lists and dicts included (so an edited
+    ``"patch_size": [64, "96", 96]`` is named here instead of failing later inside training)."""
+    options = _split_top(ann, "|")
+    if len(options) > 1:
+        return any(_matches(o, value) for o in options)
+    if ann == "None":
+        return value is None
+    if ann == "Any":
+        return True
+    if ann == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if ann == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ann == "bool":
+        return isinstance(value, bool)
+    if ann == "str":
+        return isinstance(value, str)
+    if ann.startswith("list"):
+        inner = ann[5:-1] if ann.startswith("list[") else "Any"
+        return isinstance(value, list) and all(_matches(inner, v) for v in value)
+    if ann.startswith("dict"):
+        inner = _split_top(ann[5:-1], ",")[-1] if ann.startswith("dict[") else "Any"
+        return isinstance(value, dict) and all(_matches(inner, v) for v in value.values())
+    return True  # a type this checker does not know: left to the semantic checks
 
 
 def _parse_plans(d: Any, source: str) -> Plans:
@@ -278,15 +305,17 @@ def _parse_plans(d: Any, source: str) -> Plans:
     plans = _build(Plans, {**body, "configurations": {}}, source)
     for name, c in configs.items():
         cfg = _build(Configuration, c, f"{source}: configurations.{name}")
-        _check_configuration(cfg, f"{source}: configurations.{name}")
+        _check_configuration(cfg, f"{source}: configurations.{name}", len(plans.channel_names))
         plans.configurations[name] = cfg
     plans.meta = {"autoseg_version": d.get("autoseg_version")}
     return plans
 
 
-def _check_configuration(c: Configuration, where: str) -> None:
+def _check_configuration(c: Configuration, where: str, channels: int = 0) -> None:
     """Semantic checks a user's edit can break: lengths agree with ndim, sizes positive, known names."""
-    from autoseg.nets import NETWORKS  # local: nets imports torch
+    from autoseg.losses import LOSSES  # local: losses and nets import torch
+    from autoseg.nets import NETWORKS
+    from autoseg.normalize import NORMALIZERS
 
     n = c.ndim
     for key in ("spacing", "patch_size", "median_shape"):
@@ -295,6 +324,15 @@ def _check_configuration(c: Configuration, where: str) -> None:
             raise UserError(f"{where}.{key}: expected {n} positive numbers, got {v}")
     if c.batch_size < 1:
         raise UserError(f"{where}.batch_size: must be >= 1, got {c.batch_size}")
+    if channels and len(c.normalization) != channels:
+        raise UserError(f"{where}.normalization: expected one entry per input channel ({channels}), "
+                        f"got {len(c.normalization)}")
+    for i, scheme in enumerate(x.scheme for x in c.normalization):
+        if scheme not in NORMALIZERS:
+            raise UserError(f"{where}.normalization[{i}].scheme: unknown '{scheme}' "
+                            f"(known: {', '.join(sorted(NORMALIZERS))})")
+    if c.loss.name not in LOSSES:
+        raise UserError(f"{where}.loss.name: unknown '{c.loss.name}' (known: {', '.join(sorted(LOSSES))})")
     net = c.network
     if net.family not in NETWORKS:
         raise UserError(f"{where}.network.family: unknown '{net.family}' (known: {', '.join(sorted(NETWORKS))})")

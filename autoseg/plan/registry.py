@@ -48,14 +48,15 @@ def get_planner(name_or_path: str) -> Planner:
     if path.suffix == ".py":
         if not path.is_file():
             raise UserError(f"{path}: planner file not found")
-        before = set(PLANNERS)
+        before = dict(PLANNERS)
         spec = importlib.util.spec_from_file_location(f"autoseg_user_planner_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
         except Exception as e:  # the user's code: report it as their file's problem
             raise UserError(f"{path}: the planner file failed to load ({type(e).__name__}: {e})") from e
-        new = [n for n in PLANNERS if n not in before]
+        # by identity, not name: loading the same file again re-registers its names with new functions
+        new = [n for n, fn in PLANNERS.items() if before.get(n) is not fn]
         if new:
             return PLANNERS[new[0]]
         if callable(getattr(module, "plan", None)):

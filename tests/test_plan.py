@@ -1,0 +1,451 @@
+"""Planning: make_plans on made-up fingerprints, plans.json round trip and validation, planners by name or
+file, and ``autoseg plan`` end to end on the synthetic tasks.
+
+Most tests replace the measurement of training steps (autoseg.plan.compute.measure_step) with a
+deterministic model computed from FLOPs (approximated from the network's numbers in the unit tests, counted
+on the meta device end to end), so the plans do not depend on how loaded the machine is;
+``test_real_measurement_plans_a_tiny_dataset`` measures for real (and so does tests/test_cli.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_plan_rules import ANISO_Z, anisotropic, isotropic, make_fingerprint, planar
+
+from autoseg.cli import run
+from autoseg.errors import UserError
+from autoseg.fingerprint import Fingerprint
+from autoseg.plan import PLANS_FILE, Plans, compute
+from autoseg.plan import make as make_module
+from autoseg.plan.budget import parse_duration
+from autoseg.plan.compute import DeviceInfo, MiB, StepMeasurement
+from autoseg.plan.make import make_plans
+from autoseg.plan.registry import get_planner
+
+FLOPS_PER_S = 50e9
+BYTES_PER_UNIT = 48  # per voxel x sample x base feature: memory proportional to the patch voxels
+TEST_CPU = DeviceInfo("cpu", "test CPU", 8 << 30, 2, False)
+
+
+def approximate_flops(cfg, in_ch, n_classes, ndim, patch, batch) -> float:
+    """Conv FLOPs of a U-Net-like spec, forward + backward, from its numbers alone: a fast, deterministic
+    stand-in for compute.count_step_flops (which runs the network on the meta device)."""
+    voxels, channels, total = float(np.prod(patch)) * batch, in_ch, 0.0
+    blocks = cfg.blocks_per_stage or [2] * cfg.n_stages
+    for f, k, s, b in zip(cfg.features, cfg.kernel_sizes, cfg.strides, blocks):
+        voxels /= float(np.prod(s))
+        per_voxel = 2 * float(np.prod(k)) * (channels * f + (b - 1) * f * f + 2 * f * f)  # encoder + decoder
+        total += per_voxel * voxels
+        channels = f
+    return 3 * total
+
+
+def fake_measure(bf16_speedup: float = 1.0, bf16_cosine: float = 1.0) -> Callable:
+    """A stand-in for compute.measure_step: step time from exact FLOPs, memory proportional to voxels."""
+
+    def measure(cfg, in_ch, n_classes, ndim, patch, batch, device="cpu", precision="fp32", channels_last=False,
+                steps=2, reference_grad=None, seed=0):
+        flops = compute.count_step_flops(cfg, in_ch, n_classes, ndim, patch, batch)
+        seconds = flops / FLOPS_PER_S / (bf16_speedup if precision == "bf16" else 1.0) + 0.01
+        memory = int(np.prod(patch)) * batch * cfg.features[0] * BYTES_PER_UNIT
+        cosine = bf16_cosine if precision == "bf16" else 1.0
+        return StepMeasurement(seconds, memory, flops, precision, channels_last, cosine), torch.ones(8)
+
+    return measure
+
+
+@pytest.fixture
+def fake_compute(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Deterministic compute on a fixed 8 GiB CPU without bf16, FLOPs from the network's numbers; call it to
+    change the device or the model."""
+
+    def use(device: DeviceInfo = TEST_CPU, **measure_kw) -> None:
+        monkeypatch.setattr(compute, "measure_step", fake_measure(**measure_kw))
+        monkeypatch.setattr(compute, "count_step_flops", approximate_flops)
+        monkeypatch.setattr(make_module, "detect_device", lambda requested=None: device)
+
+    use()
+    return use
+
+
+def run_seconds(plans: Plans, name: str) -> float:
+    runs = [r["seconds"] for r in plans.train_runs if r["configuration"] == name]
+    return runs[0] if runs else plans.train_runs[0]["seconds"]
+
+
+def voxels(cfg) -> int:
+    return int(np.prod(cfg.patch_size)) * cfg.batch_size
+
+
+# --- make_plans with deterministic compute ------------------------------------------------------------
+
+
+def test_a_bigger_budget_buys_a_bigger_model_and_more_steps(fake_compute):
+    fp = isotropic((128, 128, 128))
+    short, long = make_plans(fp, budget="10m", device="cpu"), make_plans(fp, budget="8h", device="cpu")
+    assert len(short.train_runs) == 1 and len(long.train_runs) == 10
+    for name in ("3d_fullres", "2d"):
+        s, g = short.configurations[name], long.configurations[name]
+        assert g.schedule.steps > s.schedule.steps
+        assert g.measured.gflops_per_step > s.measured.gflops_per_step
+        assert g.network.features[0] >= s.network.features[0]
+        assert g.network.features[0] > s.network.features[0] or voxels(g) > voxels(s)
+
+
+def test_steps_times_step_time_fill_each_run(fake_compute):
+    for budget in ("10m", "8h"):
+        plans = make_plans(anisotropic(), budget=budget, device="cpu")
+        for name, cfg in plans.configurations.items():
+            planned = cfg.schedule.steps * cfg.measured.step_time_s
+            assert planned == pytest.approx(run_seconds(plans, name), rel=0.02), (budget, name)
+        assert sum(r["seconds"] for r in plans.train_runs) < parse_duration(budget)
+
+
+def test_the_device_memory_limit_is_respected(fake_compute):
+    fp = isotropic((128, 128, 128))
+    roomy = make_plans(fp, budget="8h", device="cpu")
+    fake_compute(DeviceInfo("cpu", "small", 24 * MiB, 2, False))
+    tight = make_plans(fp, budget="8h", device="cpu")
+    for name, cfg in tight.configurations.items():
+        assert cfg.measured.peak_memory_mb * MiB <= 24 * MiB, name
+        big = roomy.configurations[name]
+        assert cfg.network.features[0] * voxels(cfg) < big.network.features[0] * voxels(big)
+
+
+def test_anisotropic_plan_puts_the_coarse_axis_first_with_kernel_1_and_separate_z(fake_compute):
+    plans = make_plans(anisotropic(coarse_axis=2), budget="10m", device="cpu")
+    assert plans.axis_order == [2, 0, 1]
+    full = plans.configurations["3d_fullres"]
+    assert full.spacing[0] == pytest.approx(np.percentile(ANISO_Z, 10)) and full.spacing[1:] == [0.8, 0.8]
+    assert full.network.kernel_sizes[0] == [1, 3, 3]
+    assert full.resampling.separate_z and full.resampling.z_axis == 0
+    assert plans.configurations["2d"].spacing == [0.8, 0.8]
+
+
+def test_2d_data_gets_only_a_2d_configuration(fake_compute):
+    plans = make_plans(planar(), budget="10m", device="cpu")
+    assert list(plans.configurations) == ["2d"] and plans.axis_order == [0, 1]
+    cfg = plans.configurations["2d"]
+    assert cfg.ndim == 2 and len(cfg.patch_size) == 2 and all(len(k) == 2 for k in cfg.network.kernel_sizes)
+    assert {r["configuration"] for r in plans.train_runs} == {"2d"}
+
+
+def test_tiny_images_get_a_patch_clipped_to_the_image_and_a_bottleneck_of_4(fake_compute):
+    plans = make_plans(isotropic((10, 12, 9)), budget="10m", device="cpu")
+    for cfg in plans.configurations.values():
+        divisor = np.prod(np.array(cfg.network.strides), axis=0)
+        image = cfg.median_shape
+        assert all(p <= -(-m // d) * d for p, m, d in zip(cfg.patch_size, image, divisor))  # image, rounded up
+        assert all(p / d >= 4 or d == 1 for p, d in zip(cfg.patch_size, divisor))
+
+
+def test_very_large_ct_plans_3d_lowres_with_ct_normalization(fake_compute):
+    fp = make_fingerprint([(1.0, 0.8, 0.8)] * 5, [(400, 512, 512)] * 5, channels=("CT",))
+    plans = make_plans(fp, budget="10m", device="cpu")
+    assert set(plans.configurations) == {"3d_fullres", "3d_lowres", "2d"}
+    full, low = plans.configurations["3d_fullres"], plans.configurations["3d_lowres"]
+    assert low.lowres_of == "3d_fullres" and all(a > b for a, b in zip(low.spacing, full.spacing))
+    assert np.prod(low.median_shape) < np.prod(full.median_shape)
+    assert all(c.normalization[0].scheme == "ct" for c in plans.configurations.values())
+    assert full.normalization[0].clip_high == fp.channels[0].percentile_99_5
+
+
+def test_multichannel_plan_normalizes_each_channel(fake_compute):
+    plans = make_plans(isotropic((64, 64, 64), channels=("CT", "T2")), budget="10m", device="cpu")
+    assert plans.channel_names == ["CT", "T2"]
+    for cfg in plans.configurations.values():
+        assert [n.scheme for n in cfg.normalization] == ["ct", "zscore"]
+
+
+def test_bf16_is_planned_only_when_measured_faster_and_accurate(fake_compute):
+    bf16_cpu = DeviceInfo("cpu", "bf16 CPU", 8 << 30, 2, True)
+    fake_compute(bf16_cpu, bf16_speedup=2.0)
+    assert make_plans(planar(), budget="10m").configurations["2d"].precision == "bf16"
+    fake_compute(bf16_cpu, bf16_speedup=2.0, bf16_cosine=0.9)
+    assert make_plans(planar(), budget="10m").configurations["2d"].precision == "fp32"
+    fake_compute(bf16_cpu, bf16_speedup=1.05)
+    assert make_plans(planar(), budget="10m").configurations["2d"].precision == "fp32"
+
+
+def test_resenc_planner_uses_the_residual_encoder(fake_compute):
+    plans = make_plans(isotropic((64, 64, 64)), planner="resenc", budget="10m", device="cpu")
+    net = plans.configurations["3d_fullres"].network
+    assert net.family == "resenc_unet" and net.blocks_per_stage[:3] == [1, 3, 4] and plans.planner == "resenc"
+
+
+def test_non_positive_budget_is_a_user_error(fake_compute):
+    for bad in (0, -60, "0m"):
+        with pytest.raises(UserError, match="budget"):
+            make_plans(planar(), budget=bad)
+
+
+def test_timing_proxy_keeps_the_shape_of_an_anisotropic_patch():
+    from autoseg.plan.fit import FitRequest, Throughput
+
+    req = FitRequest("unet", 3, [3.0, 0.8, 0.8], [30, 64, 64], [28, 64, 64], [16, 16, 16], 1, 2, 600.0, 900, 320)
+    proxy = Throughput(TEST_CPU, req).proxy([28, 64, 64], [4, 16, 16])
+    assert proxy == [12, 32, 32]  # not 28x16x16: in-plane maps that small run at a fraction of the FLOP/s
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a busy 2-core machine two OpenMP threads spin against each other and a tiny
+    step takes seconds instead of milliseconds (the path measured is the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_real_measurement_plans_a_tiny_dataset(one_thread):
+    """The real path: training steps measured on this CPU, the plan fitted to what was measured."""
+    fp = planar((32, 32))
+    plans = make_plans(fp, budget="5m", device="cpu")
+    cfg = plans.configurations["2d"]
+    m = cfg.measured
+    assert m.step_time_s > 0 and m.peak_memory_mb > 0 and m.parameters > 0 and m.gflops_per_step > 0
+    assert cfg.schedule.steps * m.step_time_s == pytest.approx(run_seconds(plans, "2d"), rel=0.02)
+    assert 0 < plans.planning_time_s < 60
+    assert plans.device["type"] == "cpu" and plans.device["name"] == compute.detect_device("cpu").name
+
+
+# --- plans.json ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plans_file(fake_compute, tmp_path: Path) -> Path:
+    plans = make_plans(anisotropic(channels=("CT",)), budget="10m", device="cpu")
+    plans.save(tmp_path / PLANS_FILE)
+    return tmp_path / PLANS_FILE
+
+
+def test_plans_json_round_trip_gives_an_equal_object(fake_compute, tmp_path: Path):
+    for fp in (anisotropic(channels=("CT",)), planar(), isotropic((400, 256, 256), channels=("T1", "T2"))):
+        plans = make_plans(fp, budget="1h", device="cpu")
+        plans.save(tmp_path / PLANS_FILE)
+        loaded = Plans.load(tmp_path / PLANS_FILE)
+        assert loaded == plans
+        assert loaded.to_dict() == plans.to_dict() == json.loads((tmp_path / PLANS_FILE).read_text())
+
+
+def _cfg(d: dict) -> dict:
+    return d["configurations"]["3d_fullres"]
+
+
+BAD_EDITS: list[tuple[str, Callable[[dict], None], str]] = [
+    ("unknown key", lambda d: _cfg(d).update(batchsize=4), r"configurations\.3d_fullres: unknown key\(s\) batchsize"),
+    ("unknown nested key", lambda d: _cfg(d)["schedule"].update(epochs=5), r"3d_fullres\.schedule: unknown key\(s\) epochs"),
+    ("unknown top-level key", lambda d: d.update(budget="8h"), r"unknown key\(s\) budget"),
+    ("wrong type", lambda d: _cfg(d).update(batch_size="4"), r"3d_fullres\.batch_size: expected int"),
+    ("wrong type float for int", lambda d: _cfg(d)["schedule"].update(steps=10.5), r"3d_fullres\.schedule\.steps: expected int"),
+    ("wrong element type", lambda d: _cfg(d).update(patch_size=[8, "32", 32]), r"3d_fullres\.patch_size: expected list\[int\]"),
+    ("wrong nested element", lambda d: _cfg(d)["network"].update(features=[32, "64"]), r"network\.features: expected list\[int\]"),
+    ("object for a list", lambda d: _cfg(d).update(normalization=_cfg(d)["normalization"][0]), r"3d_fullres\.normalization: expected a list"),
+    ("patch not divisible", lambda d: _cfg(d).update(patch_size=[p + 1 for p in _cfg(d)["patch_size"]]),
+     r"3d_fullres\.patch_size: .* must be divisible by"),
+    ("unknown family", lambda d: _cfg(d)["network"].update(family="transformer9000"), r"3d_fullres\.network\.family: unknown 'transformer9000'"),
+    ("unknown normalization", lambda d: _cfg(d)["normalization"][0].update(scheme="minmax"), r"normalization\[0\]\.scheme: unknown 'minmax'"),
+    ("unknown loss", lambda d: _cfg(d)["loss"].update(name="dice_cee"), r"3d_fullres\.loss\.name: unknown 'dice_cee'"),
+    ("one norm per channel", lambda d: _cfg(d)["normalization"].append({"scheme": "zscore"}), r"normalization: expected one entry per input channel"),
+    ("kernel length", lambda d: _cfg(d)["network"]["kernel_sizes"][0].append(3), r"network\.kernel_sizes: expected"),
+    ("ndim mismatch", lambda d: _cfg(d).update(spacing=[1.0, 1.0]), r"3d_fullres\.spacing: expected 3 positive numbers"),
+    ("batch below 1", lambda d: _cfg(d).update(batch_size=0), r"3d_fullres\.batch_size: must be >= 1"),
+    ("unknown precision", lambda d: _cfg(d).update(precision="fp8"), r"3d_fullres\.precision"),
+    ("missing key", lambda d: _cfg(d).pop("network"), r"3d_fullres: .*network"),
+    ("wrong format_version", lambda d: d.update(format_version=99), r"format_version 99 is not supported"),
+    ("not a plans file", lambda d: d.pop("artifact"), r"not a plans file"),
+    ("no configurations", lambda d: d.update(configurations={}), r"'configurations' must be a non-empty object"),
+]
+
+
+@pytest.mark.parametrize("what, edit, message", BAD_EDITS, ids=[b[0] for b in BAD_EDITS])
+def test_loading_rejects_a_bad_edit_naming_the_key(plans_file: Path, what: str, edit, message: str):
+    d = json.loads(plans_file.read_text())
+    edited = copy.deepcopy(d)
+    edit(edited)
+    plans_file.write_text(json.dumps(edited))
+    with pytest.raises(UserError, match=message) as e:
+        Plans.load(plans_file)
+    assert str(e.value).startswith(str(plans_file)) and "\n" not in str(e.value)
+
+
+def test_loading_accepts_a_sensible_edit(plans_file: Path):
+    d = json.loads(plans_file.read_text())
+    _cfg(d).update(batch_size=7)
+    _cfg(d)["schedule"]["steps"] = 1234
+    _cfg(d)["loss"]["name"] = "dice"
+    plans_file.write_text(json.dumps(d, indent=1))
+    cfg = Plans.load(plans_file).configurations["3d_fullres"]
+    assert (cfg.batch_size, cfg.schedule.steps, cfg.loss.name) == (7, 1234, "dice")
+
+
+def test_loading_a_missing_or_broken_file_says_what_to_do(tmp_path: Path):
+    with pytest.raises(UserError, match="no plans here; run `autoseg plan"):
+        Plans.load(tmp_path / PLANS_FILE)
+    (tmp_path / PLANS_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        Plans.load(tmp_path / PLANS_FILE)
+
+
+# --- planners by name or file ------------------------------------------------------------------------------
+
+USER_PLANNER = '''
+"""A user's planner: the default rules, then a smaller learning rate."""
+from autoseg.plan.registry import register_planner
+from planners.default import plan as default_plan
+
+
+@register_planner("careful")
+def careful(fingerprint, context):
+    plans = default_plan(fingerprint, context)
+    for cfg in plans.configurations.values():
+        cfg.optimizer.lr = 1e-3
+    plans.notes.append("planned by careful.py")
+    return plans
+'''
+
+
+def test_a_planner_file_wraps_the_default_planner(fake_compute, tmp_path: Path):
+    path = tmp_path / "careful.py"
+    path.write_text(USER_PLANNER)
+    for _ in range(2):  # loading the same file again (a second make_plans in one session) works too
+        plans = make_plans(planar(), planner=str(path), budget="10m")
+        assert plans.planner == str(path) and "planned by careful.py" in plans.notes
+        assert plans.configurations["2d"].optimizer.lr == 1e-3
+
+
+def test_a_planner_file_may_define_a_function_named_plan(fake_compute, tmp_path: Path):
+    path = tmp_path / "plain.py"
+    path.write_text("from planners.resenc import plan as _resenc\n\n"
+                    "def plan(fp, ctx):\n    return _resenc(fp, ctx)\n")
+    plans = make_plans(planar(), planner=str(path), budget="10m")
+    assert plans.configurations["2d"].network.family == "resenc_unet"
+
+
+def test_planner_errors_name_the_planner(tmp_path: Path):
+    with pytest.raises(UserError, match=r"unknown planner 'fancy' \(known: .*default.*resenc"):
+        get_planner("fancy")
+    with pytest.raises(UserError, match="planner file not found"):
+        get_planner(str(tmp_path / "missing.py"))
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(UserError, match=r"empty\.py: defines no planner"):
+        get_planner(str(tmp_path / "empty.py"))
+    (tmp_path / "broken.py").write_text("import no_such_module_here\n")
+    with pytest.raises(UserError, match=r"broken\.py: the planner file failed to load \(ModuleNotFoundError"):
+        get_planner(str(tmp_path / "broken.py"))
+
+
+# --- `autoseg plan` end to end on the synthetic tasks ----------------------------------------------------
+
+TASKS = ("ct-aniso", "mri-nested", "mr-2ch", "png-2d")
+CASES = 3
+PLAN_ARGS = ["--budget", "5m", "--device", "cpu", "-j", "1"]
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Each synthetic task at tiny size, planned once by ``autoseg plan``: task -> (dataset, workdir).
+
+    Steps are timed by the FLOPs model, not measured: on a loaded machine real measurement makes these
+    tests slow and the rules they check do not depend on it (test_real_measurement_* and test_cli do)."""
+    from autoseg.synth import generate
+
+    root = tmp_path_factory.mktemp("tasks")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compute, "measure_step", fake_measure())
+        for task in TASKS:
+            data = generate(task, root / task, cases=CASES, size="tiny", seed=1)
+            work = root / f"work_{task}"
+            assert run(["-q", "plan", str(data), "-w", str(work), *PLAN_ARGS]) == 0
+            out[task] = (data, work)
+    return out
+
+
+def _plans(planned, task: str) -> Plans:
+    return Plans.load(planned[task][1] / PLANS_FILE)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_plan_writes_plans_and_the_preprocessed_cache(planned, task: str):
+    data, work = planned[task]
+    plans = _plans(planned, task)
+    assert (work / "fingerprint.json").is_file() and plans.budget_s == 300 and plans.device["type"] == "cpu"
+    case_ids = sorted(p.name[: -len("_0000" + plans.file_ending)] for p in (data / "imagesTr").glob("*_0000*"))
+    assert len(case_ids) == CASES
+    for name, cfg in plans.configurations.items():
+        folder = work / "preprocessed" / name
+        for case in case_ids:
+            assert (folder / f"{case}.npy").is_file() and (folder / f"{case}.json").is_file(), (name, case)
+        assert cfg.schedule.steps * cfg.measured.step_time_s <= plans.budget_s
+    assert plans.planning_time_s > 0
+
+
+def test_ct_task_is_normalized_as_ct_with_the_fingerprint_percentiles(planned):
+    plans = _plans(planned, "ct-aniso")
+    fp = Fingerprint.load(planned["ct-aniso"][1] / "fingerprint.json")
+    for cfg in plans.configurations.values():
+        (n,) = cfg.normalization
+        assert n.scheme == "ct" and (n.clip_low, n.clip_high) == (fp.channels[0].percentile_00_5,
+                                                                   fp.channels[0].percentile_99_5)
+
+
+def test_mri_tasks_are_zscored_per_channel(planned):
+    assert [n.scheme for n in _plans(planned, "mri-nested").configurations["3d_fullres"].normalization] == ["zscore"]
+    assert [n.scheme for n in _plans(planned, "mr-2ch").configurations["3d_fullres"].normalization] == ["zscore"] * 2
+
+
+def test_anisotropic_ct_gets_kernel_1_on_the_coarse_axis(planned):
+    plans = _plans(planned, "ct-aniso")
+    full = plans.configurations["3d_fullres"]
+    assert plans.axis_order[0] == int(np.argmax(Fingerprint.load(planned["ct-aniso"][1] / "fingerprint.json")
+                                                .median_spacing))
+    assert full.spacing[0] > 3 * full.spacing[1]
+    assert full.network.kernel_sizes[0][0] == 1 and full.network.kernel_sizes[0][1:] == [3, 3]
+    assert full.resampling.separate_z
+
+
+def test_png_task_gets_a_2d_configuration_and_no_3d(planned):
+    plans = _plans(planned, "png-2d")
+    assert list(plans.configurations) == ["2d"] and plans.configurations["2d"].normalization[0].scheme == "rescale"
+
+
+def test_rerun_keeps_an_edited_plans_json_and_replan_replaces_it(planned, tmp_path: Path, capsys,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(compute, "measure_step", fake_measure())
+    data, original = planned["png-2d"]
+    work = tmp_path / "work"
+    shutil.copytree(original, work)
+    d = json.loads((work / PLANS_FILE).read_text())
+    d["configurations"]["2d"]["batch_size"] = 3
+    d["configurations"]["2d"]["schedule"]["steps"] = 12345
+    (work / PLANS_FILE).write_text(json.dumps(d, indent=2))
+    args = ["plan", str(data), "-w", str(work), *PLAN_ARGS]
+    capsys.readouterr()
+    assert run(["-q", *args]) == 0
+    assert "kept existing plans.json" in capsys.readouterr().out
+    kept = Plans.load(work / PLANS_FILE).configurations["2d"]
+    assert (kept.batch_size, kept.schedule.steps) == (3, 12345)
+    assert run(["-q", *args, "--replan"]) == 0
+    assert "kept existing" not in capsys.readouterr().out
+    assert Plans.load(work / PLANS_FILE).configurations["2d"].schedule.steps != 12345
+
+
+def test_rerun_with_a_broken_edit_is_one_clear_error(planned, tmp_path: Path, capsys):
+    data, original = planned["png-2d"]
+    work = tmp_path / "work"
+    shutil.copytree(original, work)
+    d = json.loads((work / PLANS_FILE).read_text())
+    d["configurations"]["2d"]["patch_size"] = [63, 64]
+    (work / PLANS_FILE).write_text(json.dumps(d))
+    assert run(["-q", "plan", str(data), "-w", str(work), *PLAN_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoseg: error: ") and "configurations.2d.patch_size" in err and len(err.splitlines()) == 1
