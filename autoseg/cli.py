@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the runs `autoseg plan` planned (or those asked for) inside the budget.\n"
                                    "A killed run resumes from its last checkpoint when the same command is run again;\n"
                                    "--extend continues finished runs with more budget. After each fold, its held-out\n"
-                                   "cases are predicted on full images and scored (runs/<config>/fold_<k>/validation).")
+                                   "cases are predicted on full images and scored (runs/<config>/fold_<k>/validation).\n"
+                                   "Checkpoints every 5 minutes; AUTOSEG_CHECKPOINT_EVERY_S=<seconds> sets another interval.")
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     _add_workdir(p)
     p.add_argument("--config", default=None, help="configuration to train (default: those in the plan's runs)")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from autoseg.trainlog import TrainLog
 
 RUNS_DIR = "runs"
 CHECKPOINT_EVERY_S = 300.0
+CHECKPOINT_ENV = "AUTOSEG_CHECKPOINT_EVERY_S"  # overrides the default interval (tests, preemptible machines)
 VALIDATION_BATCHES = 4
 ADAPT_AFTER_STEPS = 30
 
@@ -56,6 +58,30 @@ def cached_cases(workdir: Path | str, configuration: str) -> list[str]:
     if not ids:
         raise UserError(f"{folder}: no preprocessed cases; run `autoseg plan` first")
     return ids
+
+
+def default_checkpoint_every_s() -> float:
+    """Seconds between periodic checkpoints: ``$AUTOSEG_CHECKPOINT_EVERY_S`` when set, else 5 minutes. An
+    environment variable only supplies this default; the ``checkpoint_every_s`` argument wins."""
+    text = os.environ.get(CHECKPOINT_ENV, "").strip()
+    if not text:
+        return CHECKPOINT_EVERY_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{CHECKPOINT_ENV}={text!r}: expected a positive number of seconds")
+    return value
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files an atomic write leaves behind when the process is killed mid-write
+    (``.<name>.*.tmp``, ``.tmp-<name>``): a resumed run starts from a clean folder."""
+    stale = [p for pattern in (".*.tmp", ".tmp-*") for p in folder.rglob(pattern) if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def make_optimizer(cfg: Optimizer, model: nn.Module) -> torch.optim.Optimizer:
@@ -125,7 +151,7 @@ class Trainer:
     def __init__(self, workdir: Path | str, configuration: str, fold: int, *, plans: Plans | None = None,
                  seconds: float | None = None, steps: int | None = None, extend_s: float | None = None,
                  device: str | None = None, seed: int = 0, workers: int | None = None, progress: bool = True,
-                 checkpoint_every_s: float = CHECKPOINT_EVERY_S, splits_file: Path | str | None = None,
+                 checkpoint_every_s: float | None = None, splits_file: Path | str | None = None,
                  stop_after: int | None = None):
         self.workdir = Path(workdir)
         self.plans = plans or Plans.load(self.workdir / PLANS_FILE)
@@ -136,7 +162,8 @@ class Trainer:
         self.cfg = self.plans.configurations[configuration]
         self.seconds, self.steps, self.extend_s = seconds, steps, extend_s
         self.device, self.seed, self.workers, self.progress = device, seed, workers, progress
-        self.checkpoint_every_s, self.splits_file, self.stop_after = checkpoint_every_s, splits_file, stop_after
+        self.checkpoint_every_s = default_checkpoint_every_s() if checkpoint_every_s is None else checkpoint_every_s
+        self.splits_file, self.stop_after = splits_file, stop_after
         self.folder = run_folder(self.workdir, configuration, fold)
 
     # --- setup --------------------------------------------------------------------------------------
@@ -160,6 +187,9 @@ class Trainer:
         dist = DistContext.start(self.device)
         dev, cfg, plans = dist.device, self.cfg, self.plans
         train_ids, val_ids = self._split()
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest kernels once
+            torch.cuda.reset_peak_memory_stats(dev)
         torch.manual_seed(self.seed + 1000 * self.fold)
         model = build_network(cfg.network, plans.in_channels, plans.num_classes, cfg.ndim).to(dev)
         if cfg.channels_last:
@@ -182,10 +212,12 @@ class Trainer:
         model = dist.wrap(model)
         self.folder.mkdir(parents=True, exist_ok=True)
         log = TrainLog(self.folder, plans.class_names)
-        if dist.is_main:
-            log.truncate_after(start)
-
         per_rank = replace(cfg, batch_size=max(1, math.ceil(cfg.batch_size / dist.world)))
+        if dist.is_main:
+            remove_stale_temp_files(self.folder)
+            log.truncate_after(start)
+            self._say_layout(state, start, dist, per_rank.batch_size)
+        state.update(world=dist.world, batch_per_rank=per_rank.batch_size)
         maker = BatchMaker(self.workdir / PREPROCESSED_DIR / self.name, train_ids, per_rank,
                            seed=self.seed * 7919 + self.fold, ignore_label=plans.ignore_label)
         workers = default_workers() if self.workers is None else self.workers
@@ -198,6 +230,17 @@ class Trainer:
             loader.close()
         dist.stop()
         return result
+
+    def _say_layout(self, state: dict, start: int, dist: DistContext, per_rank: int) -> None:
+        """Under DDP, say how the batch is split; warn when a run resumes with another number of ranks
+        (its batches from here on differ from an uninterrupted run's)."""
+        if dist.world > 1:
+            print(f"{self.folder}: DDP over {dist.world} processes ({dist.backend}, {dist.device.type}): "
+                  f"batch {self.cfg.batch_size} = {dist.world} x {per_rank} per rank", flush=True)
+        before = state.get("world")
+        if start > 0 and before is not None and before != dist.world:
+            print(f"{self.folder}: resumed at step {start} with {dist.world} process(es), started with {before}: "
+                  "the batches differ from here on", flush=True)
 
     def _resume(self, model, optimizer, scaler) -> tuple[dict, int]:
         latest = self.folder / LATEST
@@ -227,7 +270,7 @@ class Trainer:
         bar = tqdm(total=total, initial=start, desc=f"train {self.name} fold {self.fold}", unit="step",
                    disable=not (self.progress and dist.is_main), dynamic_ncols=True)
         t_run, t_ckpt, elapsed0 = time.perf_counter(), time.perf_counter(), state["elapsed_s"]
-        losses, step, it = [], start, iter(loader)
+        losses, step, it, last_row = [], start, iter(loader), None
         fmt = (torch.channels_last_3d if cfg.ndim == 3 else torch.channels_last) if cfg.channels_last else None
         adapt_at = start + ADAPT_AFTER_STEPS if state.get("adapt") and start == 0 and state.get("budget_s") else None
         t_adapt = None
@@ -257,7 +300,7 @@ class Trainer:
                     scaler.update()
                 else:
                     optimizer.step()
-                losses.append(loss.item())
+                losses.append(loss.detach())  # no .item(): a GPU sync per step
                 step += 1
                 bar.update(1)
                 if step == start + 5:
@@ -268,10 +311,11 @@ class Trainer:
                     bar.total = state["total_steps"]
                 if step % cfg.schedule.val_every == 0 or step == state["total_steps"]:
                     dice = self._validate(model, val_maker, dist)
+                    mean_loss = dist.mean(torch.stack(losses).float().mean().item() if losses else float("nan"))
                     row = {"step": step, "elapsed_s": elapsed0 + time.perf_counter() - t_run, "lr": lr,
-                           "loss": float(np.mean(losses)) if losses else float("nan")}
+                           "loss": mean_loss}
                     row.update(self._dice_row(dice))
-                    losses = []
+                    losses, last_row = [], row
                     if dist.is_main:
                         log.append(row)
                         bar.set_postfix(loss=f"{row['loss']:.3f}", dice=f"{row['val_dice_mean']:.3f}")
@@ -287,6 +331,8 @@ class Trainer:
         bar.close()
         state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
         state["seconds_per_step"] = state["elapsed_s"] / max(step, 1)
+        if dev.type == "cuda":
+            state["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         finished = step >= state["total_steps"]
         state["finished"] = finished
         self._save(LATEST, model, optimizer, scaler, step, state, dist)
@@ -295,10 +341,13 @@ class Trainer:
         if dist.is_main:
             log.plot()
         result = self._result(state, step)
-        rows = log.rows()
+        # the last row this process computed; rank 0's log.csv otherwise (other ranks never read a file
+        # rank 0 may be appending to)
+        rows = [last_row] if last_row is not None else (log.rows() if dist.is_main else [])
         if rows:
             result.val_dice = {k[len("val_dice_"):]: float(v) for k, v in rows[-1].items()
-                               if k.startswith("val_dice_") and v not in ("", "nan")}
+                               if k.startswith("val_dice_") and v not in ("", "nan", None)
+                               and math.isfinite(float(v))}
         return result
 
     def _adapted_total(self, state: dict, step: int, seconds_per_step: float) -> int:

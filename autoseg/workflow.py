@@ -160,6 +160,7 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
     from autoseg.crossval import load_splits
     from autoseg.oof import predict_fold_validation
     from autoseg.plan.budget import format_duration, parse_duration
+    from autoseg.plan.compute import best_device
     from autoseg.train import Trainer, cached_cases
 
     work = resolve_workdir(dataset, workdir)
@@ -169,8 +170,10 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
         total = float(budget) if isinstance(budget, (int, float)) else parse_duration(budget)
         runs = [(c, k, total / len(runs)) for c, k, _ in runs]
     extend_s = None if extend is None else (float(extend) if isinstance(extend, (int, float)) else parse_duration(extend))
-    print(f"training {len(runs)} run(s): " + ", ".join(f"{c} fold {k} ({format_duration(s)})" for c, k, s in runs),
-          file=sys.stderr)
+    if trainer_is_main():
+        print(f"training {len(runs)} run(s): " + ", ".join(f"{c} fold {k} ({format_duration(s)})" for c, k, s in runs),
+              file=sys.stderr)
+    oof_device = device or best_device()  # where the run trained: a GPU run's held-out cases are predicted on it
     results = []
     for c, k, s in runs:
         trainer = Trainer(work, c, k, plans=plans, seconds=s, steps=steps, device=device, seed=seed, workers=workers,
@@ -182,7 +185,7 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
             summary_path = r.folder / "validation" / "summary.json"
             if not summary_path.is_file() or extend_s:
                 run.oof = predict_fold_validation(work, dataset, plans, c, k, val, r.folder,
-                                                  device=device or "cpu", progress=progress)
+                                                  device=oof_device, progress=progress)
             else:
                 import json
 

@@ -1,0 +1,145 @@
+"""DDP under torchrun: two CPU processes (gloo) train one run, split the batch, and only rank 0 writes.
+
+The launches are real ``python -m torch.distributed.run --standalone`` subprocesses running the trainer
+(fold 0, stopped after 2 of 4 steps) and then the ``autoseg train`` workflow for both folds: it resumes
+fold 0, trains fold 1 in the same processes (one process group for both runs), validates on rank 0 only
+and predicts the held-out cases on rank 0 only. A small script, written next to the data, records
+the size of every batch each rank drew and prints it as one ``RANK_REPORT`` line per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoseg.checkpoint import FINAL, LATEST, load_checkpoint
+from autoseg.fingerprint import extract_fingerprint
+from autoseg.nets import build_network
+from autoseg.plan import rules
+from autoseg.plan.model import Configuration, Network, Plans, Schedule
+from autoseg.preprocess import preprocess
+from autoseg.synth import generate
+from autoseg.train import run_folder
+
+CONFIG = "3d_fullres"
+LAUNCH_TIMEOUT_S = 240  # a hang (a collective only some ranks reach) fails the test instead of blocking it
+
+SCRIPT = '''
+import json, os, sys
+
+from autoseg import train
+from autoseg.workflow import train_dataset
+
+seen = []
+_make = train.RankBatches.make
+
+
+def make(self, step):
+    batch = _make(self, step)
+    seen.append(int(batch["data"].shape[0]))
+    return batch
+
+
+train.RankBatches.make = make
+mode, dataset, work, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if mode == "stop":
+    train.Trainer(work, "3d_fullres", 0, steps=steps, workers=0, progress=False, device="cpu", stop_after=2).fit()
+else:
+    train_dataset(dataset, work, fold="all", steps=steps, workers=0, progress=False, device="cpu")
+report = {"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]), "batches": seen}
+print("RANK_REPORT " + json.dumps(report), flush=True)
+'''
+
+
+def tiny_plans(fp, steps: int = 4) -> Plans:
+    """A hand-made plan (no planner measurements): a 3-stage U-Net of width 4 on 16^3 patches, batch 2."""
+    spacing = rules.target_spacing(fp)
+    net = Network("unet", [4, 8, 16], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [1, 1, 1], decoder_convs=1)
+    cfg = Configuration(name=CONFIG, ndim=3, spacing=spacing, median_shape=fp.median_cropped_shape,
+                        patch_size=[16, 16, 16], batch_size=2, normalization=rules.normalization(fp),
+                        resampling=rules.resampling(spacing), network=net,
+                        schedule=Schedule(steps=steps, val_every=2))
+    return Plans(fp.dataset_name, fp.dataset_hash, "test", {"type": "cpu"}, 60.0, {CONFIG: cfg},
+                 axis_order=[0, 1, 2], channel_names=fp.channel_names, labels=fp.labels,
+                 file_ending=fp.file_ending, folds=2)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> tuple[Path, Path, Plans]:
+    root = tmp_path_factory.mktemp("ddp")
+    ds = generate("mri-nested", root / "ds", size="tiny", seed=1)
+    fp = extract_fingerprint(ds, jobs=1)
+    work = root / "work"
+    plans = tiny_plans(fp)
+    plans.save(work / "plans.json")
+    preprocess(ds, work, plans, fp, jobs=1)
+    return ds, work, plans
+
+
+def torchrun(script: Path, *args: str | Path) -> tuple[str, list[dict]]:
+    """Run ``script`` in 2 CPU processes under torchrun; its output and the ranks' reports, by rank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(script), *map(str, args)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun hung for {LAUNCH_TIMEOUT_S}s (a deadlock between ranks?)\n{e.stdout}\n{e.stderr}")
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    reports = [json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("RANK_REPORT ")]
+    return out, sorted(reports, key=lambda r: r["rank"])
+
+
+def initial_weights(plans: Plans) -> dict[str, torch.Tensor]:
+    """The weights a fresh run starts from (the trainer seeds with seed + 1000 * fold before building)."""
+    cfg = plans.configurations[CONFIG]
+    torch.manual_seed(0)
+    return build_network(cfg.network, plans.in_channels, plans.num_classes, cfg.ndim).state_dict()
+
+
+def test_two_cpu_processes_split_the_batch_only_rank_0_writes_and_a_stopped_run_resumes(task, tmp_path):
+    """Also: two runs in one torchrun launch (fold 0 resumed, then fold 1) share one process group."""
+    ds, work, plans = task
+    script = tmp_path / "ddp_run.py"
+    script.write_text(SCRIPT)
+    folder = run_folder(work, CONFIG, 0)
+
+    out, reports = torchrun(script, "stop", ds, work, 4)
+    assert [r["rank"] for r in reports] == [0, 1] and all(r["world"] == 2 for r in reports), out
+    assert all(r["batches"] == [1, 1] for r in reports), reports  # batch 2 over 2 ranks: 1 each, 2 steps
+    assert out.count("batch 2 = 2 x 1 per rank") == 1, out  # said once: by rank 0 only
+    stopped = load_checkpoint(folder / LATEST)
+    assert stopped["step"] == 2 and not stopped["state"]["finished"]
+    assert stopped["state"]["world"] == 2 and stopped["state"]["batch_per_rank"] == 1
+    assert not (folder / FINAL).exists()
+
+    out, reports = torchrun(script, "resume", ds, work, 4)
+    assert all(r["batches"] == [1] * 6 for r in reports), reports  # fold 0 from step 2: 2 steps; fold 1: 4
+    final = load_checkpoint(folder / FINAL)
+    assert final["step"] == 4 and final["state"]["finished"] and final["state"]["world"] == 2
+
+    start, mid, end = initial_weights(plans), stopped["model"], final["model"]
+    assert start.keys() == end.keys()
+    assert all(torch.isfinite(v).all() for v in end.values())
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert any(not torch.equal(mid[k], end[k]) for k in mid)
+
+    # one writer: one row per validation step, no temporary files, held-out cases predicted once
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted([LATEST, FINAL, "log.csv", "curves.png", "validation"]), names
+    steps = [int(line.split(",")[0]) for line in (folder / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [2, 4], steps
+    summary = json.loads((folder / "validation" / "summary.json").read_text())
+    assert summary["fold"] == 0 and summary["cases"]
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+    fold1 = load_checkpoint(run_folder(work, CONFIG, 1) / FINAL)
+    assert fold1["step"] == 4 and fold1["state"]["batch_per_rank"] == 1
+    assert (run_folder(work, CONFIG, 1) / "validation" / "summary.json").is_file()
