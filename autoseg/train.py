@@ -272,7 +272,7 @@ class Trainer:
         t_run, t_ckpt, elapsed0 = time.perf_counter(), time.perf_counter(), state["elapsed_s"]
         losses, step, it, last_row = [], start, iter(loader), None
         fmt = (torch.channels_last_3d if cfg.ndim == 3 else torch.channels_last) if cfg.channels_last else None
-        adapt_at = start + ADAPT_AFTER_STEPS if state.get("adapt") and start == 0 and state.get("budget_s") else None
+        adapting = bool(state.get("adapt") and state.get("budget_s"))
         t_adapt = None
         try:
             while step < state["total_steps"]:
@@ -305,9 +305,12 @@ class Trainer:
                 bar.update(1)
                 if step == start + 5:
                     t_adapt = time.perf_counter()  # after warm-up: kernel selection, worker start
-                if adapt_at is not None and step == adapt_at and t_adapt is not None:
-                    state["total_steps"] = self._adapted_total(state, step, (time.perf_counter() - t_adapt) / (step - start - 5))
-                    state["total_steps"] = dist.broadcast_int(state["total_steps"])
+                if adapting and t_adapt is not None and (step == start + ADAPT_AFTER_STEPS
+                                                         or step % cfg.schedule.val_every == 0):
+                    now = time.perf_counter()
+                    rate = (now - t_adapt) / (step - start - 5)
+                    spent = elapsed0 + now - t_run
+                    state["total_steps"] = dist.broadcast_int(self._adapted_total(state, step, rate, spent))
                     bar.total = state["total_steps"]
                 if step % cfg.schedule.val_every == 0 or step == state["total_steps"]:
                     dice = self._validate(model, val_maker, dist)
@@ -350,12 +353,12 @@ class Trainer:
                                and math.isfinite(float(v))}
         return result
 
-    def _adapted_total(self, state: dict, step: int, seconds_per_step: float) -> int:
-        """Re-derive the total from this run's own speed (loader and validation included, roughly) so the
-        run spends its budget; the plan's measurement was of the bare network."""
-        overhead = 1.0 + 0.02 * VALIDATION_BATCHES  # validation costs a few forward passes per val_every
-        remaining = state["budget_s"] - state["elapsed_s"] - seconds_per_step * step
-        return max(step + 1, step + int(remaining / (seconds_per_step * overhead)))
+    def _adapted_total(self, state: dict, step: int, seconds_per_step: float, spent_s: float) -> int:
+        """Re-derive the total from this run's own speed (loader and validation included) so the run
+        spends its budget: the plan measured the bare network, and a shared machine's speed drifts.
+        Done after warm-up and again at every validation, so the poly schedule ends with the budget."""
+        remaining = state["budget_s"] - spent_s
+        return max(step + 1, step + int(remaining / max(seconds_per_step, 1e-6)))
 
     @torch.inference_mode()
     def _validate(self, model, val_maker, dist) -> np.ndarray:
