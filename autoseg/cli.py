@@ -135,6 +135,17 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(a: argparse.Namespace) -> int:
+    from autoseg.predict_inputs import SELECTION_FILE
+    from autoseg.select import select_model, selection_table
+    from autoseg.workdir import resolve_workdir
+
+    work = resolve_workdir(a.dataset, a.workdir)
+    print(selection_table(select_model(work, a.dataset, postprocessing=not a.no_postprocessing)))
+    print(f"wrote {work / SELECTION_FILE}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from autoseg.synth import SIZES, TASKS
 
@@ -204,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: from the CPU count)")
     p.add_argument("--splits", type=Path, default=None, help="a splits file (nnU-Net splits_final.json format)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("select", parents=[common], help="choose the model and post-processing from the CV outputs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score every trained configuration's out-of-fold predictions against the labels,\n"
+                                   "build ensembles by greedy forward selection and tune post-processing (largest\n"
+                                   "component, small-component removal, hole filling), each kept only if the mean\n"
+                                   "Dice rises and no class falls. Writes WORKDIR/selection.json, which `autoseg\n"
+                                   "predict` follows. `autoseg train` runs this at its end.")
+    p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
+    _add_workdir(p)
+    p.add_argument("--no-postprocessing", action="store_true", help="select the model only, no post-processing")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("predict", parents=[common], help="segment images with a trained model",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

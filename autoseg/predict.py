@@ -4,7 +4,8 @@ A case goes through the pipeline the out-of-fold validation uses (:mod:`autoseg.
 cross-validation numbers describe these outputs::
 
     read channels -> preprocess_case -> per fold: sliding-window logits -> softmax -> mean over folds
-    -> restore to the original array one class at a time (running argmax) -> write with the input's geometry
+    -> restore to the original array one class at a time (running argmax) -> post-processing rules
+    (:mod:`autoseg.postprocess`, tuned on the out-of-fold labels) -> write with the input's geometry
 
 >>> predictor = Predictor.from_workdir("autoseg_work/Dataset001_CT")            # doctest: +SKIP
 >>> seg, probs = predictor.predict_case(images, geometry, probabilities=True)   # doctest: +SKIP
@@ -40,6 +41,7 @@ from autoseg.errors import UserError
 from autoseg.io import Geometry, read_images, write_label
 from autoseg.nets import build_network
 from autoseg.plan.model import PLANS_FILE, Plans
+from autoseg.postprocess import apply_postprocessing, parse_rules
 from autoseg.predict_inputs import (
     InputCase,
     check_images,
@@ -119,7 +121,7 @@ class Predictor:
     def __init__(self, plans: Plans, configuration: str, weights: Sequence[Mapping[str, torch.Tensor]],
                  device: str | torch.device | None = None, *, folds: Sequence[int] | None = None,
                  mirror: str = "auto", overlap: float = 0.5, tile_batch: int | None = None,
-                 progress: bool = False):
+                 progress: bool = False, postprocessing: Sequence[Mapping[str, Any]] = ()):
         if configuration not in plans.configurations:
             raise UserError(f"plans.json has no configuration '{configuration}' "
                             f"(it has {', '.join(plans.configurations)})")
@@ -143,6 +145,7 @@ class Predictor:
         self._mirror_on: bool | None = {"on": True, "off": False}.get(mirror)
         self.mirror_note = "" if mirror == "auto" else f"mirroring {mirror} (--mirror {mirror})"
         self._models: list[torch.nn.Module] | None = None
+        self.postprocessing = parse_rules([dict(r) for r in postprocessing])  # applied to every label map
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -152,7 +155,9 @@ class Predictor:
 
         The configuration: ``configuration``, else the one ``WORKDIR/selection.json`` names, else the first
         of the plan's training runs. ``folds`` None means every fold trained so far (one is enough).
+        The post-processing rules ``selection.json`` tuned for that configuration are applied to its labels.
         """
+        from autoseg.select import load_postprocessing
         from autoseg.train import run_folder
 
         workdir = Path(workdir)
@@ -160,6 +165,7 @@ class Predictor:
         plans = with_resolved_normalization(plans, workdir)
         name = choose_configuration(workdir, plans, configuration)
         folds = trained_folds(workdir, name, folds)
+        options.setdefault("postprocessing", load_postprocessing(workdir, name))
         weights = [load_checkpoint(run_folder(workdir, name, k) / FINAL)["model"] for k in folds]
         return cls(plans, name, weights, device, folds=folds, **options)
 
@@ -225,6 +231,8 @@ class Predictor:
             better = p > best
             seg[better] = c
             np.maximum(best, p, out=best)
+        if self.postprocessing:
+            seg = apply_postprocessing(seg, self.postprocessing, prep.geometry.spacing)
         return seg, maps
 
     # --- mirroring decision --------------------------------------------------------------------------

@@ -191,6 +191,10 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
 
                 run.oof = json.loads(summary_path.read_text())
         results.append(run)
+    if any(r.finished for r in results) and trainer_is_main():
+        from autoseg.select import select_after_training
+
+        select_after_training(work, dataset)  # configuration, ensemble, post-processing -> selection.json
     return results
 
 

@@ -1,0 +1,267 @@
+"""Post-processing of label maps, tuned on the out-of-fold predictions and applied by ``autoseg predict``.
+
+A network makes local decisions; some errors are only visible globally: a speck of liver in the lung, a
+second kidney where there is one, a hole in a filled organ. Three rules fix those, each for the foreground
+union (all classes as one mask) or for one class:
+
+- ``largest_component``: keep the largest connected component, the rest becomes background;
+- ``remove_small``: components below ``min_mm3`` (or ``min_voxels``) become background; the candidate sizes
+  are fractions of the class's typical smallest component in the training labels (fingerprint: 5th
+  percentile volume over the components per case);
+- ``fill_holes``: background enclosed by one class becomes that class (other classes are left alone, so an
+  inner structure is never overwritten by the one around it).
+
+Components use full connectivity (26 in 3D, 8 in 2D), as the fingerprint counts them. Rules are data,
+kept in ``selection.json``, and run in order::
+
+    [{"rule": "largest_component", "classes": [1, 2]}, {"rule": "remove_small", "classes": [2], "min_mm3": 40.0},
+     {"rule": "fill_holes", "classes": [1]}]
+
+>>> seg = apply_postprocessing(seg, rules, spacing=(3.0, 0.8, 0.8))   # doctest: +SKIP
+
+**Tuning** (:func:`tune_postprocessing`) is greedy on the out-of-fold label maps: the rules are tried one
+group at a time (the alternatives of a group are the candidate sizes), and a candidate is kept only if
+the mean foreground Dice improves *and no class's mean Dice gets worse*: a rule that trades one class for
+another is refused, however good the trade looks on average.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import cc3d
+import numpy as np
+from scipy import ndimage
+
+from autoseg.errors import UserError
+
+RULES = ("largest_component", "remove_small", "fill_holes")
+SIZE_FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5)  # of a class's typical smallest component: remove_small candidates
+MIN_GAIN = 1e-9  # mean Dice must rise by more than float noise
+
+Rule = dict
+Counts = dict[int, tuple[int, int, int]]  # class -> (tp, fp, fn) of one case
+
+
+# --- rules ---------------------------------------------------------------------------------------------
+
+
+def parse_rules(rules: object, where: str = "post-processing rules") -> list[Rule]:
+    """Check rules read from JSON (``"class": c`` is accepted for ``"classes": [c]``); an error names ``where``."""
+    if not isinstance(rules, list):
+        raise UserError(f"{where}: post-processing must be a list of rules, not {type(rules).__name__}")
+    out = []
+    for i, r in enumerate(rules):
+        bad = f"{where}: rule {i} ({r!r})"
+        if not isinstance(r, dict) or r.get("rule") not in RULES:
+            raise UserError(f"{bad}: expected {{\"rule\": one of {', '.join(RULES)}, \"classes\": [...]}}")
+        r = dict(r)
+        if "class" in r:
+            r["classes"] = [r.pop("class")]
+        classes = r.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, int) and c > 0 for c in classes):
+            raise UserError(f"{bad}: 'classes' must be a non-empty list of foreground label values")
+        if r["rule"] == "fill_holes" and len(classes) != 1:
+            raise UserError(f"{bad}: fill_holes takes one class (the label the holes get)")
+        if r["rule"] == "remove_small" and not any(isinstance(r.get(k), (int, float)) for k in ("min_mm3", "min_voxels")):
+            raise UserError(f"{bad}: remove_small needs 'min_mm3' or 'min_voxels'")
+        out.append(r)
+    return out
+
+
+def connectivity(ndim: int) -> int:
+    return 26 if ndim == 3 else 8
+
+
+def _box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The mask's bounding box grown by one voxel (so hole filling sees the outside), or None when empty."""
+    box = []
+    for ax in range(mask.ndim):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        if idx.size == 0:
+            return None
+        box.append(slice(max(int(idx[0]) - 1, 0), min(int(idx[-1]) + 2, mask.shape[ax])))
+    return tuple(box)
+
+
+def min_voxels(rule: Rule, spacing: Sequence[float]) -> int:
+    """A remove_small rule's size in voxels at this spacing: components with fewer voxels are removed."""
+    if "min_voxels" in rule:
+        return int(math.ceil(rule["min_voxels"]))
+    return int(math.ceil(round(rule["min_mm3"] / float(np.prod(spacing)), 6)))
+
+
+def apply_rule(seg: np.ndarray, rule: Rule, spacing: Sequence[float]) -> np.ndarray:
+    """Apply one rule to ``seg`` in place (work is done inside the classes' bounding box) and return it."""
+    classes = rule["classes"]
+    mask = np.isin(seg, classes) if len(classes) > 1 else seg == classes[0]
+    box = _box(mask)
+    if box is None:
+        return seg
+    m, view = np.ascontiguousarray(mask[box]), seg[box]
+    conn = connectivity(seg.ndim)
+    if rule["rule"] == "largest_component":
+        view[m & ~cc3d.largest_k(m, k=1, connectivity=conn, binary_image=True).astype(bool)] = 0
+    elif rule["rule"] == "remove_small":
+        view[m & ~cc3d.dust(m, threshold=min_voxels(rule, spacing), connectivity=conn, in_place=False)] = 0
+    elif rule["rule"] == "fill_holes":
+        view[ndimage.binary_fill_holes(m) & (view == 0)] = classes[0]
+    else:
+        raise ValueError(f"unknown post-processing rule {rule['rule']!r}")
+    return seg
+
+
+def apply_postprocessing(seg: np.ndarray, rules: Sequence[Rule], spacing: Sequence[float]) -> np.ndarray:
+    """Apply ``rules`` (checked by :func:`parse_rules`) in order to a label map; ``spacing`` follows the
+    array's axes. Returns a new array."""
+    seg = np.array(seg, copy=True)
+    for rule in parse_rules(list(rules)):
+        apply_rule(seg, rule, spacing)
+    return seg
+
+
+def describe(rule: Rule, names: Mapping[int, str]) -> str:
+    """One readable line: ``remove_small tumour < 12.5 mm3``."""
+    who = "foreground" if len(rule["classes"]) > 1 else names.get(rule["classes"][0], str(rule["classes"][0]))
+    size = ""
+    if rule["rule"] == "remove_small":
+        size = f" < {rule['min_mm3']:.4g} mm3" if "min_mm3" in rule else f" < {rule['min_voxels']} voxels"
+    return f"{rule['rule']} {who}{size}"
+
+
+# --- scores from counts ----------------------------------------------------------------------------------
+
+
+def case_counts(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int], ignore: int | None = None) -> Counts:
+    """(tp, fp, fn) per class from one confusion matrix; voxels labelled ``ignore`` in ``ref`` are left out."""
+    if ignore is not None:
+        keep = ref != ignore
+        pred, ref = pred[keep], ref[keep]
+    n = int(max(pred.max(initial=0), ref.max(initial=0), max(classes, default=0))) + 1
+    conf = np.bincount(ref.ravel().astype(np.int64) * n + pred.ravel(), minlength=n * n).reshape(n, n)
+    return {c: (int(conf[c, c]), int(conf[:, c].sum() - conf[c, c]), int(conf[c].sum() - conf[c, c])) for c in classes}
+
+
+def mean_dice(counts: Sequence[Counts], classes: Sequence[int]) -> tuple[dict[int, float | None], float | None]:
+    """Mean Dice per class over cases (a class empty in both prediction and reference is left out, as in
+    :mod:`autoseg.metrics`; None when it is empty everywhere), and their mean over the classes."""
+    per_class: dict[int, float | None] = {}
+    for c in classes:
+        d = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in (k[c] for k in counts) if tp + fp + fn]
+        per_class[c] = float(np.mean(d)) if d else None
+    present = [v for v in per_class.values() if v is not None]
+    return per_class, (float(np.mean(present)) if present else None)
+
+
+def _worse(new: float | None, old: float | None) -> bool:
+    """A class is worse when its mean drops, or when it appears (as a false positive) where it was absent."""
+    if new is None:
+        return False
+    return old is None or new < old
+
+
+def acceptable(new: tuple[dict, float | None], old: tuple[dict, float | None]) -> bool:
+    """The tuning criterion: the mean improves and no class gets worse."""
+    if new[1] is None or (old[1] is not None and new[1] <= old[1] + MIN_GAIN):
+        return False
+    return not any(_worse(new[0][c], old[0][c]) for c in old[0])
+
+
+# --- tuning ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaseLabels:
+    """One case's out-of-fold label map and reference, cropped to where either has a label (plus a voxel),
+    which gives the same Dice and the same rule results as the full arrays for a fraction of the memory."""
+
+    id: str
+    pred: np.ndarray
+    ref: np.ndarray
+    spacing: tuple[float, ...]
+
+    @classmethod
+    def cropped(cls, id: str, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> CaseLabels:
+        box = _box((pred != 0) | (ref != 0))
+        if box is None:
+            box = tuple(slice(0, 1) for _ in pred.shape)
+        return cls(id, pred[box].copy(), ref[box].copy(), tuple(float(s) for s in spacing))
+
+
+def size_bases(fingerprint: object | None, classes: Sequence[int]) -> dict[int, float]:
+    """Typical smallest component per class in mm3: the 5th-percentile class volume over the median number of
+    components per case, from the fingerprint's class statistics (classes it lacks get none)."""
+    if fingerprint is None:
+        return {}
+    out = {}
+    for s in getattr(fingerprint, "classes", []):
+        if s.value in classes and s.cases_present and s.volume_mm3.get("p5", 0) > 0:
+            out[s.value] = float(s.volume_mm3["p5"]) / max(1.0, float(s.components_per_case.get("median", 1.0)))
+    return out
+
+
+def size_bases_from_references(cases: Sequence[CaseLabels], classes: Sequence[int]) -> dict[int, float]:
+    """:func:`size_bases` measured on the references at hand, for a workdir without a fingerprint."""
+    volumes: dict[int, list[float]] = {c: [] for c in classes}
+    components: dict[int, list[int]] = {c: [] for c in classes}
+    for case in cases:
+        for c in classes:
+            mask = case.ref == c
+            if mask.any():
+                volumes[c].append(int(mask.sum()) * float(np.prod(case.spacing)))
+                components[c].append(int(cc3d.connected_components(mask, connectivity=connectivity(mask.ndim),
+                                                                   return_N=True)[1]))
+    return {c: float(np.percentile(volumes[c], 5)) / max(1.0, float(np.median(components[c])))
+            for c in classes if volumes[c]}
+
+
+def candidate_groups(classes: Sequence[int], bases: Mapping[int, float]) -> list[list[Rule]]:
+    """The rules to try, in order; each group's alternatives compete and at most one of them is kept."""
+    groups: list[list[Rule]] = []
+    classes = sorted(classes)
+
+    def sizes(cs: list[int], base: float | None) -> list[Rule]:
+        if not base:
+            return []
+        return [{"rule": "remove_small", "classes": cs, "min_mm3": round(base * f, 6)} for f in SIZE_FRACTIONS]
+
+    if len(classes) > 1:
+        groups.append([{"rule": "largest_component", "classes": classes}])
+        groups.append(sizes(classes, min((bases[c] for c in classes if c in bases), default=None)))
+    for c in classes:
+        groups += [[{"rule": "largest_component", "classes": [c]}], sizes([c], bases.get(c)),
+                   [{"rule": "fill_holes", "classes": [c]}]]
+    return [g for g in groups if g]
+
+
+def tune_postprocessing(cases: Sequence[CaseLabels], classes: Sequence[int], ignore: int | None = None,
+                        bases: Mapping[int, float] | None = None,
+                        groups: Sequence[Sequence[Rule]] | None = None) -> tuple[list[Rule], list[dict]]:
+    """Choose rules greedily on out-of-fold label maps; returns (kept rules, one log entry per candidate).
+
+    Each candidate is applied on top of the rules kept so far; the best acceptable alternative of a group
+    (see :func:`acceptable`) is kept, so the final rules never lower any class's cross-validated Dice.
+    """
+    groups = candidate_groups(classes, bases or {}) if groups is None else groups
+    preds = [c.pred.copy() for c in cases]
+    score = mean_dice([case_counts(p, c.ref, classes, ignore) for p, c in zip(preds, cases)], classes)
+    kept: list[Rule] = []
+    log: list[dict] = []
+    for group in groups:
+        best = None
+        for rule in group:
+            trial = [apply_rule(p.copy(), rule, c.spacing) for p, c in zip(preds, cases)]
+            counts = [case_counts(p, c.ref, classes, ignore) for p, c in zip(trial, cases)]
+            new = mean_dice(counts, classes)
+            ok = acceptable(new, score)
+            log.append({"rule": rule, "before": score[1], "after": new[1], "class_after": new[0],
+                        "acceptable": ok, "kept": False})
+            if ok and (best is None or new[1] > best[1][1]):
+                best = (log[-1], new, trial)
+        if best is not None:
+            entry, score, preds = best
+            entry["kept"] = True
+            kept.append(entry["rule"])
+    return kept, log

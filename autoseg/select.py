@@ -1,0 +1,313 @@
+"""Model selection from out-of-fold predictions: which configuration, which ensemble, which post-processing.
+
+Every case of a trained fold's held-out set was predicted and stored at its original geometry
+(:mod:`autoseg.oof`); scoring those against the raw reference labels is the cross-validation estimate
+this stage compares models by (mean foreground Dice: mean over classes of the mean over cases).
+
+1. Each configuration is scored on the cases its folds predicted; the best single one is ranked on the
+   cases every configuration predicted (when they share any), so a run with fewer folds is not compared
+   on other cases.
+2. Greedy forward selection: starting from the best single configuration, the configuration whose
+   probabilities, averaged in, raise the mean Dice most is added, on the cases all members cover, as long
+   as the mean rises and no class's mean falls (the same rule as for post-processing, DESIGN §5).
+3. Post-processing rules are tuned on the chosen model's out-of-fold label maps
+   (:func:`autoseg.postprocess.tune_postprocessing`).
+
+The choice goes to ``WORKDIR/selection.json``; ``autoseg predict`` reads its ``configuration`` and applies
+its ``postprocessing``. Prediction runs one configuration (its folds ensembled), so ``postprocessing`` is
+tuned for ``configuration``; when the best ensemble has several configurations its own rules are kept
+apart in ``ensemble_postprocessing_tuning``.
+
+>>> selection = select_model("autoseg_work/Dataset001_Liver", "Dataset001_Liver")   # doctest: +SKIP
+>>> print(selection_table(selection))                                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.artifacts import header, write_json
+from autoseg.errors import UserError
+from autoseg.io import read_label
+from autoseg.postprocess import (
+    MIN_GAIN,
+    CaseLabels,
+    Counts,
+    acceptable,
+    case_counts,
+    describe,
+    mean_dice,
+    size_bases,
+    size_bases_from_references,
+    tune_postprocessing,
+)
+from autoseg.predict_inputs import SELECTION_FILE
+
+Members = tuple[str, ...]
+
+
+@dataclass
+class RunOutputs:
+    """The out-of-fold outputs of one configuration: case id -> the validation folder holding them."""
+
+    name: str
+    folds: list[int] = field(default_factory=list)
+    cases: dict[str, Path] = field(default_factory=dict)
+
+
+def find_oof(workdir: Path | str) -> dict[str, RunOutputs]:
+    """Configurations with at least one fold whose validation finished (its ``summary.json`` is written last)."""
+    from autoseg.oof import VALIDATION_DIR
+    from autoseg.train import RUNS_DIR
+
+    runs: dict[str, RunOutputs] = {}
+    for summary in sorted(Path(workdir, RUNS_DIR).glob(f"*/fold_*/{VALIDATION_DIR}/summary.json")):
+        folder, fold = summary.parent, summary.parent.parent.name[5:]
+        if not fold.isdigit():
+            continue
+        try:
+            case_ids = list(json.loads(summary.read_text())["cases"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{summary}: unreadable out-of-fold summary ({e}); delete the fold's validation "
+                            "folder and run `autoseg train` again") from e
+        run = runs.setdefault(folder.parent.parent.name, RunOutputs(folder.parent.parent.name))
+        run.folds.append(int(fold))
+        run.cases.update({c: folder for c in case_ids if (folder / f"{c}.npz").is_file()})
+    return {k: v for k, v in runs.items() if v.cases}
+
+
+class _Scorer:
+    """Per-case Dice counts of models (tuples of configurations), computed once and kept by case."""
+
+    def __init__(self, runs: dict[str, RunOutputs], refs: dict[str, Path], classes: list[int],
+                 ignore: int | None, ending: str):
+        self.runs, self.refs, self.classes, self.ignore, self.ending = runs, refs, classes, ignore, ending
+        self.counts: dict[Members, dict[str, Counts]] = {}
+
+    def cover(self, members: Iterable[str]) -> set[str]:
+        sets = [set(self.runs[m].cases) for m in members]
+        return set.intersection(*sets) & set(self.refs) if sets else set()
+
+    def reference(self, cid: str) -> tuple[np.ndarray, tuple[float, ...]]:
+        ref, geometry = read_label(self.refs[cid])
+        return ref, geometry.spacing
+
+    def probabilities(self, name: str, cid: str) -> np.ndarray:
+        with np.load(self.runs[name].cases[cid] / f"{cid}.npz") as f:
+            return f["probabilities"].astype(np.float32)
+
+    def labels(self, members: Members, cid: str, total: np.ndarray | None = None) -> np.ndarray:
+        """The model's label map: a single configuration's exported one, an ensemble's mean-probability argmax
+        (``total``: the members' summed probabilities when the caller has them)."""
+        if len(members) == 1 and total is None:
+            path = self.runs[members[0]].cases[cid] / f"{cid}{self.ending}"
+            if path.is_file():
+                return read_label(path)[0]
+        if total is None:
+            total = sum(self.probabilities(m, cid) for m in members)
+        return total.argmax(0).astype(np.uint8 if total.shape[0] <= 256 else np.uint16)
+
+    def _store(self, members: Members, cid: str, pred: np.ndarray, ref: np.ndarray) -> None:
+        if pred.shape != ref.shape:
+            raise UserError(f"{self.runs[members[-1]].cases[cid]}: out-of-fold prediction of {cid} has shape "
+                            f"{pred.shape}, its reference {self.refs[cid]} {ref.shape}; the dataset changed "
+                            "since training: delete the runs' validation folders and train again")
+        self.counts.setdefault(members, {})[cid] = case_counts(pred, ref, self.classes, self.ignore)
+
+    def score_singles(self, names: list[str]) -> None:
+        for cid in sorted(set().union(*(self.cover([n]) for n in names))):
+            ref, _ = self.reference(cid)
+            for n in names:
+                if cid in self.runs[n].cases:
+                    self._store((n,), cid, self.labels((n,), cid), ref)
+
+    def score_additions(self, ensemble: Members, candidates: list[str]) -> None:
+        """Count ``ensemble + (c,)`` for every candidate, loading each case's members once."""
+        for cid in sorted(self.cover(ensemble)):
+            todo = [c for c in candidates if cid in self.runs[c].cases and cid not in self.counts.get((*ensemble, c), {})]
+            if not todo:
+                continue
+            ref, _ = self.reference(cid)
+            base = sum(self.probabilities(m, cid) for m in ensemble)
+            for c in todo:
+                self._store((*ensemble, c), cid, self.labels((*ensemble, c), cid, base + self.probabilities(c, cid)), ref)
+
+    def score(self, members: Members, cases: Iterable[str]) -> tuple[dict[int, float | None], float | None]:
+        return mean_dice([self.counts[members][c] for c in sorted(cases)], self.classes)
+
+    def record(self, members: Members, names: dict[int, str]) -> dict:
+        cases = self.cover(members)
+        per_class, mean = self.score(members, cases)
+        folds = sorted({int(self.runs[m].cases[c].parent.name[5:]) for m in members for c in cases})
+        return {"members": list(members), "folds": folds, "cases": len(cases),
+                "mean_dice": {names[c]: v for c, v in per_class.items()}, "foreground_mean_dice": mean}
+
+
+def greedy_ensemble(scorer: _Scorer, names: list[str]) -> tuple[Members, list[dict]]:
+    """Best single configuration, then greedy forward additions; returns (members, one log entry per step)."""
+    scorer.score_singles(names)
+    common = scorer.cover(names)
+    ranked = {n: scorer.score((n,), common or scorer.cover([n]))[1] for n in names}
+    ensemble: Members = (max(names, key=lambda n: -1.0 if ranked[n] is None else ranked[n]),)
+    steps = [{"start": ensemble[0], "ranked_on_cases": len(common) if common else None, "scores": ranked}]
+    while True:
+        candidates = [n for n in names if n not in ensemble and scorer.cover((*ensemble, n))]
+        if not candidates:
+            break
+        scorer.score_additions(ensemble, candidates)
+        trials, best, gain = {}, None, 0.0
+        for c in candidates:
+            on = scorer.cover((*ensemble, c))
+            old, new = scorer.score(ensemble, on), scorer.score((*ensemble, c), on)
+            ok = acceptable(new, old)
+            trials[c] = {"cases": len(on), "before": old[1], "after": new[1], "acceptable": ok}
+            if ok and new[1] - old[1] > gain:
+                best, gain = c, new[1] - old[1]
+        steps.append({"ensemble": list(ensemble), "candidates": trials, "added": best})
+        if best is None or gain <= MIN_GAIN:
+            break
+        ensemble = (*ensemble, best)
+    return ensemble, steps
+
+
+def _tune(scorer: _Scorer, members: Members, fingerprint: object | None, names: dict[int, str]) -> dict:
+    """Post-processing rules for one model, with the log of every candidate tried."""
+    cases = []
+    for cid in sorted(scorer.cover(members)):
+        ref, spacing = scorer.reference(cid)
+        cases.append(CaseLabels.cropped(cid, scorer.labels(members, cid), ref, spacing))
+    bases = size_bases(fingerprint, scorer.classes) or size_bases_from_references(cases, scorer.classes)
+    rules, log = tune_postprocessing(cases, scorer.classes, scorer.ignore, bases)
+    before = log[0]["before"] if log else None
+    after = next((e["after"] for e in reversed(log) if e["kept"]), before)
+    return {"model": list(members), "rules": rules, "cases": len(cases),
+            "foreground_mean_dice_before": before, "foreground_mean_dice_after": after,
+            "tried": [{"rule": describe(e["rule"], names), "before": e["before"], "after": e["after"],
+                       "acceptable": e["acceptable"], "kept": e["kept"]} for e in log]}
+
+
+def select_model(workdir: Path | str, dataset_dir: Path | str, postprocessing: bool = True) -> dict:
+    """Score every configuration's out-of-fold outputs, pick the model and its post-processing, write
+    ``WORKDIR/selection.json`` and return its content. Works from one configuration with one fold."""
+    from autoseg.dataset import load_dataset
+    from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint
+    from autoseg.plan.model import PLANS_FILE, Plans
+
+    workdir = Path(workdir)
+    plans = Plans.load(workdir / PLANS_FILE)
+    runs = {k: v for k, v in find_oof(workdir).items() if k in plans.configurations}
+    if not runs:
+        raise UserError(f"{workdir}: no out-of-fold predictions (runs/<config>/fold_<k>/validation); "
+                        "run `autoseg train` first")
+    refs = {c.id: c.label for c in load_dataset(dataset_dir).cases("Tr") if c.label is not None and c.label.is_file()}
+    classes, names = sorted(plans.class_names), dict(plans.class_names)
+    scorer = _Scorer(runs, refs, classes, plans.ignore_label, plans.file_ending)
+    order = [r["configuration"] for r in plans.train_runs] + list(plans.configurations)
+    scored = sorted((n for n in runs if scorer.cover([n])), key=order.index)
+    if not scored:
+        raise UserError(f"{dataset_dir}: none of the out-of-fold cases in {workdir} has a reference label here; "
+                        "give the dataset the model was trained on")
+    ensemble, steps = greedy_ensemble(scorer, scored)
+    models = sorted(scorer.counts, key=lambda m: (len(m), [order.index(n) for n in m]))
+    cv = {"+".join(m): scorer.record(m, names) for m in models}
+    selection = {**header("selection"), "configuration": ensemble[0], "ensemble": list(ensemble),
+                 "classes": {str(c): n for c, n in names.items()}, "cv": cv, "greedy": steps,
+                 "postprocessing": [], "postprocessing_tuning": None}
+    if postprocessing:
+        fp = Fingerprint.load(workdir / FINGERPRINT_FILE) if (workdir / FINGERPRINT_FILE).is_file() else None
+        tuned = _tune(scorer, ensemble[:1], fp, names)
+        selection["postprocessing"], selection["postprocessing_tuning"] = tuned["rules"], tuned
+        if len(ensemble) > 1:
+            selection["ensemble_postprocessing_tuning"] = _tune(scorer, ensemble, fp, names)
+    write_json(_json_safe(selection), workdir / SELECTION_FILE)
+    return selection
+
+
+def load_postprocessing(workdir: Path | str, configuration: str) -> list[dict]:
+    """The rules ``selection.json`` tuned for ``configuration`` (none for another configuration or no file)."""
+    from autoseg.postprocess import parse_rules
+
+    path = Path(workdir) / SELECTION_FILE
+    if not path.is_file():
+        return []
+    try:
+        selection = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: unreadable ({e}); run `autoseg select` again or delete it") from e
+    if selection.get("configuration") != configuration:
+        return []
+    return parse_rules(selection.get("postprocessing", []), str(path))
+
+
+def _fmt(v: float | None) -> str:
+    return "   -  " if v is None else f"{v:6.3f}"
+
+
+def _verdict(tried: dict) -> str:
+    if tried["kept"]:
+        return "kept"
+    if tried["acceptable"]:
+        return "beaten by another size"
+    rose = tried["after"] is not None and (tried["before"] is None or tried["after"] > tried["before"])
+    return "refused: a class falls" if rose else "no gain"
+
+
+def selection_table(selection: dict) -> str:
+    """The choice as a readable table: per-model CV Dice, the greedy steps and the post-processing tried."""
+    names = list(selection["classes"].values())
+    chosen = "+".join(selection["ensemble"])
+    width = max(12, *(len(k) for k in selection["cv"]))
+    lines = ["out-of-fold mean Dice (foreground mean and per class)",
+             f"  {'model':<{width}} {'folds':>9} {'cases':>5}   mean " + " ".join(f"{n[:8]:>8}" for n in names)]
+    for key, r in selection["cv"].items():
+        folds = ",".join(map(str, r["folds"]))
+        mark = "  <- chosen" if key == chosen else ""
+        lines.append(f"  {key:<{width}} {folds:>9} {r['cases']:>5} {_fmt(r['foreground_mean_dice'])} "
+                     + " ".join(f"{_fmt(r['mean_dice'].get(n)):>8}" for n in names) + mark)
+    for step in selection["greedy"][1:]:
+        tried = ", ".join(f"+{c} {_fmt(t['before']).strip()}->{_fmt(t['after']).strip()} on {t['cases']}"
+                          + ("" if t["acceptable"] else " (refused)") for c, t in step["candidates"].items())
+        lines.append(f"  greedy from {'+'.join(step['ensemble'])}: {tried}; "
+                     + (f"added {step['added']}" if step["added"] else "stop"))
+    for key, label in (("postprocessing_tuning", selection["configuration"]),
+                       ("ensemble_postprocessing_tuning", chosen)):
+        pp = selection.get(key)
+        if not pp:
+            continue
+        lines.append(f"post-processing tuned for {label} ({len(pp['rules'])} rule(s) kept):")
+        lines += [f"  {_verdict(t):<22} {t['rule']:<36} {_fmt(t['before']).strip()} -> {_fmt(t['after']).strip()}"
+                  for t in pp["tried"]]
+    if len(selection["ensemble"]) > 1:
+        lines.append(f"best ensemble: {chosen}; `autoseg predict` runs one configuration: {selection['configuration']}")
+    lines.append(f"predict uses {selection['configuration']} with {len(selection['postprocessing'])} "
+                 "post-processing rule(s)")
+    return "\n".join(lines)
+
+
+def _json_safe(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def select_after_training(workdir: Path | str, dataset_dir: Path | str) -> dict | None:
+    """What ``autoseg train`` runs at its end: select and print the choice. A selection that cannot be made
+    (e.g. the references moved) is reported, not raised: the trained runs stand and ``autoseg select`` redoes it."""
+    try:
+        selection = select_model(workdir, dataset_dir)
+    except UserError as e:
+        print(f"autoseg: model selection skipped: {e}", file=sys.stderr)
+        return None
+    print(selection_table(selection))
+    print(f"wrote {Path(workdir) / SELECTION_FILE}")
+    return selection

@@ -1,0 +1,194 @@
+"""Selection from out-of-fold outputs: greedy ensembles on probabilities built so the answer is known,
+selection.json round trip, the CLI, and ``autoseg predict`` applying the tuned rules.
+
+The workdirs are written by hand (plans.json, runs/<config>/fold_<k>/validation/) so no training is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoseg.cli import run
+from autoseg.io import Geometry, read_label, write_image, write_label
+from autoseg.plan.model import Configuration, Network, Normalization, Plans, Resampling
+from autoseg.postprocess import apply_postprocessing
+from autoseg.predict_inputs import SELECTION_FILE, choose_configuration
+from autoseg.select import load_postprocessing, select_after_training, select_model, selection_table
+
+SHAPE = (6, 8, 8)
+GEOM = Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel().tolist()))
+LABELS = {"background": 0, "organ": 1}
+
+
+def _reference(i: int) -> np.ndarray:
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[1:5, 2 + i % 2:6, 1:7] = 1
+    return ref
+
+
+def write_dataset(root: Path, cases: int = 4) -> Path:
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(cases):
+        write_image(np.zeros(SHAPE, np.float32), GEOM, root / "imagesTr" / f"case{i}_0000.nii.gz")
+        write_label(_reference(i), GEOM, root / "labelsTr" / f"case{i}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "labels": LABELS,
+                                                   "numTraining": cases, "file_ending": ".nii.gz"}))
+    return root
+
+
+def write_plans(work: Path, names: list[str]) -> Plans:
+    k, s = [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2]]
+    configs = {n: Configuration(name=n, ndim=3, spacing=[2.0, 1.0, 1.0], median_shape=list(SHAPE),
+                                patch_size=[4, 8, 8], batch_size=2, normalization=[Normalization()],
+                                resampling=Resampling(), network=Network("unet", [4, 8], k, s, [1, 1], 1))
+               for n in names}
+    plans = Plans("Tiny", "hash", "test", {"type": "cpu"}, 60.0, configs, axis_order=[0, 1, 2],
+                  channel_names=["MRI"], labels=LABELS, file_ending=".nii.gz", folds=2,
+                  train_runs=[{"configuration": n, "fold": 0, "seconds": 1.0} for n in names])
+    plans.save(work / "plans.json")
+    return plans
+
+
+def write_oof(work: Path, name: str, fold: int, probs: dict[str, np.ndarray]) -> None:
+    """One fold's validation outputs: foreground probability maps -> npz, argmax label map, summary.json."""
+    folder = work / "runs" / name / f"fold_{fold}" / "validation"
+    folder.mkdir(parents=True)
+    for cid, p1 in probs.items():
+        p = np.stack([1 - p1, p1]).astype(np.float16)
+        np.savez_compressed(folder / f"{cid}.npz", probabilities=p)
+        write_label(p.argmax(0).astype(np.uint8), GEOM, folder / f"{cid}.nii.gz")
+    (folder / "summary.json").write_text(json.dumps({"cases": {c: {} for c in probs}}))
+
+
+def complementary(i: int, half: int) -> np.ndarray:
+    """Confident (0.9) on one half of the organ, hesitant-wrong (0.45) on the other: two of these with
+    opposite halves are each half right, and their mean is right everywhere."""
+    ref = _reference(i).astype(np.float32)
+    p = ref * 0.9
+    p[:, :, 4:] = np.where(ref[:, :, 4:] > 0, 0.45, 0.0) if half == 0 else p[:, :, 4:]
+    p[:, :, :4] = np.where(ref[:, :, :4] > 0, 0.45, 0.0) if half == 1 else p[:, :, :4]
+    return p
+
+
+@pytest.fixture
+def three_configs(tmp_path: Path) -> tuple[Path, Path]:
+    """``a`` and ``b`` complement each other (and tie: the plan's order puts ``a`` first); ``bad`` is confidently
+    wrong everywhere and has fold 0 only."""
+    ds = write_dataset(tmp_path / "Dataset001_Tiny")
+    work = tmp_path / "work"
+    work.mkdir()
+    write_plans(work, ["a", "b", "bad"])
+    folds = {0: ["case0", "case1"], 1: ["case2", "case3"]}
+    for k, ids in folds.items():
+        write_oof(work, "a", k, {c: complementary(int(c[-1]), 0) for c in ids})
+        write_oof(work, "b", k, {c: complementary(int(c[-1]), 1) for c in ids})
+    write_oof(work, "bad", 0, {c: 1.0 - _reference(int(c[-1])) for c in folds[0]})
+    return ds, work
+
+
+def test_greedy_adds_the_complementary_configuration_and_rejects_the_bad_one(three_configs):
+    ds, work = three_configs
+    sel = select_model(work, ds, postprocessing=False)
+    assert sel["ensemble"] == ["a", "b"] and sel["configuration"] == "a"
+    assert sel["cv"]["a+b"]["foreground_mean_dice"] == pytest.approx(1.0)
+    assert sel["cv"]["a"]["foreground_mean_dice"] < 0.8 and sel["cv"]["b"]["foreground_mean_dice"] < 0.8
+    first, second = sel["greedy"][1], sel["greedy"][2]
+    assert first["added"] == "b" and first["candidates"]["bad"]["after"] < first["candidates"]["bad"]["before"]
+    assert first["candidates"]["bad"]["cases"] == 2  # compared on the cases all members cover: bad has fold 0 only
+    assert second["added"] is None and not second["candidates"]["bad"]["acceptable"]
+    assert sel["cv"]["a"]["cases"] == 4 and sel["cv"]["a"]["folds"] == [0, 1] and sel["cv"]["a+bad"]["folds"] == [0]
+    assert "a+b" in selection_table(sel) and "<- chosen" in selection_table(sel)
+
+
+def test_one_configuration_with_one_fold_is_selected_without_ensembling(tmp_path):
+    ds = write_dataset(tmp_path / "Dataset001_Tiny")
+    work = tmp_path / "work"
+    work.mkdir()
+    write_plans(work, ["only"])
+    write_oof(work, "only", 0, {"case1": _reference(1).astype(np.float32)})
+    sel = select_model(work, ds)
+    assert sel["configuration"] == "only" and sel["ensemble"] == ["only"] and list(sel["cv"]) == ["only"]
+    assert sel["cv"]["only"]["cases"] == 1 and sel["cv"]["only"]["mean_dice"]["organ"] == 1.0
+    assert sel["postprocessing"] == []  # nothing to improve on a perfect prediction
+
+
+def test_selection_json_round_trips_and_predict_reads_it(three_configs):
+    ds, work = three_configs
+    sel = select_model(work, ds)
+    on_disk = json.loads((work / SELECTION_FILE).read_text())
+    assert on_disk == json.loads(json.dumps(sel))
+    plans = Plans.load(work / "plans.json")
+    assert choose_configuration(work, plans, None) == "a"
+    assert load_postprocessing(work, "a") == on_disk["postprocessing"]
+    assert load_postprocessing(work, "b") == []  # rules tuned for another model are not applied
+
+
+def test_postprocessing_is_tuned_on_the_selected_model(tmp_path):
+    """A false-positive speck in every case of the only configuration: the tuner removes it."""
+    ds = write_dataset(tmp_path / "Dataset001_Tiny")
+    work = tmp_path / "work"
+    work.mkdir()
+    write_plans(work, ["c"])
+    probs = {}
+    for i in range(4):
+        p = _reference(i).astype(np.float32)
+        p[5, 7, i] = 1.0  # a speck apart from the organ
+        probs[f"case{i}"] = p
+    write_oof(work, "c", 0, probs)
+    sel = select_model(work, ds)
+    assert {"rule": "largest_component", "classes": [1]} in sel["postprocessing"]
+    tuning = sel["postprocessing_tuning"]
+    assert tuning["foreground_mean_dice_after"] == 1.0 > tuning["foreground_mean_dice_before"]
+
+
+def test_cli_select_prints_the_table(three_configs, capsys):
+    ds, work = three_configs
+    assert run(["select", str(ds), "-w", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "a+b" in out and "predict uses a" in out and (work / SELECTION_FILE).is_file()
+
+
+def test_selection_after_training_reports_instead_of_failing(tmp_path, capsys):
+    ds = write_dataset(tmp_path / "Dataset001_Tiny")
+    work = tmp_path / "work"
+    work.mkdir()
+    write_plans(work, ["c"])
+    assert select_after_training(work, ds) is None
+    assert "no out-of-fold predictions" in capsys.readouterr().err
+    with pytest.raises(Exception, match="no out-of-fold predictions"):
+        run(["select", str(ds), "-w", str(work), "--debug"])
+
+
+def test_predict_applies_the_rules_of_selection_json(tmp_path):
+    """End to end through ``autoseg.predict.predict`` with random-init folds: the written labels are the raw
+    prediction with the rules applied (here: remove every foreground component below a huge size)."""
+    from autoseg.checkpoint import FINAL, save_checkpoint
+    from autoseg.nets import build_network
+    from autoseg.predict import Predictor, predict
+    from autoseg.train import run_folder
+
+    work = tmp_path / "work"
+    work.mkdir()
+    plans = write_plans(work, ["c"])
+    cfg = plans.configurations["c"]
+    torch.manual_seed(0)
+    net = build_network(cfg.network, 1, plans.num_classes, 3)
+    run_folder(work, "c", 0).mkdir(parents=True)
+    save_checkpoint(run_folder(work, "c", 0) / FINAL, net, torch.optim.SGD(net.parameters(), lr=0.1), None, 1, {})
+    image = np.random.default_rng(0).normal(0, 1, SHAPE).astype(np.float32)
+    write_image(image, GEOM, tmp_path / "in" / "x_0000.nii.gz")
+
+    raw = Predictor.from_workdir(work, mirror="off").predict_case(image[None], GEOM)[0]
+    rules = [{"rule": "remove_small", "classes": [1], "min_voxels": SHAPE[0] * SHAPE[1] * SHAPE[2] + 1}]
+    (work / SELECTION_FILE).write_text(json.dumps({"configuration": "c", "postprocessing": rules}))
+    predict(work, tmp_path / "in", tmp_path / "out", mirror="off", progress=False)
+    written, _ = read_label(tmp_path / "out" / "x.nii.gz")
+    assert raw.any() and not written.any()
+    assert np.array_equal(written, apply_postprocessing(raw, rules, GEOM.spacing))
+    assert Predictor.from_workdir(work, configuration="c").postprocessing == rules
