@@ -132,6 +132,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print(f"autoseg evaluate: warning: {w}", file=sys.stderr)
     print("\n".join(summary_lines(result)))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
+    if a.report:
+        from autoseg.report import REPORT_FILE, write_report
+
+        html = write_report(result, a.pred_dir, a.ref_dir, out.parent / REPORT_FILE, a.images, a.workdir)
+        print(f"wrote {html}")
     return 0
 
 
@@ -268,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metrics JSON file; the CSV goes beside it (default: PRED_DIR/metrics.json)")
     p.add_argument("--nsd-tolerance", default=None, metavar="MM|NAME=MM,...",
                    help="NSD tolerance in mm, for all classes or per class (default: the largest voxel spacing)")
+    p.add_argument("--report", action="store_true",
+                   help="also write report.html beside the metrics: tables, overlays of the best, median and worst cases")
+    p.add_argument("--images", type=Path, default=None, metavar="DIR",
+                   help="the cases' images (CASE_0000<ending>) for the report's overlays (default: label maps only)")
+    p.add_argument("--workdir", type=Path, default=None, metavar="W",
+                   help="a workdir whose runs' training curves go into the report")
     _add_jobs(p)
     p.set_defaults(func=cmd_evaluate)
 
