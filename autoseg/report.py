@@ -87,13 +87,19 @@ def _masks(arr: np.ndarray, classes: dict) -> dict[str, np.ndarray]:
     return {name: np.isin(arr, v if isinstance(v, list) else [v]) for name, v in classes.items()}
 
 
-def _slices(ref_fg: np.ndarray, pred_fg: np.ndarray) -> list[tuple[str, tuple, int, int]]:
+def _slices(ref_fg: np.ndarray, pred_fg: np.ndarray, n_classes: np.ndarray) -> list[tuple[str, tuple, int, int]]:
     """(label, index, row axis, column axis): the 2D map itself, or for 3D the axial slice with the most
-    reference foreground (prediction's if the reference is empty) and the coronal slice through its centre."""
+    reference foreground (prediction's if the reference is empty; ties: the most classes present, then the
+    middle one) and the coronal slice through its centre."""
     if ref_fg.ndim == 2:
         return [("", (slice(None), slice(None)), 0, 1)]
     fg = ref_fg if ref_fg.any() else pred_fg
-    z = int(np.argmax(fg.sum(axis=(1, 2)))) if fg.any() else ref_fg.shape[0] // 2
+    z = ref_fg.shape[0] // 2
+    if fg.any():
+        counts = fg.sum(axis=(1, 2))
+        ties = np.flatnonzero(counts == counts.max())
+        ties = ties[n_classes[ties] == n_classes[ties].max()]
+        z = int(ties[len(ties) // 2])
     ys = np.nonzero(fg[z])[0]
     y = int(np.median(ys)) if ys.size else ref_fg.shape[1] // 2
     return [(f"axial z={z}", (z, slice(None), slice(None)), 1, 2),
@@ -117,8 +123,10 @@ def overlay_png(ref: np.ndarray, pred: np.ndarray, geometry: Geometry, classes: 
         lo, hi = np.percentile(image, (1, 99))
         background, vmin, vmax = image, float(lo), float(hi) if hi > lo else float(lo) + 1.0
     else:
-        background, vmin, vmax = ref.astype(np.float32), 0.0, float(max(ref.max(initial=0), 1))
-    views = _slices(any_ref, any_pred)
+        # labels in dark to mid grey, so every contour colour stands out
+        background, vmin, vmax = ref.astype(np.float32), 0.0, 2.0 * float(max(ref.max(initial=0), 1))
+    n_classes = sum((m.any(axis=tuple(range(1, m.ndim))) for m in ref_m.values()), np.zeros(ref.shape[0], int))
+    views = _slices(any_ref, any_pred, n_classes)
     fig, axes = plt.subplots(1, len(views), figsize=(5.5 * len(views), 5.2), squeeze=False)
     for ax, (label, index, ra, ca) in zip(axes[0], views):
         sy, sx = geometry.spacing[ra], geometry.spacing[ca]
