@@ -41,10 +41,14 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
 
     from autoseg.plan.budget import parse_duration
     from autoseg.plan.make import make_plans
+    from autoseg.plan.registry import get_planner
     from autoseg.preprocess import preprocess
     from autoseg.validate import validate_dataset
 
     work = resolve_workdir(dataset, workdir)
+    # arguments first: a typo in --budget or --planner should not wait for the dataset to be read
+    budget_s = None if budget is None else parse_duration(budget)
+    get_planner(planner)
     timings = {}
     t = time.perf_counter()
     problems = validate_dataset(dataset, jobs=jobs, progress=progress)
@@ -59,7 +63,6 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
 
     t = time.perf_counter()
     plans_path = work / PLANS_FILE
-    budget_s = None if budget is None else (float(budget) if isinstance(budget, (int, float)) else parse_duration(budget))
     plans, replanned = None, True
     if plans_path.is_file() and not replan:
         existing = Plans.load(plans_path)
