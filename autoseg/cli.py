@@ -7,6 +7,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -151,6 +152,38 @@ def cmd_select(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(a: argparse.Namespace) -> int:
+    from autoseg.bundle import pack_bundle
+
+    print(f"wrote {pack_bundle(a.workdir, a.output, configuration=a.config)}")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from autoseg.bundle import load_bundle
+
+    b = load_bundle(a.bundle)
+    print(json.dumps(b.manifest, indent=2) if a.json else b.card, end="\n" if a.json else "")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from autoseg.bundle import verify_bundle
+
+    print(verify_bundle(a.bundle))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from autoseg.export import export_bundle
+
+    if a.onnx is None and a.torchscript is None:
+        raise UserError("autoseg export: give --onnx DIR and/or --torchscript DIR")
+    for line in export_bundle(a.bundle, onnx_dir=a.onnx, torchscript_dir=a.torchscript, check=not a.no_check):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from autoseg.synth import SIZES, TASKS
 
@@ -236,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", parents=[common], help="segment images with a trained model",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Segment every case of INPUT (a folder of CASE_XXXX<ending> files, one per channel,\n"
-                                   "or one file) with the trained folds in MODEL (a workdir), averaging their\n"
-                                   "probabilities. Each case is written as OUTPUT/CASE<ending> with the input's\n"
+                                   "or one file) with the trained folds in MODEL (a workdir or a .autoseg bundle),\n"
+                                   "averaging their probabilities. Each case is written as OUTPUT/CASE<ending> with\n"
+                                   "the input's "
                                    "spacing, origin and direction. A case that does not fit the model gets one error\n"
                                    "line and the others are still predicted (exit code 2 at the end).")
     p.add_argument("model", type=Path, metavar="MODEL")
@@ -281,6 +315,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a workdir whose runs' training curves go into the report")
     _add_jobs(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bundle", parents=[common], help="pack a trained workdir into one shareable file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write the selected model of WORKDIR (plans, post-processing, the weights of its\n"
+                                   "trained folds as safetensors, CV metrics, a model card) into one zip with a\n"
+                                   "checksummed manifest; nothing in it is pickled or runs on load. `autoseg train`\n"
+                                   "writes WORKDIR/model.autoseg at its end; `autoseg predict FILE IN OUT` uses it.")
+    p.add_argument("workdir", type=Path, metavar="WORKDIR")
+    p.add_argument("-o", "--output", type=Path, default=None, help="bundle file (default: WORKDIR/model.autoseg)")
+    p.add_argument("--config", default=None, help="configuration (default: WORKDIR/selection.json's)")
+    p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("info", parents=[common], help="print a bundle's model card",
+                       description="Verify a bundle and print its model card: what it segments, its input channels, "
+                                   "labels and cross-validation Dice.")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("--json", action="store_true", help="print the manifest instead")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", parents=[common], help="check a bundle's checksums, format and contents",
+                       description="Check every member of a bundle against its manifest (sha256), refuse pickles, "
+                                   "escaping paths, unknown format versions and damaged files. Exit code 0 when "
+                                   "it is sound, 2 with the reason otherwise.")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export", parents=[common], help="export a bundle's networks to ONNX or TorchScript",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write each fold's network (input: preprocessed image batch (N, C, *spatial),\n"
+                                   "spatial sizes dynamic; output: logits) with the plans and post-processing JSON\n"
+                                   "needed around it, and check the result against PyTorch on random input\n"
+                                   "(ONNX: with onnxruntime, `pip install autoseg[onnx]`).")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("--onnx", type=Path, default=None, metavar="DIR", help="write ONNX models to DIR")
+    p.add_argument("--torchscript", type=Path, default=None, metavar="DIR", help="write TorchScript models to DIR")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
+    p.set_defaults(func=cmd_export)
 
     tasks = "\n".join(f"  {name:<12} {t.description}" for name, t in TASKS.items())
     p = sub.add_parser("synth", parents=[common], help="generate a synthetic dataset (nnU-Net v2 layout)",

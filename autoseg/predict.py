@@ -380,12 +380,17 @@ def predict(model: Path | str, input: Path | str, output: Path | str, *, configu
             folds: Sequence[int] | None = None, device: str | None = None, mirror: str = "auto",
             overlap: float = 0.5, tile_batch: int | None = None, save_probabilities: bool = False,
             jobs: int = 1, progress: bool = True, report: Callable[[str], None] | None = None) -> PredictionSummary:
-    """``autoseg predict MODEL INPUT OUTPUT``: MODEL is a workdir (plans.json + runs/); see
-    :meth:`Predictor.predict_files` for INPUT and OUTPUT."""
+    """``autoseg predict MODEL INPUT OUTPUT``: MODEL is a workdir (plans.json + runs/) or a bundle file
+    (``model.autoseg``, :mod:`autoseg.bundle`); see :meth:`Predictor.predict_files` for INPUT and OUTPUT."""
     model = Path(model)
-    if not (model / PLANS_FILE).is_file():
-        raise UserError(f"{model}: not a workdir (no {PLANS_FILE}); give the folder `autoseg plan` and "
-                        "`autoseg train` wrote to")
-    predictor = Predictor.from_workdir(model, configuration, folds, device, mirror=mirror, overlap=overlap,
-                                       tile_batch=tile_batch, progress=progress)
+    options = dict(mirror=mirror, overlap=overlap, tile_batch=tile_batch, progress=progress)
+    if model.is_file():
+        from autoseg.bundle import load_bundle
+
+        predictor = load_bundle(model).predictor(configuration, folds, device, **options)
+    elif not (model / PLANS_FILE).is_file():
+        raise UserError(f"{model}: not a workdir (no {PLANS_FILE}) nor a bundle file; give the folder `autoseg "
+                        "plan` and `autoseg train` wrote to, or its model.autoseg")
+    else:
+        predictor = Predictor.from_workdir(model, configuration, folds, device, **options)
     return predictor.predict_files(input, output, save_probabilities=save_probabilities, jobs=jobs, report=report)

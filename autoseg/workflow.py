@@ -198,6 +198,9 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
         from autoseg.select import select_after_training
 
         select_after_training(work, dataset)  # configuration, ensemble, post-processing -> selection.json
+        from autoseg.bundle import bundle_after_training
+
+        bundle_after_training(work)  # -> WORKDIR/model.autoseg, the file to share
     return results
 
 

@@ -1,0 +1,67 @@
+"""The model card: a short Markdown page in the bundle (``README.md``) saying what the model segments,
+what it takes as input and how well it did in cross-validation. Written from the manifest at packing time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autoseg.plan.model import Plans
+
+
+def _dice(v: object) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+
+def model_card(manifest: dict[str, Any], plans: Plans) -> str:
+    from autoseg.postprocess import describe
+
+    contract, name = manifest["input"], manifest["configuration"]
+    cfg = plans.configurations[name]
+    names = plans.class_names
+    classes = ", ".join(names[c] for c in sorted(names)) or "no foreground class"
+    channels = contract["channels"]
+    folds = manifest["configurations"][name]["folds"]
+    lines = [f"# autoseg model: {manifest['dataset']}", "",
+             f"Segments {classes} in {contract['ndim'] or '?'}D images ({contract['file_ending']}, "
+             f"{len(channels)} channel{'s' if len(channels) != 1 else ''}).", "",
+             "## Input", "",
+             f"One file per channel, in this order (a single-channel model also takes `CASE{contract['file_ending']}`):",
+             "", "| channel | name | file |", "|---|---|---|"]
+    lines += [f"| {c['index']} | {c['name']} | `{c['file']}` |" for c in channels]
+    lines += ["", "## Labels", "", "| value | name |", "|---|---|"]
+    lines += [f"| {v} | {k} |" for k, v in contract["labels"].items()]
+    rules = manifest["postprocessing"]
+    lines += ["", "## Model", "",
+              f"- configuration `{name}`: {cfg.network.family}, {cfg.ndim}D, patch "
+              f"{'x'.join(map(str, cfg.patch_size))}, spacing {', '.join(f'{s:.3g}' for s in cfg.spacing)} mm",
+              f"- folds {', '.join(map(str, folds))} (probabilities averaged)",
+              "- post-processing: " + ("; ".join(describe(r, names) for r in rules) if rules else "none")]
+    if len(manifest.get("ensemble", [])) > 1:
+        lines.append(f"- best cross-validation ensemble: {' + '.join(manifest['ensemble'])} "
+                     "(`autoseg predict` runs the first)")
+    lines += ["", "## Cross-validation (out-of-fold Dice)", ""]
+    selected = manifest["cv"].get("selection", {}).get(name)
+    per_fold = manifest["cv"].get("folds", {}).get(name, {})
+    class_names = [names[c] for c in sorted(names)]
+    if selected or per_fold:
+        lines += ["| | " + " | ".join(class_names) + " | foreground mean | cases |",
+                  "|---" * (len(class_names) + 3) + "|"]
+        if selected:
+            lines.append(f"| folds {','.join(map(str, selected.get('folds', [])))} | "
+                         + " | ".join(_dice(selected["mean_dice"].get(n)) for n in class_names)
+                         + f" | {_dice(selected.get('foreground_mean_dice'))} | {selected.get('cases', '-')} |")
+        for k, m in per_fold.items():
+            lines.append(f"| fold {k} | " + " | ".join(_dice(m["mean_dice"].get(n)) for n in class_names)
+                         + f" | {_dice(m.get('foreground_mean_dice'))} | {m.get('cases', '-')} |")
+        if selected:
+            lines.append("")
+            after = manifest["cv"].get("postprocessed")
+            lines.append("Scores are before post-processing" + (f"; with it the foreground mean is {_dice(after)}."
+                                                                 if after is not None else "."))
+    else:
+        lines.append("No cross-validation results were available when the bundle was made.")
+    lines += ["", "## Use", "", "```", "autoseg predict model.autoseg INPUT_DIR OUTPUT_DIR", "```", "",
+              f"Made {manifest['created']} with autoseg {manifest['autoseg_version']}, torch "
+              f"{manifest['torch_version']}, numpy {manifest['numpy_version']}; bundle format "
+              f"{manifest['format_version']}.", ""]
+    return "\n".join(lines)

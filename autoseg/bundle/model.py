@@ -1,0 +1,135 @@
+"""A loaded bundle: plans, post-processing and weights as plain data, and a :class:`Predictor` built from them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoseg.bundle.archive import read_archive
+from autoseg.bundle.pack import CARD, POSTPROCESSING, weights_member
+from autoseg.errors import UserError
+from autoseg.io import Geometry
+from autoseg.plan.model import PLANS_FILE, Plans
+
+
+@dataclass
+class Bundle:
+    """A verified bundle held in memory. ``predict`` segments one case; ``predictor`` gives the full
+    :class:`autoseg.predict.Predictor` (folders of files, probabilities, options)."""
+
+    source: str
+    manifest: dict[str, Any]
+    plans: Plans
+    postprocessing: dict[str, list[dict]]
+    weights: dict[str, dict[int, dict[str, torch.Tensor]]]
+    card: str
+    _predictors: dict[tuple, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def configuration(self) -> str:
+        return self.manifest["configuration"]
+
+    def predictor(self, configuration: str | None = None, folds: Sequence[int] | None = None,
+                  device: str | torch.device | None = None, **options: Any):
+        """A :class:`~autoseg.predict.Predictor` for ``configuration`` (default: the selected one) and ``folds``
+        (default: all in the bundle), with the post-processing tuned for it."""
+        from autoseg.predict import Predictor
+
+        name = configuration or self.configuration
+        if name not in self.weights:
+            raise UserError(f"{self.source}: no configuration '{name}' in the bundle "
+                            f"(it has {', '.join(self.weights)})")
+        have = sorted(self.weights[name])
+        chosen = have if folds is None else sorted(set(folds))
+        missing = [k for k in chosen if k not in self.weights[name]]
+        if missing:
+            raise UserError(f"{self.source}: fold {missing[0]} of '{name}' is not in the bundle "
+                            f"(it has fold(s) {', '.join(map(str, have))}); leave it out of --folds")
+        options.setdefault("postprocessing", self.postprocessing.get(name, []))
+        return Predictor(self.plans, name, [self.weights[name][k] for k in chosen], device, folds=chosen, **options)
+
+    def predict(self, image: np.ndarray | Path | str | Sequence[Path | str], geometry: Geometry | None = None, *,
+                device: str | None = None, mirror: str = "auto") -> tuple[np.ndarray, Geometry]:
+        """Segment one case: an array ``(C, *spatial)`` (with its :class:`~autoseg.io.Geometry`; without it,
+        the spacing the model was trained at is assumed) or an image file / one file per channel.
+        Returns the label map ``(*spatial)`` and the geometry it is in (the input's).
+
+        >>> seg, geometry = load_bundle("model.autoseg").predict("case_0000.nii.gz")   # doctest: +SKIP
+        """
+        from autoseg.io import read_images
+
+        where = "image"
+        if isinstance(image, (str, Path)) or (isinstance(image, Sequence) and not isinstance(image, np.ndarray)):
+            paths = [image] if isinstance(image, (str, Path)) else list(image)
+            image, geometry = read_images(paths)
+            where = str(paths[0])
+        image = np.asarray(image)
+        if geometry is None:
+            geometry = self.default_geometry(image.ndim - 1)
+        key = (device, mirror)
+        if key not in self._predictors:
+            self._predictors[key] = self.predictor(device=device, mirror=mirror)
+        seg, _ = self._predictors[key].predict_case(image, geometry, where=where)
+        return seg, geometry
+
+    def default_geometry(self, ndim: int) -> Geometry:
+        """The identity geometry at the selected configuration's spacing, in the files' axis order."""
+        cfg = self.plans.configurations[self.configuration]
+        order = self.plans.axis_order or list(range(ndim))
+        if cfg.ndim != ndim or len(order) != ndim:
+            return Geometry.identity(ndim)
+        spacing = [1.0] * ndim
+        for i, axis in enumerate(order):
+            spacing[axis] = float(cfg.spacing[i])
+        return Geometry(tuple(spacing), (0.0,) * ndim, tuple(np.eye(ndim).ravel().tolist()))
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Open and verify a ``.autoseg`` bundle: checksums, member paths, no pickles, a known format.
+
+    Nothing in the file runs: the members are JSON and safetensors, read in memory.
+
+    >>> bundle = load_bundle("model.autoseg")                         # doctest: +SKIP
+    >>> seg, geometry = bundle.predict(images, geometry)              # doctest: +SKIP
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_tensors
+
+    from autoseg.postprocess import parse_rules
+
+    source = str(path)
+    manifest, members = read_archive(path)
+    try:
+        plans = Plans.from_dict(json.loads(members[PLANS_FILE]), f"{source}:{PLANS_FILE}")
+        rules = json.loads(members[POSTPROCESSING])["rules"]
+        configs = manifest["configurations"]
+        name = manifest["configuration"]
+        card = members[CARD].decode()
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{source}: incomplete bundle ({type(e).__name__}: {e})") from e
+    if name not in configs or any(c not in plans.configurations for c in configs):
+        raise UserError(f"{source}: the manifest's configurations ({', '.join(configs)}) are not all in its plans.json")
+    weights: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for c, entry in configs.items():
+        weights[c] = {}
+        for k in entry["folds"]:
+            member = weights_member(c, int(k))
+            if member not in members:
+                raise UserError(f"{source}: the manifest lists fold {k} of '{c}' but {member} is missing")
+            try:
+                weights[c][int(k)] = load_tensors(members[member])
+            except (SafetensorError, ValueError) as e:
+                raise UserError(f"{source}: {member} is not a safetensors file ({e})") from e
+    post = {c: [dict(r) for r in parse_rules(rules.get(c, []), f"{source}:{POSTPROCESSING}")] for c in configs}
+    return Bundle(source, manifest, plans, post, weights, card)
+
+
+def is_bundle(path: Path | str) -> bool:
+    """A file (not a workdir folder): ``autoseg predict`` treats it as a bundle."""
+    return Path(path).is_file()
