@@ -1,0 +1,156 @@
+"""Export a bundle's networks for deployment outside autoseg: ONNX (any runtime) or TorchScript (libtorch).
+
+Each fold's network becomes one file that maps a preprocessed batch ``(N, C, *spatial)`` (float32,
+normalized, at the configuration's spacing; spatial sizes are dynamic, multiples of the network's
+stride, e.g. the patch size) to logits ``(N, K, *spatial)``. What surrounds the network in
+:mod:`autoseg.predict` goes beside it as JSON, for the deployment to reproduce::
+
+    DIR/plans.json           axis order, the configuration's spacing, normalization (ct statistics filled),
+                             resampling, patch size, mirror axes
+    DIR/postprocessing.json  the rules applied to the label map
+    DIR/export.json          the files, their inputs and outputs, the pipeline steps and the parity results
+    DIR/README.md            the model card
+
+Every exported file is checked against PyTorch on random input of another size than the one traced
+(so the dynamic axes are exercised): the largest absolute difference of the logits must stay within
+:data:`PARITY_TOL`. ONNX needs the optional ``onnx`` and ``onnxruntime`` packages (``pip install
+'autoseg[onnx]'``).
+
+>>> export_bundle("model.autoseg", onnx_dir="onnx")          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoseg.artifacts import dumps_json, header
+from autoseg.errors import UserError
+
+PARITY_TOL = 1e-4
+PIPELINE = [
+    "read the channels as (C, *spatial) in the order of plans.json channel_names",
+    "transpose the spatial axes by plans.json axis_order",
+    "crop to the non-zero bounding box of all channels",
+    "normalize each channel as the configuration's normalization says",
+    "resample to the configuration's spacing (resampling: order, separate z for anisotropic data)",
+    "sliding window with tiles of patch_size (overlap 0.5, Gaussian weighting), optional mirroring over "
+    "mirror_axes; softmax; mean over the folds",
+    "undo resampling, cropping and transposition; argmax; apply postprocessing.json rules",
+]
+
+
+def _missing(what: str) -> UserError:
+    return UserError(f"autoseg export: {what} is not installed; `pip install 'autoseg[onnx]'` "
+                     "(or `pip install onnx onnxruntime`), or use --torchscript DIR, or --no-check to skip the check")
+
+
+def _parity_shape(patch: list[int], strides: list[list[int]]) -> list[int]:
+    """The patch size grown by one total stride per axis: a size the network takes, not the traced one."""
+    total = np.prod(np.asarray(strides), axis=0).astype(int).tolist()
+    return [p + t for p, t in zip(patch, total)]
+
+
+def _export_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    spatial = {i: f"spatial_{i - 2}" for i in range(2, example.ndim)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (example,), str(path), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch", **spatial}, "logits": {0: "batch", **spatial}},
+                              opset_version=17, dynamo=False)
+    except ImportError as e:
+        raise _missing(f"a package torch.onnx needs ({e.name or e})") from e
+
+
+def _onnx_diff(path: Path, x: torch.Tensor, reference: np.ndarray) -> float:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise _missing("onnxruntime") from e
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(["logits"], {"image": x.numpy()})[0]
+    return float(np.abs(out - reference).max())
+
+
+def _export_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, example)
+        traced.save(str(path))
+
+
+def _torchscript_diff(path: Path, x: torch.Tensor, reference: np.ndarray) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return float(np.abs(loaded(x).numpy() - reference).max())
+
+
+FORMATS = {"onnx": (".onnx", _export_onnx, _onnx_diff), "torchscript": (".pt", _export_torchscript, _torchscript_diff)}
+
+
+def export_bundle(bundle: Path | str, onnx_dir: Path | str | None = None, torchscript_dir: Path | str | None = None,
+                  check: bool = True, seed: int = 0) -> list[str]:
+    """Export every fold of every configuration in ``bundle`` to ONNX and/or TorchScript; returns one line
+    per exported file (with its parity result). A parity failure is a :class:`UserError`."""
+    from autoseg.bundle import load_bundle
+    from autoseg.bundle.pack import CARD, POSTPROCESSING
+    from autoseg.nets import build_network
+    from autoseg.plan.model import PLANS_FILE
+
+    b = load_bundle(bundle)
+    targets = {k: Path(d) for k, d in (("onnx", onnx_dir), ("torchscript", torchscript_dir)) if d is not None}
+    if "onnx" in targets and check:
+        try:
+            import onnxruntime  # noqa: F401  (fail before any work)
+        except ImportError as e:
+            raise _missing("onnxruntime") from e
+    lines = []
+    gen = torch.Generator().manual_seed(seed)
+    for kind, out in targets.items():
+        suffix, export, diff = FORMATS[kind]
+        out.mkdir(parents=True, exist_ok=True)
+        models = []
+        for name, folds in b.weights.items():
+            cfg = b.plans.configurations[name]
+            for fold, state in folds.items():
+                net = build_network(cfg.network, b.plans.in_channels, b.plans.num_classes, cfg.ndim)
+                net.load_state_dict(state)
+                net.eval()
+                spatial = list(cfg.patch_size)
+                example = torch.randn(1, b.plans.in_channels, *spatial, generator=gen)
+                path = out / f"{name}_fold_{fold}{suffix}"
+                export(net, example, path)
+                entry = {"file": path.name, "configuration": name, "fold": fold,
+                         "input": {"name": "image", "shape": ["batch", b.plans.in_channels, *[f"spatial_{i}" for i in
+                                                                                             range(len(spatial))]],
+                                   "dtype": "float32", "traced_shape": [1, b.plans.in_channels, *spatial]},
+                         "output": {"name": "logits", "classes": b.plans.num_classes}}
+                line = f"wrote {path}"
+                if check:
+                    x = torch.randn(2, b.plans.in_channels, *_parity_shape(spatial, cfg.network.strides), generator=gen)
+                    with torch.no_grad():
+                        reference = net(x).numpy()
+                    d = diff(path, x, reference)
+                    entry["parity"] = {"input_shape": list(x.shape), "max_abs_diff": d, "tolerance": PARITY_TOL}
+                    if not d <= PARITY_TOL:
+                        raise UserError(f"{path}: parity check failed: max |{kind} - PyTorch| = {d:.3g} > "
+                                        f"{PARITY_TOL:g} on random input {list(x.shape)}; do not deploy this file")
+                    line += f" (parity with PyTorch on {list(x.shape)}: max |diff| {d:.2g} <= {PARITY_TOL:g})"
+                models.append(entry)
+                lines.append(line)
+        raw = {PLANS_FILE: b.plans.to_dict(), POSTPROCESSING: {**header("postprocessing"), "rules": b.postprocessing}}
+        for fname, obj in raw.items():
+            (out / fname).write_text(dumps_json(obj))
+        (out / CARD).write_text(b.card)
+        info = {**header("export"), "format": kind, "source": str(bundle), "dataset": b.plans.dataset_name,
+                "configuration": b.configuration, "channels": b.plans.channel_names, "labels": b.plans.labels,
+                "ensemble": "average the softmax of the folds' logits", "pipeline": PIPELINE, "models": models}
+        (out / "export.json").write_text(dumps_json(info))
+        lines.append(f"wrote {out / 'export.json'}, {PLANS_FILE}, {POSTPROCESSING} and {CARD} beside the models")
+    return lines
