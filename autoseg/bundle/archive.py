@@ -119,12 +119,13 @@ def _read(z: zipfile.ZipFile, where: str) -> tuple[dict[str, Any], dict[str, byt
         raise UserError(f"{where}: no {MANIFEST}; not an autoseg bundle")
     try:
         manifest = json.loads(z.read(MANIFEST))
-        listed = manifest["members"]
-        if not isinstance(manifest, dict) or not isinstance(listed, dict):
-            raise TypeError("not an object")
+        version = manifest["format_version"]
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{where}: {MANIFEST} is not a bundle manifest ({e})") from e
-    check_format_version(manifest.get("format_version"), where)
+        raise UserError(f"{where}: {MANIFEST} is not a bundle manifest ({type(e).__name__}: {e})") from e
+    check_format_version(version, where)  # before anything else a newer format may lay out differently
+    listed = manifest.get("members")
+    if not isinstance(listed, dict):
+        raise UserError(f"{where}: {MANIFEST} has no 'members' table of checksums")
     members: dict[str, bytes] = {}
     for info in infos:
         name = info.filename
