@@ -152,6 +152,14 @@ def cmd_select(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    from autoseg.demo import run_demo
+
+    run_demo(a.workdir or Path("autoseg_demo"), task=a.task, budget=a.budget, device=a.device,
+             progress=not a.quiet, jobs=a.jobs)
+    return 0
+
+
 def cmd_bundle(a: argparse.Namespace) -> int:
     from autoseg.bundle import pack_bundle
 
@@ -198,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole pipeline on a generated dataset (about 5 minutes on a CPU)",
+                       parents=[common],
+                       description="Generate a synthetic dataset, then plan, train, select, predict the held-out "
+                                   "test cases, evaluate and write a report; prints Dice per class and where "
+                                   "everything is. Re-running resumes.")
+    p.add_argument("-w", "--workdir", type=Path, default=None, help="where everything goes (default: ./autoseg_demo)")
+    p.add_argument("--task", default="mri-nested", help="synthetic task (see `autoseg synth --help`)")
+    p.add_argument("--budget", default="3m", help="training budget (default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    _add_jobs(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("validate", parents=[common], help="check a dataset and list every problem found",
                        description="Check a dataset in the nnU-Net v2 raw layout and report every problem, "

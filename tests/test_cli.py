@@ -15,7 +15,7 @@ from autoseg import __version__
 from autoseg.cli import EXIT_BAD_INPUT, build_parser, run
 from autoseg.errors import DatasetError, Problem, UserError
 
-COMMANDS = ["validate", "fingerprint", "plan", "train", "select", "predict", "evaluate", "synth", "convert-msd",
+COMMANDS = ["demo", "validate", "fingerprint", "plan", "train", "select", "predict", "evaluate", "synth", "convert-msd",
             "bundle", "info", "verify", "export"]
 
 
