@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,8 @@ def torchrun(script: Path, *args: str | Path) -> tuple[str, list[dict]]:
         pytest.fail(f"torchrun hung for {LAUNCH_TIMEOUT_S}s (a deadlock between ranks?)\n{e.stdout}\n{e.stderr}")
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
-    reports = [json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("RANK_REPORT ")]
+    # the ranks share one stdout, so two reports can land on one line: find them anywhere
+    reports = [json.loads(m) for m in re.findall(r"RANK_REPORT (\{[^{}]*\})", p.stdout)]
     return out, sorted(reports, key=lambda r: r["rank"])
 
 
