@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from autoseg.nets import NETWORKS, build_network, count_parameters, describe, training_outputs
+from autoseg.nets.blocks import norm_layer
 from autoseg.nets.deeplab import ASPP, atrous
 from autoseg.plan.compute import count_step_flops
 from autoseg.plan.model import Network
@@ -101,7 +102,7 @@ def test_norm_and_nonlinearity_names_are_honoured(family):
     cfg = network(family, "aniso", norm="group", nonlin="gelu")
     kinds = {type(m) for m in build_network(cfg, IN_CH, CLASSES, 3).modules()}
     assert nn.GroupNorm in kinds and nn.GELU in kinds
-    assert not kinds & {nn.InstanceNorm3d, nn.BatchNorm3d, nn.LeakyReLU, nn.ReLU}
+    assert not any(issubclass(k, (nn.InstanceNorm3d, nn.BatchNorm3d, nn.LeakyReLU, nn.ReLU)) for k in kinds)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -167,3 +168,27 @@ def test_unknown_family_is_a_value_error_naming_the_known_ones():
     assert set(FAMILIES) <= set(NETWORKS)
     with pytest.raises(ValueError, match="unknown network family 'segformer'.*deeplabv3plus"):
         build_network(Network(family="segformer", features=[4], kernel_sizes=[[3, 3]], strides=[[1, 1]]), 1, 2, 2)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_instance_norm_keeps_channels_last_and_equals_torchs(ndim, batch):
+    """Channels-last in, channels-last out (no copy to NCDHW and back around every norm); the values and
+    gradients of torch's instance norm on the same tensor in NCDHW; the same state dict."""
+    fmt = torch.channels_last if ndim == 2 else torch.channels_last_3d
+    torch.manual_seed(0)
+    ours = norm_layer("instance", ndim, 4)
+    ref = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[ndim](4, affine=True)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2), ours.bias.uniform_(-1, 1)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(batch, 4, *[5, 6, 7][:ndim]) * 3 + 1
+    g = torch.randn_like(x)
+    xa, xb = x.contiguous(memory_format=fmt).requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    assert ya.is_contiguous(memory_format=fmt) and torch.allclose(ya, yb, atol=1e-5)
+    ya.backward(g.contiguous(memory_format=fmt)), yb.backward(g)
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+    assert torch.allclose(ours.weight.grad, ref.weight.grad, atol=1e-4)
+    assert torch.allclose(ours.bias.grad, ref.bias.grad, atol=1e-4)
+    assert torch.equal(ours(x), ref(x))  # NCDHW takes torch's own path
