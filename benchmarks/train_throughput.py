@@ -354,13 +354,15 @@ def run(args: argparse.Namespace) -> dict:
         variants["nnU-Net"] = (str(_nnunet.venv_bin() / "python"), "nnunet", {**base, "precision": "fp32",
                                                                               "channels_last": False}, ws.env())
     setups = [("fp32", False), ("fp32", True)] + ([("bf16", True)] if bf16 else [])
+    # as the `autoseg` command runs (autoseg/cli.py): idle OpenMP threads sleep unless the user says otherwise
+    ours = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     for precision, cl in setups:
         name = f"autoseg {precision}{' channels-last' if cl else ''}"
-        variants[name] = (sys.executable, "autoseg", {**base, "precision": precision, "channels_last": cl}, None)
+        variants[name] = (sys.executable, "autoseg", {**base, "precision": precision, "channels_last": cl}, ours)
     variants["autoseg planned"] = (sys.executable, "autoseg", {
         **base, "network": _asdict(planned.network), "patch": planned.patch_size, "batch": planned.batch_size,
         "in_channels": plans.in_channels, "num_classes": plans.num_classes, "precision": planned.precision,
-        "channels_last": planned.channels_last}, None)
+        "channels_last": planned.channels_last}, ours)
 
     logs = WORK / "logs"
     workers = {name: Worker(name, py, kind, spec, logs / f"{name.replace(' ', '_')}.log", env)
@@ -557,7 +559,9 @@ def render(args: argparse.Namespace, res: dict) -> str:
               "- autoseg: the trainer's step (`autoseg.train`: `_forward_loss` under autocast, `build_loss(dice_ce)` "
               "with deep supervision, backward, `clip_grad_norm_(12)`, `make_optimizer`: SGD Nesterov 0.99, "
               "weight decay 3e-5) on `autoseg.nets.build_network`; the batch is copied to channels-last inside "
-              "the step when the layout is channels-last, and the int16 target is made int64 as in the trainer.",
+              "the step when the layout is channels-last, and the int16 target is made int64 as in the trainer. "
+              "Its workers run with `OMP_WAIT_POLICY=PASSIVE`, as the `autoseg` command sets it (idle OpenMP "
+              "threads sleep); nnU-Net's with its own defaults.",
               "- Same random batch every step (data N(0,1), labels uniform over the classes); seconds of one step "
               "from before zero_grad to after the optimizer step, in the worker; CPU s is that process's CPU time.",
               "- GFLOP/s: training FLOPs per step / seconds per step; samples/s: batch / seconds per step.",
@@ -587,9 +591,9 @@ def profile_lines(res: dict) -> list[str]:
         return []
     names = list(profiles)
     lines = ["", "### Where the step time goes", "",
-             "One more step of each, under `torch.profiler` (self CPU time of each torch op, summed by kind; "
-             "CPU seconds, so the numbers add up across threads).", "",
-             "| CPU s (share) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+             "One more step of each, under `torch.profiler`: the self time of each torch op (seconds inside "
+             "the op on the thread that runs the step, its helper threads included), summed by kind.", "",
+             "| seconds (share) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     totals = {n: sum(profiles[n].values()) for n in names}
     for cat in profiles[names[0]]:
         lines.append(f"| {cat} | " + " | ".join(f"{profiles[n][cat]:.2f} ({profiles[n][cat] / totals[n]:.0%})"
@@ -597,15 +601,23 @@ def profile_lines(res: dict) -> list[str]:
     lines.append("| **total** | " + " | ".join(f"**{totals[n]:.2f}**" for n in names) + " |")
     conv = {n: profiles[n]["convolution forward"] + profiles[n]["convolution backward"] for n in names}
     lines += ["", "- the convolutions (nearly all of the counted FLOPs) ran at "
-              + ", ".join(f"{res['flops'][n] / conv[n] / 1e9:.0f} GFLOP per CPU-second in {n}" for n in names)
-              + "; the whole step at " + ", ".join(f"{res['flops'][n] / totals[n] / 1e9:.0f}" for n in names) + "."]
+              + ", ".join(f"{res['flops'][n] / conv[n] / 1e9:.0f} GFLOP/s in {n}" for n in names)
+              + "; the whole profiled step at " + ", ".join(f"{res['flops'][n] / totals[n] / 1e9:.0f}" for n in names)
+              + "."]
+    ours = next((n for n in names if "bf16" in n), None)
+    if "nnU-Net" in names and ours:
+        need = TARGET_SPEEDUP * res["flops"]["nnU-Net"] / totals["nnU-Net"] / 1e9
+        have = res["flops"][ours] / conv[ours] / 1e9
+        lines.append(f"- {TARGET_SPEEDUP:.0f}x at the same FLOPs needs autoseg's whole step at {TARGET_SPEEDUP:.0f} x "
+                     f"nnU-Net's rate = {need:.0f} GFLOP/s: {need / have:.2f}x what its bf16 convolutions *alone* "
+                     f"reached here ({have:.0f} GFLOP/s), i.e. faster convolution kernels, not less overhead.")
     flags = _cpu_flags()
     if "avx512_bf16" in flags and "amx_bf16" not in flags:
-        lines.append("- This CPU has AVX-512 BF16 but no AMX: one bf16 dot-product instruction does twice the "
-                     "multiply-adds of an fp32 FMA, so a bf16 convolution can be at most ~2x faster than an fp32 "
-                     "one here (AMX tiles, on Intel Sapphire Rapids and later, give far more). At the same network "
-                     "and FLOPs, autoseg's lead over nnU-Net is bounded by that 2x times what nnU-Net spends "
-                     "outside its convolutions.")
+        conv_ratio = (f" and were {conv['nnU-Net'] / conv[ours]:.1f}x nnU-Net's fp32 ones here"
+                      if "nnU-Net" in names and ours else "")
+        lines.append("- This CPU has AVX-512 BF16 but no AMX: a bf16 dot-product instruction does twice the "
+                     "multiply-adds of an fp32 FMA, so bf16 convolutions can be about 2x faster than fp32 ones"
+                     f"{conv_ratio}. AMX tiles (Intel Sapphire Rapids and later) would give far more.")
     return lines
 
 
