@@ -57,8 +57,7 @@ class Dataset:
 
     @property
     def ignore_label(self) -> int | None:
-        v = self.labels.get("ignore")
-        return v if isinstance(v, int) else None
+        return ignore_label_of(self.labels)
 
     @property
     def has_regions(self) -> bool:
@@ -74,13 +73,23 @@ class Dataset:
 
     @property
     def classes(self) -> dict[int, str]:
-        """Foreground classes (value -> name) of a plain (non-region) label map, without background and ignore."""
-        return {v: k for k, v in self.labels.items() if isinstance(v, int) and v != 0 and k != "ignore"}
+        return foreground_classes(self.labels)
 
     def cases(self, split: str = "Tr") -> list[Case]:
         """Cases found on disk, sorted by id. ``split`` is 'Tr' or 'Ts'."""
         return list_cases(self.root / f"images{split}", self.file_ending, self.num_channels,
                           self.root / "labelsTr" if split == "Tr" else None)
+
+
+def ignore_label_of(labels: dict) -> int | None:
+    """The value of the ``ignore`` label in a dataset.json ``labels`` mapping, if it has one."""
+    v = labels.get("ignore")
+    return v if isinstance(v, int) else None
+
+
+def foreground_classes(labels: dict) -> dict[int, str]:
+    """Foreground classes (value -> name) of a plain (non-region) label map, without background and ignore."""
+    return {v: k for k, v in labels.items() if isinstance(v, int) and v != 0 and k != "ignore"}
 
 
 def _ending_ok(ending: object) -> bool:

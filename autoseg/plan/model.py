@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.artifacts import header, write_json
+from autoseg.dataset import foreground_classes, ignore_label_of
 from autoseg.errors import UserError
 
 PLANS_FILE = "plans.json"
@@ -175,8 +176,7 @@ class Plans:
 
     @property
     def ignore_label(self) -> int | None:
-        v = self.labels.get("ignore")
-        return v if isinstance(v, int) else None
+        return ignore_label_of(self.labels)
 
     @property
     def num_classes(self) -> int:
@@ -189,7 +189,7 @@ class Plans:
     @property
     def class_names(self) -> dict[int, str]:
         """Foreground class index -> name (plain label maps)."""
-        return {v: k for k, v in self.labels.items() if isinstance(v, int) and v != 0 and k != "ignore"}
+        return foreground_classes(self.labels)
 
     def to_dict(self) -> dict:
         d = asdict(self)
