@@ -38,6 +38,17 @@ def write_tiny_dataset(root: Path, *, cases: int = 3, shape=(12, 16, 16), channe
     return root
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine spinning threads cost seconds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return write_tiny_dataset(tmp_path / "Dataset001_Tiny")

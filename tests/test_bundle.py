@@ -31,13 +31,7 @@ from autoseg.io import Geometry, read_image, read_label, write_image
 from autoseg.plan.model import Normalization, Plans
 from autoseg.predict import Predictor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

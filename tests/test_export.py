@@ -18,13 +18,7 @@ from autoseg.cli import run
 from autoseg.export import PARITY_TOL, _parity_shape
 from autoseg.nets import build_network
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,7 @@ from autoseg.predict_inputs import choose_configuration, trained_folds
 from autoseg.synth import generate
 from autoseg.train import run_folder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine spinning threads cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hand_plans(fp, name: str, ndim: int, patch: list[int], mirror_axes: list[int]) -> Plans:
