@@ -26,6 +26,10 @@ def _jobs(value: str) -> int:
     return n
 
 
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _add_jobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("-j", "--jobs", type=_jobs, default=None,
                    help="worker processes (default: the number of CPUs, %(default)s means that)")
@@ -157,6 +161,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     run_demo(a.workdir or Path("autoseg_demo"), task=a.task, budget=a.budget, device=a.device,
              progress=not a.quiet, jobs=a.jobs)
+    return 0
+
+
+def cmd_benchmark(a: argparse.Namespace) -> int:
+    from autoseg.benchmark import run_benchmark
+
+    run_benchmark(a.suite, a.output, budget=a.budget, datasets=a.datasets, methods=a.methods, progress=not a.quiet)
     return 0
 
 
@@ -335,6 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a workdir whose runs' training curves go into the report")
     _add_jobs(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("benchmark", parents=[common], help="run a suite of datasets x methods; write a leaderboard",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run every (dataset, method) cell of SUITE_FILE (TOML; see benchmarks/suites/)\n"
+                                   "end to end: plan, train fold 0 within the budget, predict the held-out cases,\n"
+                                   "score them with `autoseg evaluate`; time and peak memory per stage. Writes\n"
+                                   "DIR/leaderboard.md, .csv and .png. Re-running skips finished cells; a failing\n"
+                                   "cell is recorded as failed and the others go on.")
+    p.add_argument("suite", type=Path, metavar="SUITE_FILE")
+    p.add_argument("-o", "--output", type=Path, default=Path("autoseg_benchmark"),
+                   help="where cells, data and the leaderboard go (default: ./autoseg_benchmark)")
+    p.add_argument("--budget", default=None, help="override the suite's budget for every run (e.g. 2m)")
+    p.add_argument("--datasets", type=_names, default=None, metavar="A,B", help="only these datasets")
+    p.add_argument("--methods", type=_names, default=None, metavar="A,B", help="only these methods")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("bundle", parents=[common], help="pack a trained workdir into one shareable file",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
