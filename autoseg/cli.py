@@ -83,9 +83,28 @@ def cmd_convert_msd(a: argparse.Namespace) -> int:
 def cmd_plan(a: argparse.Namespace) -> int:
     from autoseg.workflow import plan_dataset, summary
 
+    if a.search:
+        from autoseg.plan.search import plan_with_search, search_summary
+
+        found = plan_with_search(a.dataset, a.workdir, budget=a.budget, trials=a.trials, storage=a.storage,
+                                 planner=a.planner, device=a.device, jobs=a.jobs, replan=a.replan,
+                                 progress=not a.quiet, folds=a.folds)
+        print(summary(found.plan))
+        print(search_summary(found))
+        return 0
+    if a.trials is not None or a.storage is not None:
+        raise UserError("--trials and --storage need --search")
     result = plan_dataset(a.dataset, a.workdir, planner=a.planner, budget=a.budget, device=a.device,
                           jobs=a.jobs, replan=a.replan, progress=not a.quiet, folds=a.folds)
     print(summary(result))
+    return 0
+
+
+def cmd_search_worker(a: argparse.Namespace) -> int:
+    from autoseg.plan.search import search_summary, search_worker
+
+    print(search_summary(search_worker(a.workdir, storage=a.storage, trials=a.trials, device=a.device,
+                                       workers=a.workers, progress=not a.quiet)))
     return 0
 
 
@@ -261,8 +280,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--folds", type=_jobs, default=5, help="cross-validation folds (default %(default)s)")
     p.add_argument("--replan", action="store_true", help="make a new plans.json even if one is up to date")
+    p.add_argument("--search", action="store_true",
+                   help="search around the rules' configuration with Optuna (architecture, depth, width, patch, "
+                        "loss, lr, augmentation, batch) inside the same budget; the same command resumes it")
+    p.add_argument("--trials", type=int, default=None, help="search trials in all (default 12)")
+    p.add_argument("--storage", default=None, metavar="URL|FILE.journal",
+                   help="study storage shared by `autoseg search-worker`s (default: sqlite in WORKDIR)")
     _add_jobs(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("search-worker", parents=[common], help="join the search `autoseg plan --search` started",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run trials of the study `autoseg plan DATASET --search` started for WORKDIR, until\n"
+                                   "the study has its trials or its search budget is spent, then write the best\n"
+                                   "configuration to WORKDIR/plans.json. Start several, on this machine or on others\n"
+                                   "that see WORKDIR (a shared disk), with a --storage they all reach: a database URL\n"
+                                   "or a journal file on the shared disk.")
+    p.add_argument("workdir", type=Path, metavar="WORKDIR")
+    p.add_argument("--storage", default=None, metavar="URL|FILE.journal",
+                   help="the study storage (default: the one plans.json names, else sqlite in WORKDIR)")
+    p.add_argument("--trials", type=int, default=None, help="trials the study should have in all (default: its own)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: from the CPU count)")
+    p.set_defaults(func=cmd_search_worker)
 
     p = sub.add_parser("train", help="train the planned configurations and folds", parents=[common],
                        formatter_class=argparse.RawDescriptionHelpFormatter,

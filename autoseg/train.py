@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -152,7 +153,8 @@ class Trainer:
                  seconds: float | None = None, steps: int | None = None, extend_s: float | None = None,
                  device: str | None = None, seed: int = 0, workers: int | None = None, progress: bool = True,
                  checkpoint_every_s: float | None = None, splits_file: Path | str | None = None,
-                 stop_after: int | None = None):
+                 stop_after: int | None = None, folder: Path | str | None = None,
+                 on_validation: Callable[[int, float], None] | None = None):
         self.workdir = Path(workdir)
         self.plans = plans or Plans.load(self.workdir / PLANS_FILE)
         if configuration not in self.plans.configurations:
@@ -164,7 +166,10 @@ class Trainer:
         self.device, self.seed, self.workers, self.progress = device, seed, workers, progress
         self.checkpoint_every_s = default_checkpoint_every_s() if checkpoint_every_s is None else checkpoint_every_s
         self.splits_file, self.stop_after = splits_file, stop_after
-        self.folder = run_folder(self.workdir, configuration, fold)
+        # another folder than runs/<config>/fold_<k> (search trials), and a hook called with (step, mean Dice)
+        # after each validation on the main process; it may raise to end the run there (a pruned trial)
+        self.folder = Path(folder) if folder is not None else run_folder(self.workdir, configuration, fold)
+        self.on_validation = on_validation
 
     # --- setup --------------------------------------------------------------------------------------
     def _split(self) -> tuple[list[str], list[str]]:
@@ -322,6 +327,8 @@ class Trainer:
                     if dist.is_main:
                         log.append(row)
                         bar.set_postfix(loss=f"{row['loss']:.3f}", dice=f"{row['val_dice_mean']:.3f}")
+                        if self.on_validation is not None:
+                            self.on_validation(step, row["val_dice_mean"])
                 if time.perf_counter() - t_ckpt > self.checkpoint_every_s and step < state["total_steps"]:
                     state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
                     self._save(LATEST, model, optimizer, scaler, step, state, dist)

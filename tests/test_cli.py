@@ -16,7 +16,7 @@ from autoseg.cli import EXIT_BAD_INPUT, build_parser, run
 from autoseg.errors import DatasetError, Problem, UserError
 
 COMMANDS = ["demo", "validate", "fingerprint", "plan", "train", "select", "predict", "evaluate", "synth", "convert-msd",
-            "bundle", "info", "verify", "export", "benchmark"]
+            "bundle", "info", "verify", "export", "benchmark", "search-worker"]
 
 
 def _raising(error: BaseException):

@@ -168,6 +168,8 @@ class Plans:
     train_runs: list[dict[str, Any]] = field(default_factory=list)  # [{"configuration", "fold", "seconds"}]
     planning_time_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # set by `autoseg plan --search`: the study, its best trial, and the rules' configuration it replaced
+    search: dict[str, Any] = field(default_factory=dict)
     meta: dict = field(default_factory=dict, compare=False)  # bookkeeping (who wrote the file), not content
 
     @property

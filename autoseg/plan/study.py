@@ -1,0 +1,156 @@
+"""The Optuna study behind ``autoseg plan --search``: storage, settings shared by every worker, and the
+loop that runs trials until the study has its trials or the search budget is spent.
+
+Storage is SQLite in the workdir by default (``WORKDIR/search.db``), so running the same command again
+resumes the same study; a database URL (PostgreSQL, MySQL) or a journal file (``*.journal`` / ``*.log``)
+on a shared disk lets workers on several machines share it. The study's settings (space, fidelity, trial
+count, deadline) live in the study itself, so a worker needs nothing but the storage and the workdir.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from autoseg.errors import UserError
+
+DB_FILE = "search.db"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_FAILURES_IN_A_ROW = 3
+PRUNE_REDUCTION = 2  # successive halving: half of the trials that reach a rung go on
+
+
+def default_storage(workdir: Path) -> str:
+    return f"sqlite:///{(Path(workdir) / DB_FILE).resolve()}"
+
+
+def open_storage(spec: str | None, workdir: Path) -> optuna.storages.BaseStorage:
+    """``None``: SQLite in the workdir; a path ending in .journal or .log: a journal file (shared disks,
+    several machines); otherwise a database URL (sqlite:///, postgresql://, mysql://)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if spec is None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        spec = default_storage(workdir)
+    if spec.endswith((".journal", ".log")) and "://" not in spec:
+        path = Path(spec).expanduser()
+        if not path.parent.is_dir():
+            raise UserError(f"--storage {spec}: folder {path.parent} does not exist")
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in spec:
+        raise UserError(f"--storage {spec}: expected a database URL (sqlite:///FILE, postgresql://..., "
+                        "mysql://...) or a journal file ending in .journal or .log")
+    try:
+        return optuna.storages.RDBStorage(spec, engine_kwargs={"connect_args": {"timeout": 60}}
+                                          if spec.startswith("sqlite") else None)
+    except Exception as e:  # bad URL, missing driver, unreachable server: the user's to fix
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--storage {redact(spec)}: cannot open the study storage ({reason})") from None
+
+
+def redact(url: str) -> str:
+    """A URL without its password, for files and messages."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def make_study(storage, name: str, seed: int, n_trials: int) -> optuna.Study:
+    """Create or load the study: TPE (seeded; random for the first third of the trials, at least 3) and a
+    successive-halving pruner over validation rungs."""
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, n_trials // 3))
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=PRUNE_REDUCTION)
+    return optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
+                               pruner=pruner, load_if_exists=True)
+
+
+def load_study(storage, name: str, seed: int) -> optuna.Study:
+    n = int(optuna.load_study(study_name=name, storage=storage).user_attrs.get("trials", 12))
+    return make_study(storage, name, seed, n)
+
+
+def enqueue_rules(study: optuna.Study, params: dict[str, Any]) -> None:
+    """The rules' point is the first trial, once; again only when it never finished (interrupted)."""
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("rules") and t.state in (*FINISHED, TrialState.WAITING, TrialState.RUNNING):
+            return
+    study.enqueue_trial(params, user_attrs={"rules": True})
+
+
+def fail_orphans(study: optuna.Study) -> int:
+    """Mark trials this machine left RUNNING in a process that no longer exists (killed) as failed."""
+    host, n = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") == host and pid is not None and not _alive(int(pid)):
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def spent_seconds(study: optuna.Study) -> float:
+    """Wall time of the finished and failed trials (what the search budget has paid for so far)."""
+    total = 0.0
+    for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
+        if t.datetime_start and t.datetime_complete:
+            total += (t.datetime_complete - t.datetime_start).total_seconds()
+    return total
+
+
+def counted(study: optuna.Study) -> int:
+    """Trials that count towards ``--trials``: finished, and running ones (another worker's included)."""
+    return len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+
+
+def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
+               deadline: float | None, min_trial_s: float = 0.0,
+               on_done: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> int:
+    """Ask and tell until the study has ``n_trials`` or less than ``min_trial_s`` is left before ``deadline``
+    (Unix time). A failing trial is recorded as failed and the search goes on; an interrupt fails the
+    running trial and ends the loop. Returns the number of trials this call ran."""
+    ran, failures = 0, 0
+    while counted(study) < n_trials:
+        if deadline is not None and deadline - time.time() < min_trial_s:
+            break
+        trial = study.ask()
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            frozen, failures = study.tell(trial, state=TrialState.PRUNED), 0
+        except BaseException as e:
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            failures += 1
+            # an interrupt ends the loop (the same command resumes); so does the same error three times over
+            if not isinstance(e, Exception) or failures >= MAX_FAILURES_IN_A_ROW:
+                raise
+            print(f"search: trial {trial.number} failed ({type(e).__name__}: {e})", file=sys.stderr)
+            frozen = study.trials[trial.number]
+        else:
+            frozen, failures = study.tell(trial, value), 0
+        ran += 1
+        if on_done is not None:
+            on_done(frozen)
+    return ran
