@@ -135,7 +135,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     s = predict(a.model, a.input, a.output, configuration=a.config, folds=parse_folds(a.folds), device=a.device,
                 mirror=a.mirror, overlap=a.overlap, tile_batch=a.tile_batch,
-                save_probabilities=a.save_probabilities, jobs=a.jobs, progress=not a.quiet, report=report)
+                save_probabilities=a.save_probabilities, jobs=a.jobs, progress=not a.quiet, report=report,
+                report_model=lambda line: print(f"autoseg predict: {line}", file=sys.stderr))
     if s.mirror:
         print(f"autoseg predict: {s.mirror}", file=sys.stderr)
     cases = len(s.written) // (2 if a.save_probabilities else 1)
@@ -340,16 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", parents=[common], help="segment images with a trained model",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Segment every case of INPUT (a folder of CASE_XXXX<ending> files, one per channel,\n"
-                                   "or one file) with the trained folds in MODEL (a workdir or a .autoseg bundle),\n"
-                                   "averaging their probabilities. Each case is written as OUTPUT/CASE<ending> with\n"
-                                   "the input's "
+                                   "or one file) with the selected model in MODEL (a workdir or a .autoseg bundle):\n"
+                                   "the trained folds of its configuration(s), probabilities averaged. Each case is\n"
+                                   "written as OUTPUT/CASE<ending> with the input's "
                                    "spacing, origin and direction. A case that does not fit the model gets one error\n"
                                    "line and the others are still predicted (exit code 2 at the end).")
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("input", type=Path, metavar="INPUT")
     p.add_argument("output", type=Path, metavar="OUTPUT")
     p.add_argument("--config", default=None,
-                   help="configuration (default: WORKDIR/selection.json's, else the first planned)")
+                   help="one configuration alone (default: the model WORKDIR/selection.json chose, an ensemble "
+                        "of configurations or one; else the first planned)")
     p.add_argument("--folds", default="all", help="folds to ensemble, e.g. 0,1 (default: all trained ones)")
     p.add_argument("--mirror", choices=("auto", "on", "off"), default="auto",
                    help="test-time mirroring; auto: on when the first case takes at most 20 s of network time "

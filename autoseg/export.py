@@ -37,9 +37,12 @@ PIPELINE = [
     "crop to the non-zero bounding box of all channels",
     "normalize each channel as the configuration's normalization says",
     "resample to the configuration's spacing (resampling: order, separate z for anisotropic data)",
-    "sliding window with tiles of patch_size (overlap 0.5, Gaussian weighting), optional mirroring over "
-    "mirror_axes; softmax; mean over the folds",
-    "undo resampling, cropping and transposition; argmax; apply postprocessing.json rules",
+    "sliding window with tiles of patch_size (overlap 0.5): each tile's softmax (mean over the optional flips of "
+    "mirror_axes) times a Gaussian weight, divided per voxel by the sum of the weights of the tiles over it; "
+    "mean over the folds",
+    "undo resampling, cropping and transposition; with several configurations (manifest ensemble) sum their "
+    "maps in that order; argmax; apply the postprocessing.json rules of the model (key: configurations joined "
+    "by '+')",
 ]
 
 
@@ -150,7 +153,7 @@ def export_bundle(bundle: Path | str, onnx_dir: Path | str | None = None, torchs
         (out / CARD).write_text(b.card)
         info = {**header("export"), "format": kind, "source": str(bundle), "dataset": b.plans.dataset_name,
                 "configuration": b.configuration, "channels": b.plans.channel_names, "labels": b.plans.labels,
-                "ensemble": "average the softmax of the folds' logits", "pipeline": PIPELINE, "models": models}
+                "ensemble": "mean of the folds' probabilities per configuration; sum over the manifest's ensemble", "pipeline": PIPELINE, "models": models}
         (out / "export.json").write_text(dumps_json(info))
         lines.append(f"wrote {out / 'export.json'}, {PLANS_FILE}, {POSTPROCESSING} and {CARD} beside the models")
     return lines

@@ -1,11 +1,13 @@
-"""Prediction: segment new images with the trained folds and write each one in its input's own geometry.
+"""Prediction: segment new images with the selected model and write each one in its input's own geometry.
 
-A case goes through the pipeline the out-of-fold validation uses (:mod:`autoseg.oof`), so the
-cross-validation numbers describe these outputs::
+The model is the one ``selection.json`` chose: one configuration, or an ensemble of several (each with its
+trained folds; :mod:`autoseg.ensemble`). A case goes through the pipeline the out-of-fold validation uses
+(:mod:`autoseg.oof`), so the cross-validation numbers describe these outputs::
 
-    read channels -> preprocess_case -> per fold: sliding-window logits -> softmax -> mean over folds
-    -> restore to the original array one class at a time (running argmax) -> post-processing rules
-    (:mod:`autoseg.postprocess`, tuned on the out-of-fold labels) -> write with the input's geometry
+    read channels -> per member: preprocess_case -> per fold: sliding-window probabilities -> mean over folds
+    -> per class: the members' maps restored to the original array and summed, running argmax
+    -> post-processing rules (:mod:`autoseg.postprocess`, tuned on the model's out-of-fold labels)
+    -> write with the input's geometry
 
 >>> predictor = Predictor.from_workdir("autoseg_work/Dataset001_CT")            # doctest: +SKIP
 >>> seg, probs = predictor.predict_case(images, geometry, probabilities=True)   # doctest: +SKIP
@@ -13,13 +15,15 @@ cross-validation numbers describe these outputs::
 
 Test-time mirroring (``mirror="auto"``): averaging the ``2**m`` flips of each tile costs ``2**m`` network
 passes, cheap on a GPU and a minute per case for a CT on a laptop CPU. The first case decides, on the device
-at hand: one batch of tiles is timed, and mirroring is on when the first case predicted with it is estimated
-to take at most :data:`MIRROR_AUTO_MAX_S` seconds of network time (tiles x folds x flips). The decision then
-holds for every case, so a folder is predicted one way.
+at hand: one batch of tiles is timed per member, and mirroring is on when the first case predicted with it is
+estimated to take at most :data:`MIRROR_AUTO_MAX_S` seconds of network time (tiles x folds x flips, summed
+over the members). The decision then holds for every case, so a folder is predicted one way.
 
-Memory: the network output for a case is held once per class in the preprocessed space (plus one running
-sum with several folds); at the original size only a running maximum, the label map and the class being
-restored are held, whatever the number of classes. ``probabilities=True`` adds the float16 maps.
+Memory: each member's fold-mean probabilities in its preprocessed space, one buffer of ``K`` maps in
+``storage`` (float16 by default: half of float32; each tile's addition rounds once, see
+:mod:`autoseg.sliding_window`), the preprocessed images of the members, and at the original size a running
+maximum, the label map and the class being restored, whatever the number of classes. ``probabilities=True``
+adds the float16 maps. With ``jobs`` > 1 the next case's buffers exist while the last one is exported.
 """
 
 from __future__ import annotations
@@ -37,43 +41,43 @@ import numpy as np
 import torch
 
 from autoseg.checkpoint import FINAL, load_checkpoint
+from autoseg.ensemble import STORAGE, Member, MemberOutput, combine, member_probabilities, model_name
 from autoseg.errors import UserError
 from autoseg.io import Geometry, read_images, write_label
-from autoseg.nets import build_network
 from autoseg.plan.model import PLANS_FILE, Plans
 from autoseg.postprocess import apply_postprocessing, parse_rules
 from autoseg.predict_inputs import (
     InputCase,
     check_images,
-    choose_configuration,
+    choose_model,
     find_cases,
     trained_folds,
     with_resolved_normalization,
 )
-from autoseg.preprocess import preprocess_case, restore_to_original
-from autoseg.sliding_window import AUTOCAST, count_tiles, sliding_window
+from autoseg.preprocess import preprocess_case
+from autoseg.sliding_window import AUTOCAST, count_tiles
 
 MIRROR_AUTO_MAX_S = 20.0  # network seconds per case, with mirroring, below which ``auto`` turns it on
 TILE_BAR_MIN = 64  # network passes in a case from which a progress bar over its tiles is shown
-SOFTMAX_BLOCK = 1 << 18  # voxels per in-place softmax step
 
 
 @dataclass
 class PredictionSummary:
-    """What :meth:`Predictor.predict_files` did: files written, cases refused (case -> reason), mirroring."""
+    """What :meth:`Predictor.predict_files` did: files written, cases refused (case -> reason), mirroring,
+    and the model (members and folds)."""
 
     written: list[Path] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     mirror: str = ""
     seconds: float = 0.0
+    model: str = ""
 
 
 @dataclass
 class _Prepared:
     """A case between the network and the export (which may run in a background thread)."""
 
-    probabilities: torch.Tensor  # (K, Z, Y, X) in preprocessed space, mean over folds
-    properties: dict[str, Any]
+    outputs: list[MemberOutput]
     geometry: Geometry
 
 
@@ -98,86 +102,104 @@ def _precision_on(precision: str, dev: torch.device) -> str:
     return precision
 
 
-def _softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over classes, in place, a block of voxels at a time: no second (K, Z, Y, X) volume. Equal to
-    ``torch.softmax(logits, 0)`` within a float32 rounding step (the vectorized kernel splits differently)."""
-    logits = logits.contiguous()
-    flat = logits.view(logits.shape[0], -1)
-    for i in range(0, flat.shape[1], SOFTMAX_BLOCK):
-        block = flat[:, i:i + SOFTMAX_BLOCK]
-        block.copy_(torch.softmax(block, 0))
-    return logits
-
-
 class Predictor:
-    """Trained folds of one configuration, ready to segment images held in memory or files on disk.
+    """A model (one configuration, or an ensemble of several) with its trained folds, ready to segment
+    images held in memory or files on disk.
 
-    Construct from plain data (plans, one state_dict per fold), so a workdir (:meth:`from_workdir`) and a
-    bundle build it the same way; networks are built on first use. ``mirror`` is ``"auto"``, ``"on"`` or
-    ``"off"`` (see the module docstring); ``tile_batch`` tiles go through the network at once (default: the
-    training batch, at least 4).
+    Construct from plain data, so a workdir (:meth:`from_workdir`) and a bundle build it the same way:
+    ``configuration`` is one name with ``weights`` one state_dict per fold (``folds`` their numbers), or the
+    ensemble's names in order with ``weights`` and ``folds`` mappings from each name to its own. Networks
+    are built on first use. ``mirror`` is ``"auto"``, ``"on"`` or ``"off"`` (see the module docstring);
+    ``tile_batch`` tiles go through the network at once (default: the training batch, at least 4);
+    ``storage`` is the dtype of the probabilities in preprocessed space (``"float16"`` or ``"float32"``).
     """
 
-    def __init__(self, plans: Plans, configuration: str, weights: Sequence[Mapping[str, torch.Tensor]],
-                 device: str | torch.device | None = None, *, folds: Sequence[int] | None = None,
-                 mirror: str = "auto", overlap: float = 0.5, tile_batch: int | None = None,
-                 progress: bool = False, postprocessing: Sequence[Mapping[str, Any]] = ()):
-        if configuration not in plans.configurations:
-            raise UserError(f"plans.json has no configuration '{configuration}' "
-                            f"(it has {', '.join(plans.configurations)})")
+    def __init__(self, plans: Plans, configuration: str | Sequence[str],
+                 weights: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
+                 device: str | torch.device | None = None, *,
+                 folds: Sequence[int] | Mapping[str, Sequence[int]] | None = None, mirror: str = "auto",
+                 overlap: float = 0.5, tile_batch: int | None = None, progress: bool = False,
+                 postprocessing: Sequence[Mapping[str, Any]] = (), storage: str = "float16"):
+        names = [configuration] if isinstance(configuration, str) else list(configuration)
+        if isinstance(configuration, str):
+            weights, folds = {configuration: weights}, None if folds is None else {configuration: folds}
+        if not names:
+            raise ValueError("a model needs at least one configuration")
+        for name in names:
+            if name not in plans.configurations:
+                raise UserError(f"plans.json has no configuration '{name}' "
+                                f"(it has {', '.join(plans.configurations)})")
+            if not weights.get(name):
+                raise UserError(f"no trained fold of configuration '{name}' to predict with")
         if any(isinstance(v, list) for v in plans.labels.values()):
             raise UserError("plans.json: region-based labels (sigmoid outputs) are not supported by predict yet")
-        if not weights:
-            raise UserError(f"no trained fold of configuration '{configuration}' to predict with")
         if mirror not in ("auto", "on", "off"):
             raise ValueError(f"mirror must be auto, on or off, not {mirror!r}")
         if not 0 <= overlap < 1:
             raise UserError(f"--overlap {overlap}: must be in [0, 1)")
-        self.plans, self.name = plans, configuration
-        self.cfg = plans.configurations[configuration]
-        self.weights = list(weights)
-        self.folds = list(folds) if folds is not None else list(range(len(self.weights)))
+        if storage not in STORAGE:
+            raise ValueError(f"storage must be one of {', '.join(STORAGE)}, not {storage!r}")
+        self.plans = plans
+        self.members = [Member(n, plans.configurations[n], list(weights[n]),
+                               list(folds[n]) if folds is not None else list(range(len(weights[n]))))
+                        for n in names]
         self.device = resolve_device(device)
-        self.precision = _precision_on(self.cfg.precision, self.device)
-        self.mirror, self.overlap, self.progress = mirror, overlap, progress
-        self.tile_batch = tile_batch or max(4, self.cfg.batch_size)
-        self.mirror_axes: tuple[int, ...] = tuple(self.cfg.augmentation.mirror_axes)
+        self.mirror, self.overlap, self.progress, self.storage = mirror, overlap, progress, storage
+        self._tile_batch = tile_batch
         self._mirror_on: bool | None = {"on": True, "off": False}.get(mirror)
         self.mirror_note = "" if mirror == "auto" else f"mirroring {mirror} (--mirror {mirror})"
-        self._models: list[torch.nn.Module] | None = None
         self.postprocessing = parse_rules([dict(r) for r in postprocessing])  # applied to every label map
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
     def from_workdir(cls, workdir: Path | str, configuration: str | None = None, folds: Sequence[int] | None = None,
                      device: str | torch.device | None = None, **options: Any) -> Predictor:
-        """Load ``WORKDIR/plans.json`` and the ``checkpoint_final.pt`` of each trained fold.
+        """Load ``WORKDIR/plans.json`` and the ``checkpoint_final.pt`` of each trained fold of each member.
 
-        The configuration: ``configuration``, else the one ``WORKDIR/selection.json`` names, else the first
-        of the plan's training runs. ``folds`` None means every fold trained so far (one is enough).
-        The post-processing rules ``selection.json`` tuned for that configuration are applied to its labels.
+        The model: ``configuration`` alone, else the ensemble ``WORKDIR/selection.json`` chose (one
+        configuration or several), else the first of the plan's training runs. ``folds`` None means every
+        fold trained so far (one is enough); given, every member must have them. The post-processing rules
+        ``selection.json`` tuned for that model are applied to its labels.
         """
         from autoseg.select import load_postprocessing
         from autoseg.train import run_folder
 
         workdir = Path(workdir)
-        plans = Plans.load(workdir / PLANS_FILE)
-        plans = with_resolved_normalization(plans, workdir)
-        name = choose_configuration(workdir, plans, configuration)
-        folds = trained_folds(workdir, name, folds)
-        options.setdefault("postprocessing", load_postprocessing(workdir, name))
-        weights = [load_checkpoint(run_folder(workdir, name, k) / FINAL)["model"] for k in folds]
-        return cls(plans, name, weights, device, folds=folds, **options)
+        plans = with_resolved_normalization(Plans.load(workdir / PLANS_FILE), workdir)
+        names = choose_model(workdir, plans, configuration)
+        chosen = {n: trained_folds(workdir, n, folds) for n in names}
+        options.setdefault("postprocessing", load_postprocessing(workdir, names))
+        weights = {n: [load_checkpoint(run_folder(workdir, n, k) / FINAL)["model"] for k in ks]
+                   for n, ks in chosen.items()}
+        return cls(plans, names, weights, device, folds=chosen, **options)
+
+    # --- what the model is -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return model_name([m.name for m in self.members])
 
     @property
-    def models(self) -> list[torch.nn.Module]:
-        if self._models is None:
-            self._models = []
-            for state in self.weights:
-                net = build_network(self.cfg.network, self.plans.in_channels, self.plans.num_classes, self.cfg.ndim)
-                net.load_state_dict(state)
-                self._models.append(net.to(self.device).eval())
-        return self._models
+    def cfg(self):
+        """The first member's configuration (the only one of a single-configuration model)."""
+        return self.members[0].cfg
+
+    @property
+    def folds(self) -> list[int]:
+        return self.members[0].folds
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        return self.members[0].mirror_axes
+
+    def describe(self) -> str:
+        """One line: the members and their folds, and the post-processing (what ``autoseg predict`` prints)."""
+        kind = "ensemble" if len(self.members) > 1 else "configuration"
+        rules = len(self.postprocessing)
+        return (f"{kind} {' + '.join(m.describe() for m in self.members)}, "
+                f"{rules} post-processing rule{'s' if rules != 1 else ''}, {self.storage} probabilities")
+
+    def tile_batch(self, member: Member) -> int:
+        return self._tile_batch or max(4, member.cfg.batch_size)
 
     # --- one case in memory ------------------------------------------------------------------------
     def predict_case(self, images: np.ndarray, geometry: Geometry, probabilities: bool = False,
@@ -187,65 +209,59 @@ class Predictor:
         return self._export(self._prepare(images, geometry, where), probabilities)
 
     @torch.inference_mode()
-    def preprocessed_probabilities(self, data: np.ndarray) -> torch.Tensor:
-        """Softmax ``(K, Z, Y, X)`` of a preprocessed case ``(C, Z, Y, X)``, averaged over the folds."""
-        mirror = self._decide_mirror(data.shape[1:])
-        axes = self.mirror_axes if mirror else ()
-        passes = count_tiles(data.shape[1:], self.cfg.patch_size, self.cfg.ndim, self.overlap) * len(self.models)
+    def preprocessed_probabilities(self, data: np.ndarray, member: int = 0) -> torch.Tensor:
+        """Probabilities ``(K, Z, Y, X)`` of a case preprocessed for ``members[member]``, the mean over its folds."""
+        return self._probabilities(self.members[member], data)
+
+    def _probabilities(self, member: Member, data: np.ndarray) -> torch.Tensor:
+        axes = member.mirror_axes if self._mirror_on else ()
+        passes = count_tiles(data.shape[1:], member.cfg.patch_size, member.cfg.ndim, self.overlap) * len(member.folds)
         bar = self._tile_bar(passes, 2 ** len(axes))
-        total = None
-        for model in self.models:
-            logits = sliding_window(model, data, self.cfg.patch_size, self.plans.num_classes, self.cfg.ndim,
-                                    self.device, overlap=self.overlap, mirror_axes=axes,
-                                    tile_batch=self.tile_batch, precision=self.precision,
-                                    channels_last=self.cfg.channels_last,
-                                    progress=bar.update if bar is not None else None)
-            probs = _softmax_(logits)
-            total = probs if total is None else total.add_(probs)
-            del logits, probs
-        if bar is not None:
-            bar.close()
-        return total.div_(len(self.models)) if len(self.models) > 1 else total
+        try:
+            return member_probabilities(member, self.plans, data, self.device, mirror_axes=axes, overlap=self.overlap,
+                                        tile_batch=self.tile_batch(member),
+                                        precision=_precision_on(member.cfg.precision, self.device),
+                                        storage=self.storage, progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _prepare(self, images: np.ndarray, geometry: Geometry, where: str) -> _Prepared:
+        """Each member's probabilities of one case. The members' preprocessed images are made first (the
+        first case's mirroring decision needs every member's tile count), then each is freed after its
+        sliding window."""
         check_images(images, self.plans, where)
-        data, _, props = preprocess_case(images, geometry, self.cfg, self.plans)
-        return _Prepared(self.preprocessed_probabilities(data), props, geometry)
+        cases = [preprocess_case(images, geometry, m.cfg, self.plans) for m in self.members]
+        del images  # the caller may hold no other reference: the raw image goes before the networks run
+        self._decide_mirror([data.shape[1:] for data, _, _ in cases])
+        outputs = []
+        for member in self.members:
+            data, _, props = cases.pop(0)
+            outputs.append(MemberOutput(self._probabilities(member, data), props, member.cfg))
+            del data
+        return _Prepared(outputs, geometry)
 
     def _export(self, prep: _Prepared, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """Restore one class at a time with a running argmax: the same labels as restoring all maps and
-        taking the argmax (ties to the lower class), holding one class at the original size, not K."""
-        probs = prep.probabilities.numpy()
-        shape = prep.properties["shape_original"]
-        seg = np.zeros(shape, np.uint8 if probs.shape[0] <= 256 else np.uint16)
-        maps = np.empty((probs.shape[0], *shape), np.float16) if probabilities else None
-        best = None
-        for c in range(probs.shape[0]):
-            p = restore_to_original(probs[c:c + 1], prep.properties, self.cfg, is_label=False,
-                                    fill=1.0 if c == 0 else 0.0)[0]
-            if maps is not None:
-                maps[c] = p
-            if best is None:
-                best = p
-                continue
-            better = p > best
-            seg[better] = c
-            np.maximum(best, p, out=best)
+        seg, maps = combine(prep.outputs, probabilities)
         if self.postprocessing:
             seg = apply_postprocessing(seg, self.postprocessing, prep.geometry.spacing)
         return seg, maps
 
     # --- mirroring decision --------------------------------------------------------------------------
-    def _decide_mirror(self, shape: Sequence[int]) -> bool:
-        if not self.mirror_axes:
+    def _decide_mirror(self, shapes: Sequence[Sequence[int]]) -> bool:
+        """Decide ``--mirror auto`` on the first case (``shapes``: each member's preprocessed shape)."""
+        mirrored = [(m, s) for m, s in zip(self.members, shapes) if m.mirror_axes]
+        if not mirrored:
             if self._mirror_on is None or self._mirror_on:
                 self.mirror_note = "mirroring off (the plan trains without mirror augmentation)"
             self._mirror_on = False
         if self._mirror_on is None:
-            flips = 2 ** len(self.mirror_axes)
-            per_batch = self._time_tile_batch()
-            batches = math.ceil(count_tiles(shape, self.cfg.patch_size, self.cfg.ndim, self.overlap) / self.tile_batch)
-            estimate = per_batch * batches * len(self.models) * flips
+            estimate = 0.0
+            for member, shape in mirrored:
+                tiles = count_tiles(shape, member.cfg.patch_size, member.cfg.ndim, self.overlap)
+                batches = math.ceil(tiles / self.tile_batch(member))
+                estimate += self._time_tile_batch(member) * batches * len(member.folds) * 2 ** len(member.mirror_axes)
+            flips = "/".join(str(2 ** len(m.mirror_axes)) for m, _ in mirrored)
             self._mirror_on = mirror_rule(estimate)
             self.mirror_note = (f"mirroring {'on' if self._mirror_on else 'off'} (--mirror auto: {flips} flips, "
                                 f"~{estimate:.1f} s of network time per case with them on {self.device.type}, "
@@ -253,16 +269,17 @@ class Predictor:
         return self._mirror_on
 
     @torch.inference_mode()
-    def _time_tile_batch(self) -> float:
-        """Seconds for one batch of tiles through one fold's network on this device: the fastest of three
-        passes after a warm-up one (the least disturbed by other work on the machine)."""
+    def _time_tile_batch(self, member: Member) -> float:
+        """Seconds for one batch of tiles through one fold's network of ``member`` on this device: the fastest
+        of three passes after a warm-up one (the least disturbed by other work on the machine)."""
         from autoseg.plan.compute import _sync
 
-        model = self.models[0]
-        x = torch.randn(self.tile_batch, self.plans.in_channels, *self.cfg.patch_size, device=self.device)
-        if self.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d if self.cfg.ndim == 3 else torch.channels_last)
-        amp = AUTOCAST.get(self.precision)
+        cfg = member.cfg
+        model = member.models(self.plans, self.device)[0]
+        x = torch.randn(self.tile_batch(member), self.plans.in_channels, *cfg.patch_size, device=self.device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d if cfg.ndim == 3 else torch.channels_last)
+        amp = AUTOCAST.get(_precision_on(cfg.precision, self.device))
         times = []
         for _ in range(4):
             _sync(self.device)
@@ -282,13 +299,15 @@ class Predictor:
 
     # --- files ---------------------------------------------------------------------------------------
     def predict_files(self, input: Path | str, output: Path | str, save_probabilities: bool = False,
-                      jobs: int = 1, report: Callable[[str], None] | None = None) -> PredictionSummary:
+                      jobs: int = 1, report: Callable[[str], None] | None = None,
+                      report_model: Callable[[str], None] | None = None) -> PredictionSummary:
         """Predict every case of ``input`` (a folder in the ``CASE_XXXX<ending>`` naming, or one file) into
         ``output/CASE<ending>`` with the input's spacing, origin and direction; with ``save_probabilities``
         also ``output/CASE.npz`` (``probabilities``: float16, ``(K, *spatial)``).
 
         A case that breaks the input contract (channels, dimensionality, unreadable file) is skipped with
         one line passed to ``report`` and recorded in the summary; the other cases are still predicted.
+        ``report_model`` is given :meth:`describe` before the first case.
         ``jobs`` > 1 exports (restore + write) in ``jobs - 1`` threads while the network runs the next case.
         """
         from tqdm import tqdm
@@ -299,7 +318,9 @@ class Predictor:
         if not cases:
             raise UserError(f"{input}: no images to predict (expected CASE_XXXX{self.plans.file_ending} files)")
         out.mkdir(parents=True, exist_ok=True)
-        summary = PredictionSummary()
+        summary = PredictionSummary(model=self.describe())
+        if report_model is not None:
+            report_model(summary.model)
         pool = ThreadPoolExecutor(jobs - 1) if jobs > 1 else None
         pending: deque[tuple[InputCase, Future]] = deque()
 
@@ -321,12 +342,10 @@ class Predictor:
                     fail(case, case.problem)
                     continue
                 try:
-                    images, geometry = read_images(case.images)
-                    prep = self._prepare(images, geometry, case.where)
+                    prep = self._prepare(*read_images(case.images), case.where)  # no reference kept to the image
                 except UserError as e:
                     fail(case, str(e))
                     continue
-                del images
 
                 def job(prep: _Prepared = prep, case: InputCase = case) -> list[Path]:
                     return self._write(prep, case, out, save_probabilities)
@@ -379,11 +398,13 @@ def write_probabilities(maps: np.ndarray, path: Path) -> None:
 def predict(model: Path | str, input: Path | str, output: Path | str, *, configuration: str | None = None,
             folds: Sequence[int] | None = None, device: str | None = None, mirror: str = "auto",
             overlap: float = 0.5, tile_batch: int | None = None, save_probabilities: bool = False,
-            jobs: int = 1, progress: bool = True, report: Callable[[str], None] | None = None) -> PredictionSummary:
+            jobs: int = 1, progress: bool = True, report: Callable[[str], None] | None = None,
+            report_model: Callable[[str], None] | None = None, storage: str = "float16") -> PredictionSummary:
     """``autoseg predict MODEL INPUT OUTPUT``: MODEL is a workdir (plans.json + runs/) or a bundle file
-    (``model.autoseg``, :mod:`autoseg.bundle`); see :meth:`Predictor.predict_files` for INPUT and OUTPUT."""
+    (``model.autoseg``, :mod:`autoseg.bundle`); see :meth:`Predictor.predict_files` for INPUT and OUTPUT.
+    The model is the selected one (an ensemble when selection chose one) unless ``configuration`` forces one."""
     model = Path(model)
-    options = dict(mirror=mirror, overlap=overlap, tile_batch=tile_batch, progress=progress)
+    options = dict(mirror=mirror, overlap=overlap, tile_batch=tile_batch, progress=progress, storage=storage)
     if model.is_file():
         from autoseg.bundle import load_bundle
 
@@ -393,4 +414,5 @@ def predict(model: Path | str, input: Path | str, output: Path | str, *, configu
                         "plan` and `autoseg train` wrote to, or its model.autoseg")
     else:
         predictor = Predictor.from_workdir(model, configuration, folds, device, **options)
-    return predictor.predict_files(input, output, save_probabilities=save_probabilities, jobs=jobs, report=report)
+    return predictor.predict_files(input, output, save_probabilities=save_probabilities, jobs=jobs, report=report,
+                                   report_model=report_model)

@@ -23,7 +23,7 @@ from autoseg.errors import UserError
 from autoseg.io import NATURAL_ENDINGS, SUPPORTED_ENDINGS, file_ending
 from autoseg.plan.model import PLANS_FILE, Plans
 
-SELECTION_FILE = "selection.json"  # written by the selection stage: {"configuration": name, ...}
+SELECTION_FILE = "selection.json"  # written by the selection stage: {"configuration": name, "ensemble": [...], ...}
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # as in autoseg.dataset
 
 
@@ -145,6 +145,23 @@ def choose_configuration(workdir: Path, plans: Plans, configuration: str | None)
         raise UserError(f"{source}: configuration '{configuration}' is not in {workdir / PLANS_FILE} "
                         f"(it has {', '.join(plans.configurations)})")
     return configuration
+
+
+def choose_model(workdir: Path, plans: Plans, configuration: str | None) -> list[str]:
+    """The configurations whose probabilities ``autoseg predict`` averages, in order: ``configuration`` alone,
+    else ``selection.json``'s ``ensemble`` (one configuration or several), else :func:`choose_configuration`'s."""
+    first = choose_configuration(workdir, plans, configuration)
+    if configuration is not None or not (workdir / SELECTION_FILE).is_file():
+        return [first]
+    ensemble = json.loads((workdir / SELECTION_FILE).read_text()).get("ensemble") or [first]
+    if not isinstance(ensemble, list) or ensemble[0] != first:
+        raise UserError(f"{workdir / SELECTION_FILE}: 'ensemble' {ensemble!r} does not start with its 'configuration' "
+                        f"'{first}'; run `autoseg select` again, or pass --config")
+    missing = [c for c in ensemble if c not in plans.configurations]
+    if missing:
+        raise UserError(f"{workdir / SELECTION_FILE}: ensemble member '{missing[0]}' is not in {workdir / PLANS_FILE} "
+                        f"(it has {', '.join(plans.configurations)}); run `autoseg select` again, or pass --config")
+    return list(ensemble)
 
 
 def trained_folds(workdir: Path, configuration: str, folds: Sequence[int] | None = None) -> list[int]:

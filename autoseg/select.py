@@ -13,10 +13,11 @@ this stage compares models by (mean foreground Dice: mean over classes of the me
 3. Post-processing rules are tuned on the chosen model's out-of-fold label maps
    (:func:`autoseg.postprocess.tune_postprocessing`).
 
-The choice goes to ``WORKDIR/selection.json``; ``autoseg predict`` reads its ``configuration`` and applies
-its ``postprocessing``. Prediction runs one configuration (its folds ensembled), so ``postprocessing`` is
-tuned for ``configuration``; when the best ensemble has several configurations its own rules are kept
-apart in ``ensemble_postprocessing_tuning``.
+The choice goes to ``WORKDIR/selection.json``: ``ensemble`` (the configurations, in the order they were
+added; ``configuration`` is the first) and ``postprocessing``, the rules tuned for that model.
+``autoseg predict`` averages the ensemble's probabilities the way they were scored here
+(:mod:`autoseg.ensemble`) and applies those rules. ``postprocessing_by_model`` holds the rules of every model
+tuned (``a+b`` and, for ``autoseg predict --config a``, the first member ``a`` alone).
 
 >>> selection = select_model("autoseg_work/Dataset001_Liver", "Dataset001_Liver")   # doctest: +SKIP
 >>> print(selection_table(selection))                                                  # doctest: +SKIP
@@ -26,13 +27,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from autoseg.artifacts import header, write_json
+from autoseg.ensemble import model_name
 from autoseg.errors import UserError
 from autoseg.io import read_label
 from autoseg.postprocess import (
@@ -219,18 +221,23 @@ def select_model(workdir: Path | str, dataset_dir: Path | str, postprocessing: b
     selection = {**header("selection"), "configuration": ensemble[0], "ensemble": list(ensemble),
                  "classes": {str(c): n for c, n in names.items()}, "cv": cv, "greedy": steps,
                  "postprocessing": [], "postprocessing_tuning": None}
+    selection["postprocessing_by_model"] = {model_name(m): [] for m in dict.fromkeys([ensemble, ensemble[:1]])}
     if postprocessing:
         fp = Fingerprint.load(workdir / FINGERPRINT_FILE) if (workdir / FINGERPRINT_FILE).is_file() else None
-        tuned = _tune(scorer, ensemble[:1], fp, names)
+        tuned = _tune(scorer, ensemble, fp, names)
         selection["postprocessing"], selection["postprocessing_tuning"] = tuned["rules"], tuned
+        selection["postprocessing_by_model"][model_name(ensemble)] = tuned["rules"]
         if len(ensemble) > 1:
-            selection["ensemble_postprocessing_tuning"] = _tune(scorer, ensemble, fp, names)
+            first = _tune(scorer, ensemble[:1], fp, names)
+            selection["configuration_postprocessing_tuning"] = first
+            selection["postprocessing_by_model"][ensemble[0]] = first["rules"]
     write_json(_json_safe(selection), workdir / SELECTION_FILE)
     return selection
 
 
-def load_postprocessing(workdir: Path | str, configuration: str) -> list[dict]:
-    """The rules ``selection.json`` tuned for ``configuration`` (none for another configuration or no file)."""
+def load_postprocessing(workdir: Path | str, model: str | Sequence[str]) -> list[dict]:
+    """The rules ``selection.json`` tuned for ``model`` (a configuration, or an ensemble's configurations in
+    order); none for a model it did not tune, or without the file."""
     from autoseg.postprocess import parse_rules
 
     path = Path(workdir) / SELECTION_FILE
@@ -240,7 +247,15 @@ def load_postprocessing(workdir: Path | str, configuration: str) -> list[dict]:
         selection = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f"{path}: unreadable ({e}); run `autoseg select` again or delete it") from e
-    if selection.get("configuration") != configuration:
+    members = [model] if isinstance(model, str) else list(model)
+    by_model = selection.get("postprocessing_by_model")
+    if isinstance(by_model, dict):
+        return parse_rules(by_model.get(model_name(members), []), str(path))
+    for key in ("postprocessing_tuning", "ensemble_postprocessing_tuning"):  # files from before by_model
+        tuned = selection.get(key)
+        if isinstance(tuned, dict) and tuned.get("model") == members:
+            return parse_rules(tuned.get("rules", []), str(path))
+    if members != (selection.get("ensemble") or [selection.get("configuration")]):
         return []
     return parse_rules(selection.get("postprocessing", []), str(path))
 
@@ -275,18 +290,16 @@ def selection_table(selection: dict) -> str:
                           + ("" if t["acceptable"] else " (refused)") for c, t in step["candidates"].items())
         lines.append(f"  greedy from {'+'.join(step['ensemble'])}: {tried}; "
                      + (f"added {step['added']}" if step["added"] else "stop"))
-    for key, label in (("postprocessing_tuning", selection["configuration"]),
-                       ("ensemble_postprocessing_tuning", chosen)):
+    for key, label in (("postprocessing_tuning", chosen),
+                       ("configuration_postprocessing_tuning", f"{selection['configuration']} alone (--config)")):
         pp = selection.get(key)
         if not pp:
             continue
         lines.append(f"post-processing tuned for {label} ({len(pp['rules'])} rule(s) kept):")
         lines += [f"  {_verdict(t):<22} {t['rule']:<36} {_fmt(t['before']).strip()} -> {_fmt(t['after']).strip()}"
                   for t in pp["tried"]]
-    if len(selection["ensemble"]) > 1:
-        lines.append(f"best ensemble: {chosen}; `autoseg predict` runs one configuration: {selection['configuration']}")
-    lines.append(f"predict uses {selection['configuration']} with {len(selection['postprocessing'])} "
-                 "post-processing rule(s)")
+    kind = "the ensemble" if len(selection["ensemble"]) > 1 else "configuration"
+    lines.append(f"predict uses {kind} {chosen} with {len(selection['postprocessing'])} post-processing rule(s)")
     return "\n".join(lines)
 
 

@@ -110,11 +110,12 @@ def test_fold_ensemble_is_the_mean_of_the_single_fold_probabilities(ct):
     from autoseg.preprocess import preprocess_case
 
     images, geometry = read_image(input_files(ds)[0])
-    both = Predictor.from_workdir(work, mirror="off")
+    both = Predictor.from_workdir(work, mirror="off", storage="float32")
     assert both.folds == [0, 1]
     data, _, props = preprocess_case(images, geometry, both.cfg, both.plans)
     mean = both.preprocessed_probabilities(data)
-    single = [Predictor.from_workdir(work, folds=[k], mirror="off").preprocessed_probabilities(data) for k in (0, 1)]
+    single = [Predictor.from_workdir(work, folds=[k], mirror="off", storage="float32").preprocessed_probabilities(data)
+              for k in (0, 1)]
     assert not torch.allclose(single[0], single[1], atol=1e-3)
     torch.testing.assert_close(mean, (single[0] + single[1]) / 2, atol=1e-6, rtol=0)
     seg, probs = both.predict_case(images, geometry, probabilities=True)
@@ -232,11 +233,11 @@ def test_mirror_auto_decides_once_from_the_measured_tile_time(ct, monkeypatch):
     images, geometry = read_image(input_files(ds)[0])
     for per_batch, on in ((1e-4, True), (10.0, False)):
         p = Predictor.from_workdir(work, mirror="auto")
-        monkeypatch.setattr(p, "_time_tile_batch", lambda v=per_batch: v)
+        monkeypatch.setattr(p, "_time_tile_batch", lambda member, v=per_batch: v)
         p.predict_case(images, geometry)
         assert p.mirror_axes == (1, 2) and p._mirror_on is on
         assert f"mirroring {'on' if on else 'off'}" in p.mirror_note and "4 flips" in p.mirror_note
-        monkeypatch.setattr(p, "_time_tile_batch", lambda: 1 / 0)  # decided: not measured again
+        monkeypatch.setattr(p, "_time_tile_batch", lambda member: 1 / 0)  # decided: not measured again
         p.predict_case(images, geometry)
 
 

@@ -17,7 +17,7 @@ from autoseg.cli import run
 from autoseg.io import Geometry, read_label, write_image, write_label
 from autoseg.plan.model import Configuration, Network, Normalization, Plans, Resampling
 from autoseg.postprocess import apply_postprocessing
-from autoseg.predict_inputs import SELECTION_FILE, choose_configuration
+from autoseg.predict_inputs import SELECTION_FILE, choose_configuration, choose_model
 from autoseg.select import load_postprocessing, select_after_training, select_model, selection_table
 
 SHAPE = (6, 8, 8)
@@ -124,8 +124,11 @@ def test_selection_json_round_trips_and_predict_reads_it(three_configs):
     on_disk = json.loads((work / SELECTION_FILE).read_text())
     assert on_disk == json.loads(json.dumps(sel))
     plans = Plans.load(work / "plans.json")
-    assert choose_configuration(work, plans, None) == "a"
-    assert load_postprocessing(work, "a") == on_disk["postprocessing"]
+    assert choose_configuration(work, plans, None) == "a" and choose_model(work, plans, None) == ["a", "b"]
+    assert load_postprocessing(work, ["a", "b"]) == on_disk["postprocessing"]
+    assert on_disk["postprocessing_tuning"]["model"] == ["a", "b"]  # tuned on the model predict runs
+    assert set(on_disk["postprocessing_by_model"]) == {"a+b", "a"}
+    assert load_postprocessing(work, "a") == on_disk["configuration_postprocessing_tuning"]["rules"]
     assert load_postprocessing(work, "b") == []  # rules tuned for another model are not applied
 
 
@@ -151,7 +154,7 @@ def test_cli_select_prints_the_table(three_configs, capsys):
     ds, work = three_configs
     assert run(["select", str(ds), "-w", str(work)]) == 0
     out = capsys.readouterr().out
-    assert "a+b" in out and "predict uses a" in out and (work / SELECTION_FILE).is_file()
+    assert "predict uses the ensemble a+b" in out and (work / SELECTION_FILE).is_file()
 
 
 def test_selection_after_training_reports_instead_of_failing(tmp_path, capsys):

@@ -37,8 +37,8 @@ def model_card(manifest: dict[str, Any], plans: Plans) -> str:
               f"- folds {', '.join(map(str, folds))} (probabilities averaged)",
               "- post-processing: " + ("; ".join(describe(r, names) for r in rules) if rules else "none")]
     if len(manifest.get("ensemble", [])) > 1:
-        lines.append(f"- best cross-validation ensemble: {' + '.join(manifest['ensemble'])} "
-                     "(`autoseg predict` runs the first)")
+        lines.append(f"- ensemble: {' + '.join(manifest['ensemble'])}, probabilities averaged "
+                     f"(`autoseg predict --config {name}` runs the first alone)")
     lines += ["", "## Cross-validation (out-of-fold Dice)", ""]
     selected = manifest["cv"].get("selection", {}).get(name)
     per_fold = manifest["cv"].get("folds", {}).get(name, {})

@@ -37,22 +37,30 @@ class Bundle:
 
     def predictor(self, configuration: str | None = None, folds: Sequence[int] | None = None,
                   device: str | torch.device | None = None, **options: Any):
-        """A :class:`~autoseg.predict.Predictor` for ``configuration`` (default: the selected one) and ``folds``
-        (default: all in the bundle), with the post-processing tuned for it."""
+        """A :class:`~autoseg.predict.Predictor` for ``configuration`` alone, or by default the selected model
+        (the manifest's ``ensemble``), with ``folds`` of each member (default: all in the bundle) and the
+        post-processing tuned for that model."""
+        from autoseg.ensemble import model_name
         from autoseg.predict import Predictor
 
-        name = configuration or self.configuration
-        if name not in self.weights:
-            raise UserError(f"{self.source}: no configuration '{name}' in the bundle "
-                            f"(it has {', '.join(self.weights)})")
-        have = sorted(self.weights[name])
-        chosen = have if folds is None else sorted(set(folds))
-        missing = [k for k in chosen if k not in self.weights[name]]
-        if missing:
-            raise UserError(f"{self.source}: fold {missing[0]} of '{name}' is not in the bundle "
-                            f"(it has fold(s) {', '.join(map(str, have))}); leave it out of --folds")
-        options.setdefault("postprocessing", self.postprocessing.get(name, []))
-        return Predictor(self.plans, name, [self.weights[name][k] for k in chosen], device, folds=chosen, **options)
+        if configuration is not None:
+            names = [configuration]
+        else:
+            names = [self.configuration] + [c for c in self.manifest.get("ensemble", []) if c != self.configuration]
+        chosen = {}
+        for name in names:
+            if name not in self.weights:
+                raise UserError(f"{self.source}: no configuration '{name}' in the bundle "
+                                f"(it has {', '.join(self.weights)})")
+            have = sorted(self.weights[name])
+            chosen[name] = have if folds is None else sorted(set(folds))
+            missing = [k for k in chosen[name] if k not in self.weights[name]]
+            if missing:
+                raise UserError(f"{self.source}: fold {missing[0]} of '{name}' is not in the bundle "
+                                f"(it has fold(s) {', '.join(map(str, have))}); leave it out of --folds")
+        options.setdefault("postprocessing", self.postprocessing.get(model_name(names), []))
+        weights = {n: [self.weights[n][k] for k in ks] for n, ks in chosen.items()}
+        return Predictor(self.plans, names, weights, device, folds=chosen, **options)
 
     def predict(self, image: np.ndarray | Path | str | Sequence[Path | str], geometry: Geometry | None = None, *,
                 device: str | None = None, mirror: str = "auto") -> tuple[np.ndarray, Geometry]:
@@ -126,7 +134,8 @@ def load_bundle(path: Path | str) -> Bundle:
                 weights[c][int(k)] = load_tensors(members[member])
             except (SafetensorError, ValueError) as e:
                 raise UserError(f"{source}: {member} is not a safetensors file ({e})") from e
-    post = {c: [dict(r) for r in parse_rules(rules.get(c, []), f"{source}:{POSTPROCESSING}")] for c in configs}
+    post = {key: [dict(r) for r in parse_rules(rules.get(key, []), f"{source}:{POSTPROCESSING}")]
+            for key in dict.fromkeys([*configs, *rules])}  # per configuration, and per ensemble ("a+b")
     return Bundle(source, manifest, plans, post, weights, card)
 
 

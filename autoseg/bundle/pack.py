@@ -16,6 +16,7 @@ from autoseg import __version__
 from autoseg.artifacts import dumps_json, header
 from autoseg.bundle.archive import FORMAT_VERSION, write_archive
 from autoseg.bundle.card import model_card
+from autoseg.ensemble import model_name
 from autoseg.errors import UserError
 from autoseg.plan.model import PLANS_FILE, Plans
 
@@ -58,8 +59,9 @@ def _unresolved_ct(plans: Plans) -> list[str]:
 def pack_bundle(workdir: Path | str, output: Path | str | None = None, configuration: str | None = None) -> Path:
     """Write the trained model of ``workdir`` as one file (default ``WORKDIR/model.autoseg``).
 
-    The configuration is ``configuration``, else ``selection.json``'s; every configuration of the selected
-    ensemble with trained folds goes in, with all its trained folds (``autoseg predict`` runs the first).
+    The model is ``configuration`` alone, else ``selection.json``'s: every configuration of the selected
+    ensemble goes in, with all its trained folds and the post-processing rules tuned for the ensemble (and
+    for its first configuration alone, for ``autoseg predict --config``).
     ``ct`` normalization statistics are filled from the fingerprint, so the bundle needs nothing else.
 
     >>> pack_bundle("autoseg_work/Dataset001_CT")                 # doctest: +SKIP
@@ -87,15 +89,9 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
             selection = json.loads((workdir / SELECTION_FILE).read_text())
         except ValueError as e:
             raise UserError(f"{workdir / SELECTION_FILE}: unreadable ({e}); run `autoseg select` again") from e
-    ensemble = selection.get("ensemble") if selection.get("configuration") == name else None
-    names = [name] + [c for c in (ensemble or []) if c != name and c in plans.configurations]
-    folds = {c: trained_folds(workdir, c) for c in names[:1]}
-    for c in names[1:]:
-        try:
-            folds[c] = trained_folds(workdir, c)
-        except UserError:
-            continue
-    names = list(folds)
+    ensemble = selection.get("ensemble") if configuration is None and selection.get("configuration") == name else None
+    names = [name] + [c for c in (ensemble or []) if c != name]
+    folds = {c: trained_folds(workdir, c) for c in names}  # a member without folds is an error, as in predict
     plans = replace(plans, configurations={c: plans.configurations[c] for c in names},
                     train_runs=[r for r in plans.train_runs if r.get("configuration") in folds])
     unresolved = _unresolved_ct(plans)
@@ -105,6 +101,8 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
 
     members: dict[str, bytes] = {PLANS_FILE: dumps_json(plans.to_dict()).encode()}
     rules = {c: load_postprocessing(workdir, c) for c in names}
+    if len(names) > 1:
+        rules[model_name(names)] = load_postprocessing(workdir, names)
     members[POSTPROCESSING] = dumps_json({**header("postprocessing"), "rules": rules}).encode()
     for c in names:
         for k in folds[c]:
@@ -125,8 +123,7 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dataset": plans.dataset_name, "input": input_contract(plans),
         "configuration": name, "configurations": {c: {"folds": folds[c]} for c in names},
-        "ensemble": [c for c in (ensemble or [name]) if c in folds],
-        "postprocessing": rules[name], "cv": cv,
+        "ensemble": names, "postprocessing": rules[model_name(names)], "cv": cv,
     }
     members[CARD] = model_card(manifest, plans).encode()
     return write_archive(members, manifest, output)

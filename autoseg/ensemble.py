@@ -1,0 +1,120 @@
+"""Ensembles: the probabilities of a model's members averaged, and brought back to the input's array.
+
+A model is one configuration or an ensemble of several (``selection.json``'s ``ensemble``, chosen by
+:mod:`autoseg.select` on the out-of-fold predictions). Each member is a configuration with its trained folds:
+its folds' probabilities are averaged in its own preprocessed space (one buffer, :func:`member_probabilities`),
+and the members meet in the one space they share, the original image's array (:func:`combine`)::
+
+    per member: preprocess -> per fold: sliding window (tile softmax, Gaussian-weighted) -> mean over folds
+    per class c: sum over members (in ensemble order) of the member's map c restored to the original array
+                 -> running argmax (ties to the lower class)
+
+That is the averaging the selection scored: there, each member's out-of-fold probabilities (of the fold that
+held the case out) were restored to the original array and summed in ensemble order, and the argmax taken;
+both take the argmax of the sum, not the mean (dividing could round two sums to a tie). Memory at the original size: the running maximum, the class sum,
+the label map and one restored class, whatever the number of classes and members; in preprocessed space,
+each member's buffer (``K`` maps, float16 by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoseg.nets import build_network
+from autoseg.plan.model import Configuration, Plans
+from autoseg.preprocess import restore_to_original
+from autoseg.sliding_window import sliding_window
+
+STORAGE = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Member:
+    """One configuration of a model and the weights of its trained folds (networks built on first use)."""
+
+    name: str
+    cfg: Configuration
+    weights: list[Mapping[str, torch.Tensor]]
+    folds: list[int]
+    _models: list[torch.nn.Module] | None = field(default=None, repr=False)
+
+    def models(self, plans: Plans, device: torch.device) -> list[torch.nn.Module]:
+        if self._models is None:
+            self._models = []
+            for state in self.weights:
+                net = build_network(self.cfg.network, plans.in_channels, plans.num_classes, self.cfg.ndim)
+                net.load_state_dict(state)
+                self._models.append(net.to(device).eval())
+        return self._models
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        return tuple(self.cfg.augmentation.mirror_axes)
+
+    def describe(self) -> str:
+        return f"{self.name} (fold{'s' if len(self.folds) != 1 else ''} {','.join(map(str, self.folds))})"
+
+
+@dataclass
+class MemberOutput:
+    """A member's mean probabilities ``(K, Z, Y, X)`` in its preprocessed space, and how to go back."""
+
+    probabilities: torch.Tensor
+    properties: dict[str, Any]
+    cfg: Configuration
+
+
+def member_probabilities(member: Member, plans: Plans, data: np.ndarray, device: torch.device, *,
+                         mirror_axes: Sequence[int], overlap: float, tile_batch: int, precision: str,
+                         storage: str = "float16", progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """The mean over ``member``'s folds of the sliding-window probabilities of a preprocessed case
+    ``(C, Z, Y, X)``: every fold adds ``1 / folds`` into one ``storage`` buffer (no second volume)."""
+    models = member.models(plans, device)
+    out = torch.zeros((plans.num_classes, *data.shape[1:]), dtype=STORAGE[storage])
+    for model in models:
+        sliding_window(model, data, member.cfg.patch_size, plans.num_classes, member.cfg.ndim, device,
+                       overlap=overlap, mirror_axes=mirror_axes, tile_batch=tile_batch, precision=precision,
+                       channels_last=member.cfg.channels_last, progress=progress, out=out, scale=1 / len(models))
+    return out
+
+
+def restore_class(output: MemberOutput, c: int) -> np.ndarray:
+    """Class ``c`` of a member's probabilities in the original image's array (float32; outside the crop:
+    softmax background, 1 for class 0 and 0 for the others)."""
+    p = output.probabilities[c:c + 1].float().numpy()
+    return restore_to_original(p, output.properties, output.cfg, is_label=False, fill=1.0 if c == 0 else 0.0)[0]
+
+
+def combine(outputs: Sequence[MemberOutput], probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The label map of the members' mean probabilities in the original array, restored one class at a
+    time with a running argmax (the labels of restoring every map and taking the argmax, ties to the lower
+    class, holding one class at the original size, not K); with ``probabilities`` also the mean maps
+    ``(K, *spatial)`` as float16."""
+    classes = outputs[0].probabilities.shape[0]
+    shape = outputs[0].properties["shape_original"]
+    seg = np.zeros(shape, np.uint8 if classes <= 256 else np.uint16)
+    maps = np.empty((classes, *shape), np.float16) if probabilities else None
+    best = None
+    for c in range(classes):
+        total = restore_class(outputs[0], c)
+        for other in outputs[1:]:
+            total += restore_class(other, c)
+        if maps is not None:
+            maps[c] = total / len(outputs) if len(outputs) > 1 else total
+        if best is None:
+            best = total
+            continue
+        better = total > best
+        seg[better] = c
+        np.maximum(best, total, out=best)
+    return seg, maps
+
+
+def model_name(members: Sequence[str]) -> str:
+    """How selection.json and the bundle key a model: its members joined by ``+`` (``2d+3d_fullres``)."""
+    return "+".join(members)
