@@ -265,7 +265,7 @@ def test_plan_search_then_train_from_the_command_line(tmp_path, capsys):
     assert run(["plan", str(ds), "-w", str(w), "--search", "--trials", "3", "--budget", "90s", "--device", "cpu",
                 "--folds", "2", "-j", "1", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "search: budget 1m30s: search 36s (3 trials" in out and "search: chose trial" in out
+    assert "search: budget 90s: search 36s (3 trials" in out and "search: chose trial" in out
     plans = json.loads((w / PLANS_FILE).read_text())
     assert plans["search"]["rules"]["name"] == "3d_fullres"
     assert run(["train", str(ds), "-w", str(w), "--steps", "2", "-q"]) == 0

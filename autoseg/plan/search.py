@@ -43,6 +43,7 @@ DEFAULT_TRIALS = 12
 PRUNE_SAVING = 1.5  # pruned trials stop early, so each trial may take this times its even share
 RUNGS = 4  # validations per trial: the pruner's rungs
 MIN_TRIAL_SHARE = 0.25  # no new trial when less than this share of a trial's time is left
+OVERHEAD_GUESS = 0.15  # of a trial's time, for start-up and scoring, until trials have measured it
 MAX_SCORE_CASES = 8  # held-out cases of fold 0 scored per trial
 
 
@@ -174,11 +175,13 @@ class TrialRunner:
         from autoseg.plan.compute import best_device
         from autoseg.train import Trainer, cached_cases
 
+        t0 = time.time()
         fold = int(self.settings.get("fold", 0))
         steps = self.settings.get("trial_steps")
         seconds = float(self.settings["trial_s"])
         if self.deadline is not None:
-            seconds = max(1.0, min(seconds, self.deadline - time.time()))
+            seconds = min(seconds, self.deadline - t0)
+        seconds = max(1.0, seconds - _overhead(trial.study, seconds))  # the trial's time includes its scoring
         planned = int(steps or max(1, seconds / max(cfg.measured.step_time_s, 1e-6)))
         cfg = replace(cfg, schedule=replace(cfg.schedule, steps=planned, val_every=max(1, planned // RUNGS)))
         plans = replace(self.plans, configurations={**self.plans.configurations, cfg.name: cfg})
@@ -198,15 +201,25 @@ class TrialRunner:
 
         device = self.device or best_device()
         try:
-            Trainer(self.workdir, cfg.name, fold, plans=plans, seconds=None if steps else seconds,
+            run = Trainer(self.workdir, cfg.name, fold, plans=plans, seconds=None if steps else seconds,
                     steps=int(steps) if steps else None, device=self.device, seed=self.seed, workers=self.workers,
                     progress=False, folder=folder, on_validation=report).fit()
             val = load_splits(self.workdir, cached_cases(self.workdir, cfg.name), plans.folds)[fold]["val"]
             model = load_run_model(folder, plans, cfg.name, device)
-            return score_validation(model, self.workdir, plans, cfg, val, device)
+            value = score_validation(model, self.workdir, plans, cfg, val, device)
+            trial.set_user_attr("overhead_s", round(time.time() - t0 - run.seconds, 2))
+            return value
         finally:
             for name in (FINAL, LATEST):  # weights are not kept: the chosen configuration trains again
                 (folder / name).unlink(missing_ok=True)
+
+
+def _overhead(study: optuna.Study, seconds: float) -> float:
+    """Seconds a trial spends besides training (start-up, scoring): the median of the completed trials',
+    else a guess of 15 %."""
+    past = [t.user_attrs["overhead_s"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "overhead_s" in t.user_attrs]
+    return float(np.median(past)) if past else OVERHEAD_GUESS * seconds
 
 
 # --- the search as the CLI runs it ----------------------------------------------------------------------
