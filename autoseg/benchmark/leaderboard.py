@@ -14,7 +14,7 @@ from autoseg.plan.budget import format_duration
 
 STAGES = ("plan", "train", "predict", "evaluate")
 CSV_COLUMNS = ("dataset", "method", "status", "class", "dice", "nsd", "hd95_mm", "test_cases", "budget_s",
-               *(f"{s}_s" for s in STAGES), "total_s", "peak_pss_mb", "reason")
+               *(f"{s}_s" for s in STAGES), "total_s", "cpu_s", "peak_pss_mb", "reason")
 MD_FILE, CSV_FILE, PLOT_FILE = "leaderboard.md", "leaderboard.csv", "leaderboard.png"
 
 
@@ -33,6 +33,12 @@ def peak_mb(record: dict) -> float | None:
     """The largest peak (PSS of the process tree) over the cell's stages."""
     peaks = [s.get("peak_pss_mb") for s in (record.get("stages") or {}).values() if s.get("peak_pss_mb")]
     return max(peaks) if peaks else None
+
+
+def cpu_seconds(record: dict) -> float | None:
+    """CPU seconds (user + system) of all the cell's process trees: the work done, whatever the load."""
+    cpu = [s["cpu_s"] for s in (record.get("stages") or {}).values() if s.get("cpu_s") is not None]
+    return sum(cpu) if cpu else None
 
 
 def _f(x: float | None, fmt: str = ".3f") -> str:
@@ -65,6 +71,7 @@ def csv_rows(records: list[dict]) -> list[dict]:
         times = stage_seconds(r)
         base = {"dataset": r["dataset"], "method": r["method"], "status": r["status"], "budget_s": r.get("budget_s"),
                 **{f"{s}_s": _round(times.get(s)) for s in STAGES}, "total_s": r.get("total_s"),
+                "cpu_s": _round(cpu_seconds(r)),
                 "peak_pss_mb": _round(peak_mb(r)), "reason": r.get("reason", "")}
         metrics = r.get("metrics")
         if r["status"] != DONE or not metrics:
@@ -125,8 +132,8 @@ def render_markdown(suite: Suite, records: list[dict], machine: dict[str, str],
         any_r = next(by[d, m] for m in methods if (d, m) in by)
         lines += [f"## {d}", "", f"Source: {any_r.get('dataset_source', '')}. {any_r.get('note', '')}", "",
                   "| method | status | Dice | NSD | HD95 mm | Dice per class | plan | train | predict | evaluate "
-                  "| total | peak MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| total | CPU s | peak MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
             r = by.get((d, m))
             if r is None:
@@ -137,10 +144,10 @@ def render_markdown(suite: Suite, records: list[dict], machine: dict[str, str],
                 fg = r["metrics"]["foreground"]
                 per = ", ".join(f"{c} {_f(v['dice'])}" for c, v in r["metrics"]["per_class"].items())
                 lines.append(f"| {m} | done | {_f(fg['dice'])} | {_f(fg['nsd'])} | {_f(fg['hd95_mm'], '.1f')} | {per} "
-                             f"| {stage_cols} | {_sec(r.get('total_s'))} | {_f(peak_mb(r), '.0f')} |")
+                             f"| {stage_cols} | {_sec(r.get('total_s'))} | {_f(cpu_seconds(r), '.0f')} | {_f(peak_mb(r), '.0f')} |")
             else:
                 lines.append(f"| {m} | {r['status']} | - | - | - | {r.get('reason', '')} | {stage_cols} "
-                             f"| {_sec(r.get('total_s'))} | {_f(peak_mb(r), '.0f')} |")
+                             f"| {_sec(r.get('total_s'))} | {_f(cpu_seconds(r), '.0f')} | {_f(peak_mb(r), '.0f')} |")
         lines.append("")
     lines += ["## Methods", ""]
     for m in methods:
@@ -148,7 +155,8 @@ def render_markdown(suite: Suite, records: list[dict], machine: dict[str, str],
         lines.append(f"- **{m}**: {r.get('method_description', '')}")
     lines += ["", "Time per stage: wall seconds of each stage's process tree (a command method's plan/train/predict "
               "are the times it reports; its peak memory is that of its whole run). Peak MB: the largest PSS sum "
-              "over the process tree of any stage, worker processes included.", ""]
+              "over the process tree of any stage, worker processes included. CPU s: user + system seconds of all the "
+              "cell's processes (the work done; wall time also counts the waiting on a shared machine).", ""]
     return "\n".join(lines)
 
 
