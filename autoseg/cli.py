@@ -95,7 +95,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if a.trials is not None or a.storage is not None:
         raise UserError("--trials and --storage need --search")
     result = plan_dataset(a.dataset, a.workdir, planner=a.planner, budget=a.budget, device=a.device,
-                          jobs=a.jobs, replan=a.replan, progress=not a.quiet, folds=a.folds)
+                          jobs=a.jobs, replan=a.replan, progress=not a.quiet, folds=a.folds,
+                          preprocess_also=a.preprocess)
     print(summary(result))
     return 0
 
@@ -279,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None,
                    help="wall-clock budget for training, e.g. 20m, 8h (default: 1h on CPU, 8h on CUDA)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
-    p.add_argument("--folds", type=_jobs, default=5, help="cross-validation folds (default %(default)s)")
+    p.add_argument("--folds", type=_jobs, default=None,
+                   help="cross-validation folds (default: the existing plan's, else 5); a new number re-plans")
     p.add_argument("--replan", action="store_true", help="make a new plans.json even if one is up to date")
     p.add_argument("--search", action="store_true",
                    help="search around the rules' configuration with Optuna (architecture, depth, width, patch, "
@@ -287,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=None, help="search trials in all (default 12)")
     p.add_argument("--storage", default=None, metavar="URL|FILE.journal",
                    help="study storage shared by `autoseg search-worker`s (default: sqlite in WORKDIR)")
+    p.add_argument("--preprocess", nargs="+", metavar="CONFIG", default=None,
+                   help="also preprocess these configurations now (or 'all'); by default only the ones the budget "
+                        "trains are, and `autoseg train --config NAME` preprocesses the others when asked")
     _add_jobs(p)
     p.set_defaults(func=cmd_plan)
 

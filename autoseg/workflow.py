@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,14 @@ def _same_request(plans: Plans, fp: Fingerprint, planner: str, budget_s: float |
 
 def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner: str = "default",
                  budget: str | float | None = None, device: str | None = None, jobs: int | None = None,
-                 replan: bool = False, progress: bool = False, folds: int = 5) -> PlanResult:
+                 replan: bool = False, progress: bool = False, folds: int | None = None,
+                 preprocess_also: list[str] | None = None) -> PlanResult:
     """Validate, fingerprint, plan and preprocess ``dataset`` into ``workdir``.
 
     An existing ``plans.json`` made from the same dataset, planner, budget and device is kept as it is
-    (so a user's edits survive a re-run); ``replan=True`` makes a new one.
+    (so a user's edits survive a re-run); ``replan=True`` makes a new one. ``folds`` defaults to the existing
+    plan's, else 5. Only the configurations the default ``autoseg train`` trains are preprocessed, plus
+    ``preprocess_also`` (names, or ``["all"]``); ``autoseg train --config NAME`` preprocesses the others.
     """
     import time
 
@@ -66,19 +70,48 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     plans, replanned = None, True
     if plans_path.is_file() and not replan:
         existing = Plans.load(plans_path)
-        if _same_request(existing, fp, planner, budget_s, device):
+        if _same_request(existing, fp, planner, budget_s, device) and folds in (None, existing.folds):
             plans, replanned = existing, False
     if plans is None:
         if progress:
             print("planning: measuring candidate networks on the device ...", file=sys.stderr)
-        plans = make_plans(fp, planner, budget_s, device, folds)
+        plans = make_plans(fp, planner, budget_s, device, folds or 5)
         plans.save(plans_path)
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    done = preprocess(dataset, work, plans, fp, jobs=jobs, progress=progress)
+    names = trained_configurations(plans)
+    extra = list(plans.configurations) if preprocess_also == ["all"] else (preprocess_also or [])
+    names += [n for n in extra if n not in names]
+    done = preprocess(dataset, work, plans, fp, configurations=names, jobs=jobs, progress=progress)
     timings["preprocess"] = time.perf_counter() - t
     return PlanResult(work, fp, plans, replanned, done, timings)
+
+
+def trained_configurations(plans: Plans) -> list[str]:
+    """The configurations the default ``autoseg train`` trains: the ones ``autoseg plan`` preprocesses. The
+    others are preprocessed by the first ``autoseg train --config NAME`` that asks for them."""
+    return list(dict.fromkeys(r["configuration"] for r in plans.train_runs)) or list(plans.configurations)
+
+
+def ensure_preprocessed(dataset: Path | str, work: Path, plans: Plans, configurations: list[str],
+                        jobs: int | None = None, progress: bool = False) -> dict[str, int]:
+    """Bring the cache of ``configurations`` up to date (a no-op for cases already current)."""
+    from autoseg.errors import UserError
+    from autoseg.preprocess import PREPROCESSED_DIR, preprocess
+
+    missing = [c for c in configurations if not any((work / PREPROCESSED_DIR / c).glob("*.json"))]
+    fp_path = work / FINGERPRINT_FILE
+    if not missing and (not fp_path.is_file() or not trainer_is_main()
+                        or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return {}  # under torchrun every rank would preprocess into one folder: rank 0 alone did, at plan time
+    if missing and (not trainer_is_main() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise UserError(f"configuration {', '.join(missing)} is not preprocessed yet: run `autoseg plan "
+                        f"{dataset} --preprocess {' '.join(missing)}` first, then torchrun again")
+    if not fp_path.is_file():
+        raise UserError(f"{fp_path}: missing; run `autoseg plan {dataset}` first")
+    return preprocess(dataset, work, plans, Fingerprint.load(fp_path), configurations=configurations, jobs=jobs,
+                      progress=progress)
 
 
 def summary(result: PlanResult) -> str:
@@ -97,7 +130,7 @@ def summary(result: PlanResult) -> str:
                      f"batch {c.batch_size}  {c.network.family} {m.parameters / 1e6:.2f}M params "
                      f"(width {c.network.features[0]}, {c.network.n_stages} stages)")
         lines.append(f"  {'':<11} {c.precision}{' channels-last' if c.channels_last else ''}: "
-                     f"{m.step_time_s:.3f} s/step{' (extrapolated)' if m.extrapolated else ''}, "
+                     f"{m.step_time_s:.3f} s/step{' (predicted)' if m.extrapolated else ''}, "
                      f"{m.peak_memory_mb:.0f} MiB, {c.schedule.steps} steps = "
                      f"{format_duration(c.schedule.steps * m.step_time_s)} per run")
     runs = p.train_runs
@@ -112,6 +145,10 @@ def summary(result: PlanResult) -> str:
     lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     pre = ", ".join(f"{k} {v}" for k, v in result.preprocessed.items())
     lines.append(f"preprocessed (cases computed): {pre}")
+    later = [n for n in p.configurations if n not in result.preprocessed]
+    if later:
+        lines.append(f"not preprocessed yet (not trained in this budget): {', '.join(later)}; "
+                     f"`autoseg train --config {later[0]}` preprocesses it first")
     lines.append(f"wrote {result.workdir / PLANS_FILE}")
     return "\n".join(lines)
 
@@ -169,6 +206,7 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
     work = resolve_workdir(dataset, workdir)
     plans = Plans.load(work / PLANS_FILE)
     runs = select_runs(plans, configuration, fold)
+    ensure_preprocessed(dataset, work, plans, list(dict.fromkeys(c for c, _, _ in runs)), progress=progress)
     if budget is not None:
         total = float(budget) if isinstance(budget, (int, float)) else parse_duration(budget)
         runs = [(c, k, total / len(runs)) for c, k, _ in runs]

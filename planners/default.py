@@ -50,7 +50,10 @@ def ideal_patch(ndim: int, spacing: list[float], median_shape: list[int], s: Set
 
 def configure(name: str, ndim: int, spacing: list[float], median_shape: list[int], fp: Fingerprint,
               order: list[int], run_s: float, ctx: PlanningContext, s: Settings,
-              precision: tuple[str, bool, float] | None = None) -> tuple[Configuration, list[str], tuple]:
+              precision: tuple[str, bool, float] | None = None,
+              trained: bool = True) -> tuple[Configuration, list[str], tuple]:
+    """One configuration fitted to the device; ``trained``: the default ``autoseg train`` runs it, so its
+    choice is measured for real (the others are planned from the proxy measurements alone)."""
     ideal = ideal_patch(ndim, spacing, median_shape, s)
     obj = [min(o, i) for o, i in zip(rules.object_patch(fp, spacing, order, median_shape), ideal)]
     req = FitRequest(family=s.family, ndim=ndim, spacing=spacing, median_shape=median_shape, ideal_patch=ideal,
@@ -59,7 +62,7 @@ def configure(name: str, ndim: int, spacing: list[float], median_shape: list[int
                      feature_cap=s.feature_cap_3d if ndim == 3 else s.feature_cap_2d,
                      dataset_voxels=dataset_voxels(fp, spacing, order), blocks=list(s.blocks) if s.blocks else None,
                      decoder_convs=s.decoder_convs, precision=precision)
-    r = fit(req, ctx.device)
+    r = fit(req, ctx.device, verify=trained)
     val_every = max(50, min(r.steps // 10, 1000))
     cfg = Configuration(
         name=name, ndim=ndim, spacing=[round(x, 6) for x in spacing], median_shape=median_shape,
@@ -87,7 +90,9 @@ def plan_with(fp: Fingerprint, ctx: PlanningContext, s: Settings = DEFAULT) -> P
     shape = rules.median_resampled_shape(fp, spacing, order)
     is_3d = fp.ndim == 3 and shape[0] > 1
     primary = "3d_fullres" if is_3d else "2d"
-    others = ["2d"] if is_3d else []
+    # lowres is about images larger than the patch memory allows, not about a small time budget
+    low = rules.lowres_spacing(spacing, shape, int(np.prod(ideal_patch(3, spacing, shape, s)))) if is_3d else None
+    others = (["3d_lowres"] if low is not None else []) + (["2d"] if is_3d else [])
     runs = budget.allocate_runs(primary, others, ctx.folds, ctx.budget_s)
     run_s = {r["configuration"]: r["seconds"] for r in runs}
     default_run_s = runs[0]["seconds"]
@@ -97,17 +102,16 @@ def plan_with(fp: Fingerprint, ctx: PlanningContext, s: Settings = DEFAULT) -> P
         configs["3d_fullres"], log, prec3d = configure("3d_fullres", 3, spacing, shape, fp, order,
                                                        run_s["3d_fullres"], ctx, s)
         notes += log
-        # lowres is about images larger than the patch memory allows, not about a small time budget
-        low = rules.lowres_spacing(spacing, shape, int(np.prod(ideal_patch(3, spacing, shape, s))))
         if low is not None:
             low_shape = rules.median_resampled_shape(fp, low, order)
             cfg, log, _ = configure("3d_lowres", 3, low, low_shape, fp, order,
-                                    run_s.get("3d_lowres", default_run_s), ctx, s, prec3d)
+                                    run_s.get("3d_lowres", default_run_s), ctx, s, prec3d, "3d_lowres" in run_s)
             configs["3d_lowres"] = replace(cfg, lowres_of="3d_fullres")
             notes += log
     in_plane = spacing[-2:]
     shape2d = shape[-2:]
-    configs["2d"], log, _ = configure("2d", 2, in_plane, shape2d, fp, order, run_s.get("2d", default_run_s), ctx, s)
+    configs["2d"], log, _ = configure("2d", 2, in_plane, shape2d, fp, order, run_s.get("2d", default_run_s), ctx, s,
+                                      trained="2d" in run_s)
     notes += log
     return Plans(dataset_name=fp.dataset_name, fingerprint_hash=fp.dataset_hash, planner=ctx.planner_name,
                  device=ctx.device.to_dict(), budget_s=ctx.budget_s, configurations=configs,

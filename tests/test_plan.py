@@ -23,6 +23,7 @@ from test_plan_rules import ANISO_Z, anisotropic, isotropic, make_fingerprint, p
 from autoseg.cli import run
 from autoseg.errors import UserError
 from autoseg.fingerprint import Fingerprint
+from autoseg.nets import build_network, count_parameters
 from autoseg.plan import PLANS_FILE, Plans, compute
 from autoseg.plan import make as make_module
 from autoseg.plan.budget import parse_duration
@@ -48,16 +49,20 @@ def approximate_flops(cfg, in_ch, n_classes, ndim, patch, batch) -> float:
     return 3 * total
 
 
-def fake_measure(bf16_speedup: float = 1.0, bf16_cosine: float = 1.0) -> Callable:
-    """A stand-in for compute.measure_step: step time from exact FLOPs, memory proportional to voxels."""
+def fake_measure(bf16_speedup: float = 1.0, bf16_noise: float = 0.1) -> Callable:
+    """A stand-in for compute.measure_step: step time from exact FLOPs; memory: activations proportional to
+    voxels plus weights, gradients and momentum (fp32), as the real measurement counts them."""
 
     def measure(cfg, in_ch, n_classes, ndim, patch, batch, device="cpu", precision="fp32", channels_last=False,
-                steps=2, reference_grad=None, seed=0):
+                steps=1, reference_grad=None, seed=0, second_batch=False):
         flops = compute.count_step_flops(cfg, in_ch, n_classes, ndim, patch, batch)
         seconds = flops / FLOPS_PER_S / (bf16_speedup if precision == "bf16" else 1.0) + 0.01
-        memory = int(np.prod(patch)) * batch * cfg.features[0] * BYTES_PER_UNIT
-        cosine = bf16_cosine if precision == "bf16" else 1.0
-        return StepMeasurement(seconds, memory, flops, precision, channels_last, cosine), torch.ones(8)
+        with torch.device("meta"):
+            params = count_parameters(build_network(cfg, in_ch, n_classes, ndim))
+        memory = int(np.prod(patch)) * batch * cfg.features[0] * BYTES_PER_UNIT + 12 * params
+        error = bf16_noise if precision == "bf16" else 0.0  # in units of the batch spread, which is 1
+        return (StepMeasurement(seconds, memory, flops, precision, channels_last, 1.0, error, float(second_batch)),
+                torch.ones(8))
 
     return measure
 
@@ -112,10 +117,10 @@ def test_steps_times_step_time_fill_each_run(fake_compute):
 def test_the_device_memory_limit_is_respected(fake_compute):
     fp = isotropic((128, 128, 128))
     roomy = make_plans(fp, budget="8h", device="cpu")
-    fake_compute(DeviceInfo("cpu", "small", 24 * MiB, 2, False))
+    fake_compute(DeviceInfo("cpu", "small", 64 * MiB, 2, False))
     tight = make_plans(fp, budget="8h", device="cpu")
     for name, cfg in tight.configurations.items():
-        assert cfg.measured.peak_memory_mb * MiB <= 24 * MiB, name
+        assert cfg.measured.peak_memory_mb * MiB <= 64 * MiB, name
         big = roomy.configurations[name]
         assert cfg.network.features[0] * voxels(cfg) < big.network.features[0] * voxels(big)
 
@@ -158,6 +163,32 @@ def test_very_large_ct_plans_3d_lowres_with_ct_normalization(fake_compute):
     assert full.normalization[0].clip_high == fp.channels[0].percentile_99_5
 
 
+def test_a_large_budget_trains_3d_lowres_too(fake_compute):
+    fp = make_fingerprint([(1.0, 0.8, 0.8)] * 5, [(400, 512, 512)] * 5, channels=("CT",))
+    small = {r["configuration"] for r in make_plans(fp, budget="10m", device="cpu").train_runs}
+    large = {r["configuration"] for r in make_plans(fp, budget="8h", device="cpu").train_runs}
+    assert small == {"3d_fullres"} and large == {"3d_fullres", "3d_lowres", "2d"}
+
+
+def test_only_trained_configurations_are_measured_for_real(fake_compute, monkeypatch: pytest.MonkeyPatch):
+    """Proxies predict the configurations the budget does not train; the trained one is measured as is, and
+    the predicted memory counts the weights once, not per voxel."""
+    measured: list[int] = []
+    fake = fake_measure()
+
+    def counting(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
+        measured.append(ndim)
+        return fake(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw)
+
+    monkeypatch.setattr(compute, "measure_step", counting)
+    plans = make_plans(isotropic((96, 96, 96)), budget="10m", device="cpu")
+    full, flat = plans.configurations["3d_fullres"], plans.configurations["2d"]
+    assert not full.measured.extrapolated and flat.measured.extrapolated
+    assert measured.count(2) == 1  # the 2d proxy only
+    truth, _ = fake(flat.network, 1, 2, 2, flat.patch_size, flat.batch_size)
+    assert flat.measured.peak_memory_mb == pytest.approx(truth.peak_memory_bytes / MiB, rel=0.02)
+
+
 def test_multichannel_plan_normalizes_each_channel(fake_compute):
     plans = make_plans(isotropic((64, 64, 64), channels=("CT", "T2")), budget="10m", device="cpu")
     assert plans.channel_names == ["CT", "T2"]
@@ -169,7 +200,7 @@ def test_bf16_is_planned_only_when_measured_faster_and_accurate(fake_compute):
     bf16_cpu = DeviceInfo("cpu", "bf16 CPU", 8 << 30, 2, True)
     fake_compute(bf16_cpu, bf16_speedup=2.0)
     assert make_plans(planar(), budget="10m").configurations["2d"].precision == "bf16"
-    fake_compute(bf16_cpu, bf16_speedup=2.0, bf16_cosine=0.9)
+    fake_compute(bf16_cpu, bf16_speedup=2.0, bf16_noise=0.8)
     assert make_plans(planar(), budget="10m").configurations["2d"].precision == "fp32"
     fake_compute(bf16_cpu, bf16_speedup=1.05)
     assert make_plans(planar(), budget="10m").configurations["2d"].precision == "fp32"
@@ -381,10 +412,12 @@ def test_plan_writes_plans_and_the_preprocessed_cache(planned, task: str):
     assert (work / "fingerprint.json").is_file() and plans.budget_s == 300 and plans.device["type"] == "cpu"
     case_ids = sorted(p.name[: -len("_0000" + plans.file_ending)] for p in (data / "imagesTr").glob("*_0000*"))
     assert len(case_ids) == CASES
+    trained = {r["configuration"] for r in plans.train_runs}
     for name, cfg in plans.configurations.items():
         folder = work / "preprocessed" / name
-        for case in case_ids:
-            assert (folder / f"{case}.npy").is_file() and (folder / f"{case}.json").is_file(), (name, case)
+        for case in case_ids:  # only what the budget trains; the others wait for `autoseg train --config`
+            cached = (folder / f"{case}.npy").is_file() and (folder / f"{case}.json").is_file()
+            assert cached == (name in trained), (name, case)
         assert cfg.schedule.steps * cfg.measured.step_time_s <= plans.budget_s
     assert plans.planning_time_s > 0
 
@@ -439,6 +472,20 @@ def test_rerun_keeps_an_edited_plans_json_and_replan_replaces_it(planned, tmp_pa
     assert Plans.load(work / PLANS_FILE).configurations["2d"].schedule.steps != 12345
 
 
+def test_a_new_number_of_folds_replans_and_none_keeps_the_plan(planned, tmp_path: Path, capsys,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(compute, "measure_step", fake_measure())
+    data, original = planned["png-2d"]
+    work = tmp_path / "work"
+    shutil.copytree(original, work)
+    args = ["-q", "plan", str(data), "-w", str(work), *PLAN_ARGS]
+    assert run([*args, "--folds", "3"]) == 0
+    assert Plans.load(work / PLANS_FILE).folds == 3
+    capsys.readouterr()
+    assert run(args) == 0
+    assert "kept existing plans.json" in capsys.readouterr().out and Plans.load(work / PLANS_FILE).folds == 3
+
+
 def test_rerun_with_a_broken_edit_is_one_clear_error(planned, tmp_path: Path, capsys):
     data, original = planned["png-2d"]
     work = tmp_path / "work"
@@ -449,3 +496,21 @@ def test_rerun_with_a_broken_edit_is_one_clear_error(planned, tmp_path: Path, ca
     assert run(["-q", "plan", str(data), "-w", str(work), *PLAN_ARGS]) == 2
     err = capsys.readouterr().err
     assert err.startswith("autoseg: error: ") and "configurations.2d.patch_size" in err and len(err.splitlines()) == 1
+
+
+def test_train_preprocesses_a_configuration_plan_left_for_later(planned, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    from autoseg.workflow import ensure_preprocessed
+
+    data, original = planned["mri-nested"]
+    work = tmp_path / "work"
+    shutil.copytree(original, work)
+    plans = _plans(planned, "mri-nested")
+    assert not (work / "preprocessed" / "2d").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the ranks must not preprocess into one folder
+    with pytest.raises(UserError, match="--preprocess 2d"):
+        ensure_preprocessed(data, work, plans, ["2d"])
+    monkeypatch.delenv("WORLD_SIZE")
+    assert ensure_preprocessed(data, work, plans, ["2d"]) == {"2d": CASES}
+    assert len(list((work / "preprocessed" / "2d").glob("*.json"))) == CASES
+    assert ensure_preprocessed(data, work, plans, ["2d", "3d_fullres"]) == {"2d": 0, "3d_fullres": 0}

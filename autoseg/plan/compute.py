@@ -23,6 +23,7 @@ from autoseg.nets import build_network
 from autoseg.plan.model import Network
 
 MiB = 1 << 20
+QUICK_STEPS_S = 0.3  # after the one required timed step, keep timing while all timed steps took less than this
 
 
 @dataclass
@@ -107,6 +108,8 @@ class StepMeasurement:
     precision: str
     channels_last: bool
     grad_cosine: float = 1.0  # agreement of the first step's gradient with fp32 (precision check)
+    grad_error: float = 0.0  # |gradient - reference gradient| (same weights, same batch)
+    batch_spread: float = 0.0  # |gradient of another batch - this gradient| (same weights): SGD's own noise
 
 
 def count_step_flops(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int) -> float:
@@ -163,11 +166,32 @@ def _first_grad(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None])
 
 
+def _other_batch_grad(model: nn.Module, batch: int, in_ch: int, n_classes: int, patch: list[int],
+                     dev: torch.device, fmt: torch.memory_format, seed: int, amp_dtype) -> float:
+    """|gradient of a second random batch - the current gradient|, at the current weights."""
+    first = _first_grad(model).cpu()
+    model.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, in_ch, *patch, generator=g).to(dev).to(memory_format=fmt)
+    y = torch.randint(0, n_classes, (batch, *patch), generator=g).to(dev)
+    with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = model(x)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        loss = nn.functional.cross_entropy(outs[0].float(), y)
+        for o in outs[1:]:
+            loss = loss + 0.5 * o.float().square().mean()
+    loss.backward()
+    return float((_first_grad(model).cpu() - first).norm())
+
+
 def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int,
-                 device: str = "cpu", precision: str = "fp32", channels_last: bool = False, steps: int = 2,
-                 reference_grad: torch.Tensor | None = None, seed: int = 0) -> tuple[StepMeasurement, torch.Tensor]:
-    """Run ``1 + steps`` real training steps (the first is warm-up) and return the median step time, the
-    peak memory above the baseline, and the first step's gradient (for comparing precisions)."""
+                 device: str = "cpu", precision: str = "fp32", channels_last: bool = False, steps: int = 1,
+                 reference_grad: torch.Tensor | None = None, seed: int = 0,
+                 second_batch: bool = False) -> tuple[StepMeasurement, torch.Tensor]:
+    """Run ``1 + steps`` real training steps (the first is warm-up; more while they are quick) and return the
+    fastest timed step, the peak memory above the baseline, and the first step's gradient (for comparing
+    precisions). ``second_batch``: also the gradient of another random batch at the same weights, whose
+    distance (``batch_spread``) is the noise SGD lives with anyway: the yardstick for a precision's error."""
     dev = torch.device(device)
     torch.manual_seed(seed)
     model = build_network(cfg, in_ch, n_classes, ndim).to(dev).train()
@@ -188,7 +212,7 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
     i = 0
     # at least ``steps`` timed steps after the warm-up, more (up to 8) while they are quick: on a shared
     # machine noise only ever adds time, so the minimum of several short steps is the honest number
-    while i < 1 + steps or (i < 9 and sum(times[1:]) < 0.5):
+    while i < 1 + steps or (i < 9 and sum(times[1:]) < QUICK_STEPS_S):
         _sync(dev)
         t0 = time.perf_counter()
         saved = _SavedBytes() if dev.type != "cuda" and i == 0 else contextlib.nullcontext()
@@ -204,6 +228,8 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
             loss.backward()
         if i == 0:
             grad = _first_grad(model).cpu()
+            if second_batch:
+                spread = _other_batch_grad(model, batch, in_ch, n_classes, patch, dev, fmt, seed, amp_dtype)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -222,11 +248,13 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
     else:
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         peak = activations + 3 * params + 2 * x.numel() * x.element_size()
-    cosine = 1.0
+    cosine, error = 1.0, 0.0
     if reference_grad is not None and grad is not None and reference_grad.shape == grad.shape:
         cosine = float(nn.functional.cosine_similarity(reference_grad, grad, dim=0))
+        error = float((grad - reference_grad).norm())
     # the minimum is the honest number on a shared machine: noise only ever adds time
-    m = StepMeasurement(min(times[1:] or times), int(peak), 0.0, precision, channels_last, cosine)
+    m = StepMeasurement(min(times[1:] or times), int(peak), 0.0, precision, channels_last, cosine, error,
+                        spread if second_batch else 0.0)
     del model, opt, x, y
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -123,7 +123,7 @@ class Measurement:
     parameters: int = 0
     gflops_per_step: float = 0.0
     precision_speedup: float = 1.0  # bf16/fp16 over fp32, as measured
-    extrapolated: bool = False  # True when the numbers are a fit to smaller measured patches
+    extrapolated: bool = False  # True when predicted from smaller measured proxy patches, not measured as is
 
 
 @dataclass
