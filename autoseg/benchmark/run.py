@@ -9,10 +9,11 @@ on. The leaderboard is rewritten after every cell, so it is current even when th
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
-from autoseg.benchmark.cells import DONE, cell_file, finished, run_cell, signature
+from autoseg.benchmark.cells import DONE, cell_file, finished, load_record, run_cell, signature
 from autoseg.benchmark.datasets import prepare_dataset
 from autoseg.benchmark.leaderboard import write_leaderboard
 from autoseg.benchmark.measure import machine
@@ -42,7 +43,10 @@ def run_benchmark(suite_file: Path | str, out: Path | str, budget: str | None = 
                   datasets: list[str] | None = None, methods: list[str] | None = None,
                   cache: Path | None = None, progress: bool = True) -> list[dict]:
     """Run (or resume) every cell of the suite into ``out`` and write the leaderboard; returns the records."""
-    suite = select(load_suite(suite_file), budget, datasets, methods)
+    original = load_suite(suite_file)
+    everything = select(original, budget)
+    suite = select(everything, None, datasets, methods)
+    header = _run_note(original, budget, datasets, methods)
     out = Path(out).resolve()
     (out / "cells").mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
@@ -75,10 +79,35 @@ def run_benchmark(suite_file: Path | str, out: Path | str, budget: str | None = 
             record = run_cell(suite, dataset, method, data, out, note=note, data_error=error, progress=progress)
             say(f"{head}: {_result(record)}")
             records.append(record)
-            write_leaderboard(suite, records, out, machine())
-    paths = write_leaderboard(suite, records, out, machine())
+            write_leaderboard(everything, _all_records(everything, out), out, machine(), header)
+    paths = write_leaderboard(everything, _all_records(everything, out), out, machine(), header)
     say("wrote " + ", ".join(str(p) for p in paths))
     return records
+
+
+def _all_records(suite: Suite, out: Path) -> list[dict]:
+    """The records in ``out`` of every cell of ``suite`` run with its current settings (filtered runs add up)."""
+    found = []
+    for d in suite.datasets:
+        for m in suite.methods:
+            r = load_record(cell_file(out, d, m))
+            if r and r.get("signature") == json.loads(json.dumps(signature(suite, d, m))):
+                found.append(r)
+    return found
+
+
+def _run_note(suite: Suite, budget: str | None, datasets: list[str] | None, methods: list[str] | None) -> list[str]:
+    if budget is None and not datasets and not methods:
+        return []
+    bits = []
+    if budget is not None:
+        bits.append(f"the budget set to {format_duration(parse_duration(budget))} per run "
+                    f"(the suite file says {format_duration(suite.budget_s)})")
+    if datasets:
+        bits.append("datasets " + ", ".join(datasets) + " (of " + ", ".join(d.name for d in suite.datasets) + ")")
+    if methods:
+        bits.append("methods " + ", ".join(methods) + " (of " + ", ".join(m.name for m in suite.methods) + ")")
+    return ["Last invocation: " + "; ".join(bits) + " (cells of earlier invocations with the same settings are kept).", ""]
 
 
 def _result(record: dict) -> str:
