@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
-from scipy.spatial.transform import Rotation
+
+# scipy is imported inside the functions: `autoseg --help` lists the tasks without loading it
 
 Region = tuple[tuple[slice, ...], np.ndarray]
 """A shape drawn in a bounding box: the box's slices into the full array and the distance map inside it."""
@@ -29,6 +29,7 @@ def smooth_field(rng: np.random.Generator, shape: Sequence[int], cells: float | 
     Wide fields are sums of Gaussian bumps on a coarse lattice, built axis by axis with small matrix
     products: far cheaper than filtering white noise with a wide kernel or spline upsampling.
     """
+    from scipy import ndimage
     shape = tuple(int(s) for s in shape)
     cells = np.broadcast_to(np.asarray(cells, dtype=float), (len(shape),))
     if min(shape, default=0) == 0:
@@ -54,6 +55,7 @@ def _lattice_size(size: int, cell: float) -> int:
 def random_rotation(rng: np.random.Generator, ndim: int, max_degrees: float = 180.0,
                     axis: int | None = None) -> np.ndarray:
     """A rotation matrix in array axis order; ``axis`` restricts a 3D rotation to turn about that axis."""
+    from scipy.spatial.transform import Rotation
     if ndim == 2 or axis is not None:
         a = np.deg2rad(rng.uniform(-max_degrees, max_degrees))
         c, s = np.cos(a), np.sin(a)
@@ -103,6 +105,7 @@ def ellipsoid(shape: Sequence[int], spacing: Sequence[float], center: Sequence[f
 def random_curve(rng: np.random.Generator, start: np.ndarray, direction: np.ndarray, length: float,
                  step: float, wiggle: float = 0.5) -> np.ndarray:
     """Points (N, ndim) every ``step`` mm along a smooth random curve leaving ``start`` along ``direction``."""
+    from scipy import ndimage
     n = max(2, int(length / step))
     bend = ndimage.gaussian_filter1d(rng.standard_normal((n, len(start))), sigma=max(n / 8, 1.0), axis=0)
     bend /= max(float(np.abs(bend).max()), 1e-9)
@@ -117,6 +120,7 @@ def tubes(shape: Sequence[int], spacing: Sequence[float], points: np.ndarray, ra
     One Euclidean distance transform to the centre-line voxels, then each voxel subtracts the radius of
     its nearest centre-line voxel: cost independent of how many branches there are.
     """
+    from scipy import ndimage
     spacing = np.asarray(spacing, dtype=float)
     idx = np.round(points / spacing).astype(int)
     inside = np.all((idx >= 0) & (idx < np.asarray(shape)), axis=1)
@@ -188,6 +192,7 @@ class Scene:
 
 def blur(image: np.ndarray, sigma_voxels: float | Sequence[float]) -> np.ndarray:
     """The acquisition's point-spread function, per channel of a (C, *shape) image."""
+    from scipy import ndimage
     return np.stack([ndimage.gaussian_filter(ch, sigma_voxels) for ch in image])
 
 
