@@ -110,12 +110,12 @@ def cmd_search_worker(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from autoseg.workflow import train_dataset
+    from autoseg.workflow import train_dataset, trainer_is_main
 
     runs = train_dataset(a.dataset, a.workdir, configuration=a.config, fold=a.fold, budget=a.budget,
                          device=a.device, extend=a.extend, seed=a.seed, workers=a.workers,
                          progress=not a.quiet, splits_file=a.splits, steps=a.steps)
-    for r in runs:
+    for r in runs if trainer_is_main() else []:  # under torchrun, one report (rank 0's)
         status = "finished" if r.finished else "stopped"
         line = f"{r.configuration} fold {r.fold}: {status} after {r.steps} steps ({r.seconds:.0f}s)"
         if r.oof:
