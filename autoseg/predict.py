@@ -206,7 +206,7 @@ class Predictor:
                      where: str = "image") -> tuple[np.ndarray, np.ndarray | None]:
         """Segment one case ``(C, *spatial)``: the label map ``(*spatial)`` in the input's array, and with
         ``probabilities`` the per-class maps ``(K, *spatial)`` (float16) there too."""
-        return self._export(self._prepare(images, geometry, where), probabilities)
+        return self._export(self._run(self._preprocess(images, geometry, where), geometry), probabilities)
 
     @torch.inference_mode()
     def preprocessed_probabilities(self, data: np.ndarray, member: int = 0) -> torch.Tensor:
@@ -226,17 +226,19 @@ class Predictor:
             if bar is not None:
                 bar.close()
 
-    def _prepare(self, images: np.ndarray, geometry: Geometry, where: str) -> _Prepared:
-        """Each member's probabilities of one case. The members' preprocessed images are made first (the
-        first case's mirroring decision needs every member's tile count), then each is freed after its
-        sliding window."""
+    def _preprocess(self, images: np.ndarray, geometry: Geometry, where: str) -> list[tuple[np.ndarray, dict]]:
+        """Each member's preprocessed image and properties (all made first: the first case's mirroring decision
+        needs every member's tile count)."""
         check_images(images, self.plans, where)
-        cases = [preprocess_case(images, geometry, m.cfg, self.plans) for m in self.members]
-        del images  # the caller may hold no other reference: the raw image goes before the networks run
-        self._decide_mirror([data.shape[1:] for data, _, _ in cases])
+        return [preprocess_case(images, geometry, m.cfg, self.plans)[::2] for m in self.members]
+
+    def _run(self, cases: list[tuple[np.ndarray, dict]], geometry: Geometry) -> _Prepared:
+        """Each member's probabilities of one case; ``cases`` is emptied as it goes, so each preprocessed image
+        is freed after its member's sliding window."""
+        self._decide_mirror([data.shape[1:] for data, _ in cases])
         outputs = []
         for member in self.members:
-            data, _, props = cases.pop(0)
+            data, props = cases.pop(0)
             outputs.append(MemberOutput(self._probabilities(member, data), props, member.cfg))
             del data
         return _Prepared(outputs, geometry)
@@ -342,7 +344,10 @@ class Predictor:
                     fail(case, case.problem)
                     continue
                 try:
-                    prep = self._prepare(*read_images(case.images), case.where)  # no reference kept to the image
+                    images, geometry = read_images(case.images)
+                    cases = self._preprocess(images, geometry, case.where)
+                    del images  # the raw image goes before the networks run
+                    prep = self._run(cases, geometry)
                 except UserError as e:
                     fail(case, str(e))
                     continue
