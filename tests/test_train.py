@@ -54,11 +54,11 @@ def weights(folder: Path, name: str = FINAL) -> dict[str, torch.Tensor]:
 def test_killed_then_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(workdir, tmp_path):
     a = fresh_copy(workdir, tmp_path / "a")
     b = fresh_copy(workdir, tmp_path / "b")
-    Trainer(a, "3d_fullres", 0, steps=6, workers=0, progress=False).fit()
-    stopped = Trainer(b, "3d_fullres", 0, steps=6, workers=0, progress=False, stop_after=3).fit()
+    Trainer(a, "3d_fullres", 0, steps=6, workers=0, progress=False, device="cpu").fit()
+    stopped = Trainer(b, "3d_fullres", 0, steps=6, workers=0, progress=False, device="cpu", stop_after=3).fit()
     assert not stopped.finished and stopped.steps == 3
     assert load_checkpoint(run_folder(b, "3d_fullres", 0) / LATEST)["step"] == 3
-    resumed = Trainer(b, "3d_fullres", 0, steps=6, workers=0, progress=False).fit()
+    resumed = Trainer(b, "3d_fullres", 0, steps=6, workers=0, progress=False, device="cpu").fit()
     assert resumed.finished and resumed.steps == 6
     wa, wb = weights(run_folder(a, "3d_fullres", 0)), weights(run_folder(b, "3d_fullres", 0))
     assert wa.keys() == wb.keys()
@@ -69,19 +69,19 @@ def test_killed_then_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_
 def test_resume_with_workers_matches_in_process_batches(workdir, tmp_path):
     a = fresh_copy(workdir, tmp_path / "a")
     b = fresh_copy(workdir, tmp_path / "b")
-    Trainer(a, "3d_fullres", 0, steps=4, workers=0, progress=False).fit()
-    Trainer(b, "3d_fullres", 0, steps=4, workers=1, progress=False).fit()
+    Trainer(a, "3d_fullres", 0, steps=4, workers=0, progress=False, device="cpu").fit()
+    Trainer(b, "3d_fullres", 0, steps=4, workers=1, progress=False, device="cpu").fit()
     wa, wb = weights(run_folder(a, "3d_fullres", 0)), weights(run_folder(b, "3d_fullres", 0))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_finished_run_is_not_retrained_and_extend_continues_it(workdir, tmp_path, capsys):
     w = fresh_copy(workdir, tmp_path / "w")
-    first = Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False).fit()
+    first = Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, device="cpu").fit()
     assert first.finished
-    again = Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False).fit()
+    again = Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, device="cpu").fit()
     assert again.steps == 4 and "already finished" in capsys.readouterr().out
-    extended = Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, extend_s=1.0).fit()
+    extended = Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, device="cpu", extend_s=1.0).fit()
     assert extended.finished and extended.steps > 4
     log = (run_folder(w, "3d_fullres", 0) / "log.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == sorted(int(r.split(",")[0]) for r in log[1:])
@@ -92,9 +92,9 @@ def test_resuming_with_another_seed_is_refused(workdir, tmp_path):
     from autoseg.errors import UserError
 
     w = fresh_copy(workdir, tmp_path / "w")
-    Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, stop_after=2).fit()
+    Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, device="cpu", stop_after=2).fit()
     with pytest.raises(UserError, match="seed"):
-        Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, seed=5).fit()
+        Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, device="cpu", seed=5).fit()
 
 
 def test_plan_train_predict_evaluate_end_to_end_reaches_a_dice(tmp_path, monkeypatch):
