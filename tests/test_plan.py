@@ -514,3 +514,17 @@ def test_train_preprocesses_a_configuration_plan_left_for_later(planned, tmp_pat
     assert ensure_preprocessed(data, work, plans, ["2d"]) == {"2d": CASES}
     assert len(list((work / "preprocessed" / "2d").glob("*.json"))) == CASES
     assert ensure_preprocessed(data, work, plans, ["2d", "3d_fullres"]) == {"2d": 0, "3d_fullres": 0}
+
+
+def test_region_labels_are_refused_with_one_clear_line(planned, tmp_path: Path, capsys):
+    data, _ = planned["mri-nested"]
+    regions = tmp_path / "regions"
+    shutil.copytree(data, regions)
+    meta = json.loads((regions / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "whole": [1, 2], "lesion": 2}
+    meta["regions_class_order"] = [1, 2]
+    (regions / "dataset.json").write_text(json.dumps(meta))
+    assert run(["plan", str(regions), "-w", str(tmp_path / "w"), *PLAN_ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "region-based labels ('whole': [1, 2])" in err[0] and "dataset.json" in err[0]
+    assert not (tmp_path / "w" / PLANS_FILE).exists()
