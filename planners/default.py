@@ -98,6 +98,7 @@ def plan_with(fp: Fingerprint, ctx: PlanningContext, s: Settings = DEFAULT) -> P
     default_run_s = runs[0]["seconds"]
     configs: dict[str, Configuration] = {}
     notes: list[str] = []
+    prec3d = None
     if is_3d:
         configs["3d_fullres"], log, prec3d = configure("3d_fullres", 3, spacing, shape, fp, order,
                                                        run_s["3d_fullres"], ctx, s)
@@ -110,8 +111,10 @@ def plan_with(fp: Fingerprint, ctx: PlanningContext, s: Settings = DEFAULT) -> P
             notes += log
     in_plane = spacing[-2:]
     shape2d = shape[-2:]
+    # a 2d that this budget does not train takes the 3d precision choice rather than measuring its own
+    prec2d = prec3d if is_3d and "2d" not in run_s else None
     configs["2d"], log, _ = configure("2d", 2, in_plane, shape2d, fp, order, run_s.get("2d", default_run_s), ctx, s,
-                                      trained="2d" in run_s)
+                                      prec2d, trained="2d" in run_s)
     notes += log
     return Plans(dataset_name=fp.dataset_name, fingerprint_hash=fp.dataset_hash, planner=ctx.planner_name,
                  device=ctx.device.to_dict(), budget_s=ctx.budget_s, configurations=configs,
