@@ -155,7 +155,7 @@ def summary(result: PlanResult) -> str:
         lines.append(f"training: {len(runs)} run(s) ({', '.join(configs)}; folds {folds}) of "
                      f"{format_duration(runs[0]['seconds'])} each")
     for n in p.notes:
-        if n.startswith("budget"):
+        if n.startswith(("budget", "busy machine")):
             lines.append(n)
     lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     pre = ", ".join(f"{k} {v}" for k, v in result.preprocessed.items())

@@ -189,6 +189,14 @@ def test_only_trained_configurations_are_measured_for_real(fake_compute, monkeyp
     assert flat.measured.peak_memory_mb == pytest.approx(truth.peak_memory_bytes / MiB, rel=0.02)
 
 
+def test_a_busy_machine_is_named_in_the_plan_notes(fake_compute, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(make_module.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    busy = make_plans(planar(), budget="10m", device="cpu")
+    assert any(n.startswith("busy machine: load average 64.0") for n in busy.notes)
+    monkeypatch.setattr(make_module.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert not any(n.startswith("busy") for n in make_plans(planar(), budget="10m", device="cpu").notes)
+
+
 def test_multichannel_plan_normalizes_each_channel(fake_compute):
     plans = make_plans(isotropic((64, 64, 64), channels=("CT", "T2")), budget="10m", device="cpu")
     assert plans.channel_names == ["CT", "T2"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from autoseg.fingerprint import Fingerprint
@@ -9,6 +10,8 @@ from autoseg.plan.budget import DEFAULT_BUDGET_S, format_duration, parse_duratio
 from autoseg.plan.compute import detect_device
 from autoseg.plan.model import Plans
 from autoseg.plan.registry import PlanningContext, get_planner
+
+BUSY_LOAD_PER_CPU = 1.5  # load average per CPU above which the step times measured are not the machine's own
 
 
 def resolve_budget(budget: str | float | None, device_type: str) -> tuple[float, bool]:
@@ -29,9 +32,23 @@ def make_plans(fingerprint: Fingerprint, planner: str = "default", budget: str |
     info = detect_device(device)
     seconds, is_default = resolve_budget(budget, info.type)
     ctx = PlanningContext(info, seconds, folds, planner)
+    load_before = busy_load(info.type)
     t0 = time.perf_counter()
     plans = get_planner(planner)(fingerprint, ctx)
     plans.planning_time_s = round(time.perf_counter() - t0, 2)
+    load = max(load_before, busy_load(info.type))
+    if load:
+        plans.notes.insert(0, f"busy machine: load average {load:.1f} on {os.cpu_count()} CPUs while measuring, so "
+                              f"steps measured slower than they will be on a quiet machine and the plan is smaller; "
+                              f"`autoseg plan --replan` when it is quiet")
     if is_default:
         plans.notes.insert(0, f"budget: default for {info.type}, {format_duration(seconds)} (set --budget)")
     return plans
+
+
+def busy_load(device_type: str) -> float:
+    """The 1-minute load average when other work competes for the CPU the planner measures on, else 0."""
+    if device_type != "cpu" or not hasattr(os, "getloadavg"):
+        return 0.0
+    load = os.getloadavg()[0]
+    return load if load > BUSY_LOAD_PER_CPU * (os.cpu_count() or 1) else 0.0
