@@ -310,8 +310,8 @@ class Trainer:
                 bar.update(1)
                 if step == start + 5:
                     t_adapt = time.perf_counter()  # after warm-up: kernel selection, worker start
-                if adapting and t_adapt is not None and (step == start + ADAPT_AFTER_STEPS
-                                                         or step % cfg.schedule.val_every == 0):
+                warm = t_adapt is not None and step > start + 5  # a rate needs a step after the warm-up
+                if adapting and warm and (step == start + ADAPT_AFTER_STEPS or step % cfg.schedule.val_every == 0):
                     now = time.perf_counter()
                     rate = (now - t_adapt) / (step - start - 5)
                     spent = elapsed0 + now - t_run

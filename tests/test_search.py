@@ -235,6 +235,16 @@ def test_validation_hook_sees_each_validation_and_can_end_the_run(work):
     assert (work / "elsewhere" / "log.csv").is_file() and not (work / "runs").exists()
 
 
+def test_a_timed_run_validating_at_its_fifth_step_adapts_without_dividing_by_zero(work):
+    plans = Plans.load(work / PLANS_FILE)
+    cfg = plans.configurations["3d_fullres"]
+    plans.configurations["3d_fullres"] = replace(cfg, schedule=replace(cfg.schedule, val_every=5))
+    seen = []
+    Trainer(work, "3d_fullres", 0, plans=plans, seconds=0.2, workers=0, progress=False, folder=work / "short",
+            on_validation=lambda step, dice: seen.append(step)).fit()
+    assert seen[0] == 5  # the speed is re-derived at step 5, right after the warm-up, and the run goes on
+
+
 # --- the command line ----------------------------------------------------------------------------------
 
 

@@ -183,7 +183,8 @@ class TrialRunner:
             seconds = min(seconds, self.deadline - t0)
         seconds = max(1.0, seconds - _overhead(trial.study, seconds))  # the trial's time includes its scoring
         planned = int(steps or max(1, seconds / max(cfg.measured.step_time_s, 1e-6)))
-        cfg = replace(cfg, schedule=replace(cfg.schedule, steps=planned, val_every=max(1, planned // RUNGS)))
+        # at least 2: a timed run re-derives its total at each validation, always one step past it
+        cfg = replace(cfg, schedule=replace(cfg.schedule, steps=planned, val_every=max(2, planned // RUNGS)))
         plans = replace(self.plans, configurations={**self.plans.configurations, cfg.name: cfg})
         folder = self.workdir / SEARCH_DIR / f"trial_{trial.number:04d}"
         shutil.rmtree(folder, ignore_errors=True)  # a number is never reused; a leftover is stale
@@ -220,6 +221,11 @@ def _overhead(study: optuna.Study, seconds: float) -> float:
     past = [t.user_attrs["overhead_s"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if "overhead_s" in t.user_attrs]
     return float(np.median(past)) if past else OVERHEAD_GUESS * seconds
+
+
+def _min_left(study: optuna.Study, trial_s: float) -> Callable[[], float]:
+    """Seconds a new trial needs: a share of a trial's training time, and its start-up and scoring."""
+    return lambda: MIN_TRIAL_SHARE * trial_s + _overhead(study, trial_s)
 
 
 # --- the search as the CLI runs it ----------------------------------------------------------------------
@@ -313,7 +319,7 @@ def run_search(workdir: Path | str, split: SearchBudget, *, storage: str | None 
     if progress:
         print(f"search: {split.describe()}", file=sys.stderr)
     runner = TrialRunner(work, plans, rules, space, settings, limit, device, seed, workers, deadline, measure, evaluate)
-    ran = studies.run_trials(study, runner, split.trials, deadline, MIN_TRIAL_SHARE * split.trial_s,
+    ran = studies.run_trials(study, runner, split.trials, deadline, _min_left(study, split.trial_s),
                              _say if progress else None)
     summary, outputs = finalize(work, study, rules, shown)
     return SearchResult(None, split, name, shown or studies.default_storage(work), summary, outputs, ran)
@@ -352,8 +358,7 @@ def search_worker(workdir: Path | str, storage: str | None = None, trials: int |
                          _memory_limit(memory_limit_mb, info), device, seed or 0, workers, deadline, measure, evaluate)
     n = trials or int(settings["trials"])
     budget = SearchBudget(**settings["budget"])
-    ran = studies.run_trials(study, runner, n, deadline, MIN_TRIAL_SHARE * budget.trial_s,
-                             _say if progress else None)
+    ran = studies.run_trials(study, runner, n, deadline, _min_left(study, budget.trial_s), _say if progress else None)
     summary, outputs = finalize(work, study, rules, plans.search.get("storage"))
     return SearchResult(None, budget, name, spec or studies.default_storage(work), summary, outputs, ran)
 

@@ -124,14 +124,14 @@ def counted(study: optuna.Study) -> int:
 
 
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
-               deadline: float | None, min_trial_s: float = 0.0,
+               deadline: float | None, min_trial_s: float | Callable[[], float] = 0.0,
                on_done: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> int:
-    """Ask and tell until the study has ``n_trials`` or less than ``min_trial_s`` is left before ``deadline``
-    (Unix time). A failing trial is recorded as failed and the search goes on; an interrupt fails the
+    """Ask and tell until the study has ``n_trials`` or less than ``min_trial_s`` (seconds, or a function
+    giving them) is left before ``deadline`` (Unix time). A failing trial is recorded as failed and the search goes on; an interrupt fails the
     running trial and ends the loop. Returns the number of trials this call ran."""
     ran, failures = 0, 0
     while counted(study) < n_trials:
-        if deadline is not None and deadline - time.time() < min_trial_s:
+        if deadline is not None and deadline - time.time() < (min_trial_s() if callable(min_trial_s) else min_trial_s):
             break
         trial = study.ask()
         trial.set_user_attr("host", socket.gethostname())
