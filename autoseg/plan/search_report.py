@@ -32,17 +32,26 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         if a.get("rejected"):
             state = "rejected"
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        # a pruned trial's value is its last patch Dice, not the scored Dice of a finished one: shown in the note
+        final = t.state == TrialState.COMPLETE and t.value is not None
         row = {"trial": t.number, "state": state, "rules": bool(a.get("rules")),
-               "dice": None if t.value is None else round(t.value, 4)}
+               "dice": round(t.value, 4) if final else None}
         row.update({k: t.params.get(k) for k in PARAMS})
         row.update({"parameters": a.get("parameters"), "step_time_s": a.get("step_time_s"),
                     "peak_memory_mb": a.get("peak_memory_mb"), "steps": a.get("steps"),
                     "duration_s": None if duration is None else round(duration, 1),
-                    "note": a.get("rejected") or a.get("pruned_at") or ""})
+                    "note": a.get("rejected") or _pruned_note(t)})
         if isinstance(row["lr"], float):
             row["lr"] = float(f"{row['lr']:.4g}")
         rows.append(row)
     return rows
+
+
+def _pruned_note(t: FrozenTrial) -> str:
+    if t.state != TrialState.PRUNED or not t.intermediate_values:
+        return ""
+    step = max(t.intermediate_values)
+    return f"{t.user_attrs.get('pruned_at', 'pruned')} (patch Dice {t.intermediate_values[step]:.3f})"
 
 
 def describe_trial(t: FrozenTrial) -> str:
@@ -109,6 +118,9 @@ def _history(rows: list[dict], path: Path) -> Path:
         ys.append(best)
     if xs:
         ax.step(xs, ys, where="post", color="tab:green", label="best so far")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("validation Dice (fold 0)")
     ax.set_title("search: optimization history")
