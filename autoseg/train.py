@@ -364,8 +364,8 @@ class Trainer:
         """Re-derive the total from this run's own speed (loader and validation included) so the run
         spends its budget: the plan measured the bare network, and a shared machine's speed drifts.
         Done after warm-up and again at every validation, so the poly schedule ends with the budget."""
-        remaining = state["budget_s"] - spent_s
-        return max(step + 1, step + int(remaining / max(seconds_per_step, 1e-6)))
+        remaining = state["budget_s"] - spent_s  # less than a step left: stop here (not one more, every time)
+        return step + max(0, int(remaining / max(seconds_per_step, 1e-6)))
 
     @torch.inference_mode()
     def _validate(self, model, val_maker, dist) -> np.ndarray:

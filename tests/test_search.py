@@ -245,6 +245,16 @@ def test_a_timed_run_validating_at_its_fifth_step_adapts_without_dividing_by_zer
     assert seen[0] == 5  # the speed is re-derived at step 5, right after the warm-up, and the run goes on
 
 
+def test_a_timed_run_validating_every_step_ends_when_its_budget_is_spent(work):
+    """Re-deriving the total at every step must not add 'one more step' for ever once the budget is gone."""
+    plans = Plans.load(work / PLANS_FILE)
+    cfg = plans.configurations["3d_fullres"]
+    plans.configurations["3d_fullres"] = replace(cfg, schedule=replace(cfg.schedule, val_every=1))
+    result = Trainer(work, "3d_fullres", 0, plans=plans, seconds=0.5, workers=0, progress=False,
+                     folder=work / "every").fit()
+    assert result.finished and result.steps < 100
+
+
 # --- the command line ----------------------------------------------------------------------------------
 
 
