@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _nnunet  # noqa: E402
 
+from autoseg.benchmark.cells import POLL_S  # noqa: E402
 from autoseg.benchmark.measure import measure  # noqa: E402
 
 DATASET_ID = 990
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     def stage(name: str, cmd: list[str]) -> None:
         print(f"$ {' '.join(cmd)}", flush=True)
         log = args.work / f"{name}.log"
-        m = measure(cmd, env=env, log=log)
+        m = measure(cmd, env=env, log=log, interval=POLL_S)
         stages[name] = {"wall_s": round(m.wall_s, 1), "cpu_s": round(m.cpu_s, 1), "peak_pss_mb": round(m.peak_pss_mb),
                         "returncode": m.returncode}
         if args.timings:
