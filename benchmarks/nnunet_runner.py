@@ -83,6 +83,14 @@ class nnUNetTrainer_Budget(nnUNetTrainer):
             if elapsed >= self.budget_s or self.current_epoch >= self.num_epochs:
                 break
         self.on_train_end()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """Skipped when ``NNUNET_SKIP_VALIDATION=1``: the benchmark scores held-out test cases itself, and
+        nnU-Net's full-image validation of the fold takes minutes on a CPU without changing the weights."""
+        if os.environ.get("NNUNET_SKIP_VALIDATION") == "1":
+            self.print_to_log_file("final validation skipped (NNUNET_SKIP_VALIDATION=1)")
+            return
+        super().perform_actual_validation(save_probabilities)
 '''
 
 
@@ -134,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     ws.add_dataset(args.dataset, DATASET_ID, "Bench")
     config = args.configuration if args.configuration != "auto" else ("2d" if is_2d(args.dataset) else "3d_fullres")
     install_trainer()
-    env = ws.env(NNUNET_BUDGET_S=str(args.budget_s))
+    env = ws.env(NNUNET_BUDGET_S=str(args.budget_s), NNUNET_SKIP_VALIDATION="1" if args.skip_validation else "0")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     n, did = str(args.jobs), str(DATASET_ID)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -173,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timings", type=Path, default=None, help="JSON file for the time and memory of each stage")
     p.add_argument("--jobs", type=int, default=2, help="processes for preprocessing and export")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-validation", action="store_true",
+                   help="skip nnU-Net's final full-image validation of the fold (the suite scores test cases)")
     p.add_argument("--configuration", default="auto", help="nnU-Net configuration (default: 3d_fullres, 2d for 2D)")
     args = p.parse_args(argv)
     args.dataset = args.dataset.resolve()
