@@ -26,7 +26,7 @@ from autoseg.fingerprint import Fingerprint
 from autoseg.nets import build_network, count_parameters
 from autoseg.plan import PLANS_FILE, Plans, compute
 from autoseg.plan import make as make_module
-from autoseg.plan.budget import parse_duration
+from autoseg.plan.budget import parse_duration, target_steps
 from autoseg.plan.compute import DeviceInfo, MiB, StepMeasurement
 from autoseg.plan.make import make_plans
 from autoseg.plan.registry import get_planner
@@ -187,6 +187,32 @@ def test_only_trained_configurations_are_measured_for_real(fake_compute, monkeyp
     assert measured.count(2) == 1  # the 2d proxy only
     truth, _ = fake(flat.network, 1, 2, 2, flat.patch_size, flat.batch_size)
     assert flat.measured.peak_memory_mb == pytest.approx(truth.peak_memory_bytes / MiB, rel=0.02)
+
+
+def test_a_pessimistic_proxy_is_corrected_by_the_real_measurement(fake_compute, monkeypatch: pytest.MonkeyPatch):
+    """Proxies 4x slower than the real steps (a busy moment, fixed overheads) would plan a setup far below
+    what the device affords; the real measurement finds out and the search runs again for a bigger one."""
+    from autoseg.plan import fit as fit_module
+
+    fp = isotropic((128, 128, 128))
+    honest = make_plans(fp, budget="20m", device="cpu").configurations["3d_fullres"]
+    measure = fit_module.Throughput.measure
+
+    def slow(self, *args, **kw):
+        fps, per_unit, m, grad = measure(self, *args, **kw)
+        return fps / 4, per_unit, m, grad
+
+    monkeypatch.setattr(fit_module.Throughput, "measure", slow)
+    plans = make_plans(fp, budget="20m", device="cpu")
+    corrected = plans.configurations["3d_fullres"]
+    assert any("searching again" in n for n in plans.notes)
+    assert voxels(corrected) * corrected.network.features[0] >= 0.5 * voxels(honest) * honest.network.features[0]
+    run_s = run_seconds(plans, "3d_fullres")
+    assert not corrected.measured.extrapolated
+    assert corrected.measured.step_time_s <= 1.25 * run_s / target_steps(run_s)  # measured, and within the limit
+    monkeypatch.setattr(fit_module, "MAX_REAL_MEASUREMENTS", 1)
+    uncorrected = make_plans(fp, budget="20m", device="cpu").configurations["3d_fullres"]
+    assert voxels(uncorrected) * uncorrected.network.features[0] < voxels(corrected) * corrected.network.features[0]
 
 
 def test_a_busy_machine_is_named_in_the_plan_notes(fake_compute, monkeypatch: pytest.MonkeyPatch):

@@ -22,6 +22,8 @@ WIDTHS = (32, 16, 8)
 MIN_BATCH = 2
 PROXY_VOXELS = {3: 24 ** 3, 2: 96 ** 2}  # proxy patch for timing slow devices
 MAX_PRECISION_NOISE = 0.5  # a precision's gradient error, as a share of the batch-to-batch gradient spread
+PESSIMISM = 0.6  # a measured step below this share of the prediction re-runs the search for a bigger setup
+MAX_REAL_MEASUREMENTS = 2  # of the chosen setup per configuration
 REAL_MEASURE_MAX_S = 3.0  # measure the final choice for real when a step is predicted below this
 
 
@@ -177,19 +179,21 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
     """Choose width, patch and batch for ``req`` on ``device``.
 
     Candidates are predicted from proxy measurements (one small patch per width and precision). With
-    ``verify`` the choice is then measured once for real, unless one step would take longer than
-    ``REAL_MEASURE_MAX_S`` on a CPU; when that measurement proves the prediction wrong by > 25 % (or over
-    the step-time limit), the search runs once more with the error corrected, and the corrected
-    prediction stands (the trainer measures every step anyway and re-fits the step count to the budget).
-    Configurations that are not trained by default are planned without the real measurement."""
+    ``verify`` the choice is then measured for real, unless one step would take longer than
+    ``REAL_MEASURE_MAX_S`` on a CPU. A measurement that proves the prediction wrong, too optimistic by
+    > 25 % (or over the step-time limit) or too pessimistic by > 1/``PESSIMISM`` (a smaller setup than the
+    device affords), re-runs the search with the error corrected and measures its choice once more; the
+    last measured choice that keeps to the limit stands. Configurations that are not trained by default
+    are planned from the proxies alone (the trainer re-fits the step count to its measured pace anyway)."""
     log: list[str] = []
     t_max = req.run_seconds / req.min_steps
     tp = Throughput(device, req)
     topo = topology(req.spacing, req.ideal_patch)  # precision is compared on a proxy of the ideal network
     net = make_network(req.family, topo, WIDTHS[0], req.feature_cap, _blocks(req, topo), req.decoder_convs)
     precision, cl, speedup = req.precision or choose_precision(device, req, tp, net, topo, log)
-    calibration, measured_once, extrapolated = 1.0, False, True
-    while True:
+    calibration, verified = 1.0, None  # verified: the last measured choice within the limit
+    choice = None
+    for attempt in range(MAX_REAL_MEASUREMENTS):
         found = _search(req, device, tp, (precision, cl), t_max, calibration)
         if found is None:
             net, topo = _smallest(req)
@@ -200,19 +204,29 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
         batch = _grow_batch(req, device, t, mem, t_max, topo.patch_size)
         t_pred, mem_pred, flops = _predict(tp, net, topo, topo.patch_size, batch, precision, cl)
         t_pred *= calibration
-        if measured_once or not verify or (t_pred > REAL_MEASURE_MAX_S and device.type == "cpu"):
+        choice = (net, topo, batch, t_pred, mem_pred, flops, True)
+        if not verify or (t_pred > REAL_MEASURE_MAX_S and device.type == "cpu"):
             break
+        if verified is not None and (net, topo.patch_size, batch) == verified[:3]:
+            break  # the corrected search chose what was measured already
         m, _ = compute.measure_step(net, req.in_channels, req.num_classes, req.ndim, topo.patch_size, batch,
                                     device.type, precision, cl)
-        measured_once = True
         error = m.step_time_s / max(t_pred, 1e-9)
         log.append(f"predicted {t_pred:.3f}s/step, measured {m.step_time_s:.3f}s; "
                    f"predicted {mem_pred / compute.MiB:.0f} MiB, measured {m.peak_memory_bytes / compute.MiB:.0f} MiB")
-        t_pred, mem_pred, extrapolated = m.step_time_s, float(m.peak_memory_bytes), False
-        if error <= 1.25 and t_pred <= 1.25 * t_max:
+        fits = m.step_time_s <= 1.25 * t_max and m.peak_memory_bytes <= device.memory_bytes
+        choice = (net, topo, batch, m.step_time_s, float(m.peak_memory_bytes), flops, False)
+        if fits:
+            verified = (net, topo.patch_size, batch, choice)
+        if fits and PESSIMISM <= error <= 1.25:
             break
         calibration *= error
-        log.append(f"measured {m.step_time_s:.3f}s/step, {error:.2f}x the prediction: searching again")
+        if attempt + 1 < MAX_REAL_MEASUREMENTS:
+            log.append(f"measured {m.step_time_s:.3f}s/step, {error:.2f}x the prediction: searching again")
+    if verified is not None and choice is not None and not choice[6] and choice is not verified[3]:
+        if not (choice[3] <= 1.25 * t_max and choice[4] <= device.memory_bytes):
+            choice = verified[3]  # the corrected search overshot: keep the choice that was measured to fit
+    net, topo, batch, t_pred, mem_pred, flops, extrapolated = choice
     steps = max(1, int(req.run_seconds / max(t_pred, 1e-6)))
     params = tp.fixed_bytes(net) // 12
     measured = Measurement(round(t_pred, 4), round(mem_pred / compute.MiB, 1), int(params),
