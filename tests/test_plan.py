@@ -258,6 +258,8 @@ def test_timing_proxy_keeps_the_shape_of_an_anisotropic_patch():
     req = FitRequest("unet", 3, [3.0, 0.8, 0.8], [30, 64, 64], [28, 64, 64], [16, 16, 16], 1, 2, 600.0, 900, 320)
     proxy = Throughput(TEST_CPU, req).proxy([28, 64, 64], [4, 16, 16])
     assert proxy == [12, 32, 32]  # not 28x16x16: in-plane maps that small run at a fraction of the FLOP/s
+    deep = Throughput(TEST_CPU, req).proxy([16, 128, 128], [8, 32, 32])
+    assert np.prod([p // d for p, d in zip(deep, [8, 32, 32])]) >= 2  # 8x32x32 would leave 1x1x1: norm fails
 
 
 @pytest.fixture

@@ -74,8 +74,11 @@ class Throughput:
         maps run at a fraction of the real patch's FLOP/s."""
         target = PROXY_VOXELS[self.req.ndim]
         p = list(patch)
-        while np.prod(p) > target:
-            can = [a for a in range(len(p)) if p[a] - divisor[a] >= divisor[a]]
+        def bottleneck_after(axis: int) -> int:  # elements at the bottleneck after shrinking ``axis``
+            return int(np.prod([(v - (divisor[a] if a == axis else 0)) // divisor[a] for a, v in enumerate(p)]))
+
+        while np.prod(p) > target:  # instance norm needs more than one element at the bottleneck
+            can = [a for a in range(len(p)) if p[a] - divisor[a] >= divisor[a] and bottleneck_after(a) >= 2]
             if not can:
                 break
             axis = max(can, key=lambda a: (p[a] / patch[a], p[a]))
