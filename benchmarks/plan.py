@@ -296,7 +296,9 @@ def render(args: argparse.Namespace, sections: list[str], tools_by_task: dict[st
 
 
 def stage(name: str, data: Path, work: Path, jobs: int) -> int:
-    """Run one autoseg stage on the artifacts of the previous ones, as `autoseg plan` would."""
+    """Run one autoseg stage on the artifacts of the previous ones, as `autoseg plan` would (with the
+    command's OpenMP setting, and preprocessing the configurations it preprocesses)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the autoseg command sets it, before torch loads
     from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint
     from autoseg.plan import PLANS_FILE, Plans
 
@@ -307,8 +309,10 @@ def stage(name: str, data: Path, work: Path, jobs: int) -> int:
         make_plans(fp, "default", BUDGET, "cpu").save(work / PLANS_FILE)
     else:
         from autoseg.preprocess import preprocess
+        from autoseg.workflow import trained_configurations
 
-        preprocess(data, work, Plans.load(work / PLANS_FILE), fp, jobs=jobs)
+        plans = Plans.load(work / PLANS_FILE)
+        preprocess(data, work, plans, fp, configurations=trained_configurations(plans), jobs=jobs)
     return 0
 
 
