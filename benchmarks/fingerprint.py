@@ -44,17 +44,17 @@ def autoseg_bin() -> str:
     return str(here) if here.exists() else shutil.which("autoseg") or "autoseg"
 
 
-def make_data(cases: int, seed: int) -> Path:
+def make_data(cases: int, seed: int, task: str = TASK, size: str = SIZE) -> Path:
     """The benchmark dataset, generated once and reused while its recipe is unchanged."""
-    root = _nnunet.WORK / "data" / f"{TASK}_{SIZE}_{cases}cases_seed{seed}"
-    recipe = {"task": TASK, "size": SIZE, "seed": seed, "version": autoseg.__version__}
+    root = _nnunet.WORK / "data" / f"{task}_{size}_{cases}cases_seed{seed}"
+    recipe = {"task": task, "size": size, "seed": seed, "version": autoseg.__version__}
     meta = root / "dataset.json"
     if meta.is_file():
         raw = json.loads(meta.read_text())
         if raw.get("autoseg_synth") == recipe and raw.get("numTraining") == cases:
             return root
         shutil.rmtree(root)
-    subprocess.run([autoseg_bin(), "synth", TASK, str(root), "--size", SIZE, "--cases", str(cases),
+    subprocess.run([autoseg_bin(), "-q", "synth", task, str(root), "--size", size, "--cases", str(cases),
                     "--seed", str(seed)], check=True)
     return root
 

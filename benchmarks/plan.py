@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _nnunet  # noqa: E402
 from _measure import Measurement, machine, measure  # noqa: E402
-from fingerprint import _short, autoseg_bin, git_commit, median_of  # noqa: E402
+from fingerprint import _short, autoseg_bin, git_commit, make_data, median_of  # noqa: E402
 
 import autoseg  # noqa: E402
 
@@ -49,21 +48,6 @@ BUDGET = "15m"
 TARGET_SPEEDUP = 3.0
 LABELS = {"autoseg": "autoseg", "nnunet": "nnU-Net"}
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def make_data(task: str, cases: int, seed: int) -> Path:
-    """The task's dataset, generated once and reused while its recipe is unchanged."""
-    root = _nnunet.WORK / "data" / f"{task}_{SIZE}_{cases}cases_seed{seed}"
-    recipe = {"task": task, "size": SIZE, "seed": seed, "version": autoseg.__version__}
-    meta = root / "dataset.json"
-    if meta.is_file():
-        raw = json.loads(meta.read_text())
-        if raw.get("autoseg_synth") == recipe and raw.get("numTraining") == cases:
-            return root
-        shutil.rmtree(root)
-    subprocess.run([autoseg_bin(), "-q", "synth", task, str(root), "--size", SIZE, "--cases", str(cases),
-                    "--seed", str(seed)], check=True)
-    return root
 
 
 @dataclass
@@ -337,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         nnunet_versions = _nnunet.versions()
     sections, tools_by_task = [], {}
     for task in args.tasks:
-        data = make_data(task, args.cases, args.seed)
+        data = make_data(args.cases, args.seed, task, SIZE)
         work = _nnunet.WORK / "plan" / task
         tools = {"autoseg": autoseg_tool(data, work, args.jobs)}
         if not args.no_nnunet:
