@@ -437,6 +437,13 @@ def planned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
     return out
 
 
+def copy_planned(planned, task: str, tmp_path: Path) -> tuple[Path, Path]:
+    """The task's dataset and a copy of its planned workdir, to change without touching the shared one."""
+    data, original = planned[task]
+    shutil.copytree(original, tmp_path / "work")
+    return data, tmp_path / "work"
+
+
 def _plans(planned, task: str) -> Plans:
     return Plans.load(planned[task][1] / PLANS_FILE)
 
@@ -490,9 +497,7 @@ def test_png_task_gets_a_2d_configuration_and_no_3d(planned):
 def test_rerun_keeps_an_edited_plans_json_and_replan_replaces_it(planned, tmp_path: Path, capsys,
                                                                  monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(compute, "measure_step", fake_measure())
-    data, original = planned["png-2d"]
-    work = tmp_path / "work"
-    shutil.copytree(original, work)
+    data, work = copy_planned(planned, "png-2d", tmp_path)
     d = json.loads((work / PLANS_FILE).read_text())
     d["configurations"]["2d"]["batch_size"] = 3
     d["configurations"]["2d"]["schedule"]["steps"] = 12345
@@ -511,9 +516,7 @@ def test_rerun_keeps_an_edited_plans_json_and_replan_replaces_it(planned, tmp_pa
 def test_a_new_number_of_folds_replans_and_none_keeps_the_plan(planned, tmp_path: Path, capsys,
                                                                monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(compute, "measure_step", fake_measure())
-    data, original = planned["png-2d"]
-    work = tmp_path / "work"
-    shutil.copytree(original, work)
+    data, work = copy_planned(planned, "png-2d", tmp_path)
     args = ["-q", "plan", str(data), "-w", str(work), *PLAN_ARGS]
     assert run([*args, "--folds", "3"]) == 0
     assert Plans.load(work / PLANS_FILE).folds == 3
@@ -523,9 +526,7 @@ def test_a_new_number_of_folds_replans_and_none_keeps_the_plan(planned, tmp_path
 
 
 def test_rerun_with_a_broken_edit_is_one_clear_error(planned, tmp_path: Path, capsys):
-    data, original = planned["png-2d"]
-    work = tmp_path / "work"
-    shutil.copytree(original, work)
+    data, work = copy_planned(planned, "png-2d", tmp_path)
     d = json.loads((work / PLANS_FILE).read_text())
     d["configurations"]["2d"]["patch_size"] = [63, 64]
     (work / PLANS_FILE).write_text(json.dumps(d))
@@ -538,9 +539,7 @@ def test_train_preprocesses_a_configuration_plan_left_for_later(planned, tmp_pat
                                                                  monkeypatch: pytest.MonkeyPatch):
     from autoseg.workflow import ensure_preprocessed
 
-    data, original = planned["mri-nested"]
-    work = tmp_path / "work"
-    shutil.copytree(original, work)
+    data, work = copy_planned(planned, "mri-nested", tmp_path)
     plans = _plans(planned, "mri-nested")
     assert not (work / "preprocessed" / "2d").exists()
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the ranks must not preprocess into one folder
