@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,6 +30,7 @@ from autoseg.artifacts import hash_files, header, write_json
 from autoseg.dataset import Case, Dataset, load_dataset
 from autoseg.errors import DatasetError, Problem, UserError
 from autoseg.io import read_images, read_label
+from autoseg.workers import is_small, pool_context
 
 FINGERPRINT_FILE = "fingerprint.json"
 SAMPLES_PER_CASE = 10_000  # foreground intensities drawn per case and channel (with replacement, as nnU-Net)
@@ -269,16 +269,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """forkserver where there is one: safe after the caller started threads, and workers import only this
-    module (numpy, SimpleITK, cc3d) instead of forking whatever the caller had loaded (torch...)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
 def map_cases(fn: Callable[[T], R], items: Sequence[T], jobs: int, progress: bool = False,
               desc: str = "cases") -> list[R]:
     """``[fn(x) for x in items]``, with ``jobs`` worker processes when > 1, a progress bar on stderr when asked.
@@ -295,7 +285,7 @@ def map_cases(fn: Callable[[T], R], items: Sequence[T], jobs: int, progress: boo
                 results[i] = fn(item)
                 bar.update()
             return results
-        with ProcessPoolExecutor(min(jobs, len(items)), mp_context=_pool_context()) as pool:
+        with ProcessPoolExecutor(min(jobs, len(items)), mp_context=pool_context()) as pool:
             futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
             try:
                 for future in as_completed(futures):
@@ -398,7 +388,7 @@ def extract_fingerprint(dataset: Path | str, jobs: int | None = None, progress: 
     if not cases:
         raise DatasetError([Problem(str(ds.root / "imagesTr"), "no training cases found (expected CASE_0000"
                                                                f"{ds.file_ending} files)")])
-    jobs = jobs or os.cpu_count() or 1
+    jobs = 1 if is_small(cases) else jobs or os.cpu_count() or 1
     results = map_cases(_analyze_job, [(c, ds.ignore_label, SAMPLES_PER_CASE) for c in cases], jobs, progress,
                         desc="fingerprint")
     fps = [fp for fp, _ in results]

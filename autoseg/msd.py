@@ -14,7 +14,6 @@ an interrupted conversion never leaves a half-written dataset that looks complet
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import uuid
@@ -28,6 +27,7 @@ import SimpleITK as sitk
 
 from autoseg.errors import UserError
 from autoseg.io import Geometry, read_label, read_sitk, write_image, write_label
+from autoseg.workers import pool_context
 
 ENDING = ".nii.gz"
 _SOURCE_ENDINGS = (".nii.gz", ".nii")
@@ -271,9 +271,7 @@ def _run(fn: Callable[[_CaseJob], None], work: Sequence[_CaseJob], jobs: int | N
         for item in work:
             fn(item)
         return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=pool_context()) as pool:
         futures = [pool.submit(fn, item) for item in work]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in futures if f in done and f.exception() is not None]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import glob
 import gzip
 import json
-import multiprocessing
 import os
 import struct
 import sys
@@ -49,10 +48,11 @@ from tqdm import tqdm
 from autoseg.dataset import _CHANNEL_RE, Case, Dataset, list_cases, parse_dataset_json
 from autoseg.errors import Problem, UserError
 from autoseg.io import SUPPORTED_ENDINGS, Geometry, file_ending, is_natural, read_image, read_label
+from autoseg.workers import is_small, pool_context
 
 __all__ = ["validate_dataset"]
 
-#: Below this many cases a process pool costs more than it saves.
+#: Below this many cases a process pool costs more than it saves (so does a small dataset: workers.SMALL_BYTES).
 POOL_MIN_CASES = 8
 #: Data files that sit next to a header file and are not cases themselves.
 _COMPANION_ENDINGS = {".mhd": (".raw", ".zraw")}
@@ -458,12 +458,12 @@ def _map_cases(fn: Callable[[Case], _CaseReport], cases: list[Case], jobs: int |
     """``fn`` over cases in order; in a process pool when it pays off. The result never depends on the pool."""
     jobs = jobs or os.cpu_count() or 1
     with tqdm(total=len(cases), desc="validate", unit="case", file=sys.stderr, disable=not progress) as bar:
-        if jobs <= 1 or len(cases) <= POOL_MIN_CASES:
+        if jobs <= 1 or len(cases) <= POOL_MIN_CASES or is_small(cases):
             return [_tick(bar, fn(c)) for c in cases]
         workers = min(jobs, len(cases))
         chunk = max(1, len(cases) // (workers * 4))
         try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
                 return [_tick(bar, r) for r in pool.map(fn, cases, chunksize=chunk)]
         except (BrokenProcessPool, OSError) as e:  # e.g. a caller script without a __main__ guard
             warnings.warn(f"validate: process pool failed ({e}); checking cases in this process",

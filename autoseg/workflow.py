@@ -43,6 +43,12 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     """
     import time
 
+    from autoseg import workers
+
+    started = jobs is None or jobs > 1
+    if started:  # first: the worker server loads preprocessing (torch) while we import it
+        workers.start(["autoseg.preprocess"])
+
     from autoseg.plan.budget import parse_duration
     from autoseg.plan.make import make_plans
     from autoseg.plan.registry import get_planner
@@ -76,6 +82,8 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     if plans is None:
         if progress:
             print("planning: measuring candidate networks on the device ...", file=sys.stderr)
+        if started:
+            workers.wait_started()  # measure step times on an otherwise idle CPU
         plans = make_plans(fp, planner, budget_s, device, folds or 5)
         plans.save(plans_path)
     timings["plan"] = time.perf_counter() - t

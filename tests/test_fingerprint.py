@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import write_tiny_dataset
 
+from autoseg import workers
 from autoseg.cli import run
 from autoseg.errors import DatasetError, UserError
 from autoseg.fingerprint import (
@@ -119,7 +120,8 @@ def test_dataset_summary(constructed: Path) -> None:
     assert fp.modalities == ["CT"]
 
 
-def test_jobs_do_not_change_a_byte(ct_tiny: Path, tmp_path: Path) -> None:
+def test_jobs_do_not_change_a_byte(ct_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers, "SMALL_BYTES", 0)  # a pool even for tiny data
     extract_fingerprint(ct_tiny, jobs=1).save(tmp_path / "j1.json")
     extract_fingerprint(ct_tiny, jobs=2).save(tmp_path / "j2.json")
     assert (tmp_path / "j1.json").read_bytes() == (tmp_path / "j2.json").read_bytes()
@@ -204,7 +206,8 @@ def test_no_training_cases_is_a_dataset_error(tmp_path: Path) -> None:
         extract_fingerprint(root)
 
 
-def test_missing_label_file_names_the_file(tmp_path: Path) -> None:
+def test_missing_label_file_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers, "SMALL_BYTES", 0)  # the error crosses the process pool
     root = write_tiny_dataset(tmp_path / "Dataset007_NoLabel", cases=2)
     (root / "labelsTr" / "case001.nii.gz").unlink()
     with pytest.raises(UserError, match="case001.nii.gz: file not found"):
