@@ -189,6 +189,43 @@ def test_only_trained_configurations_are_measured_for_real(fake_compute, monkeyp
     assert flat.measured.peak_memory_mb == pytest.approx(truth.peak_memory_bytes / MiB, rel=0.02)
 
 
+def test_the_largest_setup_fitting_with_room_is_not_measured_for_real(fake_compute, monkeypatch):
+    """On a CPU a real step of the widest network at the ideal patch costs seconds and could only grow the
+    batch: when the proxies predict it fits the time and half the memory, the planner keeps the prediction."""
+    calls: list[int] = []
+    fake = fake_measure()
+
+    def counting(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
+        calls.append(ndim)
+        return fake(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw)
+
+    monkeypatch.setattr(compute, "measure_step", counting)
+    plans = make_plans(isotropic((24, 24, 24)), budget="8h", device="cpu")
+    cfg = plans.configurations["3d_fullres"]
+    assert cfg.network.features[0] == 32 and cfg.measured.extrapolated
+    assert calls.count(3) == 1  # the one proxy, no real step
+    assert any("not measured for real" in n for n in plans.notes)
+
+
+def test_the_choice_is_measured_at_half_its_batch_on_a_cpu(fake_compute, monkeypatch):
+    """Step time and activations grow linearly with the batch: half the batch is measured and scaled."""
+    batches: list[tuple[list[int], int]] = []
+    fake = fake_measure()
+
+    def recording(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
+        batches.append((list(patch), batch))
+        return fake(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw)
+
+    monkeypatch.setattr(compute, "measure_step", recording)
+    plans = make_plans(isotropic((128, 128, 128)), budget="20m", device="cpu")
+    cfg = plans.configurations["3d_fullres"]
+    assert not cfg.measured.extrapolated
+    real = [b for p, b in batches if p == cfg.patch_size]
+    assert real and real[-1] == max(1, cfg.batch_size // 2)
+    truth, _ = fake(cfg.network, 1, 2, 3, cfg.patch_size, cfg.batch_size)
+    assert cfg.measured.step_time_s == pytest.approx(truth.step_time_s, rel=0.1)
+
+
 def test_a_pessimistic_proxy_is_corrected_by_the_real_measurement(fake_compute, monkeypatch: pytest.MonkeyPatch):
     """Proxies 4x slower than the real steps (a busy moment, fixed overheads) would plan a setup far below
     what the device affords; the real measurement finds out and the search runs again for a bigger one."""

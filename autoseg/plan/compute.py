@@ -2,7 +2,7 @@
 
 The planner never guesses memory from feature-map counts: it runs the candidate network. Large
 candidates on slow devices are measured on a smaller proxy patch and extrapolated by FLOPs (counted
-exactly on the meta device) — the extrapolation is marked in the plan.
+exactly from the shapes each convolution sees) — the extrapolation is marked in the plan.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from autoseg.nets import build_network
 from autoseg.plan.model import Network
 
 MiB = 1 << 20
-QUICK_STEPS_S = 0.3  # after the one required timed step, keep timing while all timed steps took less than this
+QUICK_STEPS_S = 0.15  # after the one required timed step, keep timing while all timed steps took less than this
 
 
 @dataclass
@@ -114,7 +114,7 @@ class StepMeasurement:
 
 def count_step_flops(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int) -> float:
     """FLOPs of forward + backward. Convolution FLOPs are linear in the voxels of a patch divisible by the
-    network's total stride, so they are counted once per network (on the meta device: exact, no compute)
+    network's total stride, so they are counted once per network (exact: from the shapes each convolution sees)
     at the smallest such patch, and scaled."""
     divisor = [1] * ndim
     for s in cfg.strides:
@@ -126,17 +126,28 @@ def count_step_flops(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch:
 
 @functools.lru_cache(maxsize=256)
 def _flops_at(key: str, patch: tuple[int, ...]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Convolution FLOPs of one forward + backward at ``patch``, batch 1, as torch's FlopCounterMode counts them
+    (forward, input gradient unless the input needs none, weight gradient), from the shapes each convolution
+    sees. Shapes come from a CPU forward at this small patch: the meta device would do, but its
+    concatenation imports torch._dynamo (1.7 s, longer than the planner's measurements)."""
     net, in_ch, n_classes, ndim = json.loads(key)
-    with torch.device("meta"):
-        model = build_network(Network(**net), in_ch, n_classes, ndim).train()
-        x = torch.empty(1, in_ch, *patch)
-        with FlopCounterMode(display=False) as counter:
-            out = model(x)
-            outs = out if isinstance(out, (list, tuple)) else [out]
-            sum(o.sum() for o in outs).backward()
-    return float(counter.get_total_flops())
+    model = build_network(Network(**net), in_ch, n_classes, ndim).train()
+    total = 0.0
+
+    def count(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        x, k = args[0], math.prod(mod.kernel_size)
+        if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+            forward = 2.0 * x.numel() * (mod.out_channels // mod.groups) * k
+        else:
+            forward = 2.0 * out.numel() * (mod.in_channels // mod.groups) * k
+        total += forward * (3 if x.requires_grad else 2)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    model(torch.zeros(1, in_ch, *patch))
+    for h in hooks:
+        h.remove()
+    return total
 
 
 class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
@@ -160,6 +171,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+class _MomentumSGD:
+    """Nesterov momentum SGD as the trainer steps it, without ``torch.optim``: constructing a torch optimizer
+    imports torch._dynamo (1.7 s here), longer than the steps the planner times."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float = 1e-2, momentum: float = 0.99, scale: float = 1.0):
+        self.params, self.lr, self.momentum, self.scale = params, lr, momentum, scale
+        self.bufs = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, buf in zip(self.params, self.bufs):
+            if p.grad is None:
+                continue
+            if self.scale != 1.0:  # fp16: unscale, as a GradScaler does
+                p.grad.div_(self.scale)
+            buf.mul_(self.momentum).add_(p.grad)
+            p.add_(p.grad.add(buf, alpha=self.momentum), alpha=-self.lr)
+            p.grad = None
 
 
 def _first_grad(model: nn.Module) -> torch.Tensor:
@@ -197,12 +228,12 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
     model = build_network(cfg, in_ch, n_classes, ndim).to(dev).train()
     fmt = (torch.channels_last_3d if ndim == 3 else torch.channels_last) if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    scale = 2.0 ** 10 if precision == "fp16" else 1.0  # a fixed loss scale: the cost of a GradScaler's
+    opt = _MomentumSGD(list(model.parameters()), scale=scale)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, in_ch, *patch, generator=g).to(dev).to(memory_format=fmt)
     y = torch.randint(0, n_classes, (batch, *patch), generator=g).to(dev)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
 
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -222,20 +253,12 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
             loss = nn.functional.cross_entropy(outs[0].float(), y)
             for o in outs[1:]:  # deep supervision heads: a cheap stand-in target
                 loss = loss + 0.5 * o.float().square().mean()
-        if scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        (loss * scale if scale != 1.0 else loss).backward()
         if i == 0:
             grad = _first_grad(model).cpu()
             if second_batch:
                 spread = _other_batch_grad(model, batch, in_ch, n_classes, patch, dev, fmt, seed, amp_dtype)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.step()
         _sync(dev)
         times.append(time.perf_counter() - t0)
         if i == 0 and dev.type != "cuda":

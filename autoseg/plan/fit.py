@@ -183,10 +183,12 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
 
     Candidates are predicted from proxy measurements (one small patch per width and precision). With
     ``verify`` the choice is then measured for real, unless one step would take longer than
-    ``REAL_MEASURE_MAX_S`` on a CPU. A measurement that proves the prediction wrong, too optimistic by
+    ``REAL_MEASURE_MAX_S`` on a CPU, or, on a CPU, the choice is the largest setup and fits with room to spare
+    (a real step costs seconds there and could change nothing but the batch). A measurement that proves the prediction wrong, too optimistic by
     > 25 % (or over the step-time limit) or too pessimistic by > 1/``PESSIMISM`` (a smaller setup than the
-    device affords), re-runs the search with the error corrected and measures its choice once more; the
-    last measured choice that keeps to the limit stands. Configurations that are not trained by default
+    device affords), re-runs the search with the error corrected and measures its choice once more (unless
+    only the batch changed: the measured pace per sample carries over); the last measured choice that keeps
+    to the limit stands. On a CPU the choice is measured at half its batch and scaled. Configurations that are not trained by default
     are planned from the proxies alone (the trainer re-fits the step count to its measured pace anyway)."""
     log: list[str] = []
     t_max = req.run_seconds / req.min_steps
@@ -195,7 +197,7 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
     net = make_network(req.family, topo, WIDTHS[0], req.feature_cap, _blocks(req, topo), req.decoder_convs)
     precision, cl, speedup = req.precision or choose_precision(device, req, tp, net, topo, log)
     calibration, verified = 1.0, None  # verified: the last measured choice within the limit
-    choice = None
+    choice, measured_at = None, None
     for attempt in range(MAX_REAL_MEASUREMENTS):
         found = _search(req, device, tp, (precision, cl), t_max, calibration)
         if found is None:
@@ -210,12 +212,26 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
         choice = (net, topo, batch, t_pred, mem_pred, flops, True)
         if not verify or (t_pred > REAL_MEASURE_MAX_S and device.type == "cpu"):
             break
+        if attempt == 0 and device.type == "cpu" and _is_largest(req, net, topo) \
+                and t_pred <= t_max and mem_pred <= 0.5 * device.memory_bytes:
+            log.append("the largest setup fits by the proxies' prediction: not measured for real (a measurement "
+                       "could only grow the batch; the trainer paces its steps to the time it measures)")
+            break
         if verified is not None and (net, topo.patch_size, batch) == verified[:3]:
             break  # the corrected search chose what was measured already
-        m, _ = compute.measure_step(net, req.in_channels, req.num_classes, req.ndim, topo.patch_size, batch,
+        if measured_at is not None and (net, topo.patch_size) == measured_at:
+            break  # only the batch changed: the measured pace per sample, corrected, carries over
+        # on a CPU a step's time and activations grow linearly with the batch: half the batch tells, in half the time
+        batch_m = max(1, batch // 2) if device.type == "cpu" else batch
+        m, _ = compute.measure_step(net, req.in_channels, req.num_classes, req.ndim, topo.patch_size, batch_m,
                                     device.type, precision, cl)
+        measured_at = (net, topo.patch_size)
+        fixed = tp.fixed_bytes(net)
+        m.step_time_s *= batch / batch_m
+        m.peak_memory_bytes = int(fixed + max(m.peak_memory_bytes - fixed, 0) * batch / batch_m)
         error = m.step_time_s / max(t_pred, 1e-9)
-        log.append(f"predicted {t_pred:.3f}s/step, measured {m.step_time_s:.3f}s; "
+        at = "" if batch_m == batch else f" (from batch {batch_m})"
+        log.append(f"predicted {t_pred:.3f}s/step, measured {m.step_time_s:.3f}s{at}; "
                    f"predicted {mem_pred / compute.MiB:.0f} MiB, measured {m.peak_memory_bytes / compute.MiB:.0f} MiB")
         fits = m.step_time_s <= 1.25 * t_max and m.peak_memory_bytes <= device.memory_bytes
         choice = (net, topo, batch, m.step_time_s, float(m.peak_memory_bytes), flops, False)
@@ -237,6 +253,11 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
     log.append(f"width {net.features[0]}, patch {topo.patch_size}, batch {batch}: "
                f"{t_pred:.3f}s/step{' (predicted)' if extrapolated else ''}, limit {t_max:.3f}s/step")
     return FitResult(net, topo.patch_size, batch, precision, cl, measured, steps, log, (precision, cl, speedup))
+
+
+def _is_largest(req: FitRequest, net: Network, topo: Topology) -> bool:
+    """The first candidate of the search order: the widest network at the ideal patch."""
+    return net.features[0] == WIDTHS[0] and topo.patch_size == topology(req.spacing, req.ideal_patch).patch_size
 
 
 def _blocks(req: FitRequest, topo: Topology) -> list[int]:
