@@ -245,8 +245,9 @@ def test_a_pessimistic_proxy_is_corrected_by_the_real_measurement(fake_compute, 
     assert any("searching again" in n for n in plans.notes)
     assert voxels(corrected) * corrected.network.features[0] >= 0.5 * voxels(honest) * honest.network.features[0]
     run_s = run_seconds(plans, "3d_fullres")
-    assert not corrected.measured.extrapolated
-    assert corrected.measured.step_time_s <= 1.25 * run_s / target_steps(run_s)  # measured, and within the limit
+    assert corrected.measured.step_time_s <= 1.25 * run_s / target_steps(run_s)  # within the limit
+    truth, _ = fake_measure()(corrected.network, 1, 2, 3, corrected.patch_size, corrected.batch_size)
+    assert corrected.measured.step_time_s == pytest.approx(truth.step_time_s, rel=0.25)  # the correction holds
     monkeypatch.setattr(fit_module, "MAX_REAL_MEASUREMENTS", 1)
     uncorrected = make_plans(fp, budget="20m", device="cpu").configurations["3d_fullres"]
     assert voxels(uncorrected) * uncorrected.network.features[0] < voxels(corrected) * corrected.network.features[0]
@@ -290,11 +291,12 @@ def test_non_positive_budget_is_a_user_error(fake_compute):
 
 
 def test_timing_proxy_keeps_the_shape_of_an_anisotropic_patch():
-    from autoseg.plan.fit import FitRequest, Throughput
+    from autoseg.plan.fit import PROXY_VOXELS, FitRequest, Throughput
 
     req = FitRequest("unet", 3, [3.0, 0.8, 0.8], [30, 64, 64], [28, 64, 64], [16, 16, 16], 1, 2, 600.0, 900, 320)
     proxy = Throughput(TEST_CPU, req).proxy([28, 64, 64], [4, 16, 16])
-    assert proxy == [12, 32, 32]  # not 28x16x16: in-plane maps that small run at a fraction of the FLOP/s
+    # every axis shrunk in turn (not 28x16x16: in-plane maps that small run at a fraction of the FLOP/s)
+    assert proxy[0] < 28 and min(proxy[1:]) >= 32 and np.prod(proxy) <= PROXY_VOXELS[3]
     deep = Throughput(TEST_CPU, req).proxy([16, 128, 128], [8, 32, 32])
     assert np.prod([p // d for p, d in zip(deep, [8, 32, 32])]) >= 2  # 8x32x32 would leave 1x1x1: norm fails
 

@@ -120,7 +120,7 @@ def count_step_flops(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch:
     for s in cfg.strides:
         divisor = [a * b for a, b in zip(divisor, s)]
     key = json.dumps([asdict(cfg), in_ch, n_classes, ndim])
-    ref = tuple(2 * d for d in divisor)  # instance norm needs more than one voxel at the bottleneck
+    ref = (2 * divisor[0], *divisor[1:])  # two voxels at the bottleneck: instance norm needs more than one
     return _flops_at(key, ref) * batch * math.prod(patch) / math.prod(ref)
 
 

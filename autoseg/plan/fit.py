@@ -20,9 +20,9 @@ from autoseg.plan.rules import Topology, make_network, shrink_patch, topology
 
 WIDTHS = (32, 16, 8)
 MIN_BATCH = 2
-PROXY_VOXELS = {3: 24 ** 3, 2: 96 ** 2}  # proxy patch for timing slow devices
+PROXY_VOXELS = {3: 32 ** 3, 2: 96 ** 2}  # proxy patch for timing slow devices (24^3 ran at 0.4-0.65x the real FLOP/s)
 MAX_PRECISION_NOISE = 0.5  # a precision's gradient error, as a share of the batch-to-batch gradient spread
-PESSIMISM = 0.6  # a measured step below this share of the prediction re-runs the search for a bigger setup
+PESSIMISM = 0.8  # a measured step below this share of the prediction re-runs the search for a bigger setup
 MAX_REAL_MEASUREMENTS = 2  # of the chosen setup per configuration
 REAL_MEASURE_MAX_S = 3.0  # measure the final choice for real when a step is predicted below this
 
@@ -186,9 +186,9 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
     ``REAL_MEASURE_MAX_S`` on a CPU, or, on a CPU, the choice is the largest setup and fits with room to spare
     (a real step costs seconds there and could change nothing but the batch). A measurement that proves the prediction wrong, too optimistic by
     > 25 % (or over the step-time limit) or too pessimistic by > 1/``PESSIMISM`` (a smaller setup than the
-    device affords), re-runs the search with the error corrected and measures its choice once more (unless
-    only the batch changed: the measured pace per sample carries over); the last measured choice that keeps
-    to the limit stands. On a CPU the choice is measured at half its batch and scaled. Configurations that are not trained by default
+    device affords), re-runs the search with the error corrected and measures its choice once more, unless
+    it is the width just measured at a patch at least as large (the corrected prediction holds there) or its
+    corrected prediction keeps 25 % below the limit; the last measured choice that keeps to the limit stands. On a CPU the choice is measured at half its batch and scaled. Configurations that are not trained by default
     are planned from the proxies alone (the trainer re-fits the step count to its measured pace anyway)."""
     log: list[str] = []
     t_max = req.run_seconds / req.min_steps
@@ -197,7 +197,7 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
     net = make_network(req.family, topo, WIDTHS[0], req.feature_cap, _blocks(req, topo), req.decoder_convs)
     precision, cl, speedup = req.precision or choose_precision(device, req, tp, net, topo, log)
     calibration, verified = 1.0, None  # verified: the last measured choice within the limit
-    choice, measured_at = None, None
+    choice, measured_at, mem_calibration = None, None, 1.0
     for attempt in range(MAX_REAL_MEASUREMENTS):
         found = _search(req, device, tp, (precision, cl), t_max, calibration)
         if found is None:
@@ -219,16 +219,25 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
             break
         if verified is not None and (net, topo.patch_size, batch) == verified[:3]:
             break  # the corrected search chose what was measured already
-        if measured_at is not None and (net, topo.patch_size) == measured_at:
-            break  # only the batch changed: the measured pace per sample, corrected, carries over
+        if measured_at is not None:
+            # corrected by a measurement of this width at a patch at least as large (FLOP/s only grows with the
+            # patch), or with room for the error of carrying the correction to another width: keep it
+            same = net.features[0] == measured_at[0] and np.prod(topo.patch_size) >= measured_at[1]
+            fixed = tp.fixed_bytes(net)
+            mem_pred = fixed + (mem_pred - fixed) * mem_calibration
+            if same or (t_pred <= t_max / 1.25 and mem_pred <= 0.5 * device.memory_bytes):
+                choice = (net, topo, batch, t_pred, mem_pred, flops, True)
+                log.append(f"width {net.features[0]}, patch {topo.patch_size}: predicted, corrected by the measurement")
+                break
         # on a CPU a step's time and activations grow linearly with the batch: half the batch tells, in half the time
         batch_m = max(1, batch // 2) if device.type == "cpu" else batch
         m, _ = compute.measure_step(net, req.in_channels, req.num_classes, req.ndim, topo.patch_size, batch_m,
                                     device.type, precision, cl)
-        measured_at = (net, topo.patch_size)
+        measured_at = (net.features[0], np.prod(topo.patch_size))
         fixed = tp.fixed_bytes(net)
         m.step_time_s *= batch / batch_m
         m.peak_memory_bytes = int(fixed + max(m.peak_memory_bytes - fixed, 0) * batch / batch_m)
+        mem_calibration = (m.peak_memory_bytes - fixed) / max(mem_pred - fixed, 1.0)
         error = m.step_time_s / max(t_pred, 1e-9)
         at = "" if batch_m == batch else f" (from batch {batch_m})"
         log.append(f"predicted {t_pred:.3f}s/step, measured {m.step_time_s:.3f}s{at}; "
