@@ -20,7 +20,7 @@ from autoseg.plan.rules import Topology, make_network, shrink_patch, topology
 
 WIDTHS = (32, 16, 8)
 MIN_BATCH = 2
-PROXY_VOXELS = {3: 32 ** 3, 2: 96 ** 2}  # proxy patch for timing slow devices (24^3 ran at 0.4-0.65x the real FLOP/s)
+PROXY_VOXELS = {3: 24 ** 3, 2: 96 ** 2}  # proxy patch for timing slow devices
 MAX_PRECISION_NOISE = 0.5  # a precision's gradient error, as a share of the batch-to-batch gradient spread
 PESSIMISM = 0.8  # a measured step below this share of the prediction re-runs the search for a bigger setup
 MAX_REAL_MEASUREMENTS = 2  # of the chosen setup per configuration
