@@ -174,7 +174,8 @@ def autoseg_plan_lines(work: Path, timings: list[dict[str, float]]) -> list[str]
     for name, c in plans["configurations"].items():
         m = c["measured"]
         out.append(f"  - {name}: patch {c['patch_size']}, batch {c['batch_size']}, width {c['network']['features'][0]}, "
-                   f"{c['precision']}, {m['step_time_s']:.3f} s/step measured, {c['schedule']['steps']} steps")
+                   f"{c['precision']}, {m['step_time_s']:.3f} s/step "
+                   f"{'predicted' if m.get('extrapolated') else 'measured'}, {c['schedule']['steps']} steps")
     out.append("  - planner log: " + " / ".join(n for n in plans["notes"] if not n.startswith("budget")))
     return out
 
@@ -257,14 +258,17 @@ def render(args: argparse.Namespace, sections: list[str], tools_by_task: dict[st
     lines += ["## What each tool does", "",
               "- autoseg `plan`: validates every file, fingerprints, plans 3d_fullres and 2d (and 3d_lowres when "
               "the image is large) by **measuring real training steps** of candidate networks on the CPU "
-              "(fp32 against bf16, then the chosen setup), and preprocesses every planned configuration "
-              "(here 3d_fullres **and 2d**: twice the cases nnU-Net preprocesses).",
+              "(fp32 against bf16 on a proxy patch, then the chosen setup at half its batch unless the proxies "
+              "already predict the largest setup fits), and preprocesses the configurations its budget trains "
+              "(here 3d_fullres, as nnU-Net).",
               "- nnU-Net `plan_and_preprocess -c 3d_fullres`: fingerprints (no integrity check unless "
               "`--verify_dataset_integrity`), plans 2d/3d_fullres/3d_lowres from its rules (no measurement), "
               "preprocesses 3d_fullres only.",
               "- Wall time is the whole command (interpreter start, imports, pools); memory is the peak over the "
-              "process tree sampled every 20 ms from /proc (PSS: shared pages split between processes; RSS: "
-              "shared pages counted in each; largest process: the kernel's exact ru_maxrss).", "",
+              "process tree sampled from /proc (PSS every 0.5 s: shared pages split between processes; RSS every "
+              "50 ms: shared pages counted in each; largest process: the kernel's exact ru_maxrss). PSS is read "
+              "less often because reading it stalls the measured process (autoseg's timed steps ran 1.4-1.8x "
+              "slower with PSS read every 50 ms).", "",
               "## Versions", "", f"- autoseg {autoseg.__version__} (commit {git_commit()}), torch {torch.__version__}"]
     if nnunet_versions:
         lines.append("- nnU-Net venv: " + ", ".join(f"{k} {v}" for k, v in nnunet_versions.items()))

@@ -141,6 +141,25 @@ def choose_precision(device: DeviceInfo, req: FitRequest, tp: Throughput, net: N
     return "fp32", False, 1.0
 
 
+class Calibration:
+    """Measured step time / predicted, per width. A width not measured gets the square root of a pessimistic
+    correction (the small proxy of a narrow network is more overhead-bound than a wide one's: measured here,
+    width 16 ran 0.37-0.43x its proxy prediction, width 32 0.5-0.7x) and all of an optimistic one (safe)."""
+
+    def __init__(self):
+        self.factors: dict[int, float] = {}
+        self.last = 1.0
+
+    def correct(self, width: int, error: float) -> None:
+        self.factors[width] = self(width) * error
+        self.last = self.factors[width]
+
+    def __call__(self, width: int) -> float:
+        if width in self.factors:
+            return self.factors[width]
+        return self.last if self.last > 1 else self.last ** 0.5
+
+
 def _predict(tp: Throughput, net: Network, topo: Topology, patch: list[int], batch: int, precision: str,
              channels_last: bool) -> tuple[float, float, float]:
     """(seconds per step, bytes, flops) predicted from the proxy measurement of this width."""
@@ -152,7 +171,7 @@ def _predict(tp: Throughput, net: Network, topo: Topology, patch: list[int], bat
 
 
 def _search(req: FitRequest, device: DeviceInfo, tp: Throughput, prec: tuple[str, bool], t_max: float,
-            calibration: float) -> tuple[Network, Topology, float, float] | None:
+            calibration: Calibration) -> tuple[Network, Topology, float, float] | None:
     """The first candidate, in the order things are given up, predicted to fit time and memory."""
     for phase in ("above_object", "below_object"):
         floor = req.object_patch if phase == "above_object" else min_patch(req)
@@ -162,8 +181,9 @@ def _search(req: FitRequest, device: DeviceInfo, tp: Throughput, prec: tuple[str
                 topo = topology(req.spacing, patch)
                 net = make_network(req.family, topo, width, req.feature_cap, _blocks(req, topo), req.decoder_convs)
                 t, mem, _ = _predict(tp, net, topo, topo.patch_size, MIN_BATCH, *prec)
-                if t * calibration <= t_max and mem <= device.memory_bytes:
-                    return net, topo, t * calibration, mem
+                t *= calibration(width)
+                if t <= t_max and mem <= device.memory_bytes:
+                    return net, topo, t, mem
                 patch = shrink_patch(topo.patch_size, req.median_shape, topo.divisor, floor)
     return None
 
@@ -196,19 +216,19 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
     topo = topology(req.spacing, req.ideal_patch)  # precision is compared on a proxy of the ideal network
     net = make_network(req.family, topo, WIDTHS[0], req.feature_cap, _blocks(req, topo), req.decoder_convs)
     precision, cl, speedup = req.precision or choose_precision(device, req, tp, net, topo, log)
-    calibration, verified = 1.0, None  # verified: the last measured choice within the limit
+    calibration, verified = Calibration(), None  # verified: the last measured choice within the limit
     choice, measured_at, mem_calibration = None, None, 1.0
     for attempt in range(MAX_REAL_MEASUREMENTS):
         found = _search(req, device, tp, (precision, cl), t_max, calibration)
         if found is None:
             net, topo = _smallest(req)
             t, mem, _ = _predict(tp, net, topo, topo.patch_size, MIN_BATCH, precision, cl)
-            found = (net, topo, t * calibration, mem)
+            found = (net, topo, t * calibration(net.features[0]), mem)
             log.append("no candidate reaches the target steps in this budget: smallest network chosen")
         net, topo, t, mem = found
         batch = _grow_batch(req, device, t, mem, t_max, topo.patch_size)
         t_pred, mem_pred, flops = _predict(tp, net, topo, topo.patch_size, batch, precision, cl)
-        t_pred *= calibration
+        t_pred *= calibration(net.features[0])
         choice = (net, topo, batch, t_pred, mem_pred, flops, True)
         if not verify or (t_pred > REAL_MEASURE_MAX_S and device.type == "cpu"):
             break
@@ -248,7 +268,7 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
             verified = (net, topo.patch_size, batch, choice)
         if fits and PESSIMISM <= error <= 1.25:
             break
-        calibration *= error
+        calibration.correct(net.features[0], error)
         if attempt + 1 < MAX_REAL_MEASUREMENTS:
             log.append(f"measured {m.step_time_s:.3f}s/step, {error:.2f}x the prediction: searching again")
     if verified is not None and choice is not None and not choice[6] and choice is not verified[3]:
