@@ -202,14 +202,16 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
     """Choose width, patch and batch for ``req`` on ``device``.
 
     Candidates are predicted from proxy measurements (one small patch per width and precision). With
-    ``verify`` the choice is then measured for real, unless one step would take longer than
-    ``REAL_MEASURE_MAX_S`` on a CPU, or, on a CPU, the choice is the largest setup and fits with room to spare
-    (a real step costs seconds there and could change nothing but the batch). A measurement that proves the prediction wrong, too optimistic by
-    > 25 % (or over the step-time limit) or too pessimistic by > 1/``PESSIMISM`` (a smaller setup than the
-    device affords), re-runs the search with the error corrected and measures its choice once more, unless
-    it is the width just measured at a patch at least as large (the corrected prediction holds there) or its
-    corrected prediction keeps 25 % below the limit; the last measured choice that keeps to the limit stands. On a CPU the choice is measured at half its batch and scaled. Configurations that are not trained by default
-    are planned from the proxies alone (the trainer re-fits the step count to its measured pace anyway)."""
+    ``verify`` the choice is then measured for real (on a CPU at half its batch, scaled), unless on a CPU one
+    step would take longer than ``REAL_MEASURE_MAX_S``, or the choice is the largest setup and fits with room
+    to spare (a real step costs seconds there and could change nothing but the batch).
+
+    A measurement that proves the prediction wrong, too optimistic by > 25 % (or over the step-time limit)
+    or too pessimistic by > 1/``PESSIMISM``, re-runs the search with the error corrected (:class:`Calibration`)
+    and measures its choice once more, unless it is the width just measured at a patch at least as large
+    (the corrected prediction holds there) or its corrected prediction keeps 25 % below the limit; the last
+    measured choice that keeps to the limit stands. Configurations that are not trained by default are
+    planned from the proxies alone (the trainer re-fits the step count to its measured pace anyway)."""
     log: list[str] = []
     t_max = req.run_seconds / req.min_steps
     tp = Throughput(device, req)
