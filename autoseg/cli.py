@@ -135,7 +135,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         tqdm.write(f"autoseg: error: {line}", file=sys.stderr)
 
     s = predict(a.model, a.input, a.output, configuration=a.config, folds=parse_folds(a.folds), device=a.device,
-                mirror=a.mirror, overlap=a.overlap, tile_batch=a.tile_batch, grow_tiles=not a.patch_tiles,
+                mirror=a.mirror, overlap=a.overlap, tile_batch=a.tile_batch,
                 save_probabilities=a.save_probabilities, jobs=a.jobs, progress=not a.quiet, report=report,
                 report_model=lambda line: print(f"autoseg predict: {line}", file=sys.stderr))
     if s.mirror:
@@ -364,9 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window tile overlap (default %(default)s)")
     p.add_argument("--tile-batch", type=_jobs, default=None,
                    help="tiles per network pass (default: the training batch, at least 4)")
-    p.add_argument("--patch-tiles", action="store_true",
-                   help="tiles always of the training patch (nnU-Net's tiling); by default an axis at most 25%% "
-                        "longer than the patch is one tile of the whole axis instead of two overlapping ones")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write OUTPUT/CASE.npz: per-class probabilities (float16) in the input's geometry")

@@ -71,18 +71,16 @@ class MemberOutput:
 
 def member_probabilities(member: Member, plans: Plans, data: np.ndarray, device: torch.device, *,
                          mirror_axes: Sequence[int], overlap: float, tile_batch: int, precision: str,
-                         storage: str = "float16", progress: Callable[[int], None] | None = None,
-                         strides: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+                         storage: str = "float16", progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """The mean over ``member``'s folds of the sliding-window probabilities of a preprocessed case
-    ``(C, Z, Y, X)``: every fold adds ``1 / folds`` into one ``storage`` buffer (no second volume). With the
-    network's ``strides``, slightly oversized axes are one grown tile (``sliding_window.inference_patch``)."""
+    ``(C, Z, Y, X)``: every fold adds ``1 / folds`` into one ``storage`` buffer (no second volume)."""
     models = member.models(plans, device)
     out = torch.zeros((plans.num_classes, *data.shape[1:]), dtype=STORAGE[storage])
     for model in models:
         sliding_window(model, data, member.cfg.patch_size, plans.num_classes, member.cfg.ndim, device,
                        overlap=overlap, mirror_axes=mirror_axes, tile_batch=tile_batch, precision=precision,
                        channels_last=member.cfg.channels_last, progress=progress, out=out, scale=1 / len(models),
-                       strides=strides)
+                       strides=member.cfg.network.strides)
     return out
 
 

@@ -111,9 +111,7 @@ class Predictor:
     ensemble's names in order with ``weights`` and ``folds`` mappings from each name to its own. Networks
     are built on first use. ``mirror`` is ``"auto"``, ``"on"`` or ``"off"`` (see the module docstring);
     ``tile_batch`` tiles go through the network at once (default: the training batch, at least 4);
-    ``storage`` is the dtype of the probabilities in preprocessed space (``"float16"`` or ``"float32"``);
-    ``grow_tiles``: an axis slightly longer than the patch is one grown tile (``inference_patch``), else
-    tiles are always the patch (nnU-Net's tiling).
+    ``storage`` is the dtype of the probabilities in preprocessed space (``"float16"`` or ``"float32"``).
     """
 
     def __init__(self, plans: Plans, configuration: str | Sequence[str],
@@ -121,8 +119,7 @@ class Predictor:
                  device: str | torch.device | None = None, *,
                  folds: Sequence[int] | Mapping[str, Sequence[int]] | None = None, mirror: str = "auto",
                  overlap: float = 0.5, tile_batch: int | None = None, progress: bool = False,
-                 postprocessing: Sequence[Mapping[str, Any]] = (), storage: str = "float16",
-                 grow_tiles: bool = True):
+                 postprocessing: Sequence[Mapping[str, Any]] = (), storage: str = "float16"):
         names = [configuration] if isinstance(configuration, str) else list(configuration)
         if isinstance(configuration, str):
             weights, folds = {configuration: weights}, None if folds is None else {configuration: folds}
@@ -149,7 +146,6 @@ class Predictor:
         self.device = resolve_device(device)
         self.mirror, self.overlap, self.progress, self.storage = mirror, overlap, progress, storage
         self._tile_batch = tile_batch
-        self.grow_tiles = grow_tiles
         self._mirror_on: bool | None = {"on": True, "off": False}.get(mirror)
         self.mirror_note = "" if mirror == "auto" else f"mirroring {mirror} (--mirror {mirror})"
         self.postprocessing = parse_rules([dict(r) for r in postprocessing])  # applied to every label map
@@ -202,9 +198,6 @@ class Predictor:
         return (f"{kind} {' + '.join(m.describe() for m in self.members)}, "
                 f"{rules} post-processing rule{'s' if rules != 1 else ''}, {self.storage} probabilities")
 
-    def _strides(self, member: Member) -> list[list[int]] | None:
-        return member.cfg.network.strides if self.grow_tiles else None
-
     def tile_batch(self, member: Member) -> int:
         return self._tile_batch or max(4, member.cfg.batch_size)
 
@@ -223,11 +216,11 @@ class Predictor:
     def _probabilities(self, member: Member, data: np.ndarray) -> torch.Tensor:
         axes = member.mirror_axes if self._mirror_on else ()
         passes = count_tiles(data.shape[1:], member.cfg.patch_size, member.cfg.ndim, self.overlap,
-                             self._strides(member)) * len(member.folds)
+                             member.cfg.network.strides) * len(member.folds)
         bar = self._tile_bar(passes, 2 ** len(axes))
         try:
             return member_probabilities(member, self.plans, data, self.device, mirror_axes=axes, overlap=self.overlap,
-                                        tile_batch=self.tile_batch(member), strides=self._strides(member),
+                                        tile_batch=self.tile_batch(member),
                                         precision=_precision_on(member.cfg.precision, self.device),
                                         storage=self.storage, progress=bar.update if bar is not None else None)
         finally:
@@ -269,8 +262,8 @@ class Predictor:
             estimate = 0.0
             for member, shape in mirrored:
                 cfg = member.cfg
-                tiles = count_tiles(shape, cfg.patch_size, cfg.ndim, self.overlap, self._strides(member))
-                grown = math.prod(inference_patch(shape, cfg.patch_size, cfg.ndim, self._strides(member)))
+                tiles = count_tiles(shape, cfg.patch_size, cfg.ndim, self.overlap, cfg.network.strides)
+                grown = math.prod(inference_patch(shape, cfg.patch_size, cfg.ndim, cfg.network.strides))
                 batches = math.ceil(tiles / self.tile_batch(member)) * grown / math.prod(cfg.patch_size)
                 estimate += self._time_tile_batch(member) * batches * len(member.folds) * 2 ** len(member.mirror_axes)
             flips = "/".join(str(2 ** len(m.mirror_axes)) for m, _ in mirrored)
@@ -414,14 +407,12 @@ def predict(model: Path | str, input: Path | str, output: Path | str, *, configu
             folds: Sequence[int] | None = None, device: str | None = None, mirror: str = "auto",
             overlap: float = 0.5, tile_batch: int | None = None, save_probabilities: bool = False,
             jobs: int = 1, progress: bool = True, report: Callable[[str], None] | None = None,
-            report_model: Callable[[str], None] | None = None, storage: str = "float16",
-            grow_tiles: bool = True) -> PredictionSummary:
+            report_model: Callable[[str], None] | None = None, storage: str = "float16") -> PredictionSummary:
     """``autoseg predict MODEL INPUT OUTPUT``: MODEL is a workdir (plans.json + runs/) or a bundle file
     (``model.autoseg``, :mod:`autoseg.bundle`); see :meth:`Predictor.predict_files` for INPUT and OUTPUT.
     The model is the selected one (an ensemble when selection chose one) unless ``configuration`` forces one."""
     model = Path(model)
-    options = dict(mirror=mirror, overlap=overlap, tile_batch=tile_batch, progress=progress, storage=storage,
-                   grow_tiles=grow_tiles)
+    options = dict(mirror=mirror, overlap=overlap, tile_batch=tile_batch, progress=progress, storage=storage)
     if model.is_file():
         from autoseg.bundle import load_bundle
 

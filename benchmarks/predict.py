@@ -17,12 +17,10 @@ Target: ``autoseg predict`` at <= 0.25x the time of ``nnUNetv2_predict`` at equa
 4. Predictions, interleaved in one run, every command measured as a process tree (wall, CPU, peak PSS):
    nnU-Net ``nnUNetv2_predict -f 0 -chk checkpoint_final.pth -npp 2 -nps 2`` with ``--disable_tta`` and
    without; ``autoseg predict WORK IN OUT --folds 0 --mirror off`` and ``--mirror on`` (its fast path: the
-   plan's precision and layout, batched tiles, a grown tile over an axis slightly longer than the patch,
-   float16 probabilities); and autoseg's exact path on the same weights (fp32, NCDHW, float32 probabilities,
-   every tile the training patch as nnU-Net tiles: a copy of the workdir whose plans say fp32, predicted
-   through :func:`autoseg.predict.predict` with ``storage="float32", grow_tiles=False``), and the fast path
-   with float32 probabilities (grown tiles), mirroring off. Without TTA on ``--cases`` cases and on the
-   first alone (their difference gives the time per
+   plan's precision and layout, batched tiles, float16 probabilities); and autoseg's exact path on the same
+   weights (fp32, NCDHW, float32 probabilities: a copy of the workdir whose plans say fp32, predicted through
+   :func:`autoseg.predict.predict` with ``storage="float32"``), and the fast path with float32 probabilities,
+   mirroring off. Without TTA on ``--cases`` cases and on the first alone (their difference gives the time per
    case without the start-up: imports, loading); with TTA on ``--tta-cases`` (nnU-Net's TTA costs minutes a
    case here), its start-up taken from the same tool's runs without TTA.
 5. Dice of every output against labelsTs (``autoseg.evaluate``). The two tools' networks were trained
@@ -242,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs = param_counts(work, ws)
     exe = str(Path(sys.executable).parent / "autoseg")
     code = ("import sys; from autoseg.predict import predict; predict(sys.argv[1], sys.argv[2], sys.argv[3], "
-            "folds=[0], mirror='off', storage='float32', progress=False, grow_tiles=sys.argv[4] == 'grow')")
+            "folds=[0], mirror='off', storage='float32', progress=False)")
 
     def nn_cmd(inp: Path, out: Path, tta: bool) -> tuple[list[str], dict]:
         cmd = ws.command("nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(DID), "-c", "3d_fullres",
@@ -255,10 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                  "-q"], {**os.environ, **env})
 
     def exact_cmd(inp: Path, out: Path, tta: bool) -> tuple[list[str], dict]:
-        return [sys.executable, "-c", code, str(exact), str(inp), str(out), "patch"], {**os.environ, **env}
+        return [sys.executable, "-c", code, str(exact), str(inp), str(out)], {**os.environ, **env}
 
     def storage_cmd(inp: Path, out: Path, tta: bool) -> tuple[list[str], dict]:
-        return [sys.executable, "-c", code, str(work), str(inp), str(out), "grow"], {**os.environ, **env}
+        return [sys.executable, "-c", code, str(work), str(inp), str(out)], {**os.environ, **env}
 
     variants = [("nnU-Net", False, nn_cmd), ("autoseg", False, as_cmd), ("autoseg exact fp32", False, exact_cmd),
                 ("autoseg float32 probabilities", False, storage_cmd), ("nnU-Net", True, nn_cmd),
@@ -312,8 +310,7 @@ def report(results: dict, a: argparse.Namespace, nn: dict, cfg, ours: int, their
              f"{'x'.join(map(str, nn['patch_size']))}, spacing {nn['spacing']}, batch {nn['batch_size']}: "
              f"{ours / 1e6:.2f} M parameters in autoseg, {theirs / 1e6:.2f} M in nnU-Net. autoseg's fast path "
              f"runs the plan's precision `{cfg.precision}`, channels-last {cfg.channels_last}, float16 "
-             "probabilities, one grown tile over an axis at most 25 % longer than the patch; its exact path fp32, "
-             "NCDHW, float32 probabilities, every tile the patch (nnU-Net's tiling), on the same weights. One fold, "
+             "probabilities; its exact path fp32, NCDHW, float32 probabilities, on the same weights. One fold, "
              "every command a measured process tree.", "", "### Machine", ""]
     lines += [f"- {k}: {v}" for k, v in machine().items()]
     lines += ["", "### Results", "",
@@ -335,8 +332,7 @@ def report(results: dict, a: argparse.Namespace, nn: dict, cfg, ours: int, their
                          f"start-up, {c:.2f}x in CPU seconds (the least disturbed by the machine's load); target <= "
                          f"{TARGET}x: **{'met' if max(w, m, c) <= TARGET else 'NOT met'}**")
     fast = results.get("autoseg, TTA off")
-    for other, what in (("autoseg exact fp32, TTA off",
-                         "exact fp32 path (fp32, NCDHW, float32 probabilities, patch-size tiles)"),
+    for other, what in (("autoseg exact fp32, TTA off", "exact fp32 path (fp32, NCDHW, float32 probabilities)"),
                         ("autoseg float32 probabilities, TTA off", "float32 probabilities (fast network path)")):
         if fast and other in results:
             d = fast["dice"] - results[other]["dice"]

@@ -272,17 +272,3 @@ def test_cases_are_grouped_from_file_names_and_contract_breaks_are_named(two_cha
     assert "not named CASE_XXXX" in cases["e"].problem
     one = find_cases(tmp_path / "e.nii.gz", replace(plans, channel_names=["CT"]))
     assert [(c.id, c.ending, c.problem) for c in one] == [("e", ".nii.gz", None)]
-
-
-def test_patch_tiles_turn_tile_growth_off(ct, tmp_path):
-    """``--patch-tiles``: nnU-Net's tiling, every tile the training patch; the default grows a tile over an
-    axis slightly longer than the patch. Both write the input's geometry."""
-    from autoseg.cli import run
-
-    ds, work, _ = ct
-    grown, fixed = Predictor.from_workdir(work), Predictor.from_workdir(work, grow_tiles=False)
-    member = grown.members[0]
-    assert grown._strides(member) == member.cfg.network.strides and fixed._strides(member) is None
-    image = input_files(ds)[0]
-    assert run(["-q", "predict", str(work), str(image), str(tmp_path / "o"), "--patch-tiles", "--mirror", "off"]) == 0
-    assert_same_geometry(tmp_path / "o" / image.name.replace("_0000", ""), image)
