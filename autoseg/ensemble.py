@@ -79,8 +79,7 @@ def member_probabilities(member: Member, plans: Plans, data: np.ndarray, device:
     for model in models:
         sliding_window(model, data, member.cfg.patch_size, plans.num_classes, member.cfg.ndim, device,
                        overlap=overlap, mirror_axes=mirror_axes, tile_batch=tile_batch, precision=precision,
-                       channels_last=member.cfg.channels_last, progress=progress, out=out, scale=1 / len(models),
-                       strides=member.cfg.network.strides)
+                       channels_last=member.cfg.channels_last, progress=progress, out=out, scale=1 / len(models))
     return out
 
 

@@ -60,8 +60,7 @@ def predict_fold_validation(workdir: Path | str, dataset: Path | str, plans: Pla
     for cid in tqdm(case_ids, desc=f"validate fold {fold}", unit="case", disable=not progress):
         data, _, props = load_case(Path(workdir) / PREPROCESSED_DIR / configuration, cid)
         probs = sliding_window(model, data, cfg.patch_size, plans.num_classes, cfg.ndim, device, overlap=0.5,
-                               mirror_axes=(), precision=cfg.precision, channels_last=cfg.channels_last,
-                               strides=cfg.network.strides).numpy()
+                               mirror_axes=(), precision=cfg.precision, channels_last=cfg.channels_last).numpy()
         probs = restore_to_original(probs, props, cfg, is_label=False)
         seg = probs.argmax(0).astype(np.uint8 if plans.num_classes < 256 else np.uint16)
         _save_npz(out / f"{cid}.npz", probs)

@@ -55,7 +55,7 @@ from autoseg.predict_inputs import (
     with_resolved_normalization,
 )
 from autoseg.preprocess import preprocess_case
-from autoseg.sliding_window import AUTOCAST, count_tiles, inference_patch
+from autoseg.sliding_window import AUTOCAST, count_tiles
 
 MIRROR_AUTO_MAX_S = 20.0  # network seconds per case, with mirroring, below which ``auto`` turns it on
 TILE_BAR_MIN = 64  # network passes in a case from which a progress bar over its tiles is shown
@@ -215,8 +215,7 @@ class Predictor:
 
     def _probabilities(self, member: Member, data: np.ndarray) -> torch.Tensor:
         axes = member.mirror_axes if self._mirror_on else ()
-        passes = count_tiles(data.shape[1:], member.cfg.patch_size, member.cfg.ndim, self.overlap,
-                             member.cfg.network.strides) * len(member.folds)
+        passes = count_tiles(data.shape[1:], member.cfg.patch_size, member.cfg.ndim, self.overlap) * len(member.folds)
         bar = self._tile_bar(passes, 2 ** len(axes))
         try:
             return member_probabilities(member, self.plans, data, self.device, mirror_axes=axes, overlap=self.overlap,
@@ -261,10 +260,8 @@ class Predictor:
         if self._mirror_on is None:
             estimate = 0.0
             for member, shape in mirrored:
-                cfg = member.cfg
-                tiles = count_tiles(shape, cfg.patch_size, cfg.ndim, self.overlap, cfg.network.strides)
-                grown = math.prod(inference_patch(shape, cfg.patch_size, cfg.ndim, cfg.network.strides))
-                batches = math.ceil(tiles / self.tile_batch(member)) * grown / math.prod(cfg.patch_size)
+                tiles = count_tiles(shape, member.cfg.patch_size, member.cfg.ndim, self.overlap)
+                batches = math.ceil(tiles / self.tile_batch(member))
                 estimate += self._time_tile_batch(member) * batches * len(member.folds) * 2 ** len(member.mirror_axes)
             flips = "/".join(str(2 ** len(m.mirror_axes)) for m, _ in mirrored)
             self._mirror_on = mirror_rule(estimate)

@@ -29,7 +29,6 @@ from torch import nn
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SIGMA_SCALE = 1 / 8  # the Gaussian's sigma as a fraction of the patch, per axis (nnU-Net's value)
-TILE_GROWTH = 0.25  # an axis at most this much longer than the patch is covered by one grown tile
 
 
 @lru_cache(maxsize=32)
@@ -57,25 +56,6 @@ def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
     return [int(round(i * (size - patch) / (n - 1))) for i in range(n)]
 
 
-def inference_patch(shape: Sequence[int], patch: Sequence[int], ndim: int,
-                    strides: Sequence[Sequence[int]] | None = None) -> list[int]:
-    """The tile the network sees. Along an axis the image exceeds the patch by at most ``TILE_GROWTH``, one tile
-    of the whole axis (rounded up to the network's total stride) replaces two or three that mostly overlap:
-    a 129-voxel axis with a 128 patch is one 160 tile, not two of 128 (4 tiles of 64x128x128 become one of
-    64x160x160: 2.6x less network work). A fully convolutional network takes any size its strides divide.
-    ``shape`` is the 3-axis volume ``(Z, Y, X)``; without ``strides`` the patch is used as it is."""
-    if strides is None:
-        return [int(p) for p in patch]
-    divisor = np.prod(np.array(strides, dtype=np.int64), axis=0)
-    spatial = list(shape)[-ndim:]
-    tile = [int(p) for p in patch]
-    for a, (s, p, d) in enumerate(zip(spatial, patch, divisor)):
-        grown = int(np.ceil(s / d) * d)
-        if p < s and grown <= p * (1 + TILE_GROWTH):
-            tile[a] = grown
-    return tile  # at most 1.25^3 = 1.95x the patch's voxels; the tile batch shrinks to match
-
-
 def _full_patch(patch: Sequence[int], ndim: int) -> list[int]:
     return [1, *patch] if ndim == 2 else [int(p) for p in patch]
 
@@ -86,9 +66,7 @@ def _axis_starts(shape: Sequence[int], patch: Sequence[int], ndim: int, overlap:
             for i, (s, p) in enumerate(zip(shape, _full_patch(patch, ndim)))]
 
 
-def count_tiles(shape: Sequence[int], patch: Sequence[int], ndim: int, overlap: float = 0.5,
-                strides: Sequence[Sequence[int]] | None = None) -> int:
-    patch = inference_patch(shape, patch, ndim, strides)
+def count_tiles(shape: Sequence[int], patch: Sequence[int], ndim: int, overlap: float = 0.5) -> int:
     return int(np.prod([len(s) for s in _axis_starts(shape, patch, ndim, overlap)]))
 
 
@@ -106,24 +84,19 @@ def sliding_window(model: nn.Module, data: np.ndarray | torch.Tensor, patch: Seq
                    ndim: int, device: str | torch.device = "cpu", overlap: float = 0.5,
                    mirror_axes: Sequence[int] = (), tile_batch: int = 4, precision: str = "fp32",
                    channels_last: bool = False, progress=None, out: torch.Tensor | None = None,
-                   scale: float = 1.0, strides: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+                   scale: float = 1.0) -> torch.Tensor:
     """Class probabilities ``(num_classes, Z, Y, X)`` (on CPU) of a preprocessed case ``(C, Z, Y, X)``.
 
     With ``out`` (a CPU tensor of that shape, float32 or float16), ``scale`` times the probabilities are
     added into it and it is returned: the folds of a model add ``1 / folds`` each into one buffer. Without
     it a float32 one is allocated. ``mirror_axes`` are network axes (0..ndim-1) for test-time mirroring:
-    every combination of flips is averaged. ``tile_batch`` tiles go through the network at once. With the
-    network's ``strides``, an axis slightly longer than the patch is covered by one grown tile
-    (:func:`inference_patch`; the batch shrinks to keep its voxels).
+    every combination of flips is averaged. ``tile_batch`` tiles go through the network at once.
 
     Memory: ``out`` and the tiles of one batch; ``data`` is read tile by tile (a memory map stays one).
     """
     dev = torch.device(device)
     model.eval()
     shape = list(data.shape[1:])
-    tile = inference_patch(shape, patch, ndim, strides)
-    tile_batch = max(1, int(tile_batch * np.prod(patch) // np.prod(tile)))
-    patch = tile
     if out is None:
         out = torch.zeros((num_classes, *shape), dtype=torch.float32)
     elif list(out.shape) != [num_classes, *shape] or out.device.type != "cpu":

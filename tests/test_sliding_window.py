@@ -86,35 +86,3 @@ def test_a_buffer_of_the_wrong_shape_is_refused_and_tiles_are_counted():
     with pytest.raises(ValueError, match="expected"):
         sliding_window(net(3, 0), data, [4, 8, 8], 3, 3, out=torch.zeros(2, 4, 8, 8))
     assert count_tiles((20, 20, 20), [8, 8, 8], 3) == 4 ** 3 and count_tiles((5, 20, 20), [8, 8], 2) == 5 * 16
-
-
-def test_an_axis_slightly_longer_than_the_patch_is_one_grown_tile():
-    """129 voxels with a 128 patch and a network stride of 32: one 160 tile, not two overlapping 128 ones;
-    an axis far longer keeps sliding; without strides (or past the voxel cap) the patch stays."""
-    from autoseg.sliding_window import inference_patch
-
-    strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]  # total 8 x 32 x 32
-    assert inference_patch((61, 129, 129), [64, 128, 128], 3, strides) == [64, 160, 160]
-    assert count_tiles((61, 129, 129), [64, 128, 128], 3, strides=strides) == 1
-    assert count_tiles((61, 129, 129), [64, 128, 128], 3) == 4
-    assert inference_patch((61, 129, 300), [64, 128, 128], 3, strides) == [64, 160, 128]
-    assert inference_patch((70, 129, 170), [64, 128, 128], 3, strides) == [72, 160, 128]  # 170 -> 192: > 25 %
-    assert inference_patch((61, 129, 129), [64, 128, 128], 3) == [64, 128, 128]
-    assert inference_patch((5, 70, 60), [64, 64], 2, [[1, 1], [2, 2], [2, 2]]) == [72, 64]  # 2D: (Y, X) axes
-
-
-@pytest.mark.parametrize("ndim, shape, patch, strides", [
-    (3, (7, 18, 9), [8, 16, 8], [[1, 1, 1], [2, 2, 2]]),  # Y: 18 -> one tile of 18, the others padded
-    (2, (3, 10, 9), [8, 8], [[1, 1], [2, 2]]),            # 2D: Y 10, X 9 -> one 10x10 tile per slice
-])
-def test_grown_tiles_weight_like_the_textbook_version_of_that_tile(ndim, shape, patch, strides):
-    """A grown tile is sliding window with the grown patch: every voxel's probabilities still sum to 1."""
-    from autoseg.sliding_window import inference_patch
-
-    data = np.random.default_rng(1).normal(0, 1, (1, *shape)).astype(np.float32)
-    model = net(ndim, 1)
-    tile = inference_patch(shape, patch, ndim, strides)
-    assert tile != patch
-    got = sliding_window(model, data, patch, 3, ndim, strides=strides, tile_batch=2)
-    torch.testing.assert_close(got, reference(model, data, tile, 3, ndim), atol=2e-6, rtol=0)
-    torch.testing.assert_close(got.sum(0), torch.ones(shape), atol=2e-6, rtol=0)

@@ -94,8 +94,7 @@ def score_validation(model, workdir: Path, plans: Plans, cfg: Configuration, cas
     for cid in case_ids[:MAX_SCORE_CASES]:
         data, seg, _ = load_case(Path(workdir) / PREPROCESSED_DIR / cfg.name, cid)
         logits = sliding_window(model, np.asarray(data), cfg.patch_size, plans.num_classes, cfg.ndim, device,
-                                overlap=0.5, precision=cfg.precision, channels_last=cfg.channels_last,
-                                strides=cfg.network.strides)
+                                overlap=0.5, precision=cfg.precision, channels_last=cfg.channels_last)
         ref = np.asarray(seg)
         ref = ref.reshape(ref.shape[-3:]) if ref.ndim > 3 else ref
         ref = np.where(ref < 0, 0, ref)  # -1: outside the nonzero mask, background
