@@ -4,7 +4,8 @@
   time; a fresh run re-derives it once from its own first steps, so it spends the budget it was given;
 - batches are a pure function of (seed, step), and checkpoints are written atomically every few minutes
   and at the end, so a killed run resumes where its last checkpoint left it, bit for bit;
-- ``extend_s`` continues a finished run with more budget (a warm restart of the poly schedule);
+- ``extend_s`` continues a finished run with more budget (a warm restart of the poly schedule), its steps
+  re-fitted to its own pace like a fresh run's (the last pace may have been measured on a busier machine);
 - AMP on CUDA, bf16 autocast on CPU when planned, channels-last when measured faster;
 - under ``torchrun`` it runs as DDP: the batch is split across ranks and only rank 0 writes.
 """
@@ -213,6 +214,10 @@ class Trainer:
         if self.extend_s and state.get("finished"):
             more = max(1, int(self.extend_s / max(state.get("seconds_per_step") or cfg.measured.step_time_s, 1e-6)))
             state.update(total_steps=state["total_steps"] + more, finished=False, adapt=False)
+            if state.get("budget_s"):  # a timed run: the extension is timed too, re-fitted to its own pace
+                # (after a warm-up of 5 steps: a first guess below that would end before its pace is known)
+                state.update(adapt=True, budget_s=state["elapsed_s"] + self.extend_s,
+                             total_steps=start + max(more, 7))
             state.setdefault("extensions", []).append({"at_step": start, "steps": more, "seconds": self.extend_s})
         model = dist.wrap(model)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -278,6 +283,8 @@ class Trainer:
         losses, step, it, last_row = [], start, iter(loader), None
         fmt = (torch.channels_last_3d if cfg.ndim == 3 else torch.channels_last) if cfg.channels_last else None
         adapting = bool(state.get("adapt") and state.get("budget_s"))
+        # the first re-fit: after ADAPT_AFTER_STEPS, or halfway through a shorter run (an extension)
+        first_fit = start + min(ADAPT_AFTER_STEPS, max(6, (state["total_steps"] - start) // 2))
         t_adapt = None
         try:
             while step < state["total_steps"]:
@@ -311,7 +318,7 @@ class Trainer:
                 if step == start + 5:
                     t_adapt = time.perf_counter()  # after warm-up: kernel selection, worker start
                 warm = t_adapt is not None and step > start + 5  # a rate needs a step after the warm-up
-                if adapting and warm and (step == start + ADAPT_AFTER_STEPS or step % cfg.schedule.val_every == 0):
+                if adapting and warm and (step == first_fit or step % cfg.schedule.val_every == 0):
                     now = time.perf_counter()
                     rate = (now - t_adapt) / (step - start - 5)
                     spent = elapsed0 + now - t_run

@@ -88,6 +88,20 @@ def test_finished_run_is_not_retrained_and_extend_continues_it(workdir, tmp_path
     assert (run_folder(w, "3d_fullres", 0) / "curves.png").stat().st_size > 1000
 
 
+def test_extend_refits_its_steps_to_its_own_pace(workdir, tmp_path):
+    """A timed run's extension starts from the last pace, then re-fits to the pace it measures: a pace
+    recorded on a busy machine (here 100x too slow) does not cut the extension to a handful of steps."""
+    w = fresh_copy(workdir, tmp_path / "w")
+    first = Trainer(w, "3d_fullres", 0, seconds=2.0, workers=0, progress=False, device="cpu").fit()
+    latest = run_folder(w, "3d_fullres", 0) / LATEST
+    ck = load_checkpoint(latest)
+    ck["state"]["seconds_per_step"] *= 100
+    torch.save(ck, latest)
+    extended = Trainer(w, "3d_fullres", 0, seconds=2.0, workers=0, progress=False, device="cpu", extend_s=3.0).fit()
+    assert extended.finished and extended.steps - first.steps > 7  # the stale pace alone: 7 steps
+    assert extended.seconds - first.seconds < 3.0 + 2.0  # within the extension (and a step or validation more)
+
+
 def test_resuming_with_another_seed_is_refused(workdir, tmp_path):
     from autoseg.errors import UserError
 
