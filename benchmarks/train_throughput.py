@@ -16,8 +16,8 @@ supervision, backward, gradient clipping at 12, SGD Nesterov.
 Each variant runs in its own worker process that keeps its network, optimizer and batch between steps;
 the rounds alternate the variants (reversed every other round) so that the load of a shared machine hits
 them alike: one untimed warm-up step each, then ``--repeats`` timed rounds. Reported: median and minimum
-seconds per step, CPU seconds per step, samples per second, training FLOPs per step (counted exactly on
-the meta device) and the GFLOP/s reached.
+seconds per step, CPU seconds per step, samples per second, training FLOPs per step (counted exactly: from
+each convolution's shapes for autoseg, FlopCounterMode on the meta device for nnU-Net) and the GFLOP/s reached.
 
 **Loader.** :func:`autoseg.loader.measure_loader` (one process, one BLAS thread, as a worker) on a real
 preprocessed cache: ``autoseg synth mri-nested --size small`` and ``autoseg plan --budget 15m -j 2``
@@ -490,8 +490,9 @@ def render(args: argparse.Namespace, res: dict) -> str:
               f"{ai['parameters'] / 1e6:.2f} M parameters in autoseg"
               + (f", {ni['parameters'] / 1e6:.2f} M in nnU-Net" if ni else "")
               + f"; {res['flops'][res['choice']] / 1e12:.3f} TFLOP per training step (forward + backward, "
-              "counted on the meta device by `autoseg.plan.compute.count_step_flops`"
-              + (f"; nnU-Net's network counted the same way: {ni['flops'] / 1e12:.3f}" if ni else "") + ").", "",
+              "counted from each convolution's shapes by `autoseg.plan.compute.count_step_flops`"
+              + (f"; nnU-Net's network by torch's FlopCounterMode on the meta device: {ni['flops'] / 1e12:.3f}"
+                 if ni else "") + ").", "",
               "| variant | precision | layout | s/step median | s/step min | CPU s/step | samples/s (median) "
               "| GFLOP/s median (best) | vs nnU-Net, median (best) | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
