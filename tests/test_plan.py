@@ -170,59 +170,49 @@ def test_a_large_budget_trains_3d_lowres_too(fake_compute):
     assert small == {"3d_fullres"} and large == {"3d_fullres", "3d_lowres", "2d"}
 
 
-def test_only_trained_configurations_are_measured_for_real(fake_compute, monkeypatch: pytest.MonkeyPatch):
-    """Proxies predict the configurations the budget does not train; the trained one is measured as is, and
-    the predicted memory counts the weights once, not per voxel."""
-    measured: list[int] = []
-    fake = fake_measure()
-
-    def counting(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
-        measured.append(ndim)
-        return fake(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw)
-
-    monkeypatch.setattr(compute, "measure_step", counting)
-    plans = make_plans(isotropic((96, 96, 96)), budget="10m", device="cpu")
-    full, flat = plans.configurations["3d_fullres"], plans.configurations["2d"]
-    assert not full.measured.extrapolated and flat.measured.extrapolated
-    assert measured.count(2) == 1  # the 2d proxy only
-    truth, _ = fake(flat.network, 1, 2, 2, flat.patch_size, flat.batch_size)
-    assert flat.measured.peak_memory_mb == pytest.approx(truth.peak_memory_bytes / MiB, rel=0.02)
-
-
-def test_the_largest_setup_fitting_with_room_is_not_measured_for_real(fake_compute, monkeypatch):
-    """On a CPU a real step of the widest network at the ideal patch costs seconds and could only grow the
-    batch: when the proxies predict it fits the time and half the memory, the planner keeps the prediction."""
-    calls: list[int] = []
-    fake = fake_measure()
-
-    def counting(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
-        calls.append(ndim)
-        return fake(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw)
-
-    monkeypatch.setattr(compute, "measure_step", counting)
-    plans = make_plans(isotropic((24, 24, 24)), budget="8h", device="cpu")
-    cfg = plans.configurations["3d_fullres"]
-    assert cfg.network.features[0] == 32 and cfg.measured.extrapolated
-    assert calls.count(3) == 1  # the one proxy, no real step
-    assert any("not measured for real" in n for n in plans.notes)
-
-
-def test_the_choice_is_measured_at_half_its_batch_on_a_cpu(fake_compute, monkeypatch):
-    """Step time and activations grow linearly with the batch: half the batch is measured and scaled."""
-    batches: list[tuple[list[int], int]] = []
+@pytest.fixture
+def measured_calls(fake_compute, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[int], int]]:
+    """The fake measurement, recording (ndim, patch, batch) of every step measured."""
+    calls: list[tuple[int, list[int], int]] = []
     fake = fake_measure()
 
     def recording(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
-        batches.append((list(patch), batch))
+        calls.append((ndim, list(patch), batch))
         return fake(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw)
 
     monkeypatch.setattr(compute, "measure_step", recording)
+    return calls
+
+
+def test_only_trained_configurations_are_measured_for_real(measured_calls):
+    """Proxies predict the configurations the budget does not train; the trained one is measured as is, and
+    the predicted memory counts the weights once, not per voxel."""
+    plans = make_plans(isotropic((96, 96, 96)), budget="10m", device="cpu")
+    full, flat = plans.configurations["3d_fullres"], plans.configurations["2d"]
+    assert not full.measured.extrapolated and flat.measured.extrapolated
+    assert [c[0] for c in measured_calls].count(2) == 1  # the 2d proxy only
+    truth, _ = fake_measure()(flat.network, 1, 2, 2, flat.patch_size, flat.batch_size)
+    assert flat.measured.peak_memory_mb == pytest.approx(truth.peak_memory_bytes / MiB, rel=0.02)
+
+
+def test_the_largest_setup_fitting_with_room_is_not_measured_for_real(measured_calls):
+    """On a CPU a real step of the widest network at the ideal patch costs seconds and could only grow the
+    batch: when the proxies predict it fits the time and half the memory, the planner keeps the prediction."""
+    plans = make_plans(isotropic((24, 24, 24)), budget="8h", device="cpu")
+    cfg = plans.configurations["3d_fullres"]
+    assert cfg.network.features[0] == 32 and cfg.measured.extrapolated
+    assert [c[0] for c in measured_calls].count(3) == 1  # the one proxy, no real step
+    assert any("not measured for real" in n for n in plans.notes)
+
+
+def test_the_choice_is_measured_at_half_its_batch_on_a_cpu(measured_calls):
+    """Step time and activations grow linearly with the batch: half the batch is measured and scaled."""
     plans = make_plans(isotropic((128, 128, 128)), budget="20m", device="cpu")
     cfg = plans.configurations["3d_fullres"]
     assert not cfg.measured.extrapolated
-    real = [b for p, b in batches if p == cfg.patch_size]
+    real = [b for _, p, b in measured_calls if p == cfg.patch_size]
     assert real and real[-1] == max(1, cfg.batch_size // 2)
-    truth, _ = fake(cfg.network, 1, 2, 3, cfg.patch_size, cfg.batch_size)
+    truth, _ = fake_measure()(cfg.network, 1, 2, 3, cfg.patch_size, cfg.batch_size)
     assert cfg.measured.step_time_s == pytest.approx(truth.step_time_s, rel=0.1)
 
 
