@@ -246,9 +246,9 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
             # patch), or with room for the error of carrying the correction to another width: keep it
             same = net.features[0] == measured_at[0] and np.prod(topo.patch_size) >= measured_at[1]
             fixed = tp.fixed_bytes(net)
-            mem_pred = fixed + (mem_pred - fixed) * mem_calibration
-            if same or (t_pred <= t_max / 1.25 and mem_pred <= 0.5 * device.memory_bytes):
-                choice = (net, topo, batch, t_pred, mem_pred, flops, True)
+            mem_corrected = fixed + (mem_pred - fixed) * mem_calibration
+            if same or (t_pred <= t_max / 1.25 and mem_corrected <= 0.5 * device.memory_bytes):
+                choice = (net, topo, batch, t_pred, mem_corrected, flops, True)
                 log.append(f"width {net.features[0]}, patch {topo.patch_size}: predicted, corrected by the measurement")
                 break
         # on a CPU a step's time and activations grow linearly with the batch: half the batch tells, in half the time
