@@ -155,7 +155,8 @@ class Trainer:
                  device: str | None = None, seed: int = 0, workers: int | None = None, progress: bool = True,
                  checkpoint_every_s: float | None = None, splits_file: Path | str | None = None,
                  stop_after: int | None = None, folder: Path | str | None = None,
-                 on_validation: Callable[[int, float], None] | None = None):
+                 on_validation: Callable[[int, float], None] | None = None,
+                 init_weights: Path | str | None = None):
         self.workdir = Path(workdir)
         self.plans = plans or Plans.load(self.workdir / PLANS_FILE)
         if configuration not in self.plans.configurations:
@@ -171,6 +172,9 @@ class Trainer:
         # after each validation on the main process; it may raise to end the run there (a pruned trial)
         self.folder = Path(folder) if folder is not None else run_folder(self.workdir, configuration, fold)
         self.on_validation = on_validation
+        # a checkpoint whose network weights a fresh run starts from (the search's trial of this configuration
+        # and fold): ignored when the run resumes, since its own checkpoint already holds them
+        self.init_weights = Path(init_weights) if init_weights is not None else None
 
     # --- setup --------------------------------------------------------------------------------------
     def _split(self) -> tuple[list[str], list[str]]:
@@ -256,9 +260,13 @@ class Trainer:
         latest = self.folder / LATEST
         if not latest.is_file():
             total = self._total_steps()
-            return {"total_steps": total, "elapsed_s": 0.0, "finished": False, "seed": self.seed,
-                    "adapt": self.steps is None, "budget_s": self.seconds, "configuration": self.name,
-                    "fold": self.fold}, 0
+            state = {"total_steps": total, "elapsed_s": 0.0, "finished": False, "seed": self.seed,
+                     "adapt": self.steps is None, "budget_s": self.seconds, "configuration": self.name,
+                     "fold": self.fold}
+            if self.init_weights is not None:
+                self._start_from(model, self.init_weights)
+                state["init_weights"] = str(self.init_weights)
+            return state, 0
         ck = load_checkpoint(latest)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -270,6 +278,15 @@ class Trainer:
             raise UserError(f"{latest}: this run was started with seed {state.get('seed')}, not {self.seed}; "
                             f"use that seed or delete {self.folder}")
         return state, int(ck["step"])
+
+    def _start_from(self, model, path: Path) -> None:
+        """Load another run's network weights; one that does not fit this network is a user error (the
+        configuration was edited after the run that wrote them)."""
+        try:
+            model.load_state_dict(load_checkpoint(path)["model"])
+        except (RuntimeError, KeyError) as e:
+            raise UserError(f"{path}: its weights do not fit configuration '{self.name}' "
+                            f"({str(e).splitlines()[0]}); delete it to train from scratch") from None
 
     # --- the loop ----------------------------------------------------------------------------------
     def _loop(self, model, optimizer, scaler, loss_fn, loader, val_maker, log, state, start, dist) -> RunResult:

@@ -75,7 +75,8 @@ class TrainLog:
         ax2.set_xlabel("step")
         ax2.set_ylabel("validation Dice")
         ax2.set_ylim(0, 1)
-        ax2.legend(fontsize=8)
+        if ax2.get_legend_handles_labels()[0]:  # a run stopped before its first validation has none
+            ax2.legend(fontsize=8)
         ax1.set_title("training")
         ax2.set_title("validation (patches)")
         fig.tight_layout()

@@ -224,7 +224,8 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
     from autoseg.oof import predict_fold_validation
     from autoseg.plan.budget import format_duration, parse_duration
     from autoseg.plan.compute import best_device
-    from autoseg.train import Trainer, cached_cases
+    from autoseg.checkpoint import LATEST
+    from autoseg.train import Trainer, cached_cases, run_folder
 
     work = resolve_workdir(dataset, workdir)
     plans = Plans.load(work / PLANS_FILE)
@@ -240,8 +241,12 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
     oof_device = device or best_device()  # where the run trained: a GPU run's held-out cases are predicted on it
     results = []
     for c, k, s in runs:
+        init = warm_start(work, plans, c, k, splits_file)
+        if init is not None and trainer_is_main() and not (run_folder(work, c, k) / LATEST).is_file():
+            print(f"{c} fold {k}: starting from the weights of search trial {plans.search['warm_start']['trial']} "
+                  f"({init.relative_to(work)})", file=sys.stderr)
         trainer = Trainer(work, c, k, plans=plans, seconds=s, steps=steps, device=device, seed=seed, workers=workers,
-                          progress=progress, extend_s=extend_s, splits_file=splits_file)
+                          progress=progress, extend_s=extend_s, splits_file=splits_file, init_weights=init)
         r = trainer.fit()
         run = TrainedRun(c, k, r.seconds, r.finished, r.steps)
         if r.finished and trainer_is_main():
@@ -263,6 +268,17 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
 
         bundle_after_training(work)  # -> WORKDIR/model.autoseg, the file to share
     return results
+
+
+def warm_start(work: Path, plans: Plans, configuration: str, fold: int, splits_file: Path | str | None = None
+               ) -> Path | None:
+    """The search's best trial's weights when this run is the one it trained (same configuration, fold and
+    split): the final training continues from them instead of starting over."""
+    ws = plans.search.get("warm_start") or {}
+    if splits_file is not None or ws.get("configuration") != configuration or ws.get("fold") != fold:
+        return None
+    path = Path(work) / ws["checkpoint"]
+    return path if path.is_file() else None
 
 
 def trainer_is_main() -> bool:

@@ -27,7 +27,10 @@ from autoseg.plan.model import PLANS_FILE, Configuration, Measurement, Network, 
 from autoseg.plan.search import SEARCH_DIR, SearchBudget, TrialRunner, divide_budget, run_search
 from autoseg.plan.search_space import derive_space, parse_patch, rule_params, to_configuration
 from autoseg.preprocess import preprocess
+from autoseg.checkpoint import FINAL, LATEST, load_checkpoint
+from autoseg.errors import UserError
 from autoseg.train import Trainer
+from autoseg.workflow import warm_start
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -146,6 +149,30 @@ def test_rules_point_runs_first_and_a_real_tiny_search_writes_plans_table_and_pl
     assert (work / SEARCH_DIR / "history.png").stat().st_size > 1000
     assert not (work / "runs").exists()  # trials train in search/, not runs/
     assert (work / SEARCH_DIR / "trial_0000" / "log.csv").is_file()
+    # only the best trial's weights are kept, for the final training of fold 0 to start from
+    kept = sorted(p.parent.name for p in (work / SEARCH_DIR).glob("trial_*/checkpoint_*.pt"))
+    assert kept == [f"trial_{best.number:04d}"]
+    assert s["warm_start"] == {"configuration": "3d_fullres", "fold": 0, "trial": best.number,
+                               "checkpoint": f"search/trial_{best.number:04d}/checkpoint_final.pt"}
+    assert warm_start(work, plans, "3d_fullres", 0) == work / s["warm_start"]["checkpoint"]
+    assert warm_start(work, plans, "3d_fullres", 1) is None  # another fold never saw these weights' training
+    assert warm_start(work, plans, "3d_fullres", 0, splits_file=work / "splits.json") is None
+
+
+def test_a_run_starts_from_given_weights_and_refuses_weights_of_another_network(work):
+    first = Trainer(work, "3d_fullres", 0, steps=2, workers=0, progress=False, folder=work / "first").fit()
+    start = load_checkpoint(first.folder / FINAL)["model"]
+    Trainer(work, "3d_fullres", 0, steps=4, workers=0, progress=False, folder=work / "warm",
+            init_weights=first.folder / FINAL, stop_after=0).fit()
+    ck = load_checkpoint(work / "warm" / LATEST)
+    assert ck["step"] == 0 and ck["state"]["init_weights"] == str(first.folder / FINAL)
+    assert all(torch.equal(ck["model"][k], v) for k, v in start.items())
+    plans = Plans.load(work / PLANS_FILE)
+    cfg = plans.configurations["3d_fullres"]
+    plans.configurations["3d_fullres"] = replace(cfg, network=replace(cfg.network, features=[8, 16, 32]))
+    with pytest.raises(UserError, match="its weights do not fit configuration '3d_fullres'"):
+        Trainer(work, "3d_fullres", 0, plans=plans, steps=4, workers=0, progress=False, folder=work / "other",
+                init_weights=first.folder / FINAL).fit()
 
 
 def test_candidate_over_the_memory_limit_is_rejected_before_it_trains(work):
@@ -288,4 +315,7 @@ def test_plan_search_then_train_from_the_command_line(tmp_path, capsys):
     assert "search: budget 90s: search 36s (3 trials" in out and "search: chose trial" in out
     plans = json.loads((w / PLANS_FILE).read_text())
     assert plans["search"]["rules"]["name"] == "3d_fullres"
+    capsys.readouterr()
     assert run(["train", str(ds), "-w", str(w), "--steps", "2", "-q"]) == 0
+    trial = plans["search"]["warm_start"]["trial"]
+    assert f"3d_fullres fold 0: starting from the weights of search trial {trial}" in capsys.readouterr().err

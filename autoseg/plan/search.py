@@ -7,7 +7,9 @@ rejected when its memory does not fit; otherwise it trains for a short, fixed sh
 on fold 0 (in ``WORKDIR/search/trial_<n>/``, never in ``runs/``), reports the patch Dice of each periodic
 validation to a successive-halving pruner, and is scored at the end by the Dice of sliding-window
 predictions of fold 0's held-out cases. The best trial becomes the configuration in plans.json; the rules'
-configuration is kept beside it under ``search.rules``.
+configuration is kept beside it under ``search.rules``, and the best trial's weights under
+``search.warm_start``: `autoseg train` starts fold 0's run of the chosen configuration from them, so the
+search's training of the winner is not thrown away (the other folds, whose training sets differ, start fresh).
 
 >>> result = plan_with_search("data/Dataset001_X", budget="20m", trials=12)  # doctest: +SKIP
 >>> print(search_summary(result))                                          # doctest: +SKIP
@@ -186,10 +188,10 @@ class TrialRunner:
         # at least 2: a timed run re-derives its total at each validation, always one step past it
         cfg = replace(cfg, schedule=replace(cfg.schedule, steps=planned, val_every=max(2, planned // RUNGS)))
         plans = replace(self.plans, configurations={**self.plans.configurations, cfg.name: cfg})
-        folder = self.workdir / SEARCH_DIR / f"trial_{trial.number:04d}"
+        folder = trial_folder(self.workdir, trial.number)
         shutil.rmtree(folder, ignore_errors=True)  # a number is never reused; a leftover is stale
         protected = bool(trial.user_attrs.get("rules"))
-        rung = 0
+        rung, kept = 0, False
 
         def report(step: int, dice: float) -> None:
             nonlocal rung
@@ -209,10 +211,28 @@ class TrialRunner:
             model = load_run_model(folder, plans, cfg.name, device)
             value = score_validation(model, self.workdir, plans, cfg, val, device)
             trial.set_user_attr("overhead_s", round(time.time() - t0 - run.seconds, 2))
+            kept = True  # the final weights: the final training of this fold starts from the best trial's
             return value
         finally:
-            for name in (FINAL, LATEST):  # weights are not kept: the chosen configuration trains again
+            for name in (LATEST,) if kept else (FINAL, LATEST):
                 (folder / name).unlink(missing_ok=True)
+
+
+def trial_folder(workdir: Path, number: int) -> Path:
+    return Path(workdir) / SEARCH_DIR / f"trial_{number:04d}"
+
+
+def _keep_best_weights(workdir: Path, study: optuna.Study, best: optuna.trial.FrozenTrial | None) -> str | None:
+    """Delete the final weights of every finished trial but the best, whose path (relative to the workdir)
+    is returned when it has them. Running trials (another worker's) are left alone."""
+    from autoseg.checkpoint import FINAL
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        if best is None or t.number != best.number:
+            (trial_folder(workdir, t.number) / FINAL).unlink(missing_ok=True)
+    if best is None or not (trial_folder(workdir, best.number) / FINAL).is_file():
+        return None
+    return (trial_folder(workdir, best.number) / FINAL).relative_to(workdir).as_posix()
 
 
 def _overhead(study: optuna.Study, seconds: float) -> float:
@@ -386,7 +406,9 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 def finalize(workdir: Path, study: optuna.Study, rules: Configuration,
              storage: str | None) -> tuple[dict[str, Any], list[Path]]:
     """Write the best trial's configuration into plans.json (its steps fitted to the training run's
-    seconds), the rules' configuration beside it, and the trial table and plots under ``search/``."""
+    seconds), the rules' configuration beside it, and the trial table and plots under ``search/``. The best
+    trial's weights are kept (the others' deleted) for the final training of its fold to start from: the
+    search's training of the chosen configuration is not thrown away."""
     from autoseg.plan.search_report import write_outputs
 
     path = Path(workdir) / PLANS_FILE
@@ -418,6 +440,10 @@ def finalize(workdir: Path, study: optuna.Study, rules: Configuration,
                    "running": states.count(TrialState.RUNNING)},
         "budget": study.user_attrs.get("budget", {}),
         "rules": asdict(rules)}
+    weights = _keep_best_weights(Path(workdir), study, best)
+    if weights is not None:  # `autoseg train` starts this fold's run from them (autoseg.workflow.warm_start)
+        summary["warm_start"] = {"configuration": rules.name, "fold": int(study.user_attrs.get("fold", 0)),
+                                 "checkpoint": weights, "trial": best.number}
     plans.search = summary
     plans.notes = [n for n in plans.notes if not n.startswith("search:")]
     if best is not None:
