@@ -133,7 +133,9 @@ def write(results: list[dict], args: argparse.Namespace, machine: dict) -> None:
                   f"{b.get('search_s', 0):.0f} s ({b.get('trials')} trials of up to {b.get('trial_s', 0):.0f} s), "
                   f"final training {b.get('train_s', 0):.0f} s. Trials: {s['trials']}. Chosen: trial "
                   f"{s['best_trial']} ({s['chosen']}), fold-0 validation Dice {s['best_value']:.4f} against the "
-                  f"rules' point's {s['rules_value'] if s['rules_value'] is None else round(s['rules_value'], 4)}.",
+                  f"rules' point's {s['rules_value'] if s['rules_value'] is None else round(s['rules_value'], 4)}."
+                  + (f" The final training of fold 0 started from trial {s['warm_start']['trial']}'s weights "
+                     "(`search.warm_start` in plans.json)." if s.get("warm_start") else ""),
                   "", "Trial table (`search/trials.csv`; dice = sliding-window Dice of fold 0's held-out cases, for completed trials; a pruned trial's last patch Dice is in its note):", ""]
         cols = ["trial", "state", "rules", "dice", "family", "depth", "width", "patch", "loss", "lr",
                 "augmentation", "batch", "parameters", "step_time_s", "steps", "duration_s", "note"]

@@ -24,6 +24,8 @@ PROXY_VOXELS = {3: 24 ** 3, 2: 96 ** 2}  # proxy patch for timing slow devices
 MAX_PRECISION_NOISE = 0.5  # a precision's gradient error, as a share of the batch-to-batch gradient spread
 PESSIMISM = 0.8  # a measured step below this share of the prediction re-runs the search for a bigger setup
 MAX_REAL_MEASUREMENTS = 2  # of the chosen setup per configuration
+HALF_BATCH_MIN = 2  # on a CPU the chosen setup is timed at half its batch when that is at least this
+MIN_BOTTLENECK_VOXELS = 8  # the precision check's patch: instance norm over fewer values is ill-conditioned
 REAL_MEASURE_MAX_S = 3.0  # measure the final choice for real when a step is predicted below this
 
 
@@ -132,13 +134,35 @@ def choose_precision(device: DeviceInfo, req: FitRequest, tp: Throughput, net: N
         return "fp32", False, 1.0
     fps32, _, m32, grad = tp.measure(net, topo, "fp32", False, second_batch=True)
     fps16, _, m16, _ = tp.measure(net, topo, "bf16", True, ref_grad=grad)
-    noise = m16.grad_error / max(m32.batch_spread, 1e-12)
+    noise, cosine, where = m16.grad_error / max(m32.batch_spread, 1e-12), m16.grad_cosine, ""
+    proxy = tp.proxy(topo.patch_size, topo.divisor)
+    if _bottleneck_voxels(proxy, topo.divisor) < MIN_BOTTLENECK_VOXELS:
+        noise, cosine, where = _precision_noise(req, topo, proxy)
     log.append(f"precision: fp32 {m32.step_time_s:.3f}s vs bf16+channels-last {m16.step_time_s:.3f}s "
                f"per proxy step; bf16 gradient error {noise:.2f}x the batch-to-batch spread "
-               f"(cosine to fp32 {m16.grad_cosine:.4f})")
+               f"(cosine to fp32 {cosine:.4f}{where})")
     if fps16 > 1.1 * fps32 and noise <= MAX_PRECISION_NOISE:
         return "bf16", True, fps16 / fps32
     return "fp32", False, 1.0
+
+
+def _bottleneck_voxels(patch: list[int], divisor: list[int]) -> int:
+    return int(np.prod([p // d for p, d in zip(patch, divisor)]))
+
+
+def _precision_noise(req: FitRequest, topo: Topology, proxy: list[int]) -> tuple[float, float, str]:
+    """(gradient error / batch spread, cosine, where) of bf16 against fp32 on a patch whose bottleneck holds at
+    least 2 voxels an axis (the ideal patch where it is smaller), with the narrowest width to keep it cheap.
+    On the proxy of a deep network the bottleneck can be 2 voxels, and instance norm over 2 values turns any
+    rounding into a sign flip: fp32 against bf16 there measured cosine 0.32, against 0.99 on this patch."""
+    patch = [min(i, max(p, 2 * d)) for i, p, d in zip(topo.patch_size, proxy, topo.divisor)]
+    net = make_network(req.family, topo, WIDTHS[-1], req.feature_cap, _blocks(req, topo), req.decoder_convs)
+    m32, grad = compute.measure_step(net, req.in_channels, req.num_classes, req.ndim, patch, MIN_BATCH, "cpu",
+                                     "fp32", False, second_batch=True)
+    m16, _ = compute.measure_step(net, req.in_channels, req.num_classes, req.ndim, patch, MIN_BATCH, "cpu",
+                                  "bf16", True, reference_grad=grad)
+    where = f"; on {'x'.join(map(str, patch))} at width {WIDTHS[-1]}: the proxy's bottleneck is too small"
+    return m16.grad_error / max(m32.batch_spread, 1e-12), m16.grad_cosine, where
 
 
 class Calibration:
@@ -202,7 +226,7 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
     """Choose width, patch and batch for ``req`` on ``device``.
 
     Candidates are predicted from proxy measurements (one small patch per width and precision). With
-    ``verify`` the choice is then measured for real (on a CPU at half its batch, scaled), unless on a CPU one
+    ``verify`` the choice is then measured for real (on a CPU at half a batch of 4 or more, scaled), unless on a CPU one
     step would take longer than ``REAL_MEASURE_MAX_S``, or the choice is the largest setup and fits with room
     to spare (a real step costs seconds there and could change nothing but the batch).
 
@@ -251,8 +275,10 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
                 choice = (net, topo, batch, t_pred, mem_corrected, flops, True)
                 log.append(f"width {net.features[0]}, patch {topo.patch_size}: predicted, corrected by the measurement")
                 break
-        # on a CPU a step's time and activations grow linearly with the batch: half the batch tells, in half the time
-        batch_m = max(1, batch // 2) if device.type == "cpu" else batch
+        # on a CPU a step's time and activations grow linearly with the batch from 2 samples on, so half a batch
+        # of 4 or more tells in half the time; not below: a batch of 1 takes other kernels, for small fp32
+        # networks slower ones (width 8, 48^3: 0.84 s at batch 1, 0.43 s at batch 2; width 32: 0.97 / 1.78 s)
+        batch_m = batch // 2 if device.type == "cpu" and batch >= 2 * HALF_BATCH_MIN else batch
         m, _ = compute.measure_step(net, req.in_channels, req.num_classes, req.ndim, topo.patch_size, batch_m,
                                     device.type, precision, cl)
         measured_at = (net.features[0], np.prod(topo.patch_size))
