@@ -258,8 +258,9 @@ def render(args: argparse.Namespace, sections: list[str], tools_by_task: dict[st
     lines += ["## What each tool does", "",
               "- autoseg `plan`: validates every file, fingerprints, plans 3d_fullres and 2d (and 3d_lowres when "
               "the image is large) by **measuring real training steps** of candidate networks on the CPU "
-              "(fp32 against bf16 on a proxy patch, then the chosen setup at half its batch unless the proxies "
-              "already predict the largest setup fits), and preprocesses the configurations its budget trains "
+              "(fp32 against bf16 on a proxy patch, timed twice when the speed-up is near the threshold; then the "
+              "chosen setup, at half its batch from a batch of 4, unless the proxies already predict the largest "
+              "setup fits), and preprocesses the configurations its budget trains "
               "(here 3d_fullres, as nnU-Net).",
               "- nnU-Net `plan_and_preprocess -c 3d_fullres`: fingerprints (no integrity check unless "
               "`--verify_dataset_integrity`), plans 2d/3d_fullres/3d_lowres from its rules (no measurement), "

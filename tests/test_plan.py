@@ -269,6 +269,23 @@ def test_bf16_is_planned_only_when_measured_faster_and_accurate(fake_compute):
     assert make_plans(planar(), budget="10m").configurations["2d"].precision == "fp32"
 
 
+def test_a_precision_speed_up_near_the_threshold_is_timed_again(fake_compute, monkeypatch):
+    """One noisy proxy step must not decide: a first bf16 step only 1.05x faster, then 2x on the second look."""
+    bf16_cpu = DeviceInfo("cpu", "bf16 CPU", 8 << 30, 2, True)
+    fake_compute(bf16_cpu)
+    first, fast, calls = fake_measure(bf16_speedup=1.05), fake_measure(bf16_speedup=2.0), []
+
+    def measure(cfg, in_ch, n_classes, ndim, patch, batch, device="cpu", precision="fp32", *args, **kw):
+        calls.append(precision)
+        bf16_before = calls[:-1].count("bf16")
+        return (fast if bf16_before else first)(cfg, in_ch, n_classes, ndim, patch, batch, device, precision,
+                                                *args, **kw)
+
+    monkeypatch.setattr(compute, "measure_step", measure)
+    assert make_plans(planar(), budget="10m").configurations["2d"].precision == "bf16"
+    assert calls[:4] == ["fp32", "bf16", "fp32", "bf16"]
+
+
 def test_bf16_is_judged_on_a_patch_whose_bottleneck_is_not_degenerate(fake_compute, monkeypatch):
     """On the small proxy of a deep network the bottleneck holds 1-2 voxels, where instance norm makes any two
     precisions disagree (measured: cosine 0.32): the precision is judged on a patch of 2+ bottleneck voxels an
