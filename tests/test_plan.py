@@ -292,12 +292,14 @@ def test_bf16_is_judged_on_a_patch_whose_bottleneck_is_not_degenerate(fake_compu
     axis instead, and bf16 is planned when it agrees there."""
     bf16_cpu = DeviceInfo("cpu", "bf16 CPU", 8 << 30, 2, True)
     fake_compute(bf16_cpu, bf16_speedup=2.0)
-    checked: list[int] = []
+    checked: list[int] = []  # bottleneck voxels of the patches the gradients are compared on
+    timed: list[int] = []  # ... and of every patch timed
     fake, noisy = fake_measure(bf16_speedup=2.0), fake_measure(bf16_speedup=2.0, bf16_noise=1.0)
 
     def measure(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
         divisor = np.prod(cfg.strides, axis=0)
         bottleneck = int(np.prod([p // d for p, d in zip(patch, divisor)]))
+        timed.append(bottleneck)
         if kw.get("reference_grad") is not None:
             checked.append(bottleneck)
         return (noisy if bottleneck < 8 else fake)(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw)
@@ -305,7 +307,7 @@ def test_bf16_is_judged_on_a_patch_whose_bottleneck_is_not_degenerate(fake_compu
     monkeypatch.setattr(compute, "measure_step", measure)
     plans = make_plans(isotropic((160, 160, 160)), budget="20m", device="cpu")
     assert plans.configurations["3d_fullres"].precision == "bf16"
-    assert checked[0] < 8 and checked[1] >= 8  # the proxy's, then the judging patch's
+    assert timed[0] < 8 and checked and min(checked) >= 8  # a degenerate proxy; judged elsewhere
     assert any("the proxy's bottleneck is too small" in n for n in plans.notes)
 
 

@@ -147,15 +147,17 @@ def choose_precision(device: DeviceInfo, req: FitRequest, tp: Throughput, net: N
         return ("bf16" if device.bf16 else "fp16"), False, 1.0
     if device.type != "cpu" or not device.bf16:
         return "fp32", False, 1.0
-    fps32, _, m32, grad = tp.measure(net, topo, "fp32", False, second_batch=True)
-    fps16, _, m16, _ = tp.measure(net, topo, "bf16", True, ref_grad=grad)
+    proxy = tp.proxy(topo.patch_size, topo.divisor)
+    judge_on_proxy = _bottleneck_voxels(proxy, topo.divisor) >= MIN_BOTTLENECK_VOXELS  # else: _precision_noise
+    fps32, _, m32, grad = tp.measure(net, topo, "fp32", False, second_batch=judge_on_proxy)
+    fps16, _, m16, _ = tp.measure(net, topo, "bf16", True, ref_grad=grad if judge_on_proxy else None)
     if fps32 < fps16 <= PRECISION_RECHECK * BF16_MIN_SPEEDUP * fps32:
         # near the threshold one step of each decides, and a shared machine's noise can flip it: time both again
         fps32, fps16 = tp.retime(net, topo, "fp32", False), tp.retime(net, topo, "bf16", True)
         m32, m16 = replace(m32, step_time_s=m32.flops / fps32), replace(m16, step_time_s=m16.flops / fps16)
-    noise, cosine, where = m16.grad_error / max(m32.batch_spread, 1e-12), m16.grad_cosine, ""
-    proxy = tp.proxy(topo.patch_size, topo.divisor)
-    if _bottleneck_voxels(proxy, topo.divisor) < MIN_BOTTLENECK_VOXELS:
+    if judge_on_proxy:
+        noise, cosine, where = m16.grad_error / max(m32.batch_spread, 1e-12), m16.grad_cosine, ""
+    else:
         noise, cosine, where = _precision_noise(req, topo, proxy)
     log.append(f"precision: fp32 {m32.step_time_s:.3f}s vs bf16+channels-last {m16.step_time_s:.3f}s "
                f"per proxy step; bf16 gradient error {noise:.2f}x the batch-to-batch spread "
