@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replan", action="store_true", help="make a new plans.json even if one is up to date")
     p.add_argument("--search", action="store_true",
                    help="search around the rules' configuration with Optuna (architecture, depth, width, patch, "
-                        "loss, lr, augmentation, batch) inside the same budget; the same command resumes it")
+                        "loss, lr, augmentation, batch) inside the same budget; `autoseg train` then starts fold 0 from the "
+                        "best trial's weights; the same command resumes it")
     p.add_argument("--trials", type=int, default=None, help="search trials in all (default 12)")
     p.add_argument("--storage", default=None, metavar="URL|FILE.journal",
                    help="study storage shared by `autoseg search-worker`s (default: sqlite in WORKDIR)")
