@@ -220,11 +220,11 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
     """Train the planned runs (or the ones asked for) inside the budget, then predict and score each
     finished fold's held-out cases. ``budget`` overrides the plan's and is split evenly over the runs;
     ``steps`` fixes each run's length instead (no adaptation to the measured speed: repeatable)."""
+    from autoseg.checkpoint import LATEST
     from autoseg.crossval import load_splits
     from autoseg.oof import predict_fold_validation
     from autoseg.plan.budget import format_duration, parse_duration
     from autoseg.plan.compute import best_device
-    from autoseg.checkpoint import LATEST
     from autoseg.train import Trainer, cached_cases, run_folder
 
     work = resolve_workdir(dataset, workdir)

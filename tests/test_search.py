@@ -18,7 +18,9 @@ import torch
 from conftest import write_tiny_dataset
 from optuna.trial import TrialState
 
+from autoseg.checkpoint import FINAL, LATEST, load_checkpoint
 from autoseg.cli import run
+from autoseg.errors import UserError
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.nets import build_network
 from autoseg.plan import rules as rule_toolbox
@@ -27,8 +29,6 @@ from autoseg.plan.model import PLANS_FILE, Configuration, Measurement, Network, 
 from autoseg.plan.search import SEARCH_DIR, SearchBudget, TrialRunner, divide_budget, run_search
 from autoseg.plan.search_space import derive_space, parse_patch, rule_params, to_configuration
 from autoseg.preprocess import preprocess
-from autoseg.checkpoint import FINAL, LATEST, load_checkpoint
-from autoseg.errors import UserError
 from autoseg.train import Trainer
 from autoseg.workflow import warm_start
 
