@@ -210,6 +210,8 @@ class Trainer:
         loss_fn = build_loss(cfg.loss, plans.num_classes, plans.ignore_label, n_outputs)
 
         state, start = self._resume(model, optimizer, scaler)
+        if start == 0 and state.get("init_weights") and dist.is_main:
+            print(f"{self.name} fold {self.fold}: starting from the weights in {self.init_weights}", flush=True)
         if state.get("finished") and not self.extend_s:
             if dist.is_main:
                 print(f"{self.folder}: already finished ({state['total_steps']} steps); --extend T to train more")

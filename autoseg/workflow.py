@@ -220,12 +220,11 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
     """Train the planned runs (or the ones asked for) inside the budget, then predict and score each
     finished fold's held-out cases. ``budget`` overrides the plan's and is split evenly over the runs;
     ``steps`` fixes each run's length instead (no adaptation to the measured speed: repeatable)."""
-    from autoseg.checkpoint import LATEST
     from autoseg.crossval import load_splits
     from autoseg.oof import predict_fold_validation
     from autoseg.plan.budget import format_duration, parse_duration
     from autoseg.plan.compute import best_device
-    from autoseg.train import Trainer, cached_cases, run_folder
+    from autoseg.train import Trainer, cached_cases
 
     work = resolve_workdir(dataset, workdir)
     plans = Plans.load(work / PLANS_FILE)
@@ -241,12 +240,9 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
     oof_device = device or best_device()  # where the run trained: a GPU run's held-out cases are predicted on it
     results = []
     for c, k, s in runs:
-        init = warm_start(work, plans, c, k, splits_file)
-        if init is not None and trainer_is_main() and not (run_folder(work, c, k) / LATEST).is_file():
-            print(f"{c} fold {k}: starting from the weights of search trial {plans.search['warm_start']['trial']} "
-                  f"({init.relative_to(work)})", file=sys.stderr)
         trainer = Trainer(work, c, k, plans=plans, seconds=s, steps=steps, device=device, seed=seed, workers=workers,
-                          progress=progress, extend_s=extend_s, splits_file=splits_file, init_weights=init)
+                          progress=progress, extend_s=extend_s, splits_file=splits_file,
+                          init_weights=warm_start(work, plans, c, k, splits_file))
         r = trainer.fit()
         run = TrainedRun(c, k, r.seconds, r.finished, r.steps)
         if r.finished and trainer_is_main():

@@ -311,6 +311,14 @@ def test_bf16_is_judged_on_a_patch_whose_bottleneck_is_not_degenerate(fake_compu
     assert any("the proxy's bottleneck is too small" in n for n in plans.notes)
 
 
+def test_a_bf16_gradient_that_is_not_finite_refuses_bf16(fake_compute):
+    bf16_cpu = DeviceInfo("cpu", "bf16 CPU", 8 << 30, 2, True)
+    fake_compute(bf16_cpu, bf16_speedup=2.0, bf16_noise=float("nan"))
+    plans = make_plans(planar(), budget="10m")
+    assert plans.configurations["2d"].precision == "fp32"
+    assert any("gradient error infx" in n for n in plans.notes)
+
+
 def test_resenc_planner_uses_the_residual_encoder(fake_compute):
     plans = make_plans(isotropic((64, 64, 64)), planner="resenc", budget="10m", device="cpu")
     net = plans.configurations["3d_fullres"].network

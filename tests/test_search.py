@@ -317,5 +317,5 @@ def test_plan_search_then_train_from_the_command_line(tmp_path, capsys):
     assert plans["search"]["rules"]["name"] == "3d_fullres"
     capsys.readouterr()
     assert run(["train", str(ds), "-w", str(w), "--steps", "2", "-q"]) == 0
-    trial = plans["search"]["warm_start"]["trial"]
-    assert f"3d_fullres fold 0: starting from the weights of search trial {trial}" in capsys.readouterr().err
+    checkpoint = w / plans["search"]["warm_start"]["checkpoint"]
+    assert f"3d_fullres fold 0: starting from the weights in {checkpoint}" in capsys.readouterr().out
