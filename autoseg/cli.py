@@ -88,7 +88,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
         found = plan_with_search(a.dataset, a.workdir, budget=a.budget, trials=a.trials, storage=a.storage,
                                  planner=a.planner, device=a.device, jobs=a.jobs, replan=a.replan,
-                                 progress=not a.quiet, folds=a.folds)
+                                 progress=not a.quiet, folds=a.folds, remeasure=a.remeasure)
         print(summary(found.plan))
         print(search_summary(found))
         return 0
@@ -96,7 +96,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         raise UserError("--trials and --storage need --search")
     result = plan_dataset(a.dataset, a.workdir, planner=a.planner, budget=a.budget, device=a.device,
                           jobs=a.jobs, replan=a.replan, progress=not a.quiet, folds=a.folds,
-                          preprocess_also=a.preprocess)
+                          preprocess_also=a.preprocess, remeasure=a.remeasure)
     print(summary(result))
     return 0
 
@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=_jobs, default=None,
                    help="cross-validation folds (default: the existing plan's, else 5); a new number re-plans")
     p.add_argument("--replan", action="store_true", help="make a new plans.json even if one is up to date")
+    p.add_argument("--remeasure", action="store_true",
+                   help="time the candidate networks again (and re-plan) instead of reusing this machine's earlier "
+                        "step measurements of the same setups (kept in ~/.cache/autoseg, or $AUTOSEG_CACHE_DIR; "
+                        "'off' keeps none)")
     p.add_argument("--search", action="store_true",
                    help="search around the rules' configuration with Optuna (architecture, depth, width, patch, "
                         "loss, lr, augmentation, batch) inside the same budget; `autoseg train` then starts fold 0 from the "

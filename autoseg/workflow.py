@@ -33,12 +33,13 @@ def _same_request(plans: Plans, fp: Fingerprint, planner: str, budget_s: float |
 def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner: str = "default",
                  budget: str | float | None = None, device: str | None = None, jobs: int | None = None,
                  replan: bool = False, progress: bool = False, folds: int | None = None,
-                 preprocess_also: list[str] | None = None) -> PlanResult:
+                 preprocess_also: list[str] | None = None, remeasure: bool = False) -> PlanResult:
     """Validate, fingerprint, plan and preprocess ``dataset`` into ``workdir``.
 
     An existing ``plans.json`` made from the same dataset, planner, budget and device is kept as it is
     (so a user's edits survive a re-run); ``replan=True`` makes a new one. ``folds`` defaults to the existing
-    plan's, else 5. Only the configurations the default ``autoseg train`` trains are preprocessed, plus
+    plan's, else 5. ``remeasure`` times the candidate networks again instead of reusing this machine's
+    earlier measurements (and so re-plans). Only the configurations the default ``autoseg train`` trains are preprocessed, plus
     ``preprocess_also`` (names, or ``["all"]``); ``autoseg train --config NAME`` preprocesses the others.
     """
     import time
@@ -75,7 +76,7 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     t = time.perf_counter()
     plans_path = work / PLANS_FILE
     plans, replanned = None, True
-    if plans_path.is_file() and not replan:
+    if plans_path.is_file() and not (replan or remeasure):
         existing = Plans.load(plans_path)
         if _same_request(existing, fp, planner, budget_s, device) and folds in (None, existing.folds):
             plans, replanned = existing, False
@@ -84,7 +85,7 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
             print("planning: measuring candidate networks on the device ...", file=sys.stderr)
         if started:
             workers.wait_started()  # measure step times on an otherwise idle CPU
-        plans = make_plans(fp, planner, budget_s, device, folds or 5)
+        plans = make_plans(fp, planner, budget_s, device, folds or 5, remeasure=remeasure)
         plans.save(plans_path)
     timings["plan"] = time.perf_counter() - t
 
@@ -166,6 +167,10 @@ def summary(result: PlanResult) -> str:
         if n.startswith(("budget", "busy machine")):
             lines.append(n)
     lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    reused = p.measurements.get("reused", 0) if result.replanned else 0
+    if reused:
+        lines.append(f"planning reused {reused} step measurement(s) this machine made before for the same setups "
+                     f"(--remeasure times them again)")
     pre = ", ".join(f"{k} {v}" for k, v in result.preprocessed.items())
     lines.append(f"preprocessed (cases computed): {pre}")
     later = [n for n in p.configurations if n not in result.preprocessed]

@@ -7,7 +7,10 @@ For each synthetic task (generated once at ``--size small`` under benchmarks/wor
 1. **Totals** (the number the target is about): ``autoseg plan DIR -w W --budget 15m --device cpu -j N`` against
    ``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres -np N -npfp N`` (``-npfp``: nnU-Net's fingerprint step
    otherwise uses 8 processes), each from a fresh work folder; one untimed warm-up each, then ``--repeats``
-   alternating timed rounds, medians reported.
+   alternating timed rounds, medians reported. autoseg runs twice per round: **first plan** on this machine
+   (its store of step measurements, ``AUTOSEG_CACHE_DIR``, emptied before each run) and **re-plan** (the store
+   the warm-up run filled: the same setups' step times read back instead of measured). nnU-Net measures
+   nothing, so it has one kind of run.
 2. **Stages**, once: each stage as its own command, so each has its own wall time and peak memory. nnU-Net:
    ``nnUNetv2_extract_fingerprint``, ``nnUNetv2_plan_experiment``, ``nnUNetv2_preprocess``; autoseg:
    ``autoseg validate``, ``autoseg fingerprint`` and this script's ``--stage plan|preprocess`` (the library
@@ -46,7 +49,7 @@ SIZE = "small"
 TASK_IDS = {"ct-aniso": 502, "mri-nested": 503, "mr-2ch": 504, "vessels": 505}
 BUDGET = "15m"
 TARGET_SPEEDUP = 3.0
-LABELS = {"autoseg": "autoseg", "nnunet": "nnU-Net"}
+LABELS = {"autoseg": "autoseg, first plan", "autoseg-replan": "autoseg, re-plan", "nnunet": "nnU-Net"}
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
@@ -74,17 +77,22 @@ class Tool:
                 shutil.rmtree(folder)
 
 
-def autoseg_tool(data: Path, work: Path, jobs: int) -> Tool:
-    w = work / "autoseg"
+def autoseg_tool(data: Path, work: Path, jobs: int, replan: bool = False) -> Tool:
+    """``replan``: the store of step measurements is kept between runs (the warm-up fills it); otherwise it is
+    emptied before every run, as on a machine that never planned."""
+    name = "autoseg-replan" if replan else "autoseg"
+    w, store = work / name, work / f"{name}-measurements"
     me = [sys.executable, str(Path(__file__).resolve()), "--stage"]
-    return Tool(
-        "autoseg",
-        [autoseg_bin(), "-q", "plan", str(data), "-w", str(w), "--budget", BUDGET, "--device", "cpu", "-j", str(jobs)],
-        {"validate": [autoseg_bin(), "-q", "validate", str(data), "-j", str(jobs)],
-         "fingerprint": [autoseg_bin(), "-q", "fingerprint", str(data), "-w", str(w), "-j", str(jobs)],
-         "plan": [*me, "plan", str(data), str(w), "--jobs", str(jobs)],
-         "preprocess": [*me, "preprocess", str(data), str(w), "--jobs", str(jobs)]},
-        dict(os.environ), [w], work / "autoseg_last_total")
+    total = [autoseg_bin(), "-q", "plan", str(data), "-w", str(w), "--budget", BUDGET, "--device", "cpu", "-j", str(jobs)]
+    stages = {} if replan else {
+        "validate": [autoseg_bin(), "-q", "validate", str(data), "-j", str(jobs)],
+        "fingerprint": [autoseg_bin(), "-q", "fingerprint", str(data), "-w", str(w), "-j", str(jobs)],
+        "plan": [*me, "plan", str(data), str(w), "--jobs", str(jobs)],
+        "preprocess": [*me, "preprocess", str(data), str(w), "--jobs", str(jobs)]}
+    if replan and store.exists():
+        shutil.rmtree(store)  # filled by this run's warm-up, not by an earlier benchmark
+    return Tool(name, total, stages, {**os.environ, "AUTOSEG_CACHE_DIR": str(store)},
+                [w] if replan else [w, store], work / f"{name}_last_total")
 
 
 def nnunet_tool(data: Path, task: str, work: Path, jobs: int) -> Tool:
@@ -130,7 +138,7 @@ def bench_task(tools: list[Tool], repeats: int, logs: Path, diagnostic: bool) ->
         for stage, cmd in tool.stages.items():
             tool.stage_runs[stage] = _run(tool, cmd, f"stage {stage}", logs)
     if diagnostic:
-        for tool in tools:
+        for tool in [t for t in tools if t.name != "autoseg-replan"]:
             tool.clean()
             tool.passive = _run(tool, tool.total, "total, passive", logs, {**tool.env, **PASSIVE})
 
@@ -170,7 +178,7 @@ def autoseg_plan_lines(work: Path, timings: list[dict[str, float]]) -> list[str]
     out = ["- autoseg's own stage timings in each timed round (s): " + "; ".join(
         ", ".join(f"{k} {v:.1f}" for k, v in t.items()) for t in timings),
            f"- last round's planning (measuring candidate networks): **{plans['planning_time_s']:.1f} s** "
-           f"(plans.json `planning_time_s`); what it chose:"]
+           f"(plans.json `planning_time_s`; step measurements {_reuse(plans)}); what it chose:"]
     for name, c in plans["configurations"].items():
         m = c["measured"]
         out.append(f"  - {name}: patch {c['patch_size']}, batch {c['batch_size']}, width {c['network']['features'][0]}, "
@@ -178,6 +186,11 @@ def autoseg_plan_lines(work: Path, timings: list[dict[str, float]]) -> list[str]
                    f"{'predicted' if m.get('extrapolated') else 'measured'}, {c['schedule']['steps']} steps")
     out.append("  - planner log: " + " / ".join(n for n in plans["notes"] if not n.startswith("budget")))
     return out
+
+
+def _reuse(plans: dict) -> str:
+    m = plans.get("measurements") or {}
+    return f"made {m.get('measured', '?')}, read back {m.get('reused', '?')}"
 
 
 def nnunet_plan_line(tool: Tool) -> str:
@@ -208,9 +221,16 @@ def render_task(task: str, data: Path, tools: dict[str, Tool]) -> list[str]:
         lines.append(f"| {LABELS[name]} | {m.wall_s:.1f} | {m.peak_pss_mb:.0f} | {m.peak_rss_mb:.0f} | "
                      f"{m.max_process_mb:.0f} | {m.cpu_s:.1f} | {m.processes:.0f} |")
     lines.append("")
-    if "nnunet" in med:
-        lines += _ratio_lines(med["autoseg"], med["nnunet"])
-    lines += autoseg_plan_lines(a.kept, [in_run_timings(log) for log in a.total_logs])
+    for name in ("autoseg", "autoseg-replan"):
+        if name not in tools:
+            continue
+        lines.append(f"**{LABELS[name]}**" + (" (step measurements read back from the store the warm-up filled)"
+                                               if name == "autoseg-replan" else " (an empty store of step measurements)"))
+        lines.append("")
+        if "nnunet" in med:
+            lines += _ratio_lines(med[name], med["nnunet"])
+        lines += autoseg_plan_lines(tools[name].kept, [in_run_timings(log) for log in tools[name].total_logs])
+        lines.append("")
     if "nnunet" in tools:
         lines.append(nnunet_plan_line(tools["nnunet"]))
     lines += ["", "All timed rounds (wall s / PSS MB / load average at start): " + "; ".join(
@@ -261,7 +281,9 @@ def render(args: argparse.Namespace, sections: list[str], tools_by_task: dict[st
               "(fp32 against bf16 on a proxy patch, timed twice when the speed-up is near the threshold; then the "
               "chosen setup, at half its batch from a batch of 4, unless the proxies already predict the largest "
               "setup fits), and preprocesses the configurations its budget trains "
-              "(here 3d_fullres, as nnU-Net).",
+              "(here 3d_fullres, as nnU-Net). Each step measurement is kept in a per-machine store "
+              "(`~/.cache/autoseg/measurements.json`, keyed by CPU, threads, torch and autoseg versions and the exact "
+              "setup); a re-plan that times the same setups reads them back (`--remeasure` times them again).",
               "- nnU-Net `plan_and_preprocess -c 3d_fullres`: fingerprints (no integrity check unless "
               "`--verify_dataset_integrity`), plans 2d/3d_fullres/3d_lowres from its rules (no measurement), "
               "preprocesses 3d_fullres only.",
@@ -328,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.tasks:
         data = make_data(args.cases, args.seed, task, SIZE)
         work = _nnunet.WORK / "plan" / task
-        tools = {"autoseg": autoseg_tool(data, work, args.jobs)}
+        tools = {"autoseg": autoseg_tool(data, work, args.jobs),
+                 "autoseg-replan": autoseg_tool(data, work, args.jobs, replan=True)}
         if not args.no_nnunet:
             tools["nnunet"] = nnunet_tool(data, task, work, args.jobs)
         print(f"== {task}", file=sys.stderr)

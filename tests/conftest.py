@@ -38,6 +38,13 @@ def write_tiny_dataset(root: Path, *, cases: int = 3, shape=(12, 16, 16), channe
     return root
 
 
+@pytest.fixture(autouse=True)
+def no_measurement_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans in tests measure afresh: a store shared between tests (or with the user's ~/.cache) would hand
+    one test's stand-in measurements to the next. Tests of the store set their own folder."""
+    monkeypatch.setenv("AUTOSEG_CACHE_DIR", "off")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny tensors gain nothing from threads, and on a busy machine spinning threads cost seconds."""

@@ -172,3 +172,26 @@ def test_plan_validates_first_and_stops_on_problems(tmp_path: Path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err and all(line.startswith(str(root)) for line in err)
     assert not (tmp_path / "work2" / "fingerprint.json").exists()
+
+
+def test_a_re_plan_reads_back_this_machines_step_measurements(tmp_path: Path, capsys, monkeypatch):
+    """The second plan of the same data on the same machine times nothing and plans the same; --remeasure
+    times everything again."""
+    from autoseg.plan import make as make_module
+
+    monkeypatch.setenv("AUTOSEG_CACHE_DIR", str(tmp_path / "store"))
+    monkeypatch.setattr(make_module.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    root = write_tiny_dataset(tmp_path / "Dataset001_Tiny", cases=2)
+    work = tmp_path / "work"
+    args = ["-q", "plan", str(root), "-w", str(work), "-j", "1", "--budget", "5m", "--device", "cpu"]
+    assert run(args) == 0
+    first = json.loads((work / "plans.json").read_text())
+    assert "planning reused" not in capsys.readouterr().out and first["measurements"]["measured"] > 0
+    assert run(args + ["--replan"]) == 0
+    assert "planning reused" in capsys.readouterr().out
+    again = json.loads((work / "plans.json").read_text())
+    assert again["measurements"] == {"reused": first["measurements"]["measured"], "measured": 0}
+    assert again["configurations"] == first["configurations"]
+    assert run(args + ["--remeasure"]) == 0
+    assert "planning reused" not in capsys.readouterr().out
+    assert json.loads((work / "plans.json").read_text())["measurements"]["reused"] == 0

@@ -195,6 +195,36 @@ def test_only_trained_configurations_are_measured_for_real(measured_calls):
     assert flat.measured.peak_memory_mb == pytest.approx(truth.peak_memory_bytes / MiB, rel=0.02)
 
 
+def test_a_second_plan_on_this_machine_reuses_its_step_measurements(measured_calls, monkeypatch, tmp_path):
+    """Step times depend on the machine and the setup, not the data: a re-plan reads them back (same plans,
+    no step run), ``remeasure`` runs them again, and a busy machine's measurements are not kept."""
+    monkeypatch.setenv("AUTOSEG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(make_module.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    fp = isotropic((96, 96, 96))
+    first = make_plans(fp, budget="10m", device="cpu")
+    n = len(measured_calls)
+    assert n >= 2 and first.measurements == {"reused": 0, "measured": n}
+    assert (tmp_path / "measurements.json").is_file()
+    again = make_plans(fp, budget="10m", device="cpu")
+    assert len(measured_calls) == n and again.measurements == {"reused": n, "measured": 0}
+    assert again.configurations == first.configurations
+    assert make_plans(fp, budget="10m", device="cpu", remeasure=True).measurements["measured"] == n
+    assert len(measured_calls) == 2 * n
+
+    monkeypatch.setenv("AUTOSEG_CACHE_DIR", str(tmp_path / "busy"))
+    monkeypatch.setattr(make_module.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    make_plans(fp, budget="10m", device="cpu")
+    assert not (tmp_path / "busy" / "measurements.json").exists()
+
+
+def test_an_unreadable_measurement_store_only_means_measuring(measured_calls, monkeypatch, tmp_path):
+    (tmp_path / "measurements.json").write_text("{not json")
+    monkeypatch.setenv("AUTOSEG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(make_module.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    plans = make_plans(isotropic((96, 96, 96)), budget="10m", device="cpu")
+    assert plans.measurements["reused"] == 0 and json.loads((tmp_path / "measurements.json").read_text())
+
+
 def test_the_largest_setup_fitting_with_room_is_not_measured_for_real(measured_calls):
     """On a CPU a real step of the widest network at the ideal patch costs seconds and could only grow the
     batch: when the proxies predict it fits the time and half the memory, the planner keeps the prediction."""
@@ -227,8 +257,8 @@ def test_a_pessimistic_proxy_is_corrected_by_the_real_measurement(fake_compute, 
     measure = fit_module.Throughput.measure
 
     def slow(self, *args, **kw):
-        fps, per_unit, m, grad = measure(self, *args, **kw)
-        return fps / 4, per_unit, m, grad
+        fps, per_unit, m = measure(self, *args, **kw)
+        return fps / 4, per_unit, m
 
     monkeypatch.setattr(fit_module.Throughput, "measure", slow)
     plans = make_plans(fp, budget="20m", device="cpu")

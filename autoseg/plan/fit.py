@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from autoseg.plan import compute
+from autoseg.plan import compute, measurements
 from autoseg.plan.compute import DeviceInfo, StepMeasurement
 from autoseg.plan.model import Measurement, Network
 from autoseg.plan.rules import Topology, make_network, shrink_patch, topology
@@ -89,34 +89,44 @@ class Throughput:
             p[axis] -= divisor[axis]
         return p
 
-    def measure(self, net: Network, topo: Topology, precision: str, channels_last: bool,
-                ref_grad=None, second_batch: bool = False) -> tuple[float, float, StepMeasurement, object]:
-        """(FLOP/s, activation bytes per voxel-sample-channel, measurement, gradient) on the proxy for this
-        width. Weights, gradients and momentum are a fixed cost, not a per-voxel one: they are taken out
-        here and added back for the real network by ``_predict``."""
+    def measure(self, net: Network, topo: Topology, precision: str, channels_last: bool) -> tuple[float, float, StepMeasurement]:
+        """(FLOP/s, activation bytes per voxel-sample-channel, measurement) on the proxy for this width.
+        Weights, gradients and momentum are a fixed cost, not a per-voxel one: they are taken out here and
+        added back for the real network by ``_predict``."""
         key = (net.features[0], precision, channels_last)
-        if key in self.cache:
-            fps, mem, m = self.cache[key]
-            return fps, mem, m, None
-        patch = self.proxy(topo.patch_size, topo.divisor)
+        if key not in self.cache:
+            r = self.req
+            patch = self.proxy(topo.patch_size, topo.divisor)
+            m = measurements.measure(net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH, self.device.type,
+                                     precision, channels_last)
+            self._keep(net, patch, key, m)
+        return self.cache[key]
+
+    def measure_precisions(self, net: Network, topo: Topology) -> tuple[StepMeasurement, StepMeasurement]:
+        """fp32 and bf16 + channels-last on the proxy for this width (bf16 with its gradient error)."""
         r = self.req
-        m, grad = compute.measure_step(net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH,
-                                       self.device.type, precision, channels_last, reference_grad=ref_grad,
-                                       second_batch=second_batch)
-        flops = compute.count_step_flops(net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH)
-        m.flops = flops
+        patch = self.proxy(topo.patch_size, topo.divisor)
+        m32, m16 = measurements.measure_precisions(net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH,
+                                                   self.device.type)
+        self._keep(net, patch, (net.features[0], "fp32", False), m32)
+        self._keep(net, patch, (net.features[0], "bf16", True), m16)
+        return m32, m16
+
+    def _keep(self, net: Network, patch: list[int], key: tuple, m: StepMeasurement) -> None:
+        r = self.req
+        m.flops = compute.count_step_flops(net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH)
         activations = max(m.peak_memory_bytes - self.fixed_bytes(net), 0)
         per_unit = activations / (np.prod(patch) * MIN_BATCH * net.features[0])
-        self.cache[key] = (flops / m.step_time_s, per_unit, m)
-        return flops / m.step_time_s, per_unit, m, grad
+        self.cache[key] = (m.flops / m.step_time_s, per_unit, m)
 
     def retime(self, net: Network, topo: Topology, precision: str, channels_last: bool) -> float:
         """Time this width's proxy again (two more steps) and keep the fastest: FLOP/s."""
         key = (net.features[0], precision, channels_last)
         fps, per_unit, m = self.cache[key]
         r = self.req
-        again, _ = compute.measure_step(net, r.in_channels, r.num_classes, r.ndim, self.proxy(topo.patch_size, topo.divisor),
-                                        MIN_BATCH, self.device.type, precision, channels_last, steps=2)
+        again = measurements.measure(net, r.in_channels, r.num_classes, r.ndim,
+                                     self.proxy(topo.patch_size, topo.divisor), MIN_BATCH, self.device.type,
+                                     precision, channels_last, steps=2)
         if again.step_time_s < m.step_time_s:
             fps = m.flops / again.step_time_s
             m = replace(m, step_time_s=again.step_time_s)
@@ -147,8 +157,8 @@ def choose_precision(device: DeviceInfo, req: FitRequest, tp: Throughput, net: N
         return ("bf16" if device.bf16 else "fp16"), False, 1.0
     if device.type != "cpu" or not device.bf16:
         return "fp32", False, 1.0
-    fps32, _, m32, grad = tp.measure(net, topo, "fp32", False, second_batch=True)
-    fps16, _, m16, _ = tp.measure(net, topo, "bf16", True, ref_grad=grad)
+    m32, m16 = tp.measure_precisions(net, topo)
+    fps32, fps16 = m32.flops / m32.step_time_s, m16.flops / m16.step_time_s
     if fps32 < fps16 <= PRECISION_RECHECK * BF16_MIN_SPEEDUP * fps32:
         # near the threshold one step of each decides, and a shared machine's noise can flip it: time both again
         fps32, fps16 = tp.retime(net, topo, "fp32", False), tp.retime(net, topo, "bf16", True)
@@ -176,10 +186,7 @@ def _precision_noise(req: FitRequest, topo: Topology, proxy: list[int]) -> tuple
     rounding into a sign flip: fp32 against bf16 there measured cosine 0.32, against 0.99 on this patch."""
     patch = [min(i, max(p, 2 * d)) for i, p, d in zip(topo.patch_size, proxy, topo.divisor)]
     net = make_network(req.family, topo, WIDTHS[-1], req.feature_cap, _blocks(req, topo), req.decoder_convs)
-    m32, grad = compute.measure_step(net, req.in_channels, req.num_classes, req.ndim, patch, MIN_BATCH, "cpu",
-                                     "fp32", False, second_batch=True)
-    m16, _ = compute.measure_step(net, req.in_channels, req.num_classes, req.ndim, patch, MIN_BATCH, "cpu",
-                                  "bf16", True, reference_grad=grad)
+    m32, m16 = measurements.measure_precisions(net, req.in_channels, req.num_classes, req.ndim, patch, MIN_BATCH)
     where = f"; on {'x'.join(map(str, patch))} at width {WIDTHS[-1]}: the proxy's bottleneck is too small"
     return _noise(m32, m16), m16.grad_cosine, where
 
@@ -215,7 +222,7 @@ def _predict(tp: Throughput, net: Network, topo: Topology, patch: list[int], bat
              channels_last: bool) -> tuple[float, float, float]:
     """(seconds per step, bytes, flops) predicted from the proxy measurement of this width."""
     r = tp.req
-    fps, per_unit, m, _ = tp.measure(net, topo, precision, channels_last)
+    fps, per_unit, _ = tp.measure(net, topo, precision, channels_last)
     flops = compute.count_step_flops(net, r.in_channels, r.num_classes, r.ndim, patch, batch)
     mem = per_unit * np.prod(patch) * batch * net.features[0] + tp.fixed_bytes(net)
     return flops / fps, float(mem), flops
@@ -306,8 +313,8 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
         # of 4 or more tells in half the time; not below: a batch of 1 takes other kernels, for small fp32
         # networks slower ones (width 8, 48^3: 0.84 s at batch 1, 0.43 s at batch 2; width 32: 0.97 / 1.78 s)
         batch_m = batch // 2 if device.type == "cpu" and batch >= 2 * HALF_BATCH_MIN else batch
-        m, _ = compute.measure_step(net, req.in_channels, req.num_classes, req.ndim, topo.patch_size, batch_m,
-                                    device.type, precision, cl)
+        m = measurements.measure(net, req.in_channels, req.num_classes, req.ndim, topo.patch_size, batch_m,
+                                 device.type, precision, cl)
         measured_at = (net.features[0], np.prod(topo.patch_size))
         fixed = tp.fixed_bytes(net)
         m.step_time_s *= batch / batch_m

@@ -6,6 +6,7 @@ import os
 import time
 
 from autoseg.fingerprint import Fingerprint
+from autoseg.plan import measurements
 from autoseg.plan.budget import DEFAULT_BUDGET_S, format_duration, parse_duration
 from autoseg.plan.compute import detect_device
 from autoseg.plan.model import Plans
@@ -22,10 +23,12 @@ def resolve_budget(budget: str | float | None, device_type: str) -> tuple[float,
 
 
 def make_plans(fingerprint: Fingerprint, planner: str = "default", budget: str | float | None = None,
-               device: str | None = None, folds: int = 5) -> Plans:
+               device: str | None = None, folds: int = 5, remeasure: bool = False) -> Plans:
     """Plan every configuration for ``fingerprint`` with the named planner (or a planner file), fitted to
     the measured speed and memory of ``device`` (default: the best available) and to ``budget`` (wall clock:
-    '20m', '8h', or seconds; default: per device, see ``autoseg.plan.budget.DEFAULT_BUDGET_S``).
+    '20m', '8h', or seconds; default: per device, see ``autoseg.plan.budget.DEFAULT_BUDGET_S``). Step times
+    this machine measured before for the same setups are reused (:mod:`autoseg.plan.measurements`) unless
+    ``remeasure``; those measured while the machine was busy are not kept.
 
     >>> plans = make_plans(Fingerprint.load("autoseg_work/MyData/fingerprint.json"), budget="20m")  # doctest: +SKIP
     """
@@ -34,13 +37,15 @@ def make_plans(fingerprint: Fingerprint, planner: str = "default", budget: str |
     ctx = PlanningContext(info, seconds, folds, planner)
     load_before = busy_load(info.type)
     t0 = time.perf_counter()
-    plans = get_planner(planner)(fingerprint, ctx)
+    with measurements.session(info, remeasure, keep=lambda: not (load_before or busy_load(info.type))) as store:
+        plans = get_planner(planner)(fingerprint, ctx)
     plans.planning_time_s = round(time.perf_counter() - t0, 2)
+    plans.measurements = {"reused": store.hits, "measured": store.misses}
     load = max(load_before, busy_load(info.type))
     if load:
         plans.notes.insert(0, f"busy machine: load average {load:.1f} on {os.cpu_count()} CPUs while measuring, so "
                               f"steps measured slower than they will be on a quiet machine and the plan is smaller; "
-                              f"`autoseg plan --replan` when it is quiet")
+                              f"`autoseg plan --remeasure` when it is quiet")
     if is_default:
         plans.notes.insert(0, f"budget: default for {info.type}, {format_duration(seconds)} (set --budget)")
     return plans

@@ -167,6 +167,7 @@ class Plans:
     folds: int = 5
     train_runs: list[dict[str, Any]] = field(default_factory=list)  # [{"configuration", "fold", "seconds"}]
     planning_time_s: float = 0.0
+    measurements: dict[str, Any] = field(default_factory=dict)  # {"reused": n, "measured": n} step measurements
     notes: list[str] = field(default_factory=list)
     # set by `autoseg plan --search`: the study, its best trial, and the rules' configuration it replaced
     search: dict[str, Any] = field(default_factory=dict)

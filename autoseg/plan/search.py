@@ -278,7 +278,7 @@ def plan_with_search(dataset: Path | str, workdir: Path | str | None = None, *, 
                      trials: int | None = None, storage: str | None = None, planner: str = "default",
                      device: str | None = None, jobs: int | None = None, replan: bool = False,
                      progress: bool = True, folds: int | None = None, seed: int = 0,
-                     workers: int | None = None) -> SearchResult:
+                     workers: int | None = None, remeasure: bool = False) -> SearchResult:
     """Plan with the rules for the training share of ``budget``, then search around the rules' point for
     the search share (:func:`run_search`). Running it again resumes the study."""
     from autoseg.plan.compute import detect_device
@@ -291,7 +291,7 @@ def plan_with_search(dataset: Path | str, workdir: Path | str | None = None, *, 
     split = divide_budget(resolve_budget(budget, detect_device(device).type)[0], trials)
     studies.open_storage(storage, work)  # a bad --storage fails before the dataset is read
     result = plan_dataset(dataset, work, planner=planner, budget=split.train_s, device=device, jobs=jobs,
-                          replan=replan, progress=progress, **({} if folds is None else {"folds": folds}))
+                          replan=replan, progress=progress, remeasure=remeasure, **({} if folds is None else {"folds": folds}))
     found = run_search(work, split, storage=storage, device=device, seed=seed, workers=workers,
                        progress=progress, started=t0)
     result.plans = Plans.load(work / PLANS_FILE)

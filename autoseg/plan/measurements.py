@@ -1,0 +1,149 @@
+"""This machine's step measurements, kept between plans.
+
+Timing candidate networks is most of what ``autoseg plan`` costs (on a CPU, seconds per real batch), and a
+measurement depends only on the machine, the software and the exact setup timed, not on the dataset. So each
+one is stored under a key of all of those, and a later plan that times the same setup on the same machine
+(a re-plan with another budget or fold count, the same data in another workdir, an interrupted plan run again)
+reads it back instead of running it. ``autoseg plan --remeasure`` times everything again and replaces what is
+stored; measurements taken while other work loaded the machine are not stored (they are too slow).
+
+The store is one JSON file, ``$AUTOSEG_CACHE_DIR/measurements.json`` (default ``~/.cache/autoseg``;
+``AUTOSEG_CACHE_DIR=off`` keeps nothing). Entries older than ``MAX_AGE_DAYS`` are measured again. A
+missing, unreadable or unwritable store only means measuring, never an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from autoseg import __version__
+from autoseg.plan import compute
+from autoseg.plan.compute import DeviceInfo, StepMeasurement
+from autoseg.plan.model import Network
+
+FORMAT = 1
+MAX_AGE_DAYS = 30
+_FIELDS = [f.name for f in fields(StepMeasurement)]
+
+
+def store_path() -> Path | None:
+    """Where measurements are kept, or None when ``AUTOSEG_CACHE_DIR`` is ``off``."""
+    where = os.environ.get("AUTOSEG_CACHE_DIR")
+    if where is not None:
+        return None if where.strip().lower() in ("", "off", "none", "0") else Path(where) / "measurements.json"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "autoseg" / "measurements.json"
+
+
+class Store:
+    """The measurements of one machine (device, its threads, torch and autoseg versions): read once, written
+    once at the end of a plan (merged with what other processes wrote meanwhile)."""
+
+    def __init__(self, device: DeviceInfo, path: Path | None, remeasure: bool = False):
+        self.device, self.path, self.remeasure = device, path, remeasure
+        self.entries = {} if remeasure or path is None else _read(path)
+        self.new: dict[str, dict] = {}
+        self.hits = self.misses = 0  # read back from earlier plans / measured now
+
+    def key(self, *what) -> str:
+        machine = [FORMAT, __version__, torch.__version__, self.device.type, self.device.name, self.device.threads]
+        return hashlib.sha1(json.dumps([machine, *what], sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str) -> list[StepMeasurement] | None:
+        """What was measured for ``key`` (in this plan, or stored before and still fresh), else None."""
+        entry = self.new.get(key)
+        if entry is None:
+            entry = self.entries.get(key)
+            if entry is None or time.time() - entry.get("when", 0) > MAX_AGE_DAYS * 86400:
+                self.misses += 1
+                return None
+            self.hits += 1  # counted: read back from an earlier plan
+        return [StepMeasurement(**{k: m[k] for k in _FIELDS}) for m in entry["m"]]
+
+    def put(self, key: str, measured: list[StepMeasurement]) -> None:
+        self.new[key] = {"when": time.time(), "m": [asdict(m) for m in measured]}
+
+    def save(self) -> None:
+        if self.path is None or not self.new:
+            return
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            merged = {**_read(self.path), **self.new}
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".measurements.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(merged, f)
+                os.replace(tmp, self.path)  # atomic: a killed plan leaves the old store, never half a file
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+_active: contextvars.ContextVar[Store | None] = contextvars.ContextVar("autoseg_measurements", default=None)
+
+
+@contextlib.contextmanager
+def session(device: DeviceInfo, remeasure: bool = False, keep=lambda: True) -> Iterator[Store]:
+    """Planning inside this block reuses and records measurements; they are written at its end when
+    ``keep()`` says the machine was quiet enough for them to be its own."""
+    store = Store(device, store_path(), remeasure)
+    token = _active.set(store)
+    try:
+        yield store
+    finally:
+        _active.reset(token)
+        if keep():
+            store.save()
+
+
+def measure(net: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int, device: str,
+            precision: str, channels_last: bool, steps: int = 1) -> StepMeasurement:
+    """``compute.measure_step``, read from this machine's store when it timed the same setup before."""
+    store = _active.get()
+    what = ["step", asdict(net), in_ch, n_classes, ndim, list(patch), batch, device, precision, channels_last, steps]
+    key = store.key(*what) if store else None
+    if store and (got := store.get(key)):
+        return got[0]
+    m, _ = compute.measure_step(net, in_ch, n_classes, ndim, patch, batch, device, precision, channels_last,
+                                steps=steps)
+    if store:
+        store.put(key, [m])
+    return m
+
+
+def measure_precisions(net: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int,
+                       device: str = "cpu") -> tuple[StepMeasurement, StepMeasurement]:
+    """fp32 (with its batch-to-batch gradient spread) and bf16 autocast with channels-last (with its gradient
+    error against fp32's, same weights and batch): stored as one entry, as the second needs the first's
+    gradient."""
+    store = _active.get()
+    what = ["precisions", asdict(net), in_ch, n_classes, ndim, list(patch), batch, device]
+    key = store.key(*what) if store else None
+    if store and (got := store.get(key)):
+        return got[0], got[1]
+    m32, grad = compute.measure_step(net, in_ch, n_classes, ndim, patch, batch, device, "fp32", False,
+                                     second_batch=True)
+    m16, _ = compute.measure_step(net, in_ch, n_classes, ndim, patch, batch, device, "bf16", True,
+                                  reference_grad=grad)
+    if store:
+        store.put(key, [m32, m16])
+    return m32, m16
