@@ -132,6 +132,14 @@ def test_anisotropic_topology_uses_kernel_1_on_the_coarse_axis_until_it_is_withi
     assert all(p % d == 0 for p, d in zip(topo.patch_size, topo.divisor))
 
 
+def test_a_thin_slab_pools_its_long_axes_on_after_the_short_one_stops():
+    """An axis too short to pool further must not stop the others through the spacing rule (it is not coarser
+    for being short): a 20x160x160 slab at 1 mm pools in-plane down to 5 voxels, as nnU-Net's rule does."""
+    topo = rules.topology([1.0, 1.0, 1.0], [20, 160, 160])
+    assert bottleneck(topo) == [5, 5, 5] and topo.divisor == [4, 32, 32]
+    assert topo.strides[-3:] == [[1, 2, 2]] * 3
+
+
 def test_tiny_patch_keeps_a_bottleneck_of_at_least_4_voxels():
     for patch in ([10, 12, 9], [8, 8, 8], [5, 6, 7], [12, 10]):
         topo = rules.topology([1.0] * len(patch), patch)

@@ -95,7 +95,12 @@ def topology(spacing: list[float], patch: list[int], min_size: int = 4, max_stag
         for d in range(ndim):
             if kernel[d] == 1 and cur_spacing[d] / finest < 2:
                 kernel[d] = 3
-        can_pool = [d for d in range(ndim) if cur_size[d] >= 2 * min_size and cur_spacing[d] / finest < 2]
+        # the spacing rule compares the axes that can still be pooled by size: an axis too short to pool (a thin
+        # slab) must not hold the others back once their spacing has passed its own (20x160x160 at 1 mm stopped
+        # at 5x20x20, a bottleneck that sees a fifth of the slab; nnU-Net's rule pools on to 5x5x5)
+        big = [d for d in range(ndim) if cur_size[d] >= 2 * min_size]
+        finest_big = min((cur_spacing[d] for d in big), default=finest)
+        can_pool = [d for d in big if cur_spacing[d] / finest_big < 2]
         if not can_pool or (len(can_pool) == 1 and ndim > 1 and cur_size[can_pool[0]] < 3 * min_size):
             break
         kernels.append(list(kernel))
