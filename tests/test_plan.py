@@ -274,6 +274,50 @@ def test_a_pessimistic_proxy_is_corrected_by_the_real_measurement(fake_compute, 
     assert voxels(uncorrected) * uncorrected.network.features[0] < voxels(corrected) * corrected.network.features[0]
 
 
+def _slow_proxies(monkeypatch: pytest.MonkeyPatch, factor: float = 4.0) -> None:
+    """Proxy steps ``factor`` x slower than the real ones (small patches are overhead-bound on a CPU)."""
+    from autoseg.plan import fit as fit_module
+
+    measure = fit_module.Throughput.measure
+
+    def slow(self, *args, **kw):
+        fps, per_unit, m = measure(self, *args, **kw)
+        return fps / factor, per_unit, m
+
+    monkeypatch.setattr(fit_module.Throughput, "measure", slow)
+
+
+def test_a_narrow_choice_measured_fast_tries_a_wider_network_for_real(fake_compute, monkeypatch):
+    """The square root of a pessimistic correction can keep the search narrow; carried in full, the wider
+    network it chooses is measured before it is kept."""
+    _slow_proxies(monkeypatch)
+    plans = make_plans(isotropic((128, 128, 128)), budget="5m", device="cpu")
+    c = plans.configurations["3d_fullres"]
+    assert any("carried in full" in n for n in plans.notes)
+    assert c.network.features[0] == 32 and not c.measured.extrapolated
+    run_s = run_seconds(plans, "3d_fullres")
+    assert c.measured.step_time_s <= 1.25 * run_s / target_steps(run_s)
+
+
+def test_a_wider_network_that_overshoots_leaves_the_setup_measured_first(fake_compute, monkeypatch):
+    _slow_proxies(monkeypatch)
+    fake = fake_measure()
+
+    def wide_is_slow(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
+        m, g = fake(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw)
+        if cfg.features[0] == 32 and np.prod(patch) > 24 ** 3:  # real steps, not proxies
+            m.step_time_s *= 3
+        return m, g
+
+    monkeypatch.setattr(compute, "measure_step", wide_is_slow)
+    plans = make_plans(isotropic((128, 128, 128)), budget="5m", device="cpu")
+    c = plans.configurations["3d_fullres"]
+    assert any("carried in full" in n for n in plans.notes)
+    assert c.network.features[0] < 32 and not c.measured.extrapolated
+    run_s = run_seconds(plans, "3d_fullres")
+    assert c.measured.step_time_s <= 1.25 * run_s / target_steps(run_s)
+
+
 def test_a_busy_machine_is_named_in_the_plan_notes(fake_compute, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(make_module.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
     busy = make_plans(planar(), budget="10m", device="cpu")
