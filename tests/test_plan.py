@@ -362,12 +362,13 @@ def test_a_precision_speed_up_near_the_threshold_is_timed_again(fake_compute, mo
 
 def test_bf16_is_judged_on_a_patch_whose_bottleneck_is_not_degenerate(fake_compute, monkeypatch):
     """On the small proxy of a deep network the bottleneck holds 1-2 voxels, where instance norm makes any two
-    precisions disagree (measured: cosine 0.32): the precision is judged on a patch of 2+ bottleneck voxels an
+    precisions disagree (measured: cosine 0.32): the precision is judged on a patch of 3+ bottleneck voxels an
     axis instead, and bf16 is planned when it agrees there."""
     bf16_cpu = DeviceInfo("cpu", "bf16 CPU", 8 << 30, 2, True)
     fake_compute(bf16_cpu, bf16_speedup=2.0)
     checked: list[int] = []  # bottleneck voxels of the patches the gradients are compared on
     timed: list[int] = []  # ... and of every patch timed
+    fewest: list[int] = []  # fewest bottleneck voxels on an axis, of the patches compared
     fake, noisy = fake_measure(bf16_speedup=2.0), fake_measure(bf16_speedup=2.0, bf16_noise=1.0)
 
     def measure(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
@@ -376,12 +377,14 @@ def test_bf16_is_judged_on_a_patch_whose_bottleneck_is_not_degenerate(fake_compu
         timed.append(bottleneck)
         if kw.get("reference_grad") is not None:
             checked.append(bottleneck)
+            fewest.append(min(p // d for p, d in zip(patch, divisor)))
         return (noisy if bottleneck < 8 else fake)(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw)
 
     monkeypatch.setattr(compute, "measure_step", measure)
     plans = make_plans(isotropic((160, 160, 160)), budget="20m", device="cpu")
     assert plans.configurations["3d_fullres"].precision == "bf16"
     assert checked[0] < 8 and checked[1] >= 8  # the proxy's, then the judging patch's
+    assert fewest[1] >= 3  # 2 an axis still gave overflowing bf16 gradients on a real network
     assert any("the proxy's bottleneck is too small" in n for n in plans.notes)
 
 

@@ -28,6 +28,7 @@ HALF_BATCH_MIN = 2  # on a CPU the chosen setup is timed at half its batch when 
 BF16_MIN_SPEEDUP = 1.1  # bf16 autocast is planned on a CPU when its proxy steps are this much faster
 PRECISION_RECHECK = 1.3  # ... and both precisions are timed again when the speed-up is below this x that
 MIN_BOTTLENECK_VOXELS = 8  # the precision check's patch: instance norm over fewer values is ill-conditioned
+JUDGE_AXIS_VOXELS = 3  # ... else it runs on a patch with this many bottleneck voxels an axis (2 were not enough)
 REAL_MEASURE_MAX_S = 3.0  # measure the final choice for real when a step is predicted below this
 
 
@@ -181,10 +182,13 @@ def _bottleneck_voxels(patch: list[int], divisor: list[int]) -> int:
 
 def _precision_noise(req: FitRequest, topo: Topology, proxy: list[int]) -> tuple[float, float, str]:
     """(gradient error / batch spread, cosine, where) of bf16 against fp32 on a patch whose bottleneck holds at
-    least 2 voxels an axis (the ideal patch where it is smaller), with the narrowest width to keep it cheap.
-    On the proxy of a deep network the bottleneck can be 2 voxels, and instance norm over 2 values turns any
-    rounding into a sign flip: fp32 against bf16 there measured cosine 0.32, against 0.99 on this patch."""
-    patch = [min(i, max(p, 2 * d)) for i, p, d in zip(topo.patch_size, proxy, topo.divisor)]
+    least ``JUDGE_AXIS_VOXELS`` voxels an axis (the ideal patch where it is smaller), with the narrowest width to
+    keep it cheap. On the proxy of a deep network the bottleneck can be 2 voxels, and instance norm over 2 values
+    turns any rounding into a sign flip: fp32 against bf16 there measured cosine 0.32, against 0.97-0.99 on a
+    larger patch. 2 voxels an axis were not enough: mricron-aal's 6-stage network (z pooled twice, in-plane five
+    times) gave bf16 gradients of overflowing size on 8x64x64 (2x2x2 at the bottleneck, z 2 from the third stage
+    on), NaN on 8x96x96; 0.22x the batch spread, cosine 0.97 on 12x96x96."""
+    patch = [min(i, max(p, JUDGE_AXIS_VOXELS * d)) for i, p, d in zip(topo.patch_size, proxy, topo.divisor)]
     net = make_network(req.family, topo, WIDTHS[-1], req.feature_cap, _blocks(req, topo), req.decoder_convs)
     m32, m16 = measurements.measure_precisions(net, req.in_channels, req.num_classes, req.ndim, patch, MIN_BATCH)
     where = f"; on {'x'.join(map(str, patch))} at width {WIDTHS[-1]}: the proxy's bottleneck is too small"
