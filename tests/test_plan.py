@@ -210,6 +210,10 @@ def test_a_second_plan_on_this_machine_reuses_its_step_measurements(measured_cal
     assert again.configurations == first.configurations
     assert make_plans(fp, budget="10m", device="cpu", remeasure=True).measurements["measured"] == n
     assert len(measured_calls) == 2 * n
+    from autoseg.plan import measurements
+
+    monkeypatch.setattr(measurements, "_code_digest", lambda: "the networks' code changed")
+    assert make_plans(fp, budget="10m", device="cpu").measurements == {"reused": 0, "measured": n}
 
     monkeypatch.setenv("AUTOSEG_CACHE_DIR", str(tmp_path / "busy"))
     monkeypatch.setattr(make_module.os, "getloadavg", lambda: (64.0, 64.0, 64.0))

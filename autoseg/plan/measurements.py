@@ -2,7 +2,8 @@
 
 Timing candidate networks is most of what ``autoseg plan`` costs (on a CPU, seconds per real batch), and a
 measurement depends only on the machine, the software and the exact setup timed, not on the dataset. So each
-one is stored under a key of all of those, and a later plan that times the same setup on the same machine
+one is stored under a key of all of those (the software: torch's version, autoseg's, and a digest of the code
+that builds and steps the networks), and a later plan that times the same setup on the same machine
 (a re-plan with another budget or fold count, the same data in another workdir, an interrupted plan run again)
 reads it back instead of running it. ``autoseg plan --remeasure`` times everything again and replaces what is
 stored; measurements taken while other work loaded the machine are not stored (they are too slow).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import os
@@ -57,7 +59,8 @@ class Store:
         self.hits = self.misses = 0  # read back from earlier plans / measured now
 
     def key(self, *what) -> str:
-        machine = [FORMAT, __version__, torch.__version__, self.device.type, self.device.name, self.device.threads]
+        machine = [FORMAT, __version__, _code_digest(), torch.__version__, self.device.type, self.device.name,
+                   self.device.threads]
         return hashlib.sha1(json.dumps([machine, *what], sort_keys=True, default=str).encode()).hexdigest()
 
     def get(self, key: str) -> list[StepMeasurement] | None:
@@ -88,6 +91,18 @@ class Store:
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """The source of what a measurement runs (the networks and the timed step): a change there, even within
+    one version, measures afresh."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "nets").glob("*.py")) + [root / "plan" / "compute.py"]
+    h = hashlib.sha1()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _read(path: Path) -> dict:
