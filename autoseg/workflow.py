@@ -39,8 +39,9 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     An existing ``plans.json`` made from the same dataset, planner, budget and device is kept as it is
     (so a user's edits survive a re-run); ``replan=True`` makes a new one. ``folds`` defaults to the existing
     plan's, else 5. ``remeasure`` times the candidate networks again instead of reusing this machine's
-    earlier measurements (and so re-plans). Only the configurations the default ``autoseg train`` trains are preprocessed, plus
-    ``preprocess_also`` (names, or ``["all"]``); ``autoseg train --config NAME`` preprocesses the others.
+    earlier measurements (and so re-plans). Only the configurations the default ``autoseg train`` trains are
+    preprocessed, plus ``preprocess_also`` (names, or ``["all"]``); ``autoseg train --config NAME``
+    preprocesses the others.
     """
     import time
 

@@ -83,7 +83,8 @@ def autoseg_tool(data: Path, work: Path, jobs: int, replan: bool = False) -> Too
     name = "autoseg-replan" if replan else "autoseg"
     w, store = work / name, work / f"{name}-measurements"
     me = [sys.executable, str(Path(__file__).resolve()), "--stage"]
-    total = [autoseg_bin(), "-q", "plan", str(data), "-w", str(w), "--budget", BUDGET, "--device", "cpu", "-j", str(jobs)]
+    total = [autoseg_bin(), "-q", "plan", str(data), "-w", str(w), "--budget", BUDGET, "--device", "cpu",
+             "-j", str(jobs)]
     stages = {} if replan else {
         "validate": [autoseg_bin(), "-q", "validate", str(data), "-j", str(jobs)],
         "fingerprint": [autoseg_bin(), "-q", "fingerprint", str(data), "-w", str(w), "-j", str(jobs)],
@@ -224,8 +225,9 @@ def render_task(task: str, data: Path, tools: dict[str, Tool]) -> list[str]:
     for name in ("autoseg", "autoseg-replan"):
         if name not in tools:
             continue
-        lines.append(f"**{LABELS[name]}**" + (" (step measurements read back from the store the warm-up filled)"
-                                               if name == "autoseg-replan" else " (an empty store of step measurements)"))
+        how = ("step measurements read back from the store the warm-up filled" if name == "autoseg-replan"
+               else "an empty store of step measurements")
+        lines.append(f"**{LABELS[name]}** ({how})")
         lines.append("")
         if "nnunet" in med:
             lines += _ratio_lines(med[name], med["nnunet"])

@@ -90,7 +90,8 @@ class Throughput:
             p[axis] -= divisor[axis]
         return p
 
-    def measure(self, net: Network, topo: Topology, precision: str, channels_last: bool) -> tuple[float, float, StepMeasurement]:
+    def measure(self, net: Network, topo: Topology, precision: str,
+                channels_last: bool) -> tuple[float, float, StepMeasurement]:
         """(FLOP/s, activation bytes per voxel-sample-channel, measurement) on the proxy for this width.
         Weights, gradients and momentum are a fixed cost, not a per-voxel one: they are taken out here and
         added back for the real network by ``_predict``."""

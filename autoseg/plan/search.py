@@ -291,7 +291,8 @@ def plan_with_search(dataset: Path | str, workdir: Path | str | None = None, *, 
     split = divide_budget(resolve_budget(budget, detect_device(device).type)[0], trials)
     studies.open_storage(storage, work)  # a bad --storage fails before the dataset is read
     result = plan_dataset(dataset, work, planner=planner, budget=split.train_s, device=device, jobs=jobs,
-                          replan=replan, progress=progress, remeasure=remeasure, **({} if folds is None else {"folds": folds}))
+                          replan=replan, progress=progress, remeasure=remeasure,
+                          **({} if folds is None else {"folds": folds}))
     found = run_search(work, split, storage=storage, device=device, seed=seed, workers=workers,
                        progress=progress, started=t0)
     result.plans = Plans.load(work / PLANS_FILE)
