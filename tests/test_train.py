@@ -98,7 +98,11 @@ def test_extend_refits_its_steps_to_its_own_pace(workdir, tmp_path):
     ck["state"]["seconds_per_step"] *= 100
     torch.save(ck, latest)
     extended = Trainer(w, "3d_fullres", 0, seconds=2.0, workers=0, progress=False, device="cpu", extend_s=3.0).fit()
-    assert extended.finished and extended.steps - first.steps > 7  # the stale pace alone: 7 steps
+    added = extended.steps - first.steps
+    assert extended.finished and added >= 1
+    pace = (extended.seconds - first.seconds) / added  # this machine's own pace in the extension
+    if 3.0 / pace > 8:  # fast enough for more than the stale pace's 7 steps (a loaded CI machine may not be)
+        assert added > 7
     assert extended.seconds - first.seconds < 3.0 + 2.0  # within the extension (and a step or validation more)
 
 
