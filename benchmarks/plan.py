@@ -1,8 +1,10 @@
 """validate + fingerprint + plan + preprocess, autoseg vs nnU-Net: wall time and peak memory (issue 3, Performance).
 
-    python benchmarks/plan.py [--tasks ct-aniso mri-nested] [--cases 20] [--jobs 2] [--repeats 2] [--no-nnunet]
+    python benchmarks/plan.py [--tasks ct-aniso mri-nested] [--sizes small bench] [--cases 20] [--jobs 2]
+                              [--repeats 2] [--no-nnunet]
 
-For each synthetic task (generated once at ``--size small`` under benchmarks/work/data/), in one run:
+For each synthetic task and size (generated once under benchmarks/work/data/; the issue's reference is 20 cases of
+about 64x96x96: ``small`` cases are 1/5-1/3 of that, ``bench`` cases 1.4-1.7x), in one run:
 
 1. **Totals** (the number the target is about): ``autoseg plan DIR -w W --budget 15m --device cpu -j N`` against
    ``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres -np N -npfp N`` (``-npfp``: nnU-Net's fingerprint step
@@ -45,7 +47,7 @@ import autoseg  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-SIZE = "small"
+SIZES = ("small", "bench")  # small: 1/5-1/3 of the issue's ~64x96x96 reference case; bench: 1.4-1.7x it
 TASK_IDS = {"ct-aniso": 502, "mri-nested": 503, "mr-2ch": 504, "vessels": 505}
 BUDGET = "15m"
 TARGET_SPEEDUP = 3.0
@@ -96,8 +98,8 @@ def autoseg_tool(data: Path, work: Path, jobs: int, replan: bool = False) -> Too
                 [w] if replan else [w, store], work / f"{name}_last_total")
 
 
-def nnunet_tool(data: Path, task: str, work: Path, jobs: int) -> Tool:
-    ws = _nnunet.Workspace.create(f"plan_{task}")
+def nnunet_tool(data: Path, task: str, name: str, work: Path, jobs: int) -> Tool:
+    ws = _nnunet.Workspace.create(f"plan_{name}")
     dataset_id = TASK_IDS[task]
     target = ws.add_dataset(data, dataset_id, re.sub(r"[^A-Za-z]", "", task.title()))
     did, n = str(dataset_id), str(jobs)
@@ -163,13 +165,13 @@ def in_run_timings(log: Path) -> dict[str, float]:
     return {}
 
 
-def dataset_facts(data: Path, task: str, autoseg_work: Path) -> str:
+def dataset_facts(data: Path, task: str, size: str, autoseg_work: Path) -> str:
     from autoseg.fingerprint import Fingerprint
 
     fp = Fingerprint.load(autoseg_work / "fingerprint.json")
     shapes = np.array([c.shape for c in fp.cases])
     size = sum(p.stat().st_size for d in ("imagesTr", "labelsTr") for p in (data / d).iterdir())
-    return (f"`{task}` (`--size {SIZE}`): {len(fp.cases)} cases, channels {fp.channel_names}, shape (z, y, x) "
+    return (f"`{task}` (`--size {size}`): {len(fp.cases)} cases, channels {fp.channel_names}, shape (z, y, x) "
             f"median {fp.median_shape} (min {shapes.min(0).tolist()}, max {shapes.max(0).tolist()}), spacing median "
             f"{[round(s, 2) for s in fp.median_spacing]} mm, {size / 2**20:.1f} MiB on disk (.nii.gz)")
 
@@ -212,9 +214,9 @@ def _ratio_lines(a: Measurement, n: Measurement) -> list[str]:
             f"- target (>= {TARGET_SPEEDUP:.0f}x faster, no more peak memory): **{'met' if met else 'NOT met'}**"]
 
 
-def render_task(task: str, data: Path, tools: dict[str, Tool]) -> list[str]:
+def render_task(task: str, size: str, data: Path, tools: dict[str, Tool]) -> list[str]:
     a = tools["autoseg"]
-    lines = [f"## {task}", "", dataset_facts(data, task, a.kept), "", "### Totals (medians)", "",
+    lines = [f"## {task}, {size}", "", dataset_facts(data, task, size, a.kept), "", "### Totals (medians)", "",
              "| tool | wall (s) | peak PSS (MB) | peak RSS (MB) | largest process (MB) | CPU (s) | processes |",
              "|---|---|---|---|---|---|---|"]
     med = {name: median_of(t.runs) for name, t in tools.items()}
@@ -280,7 +282,7 @@ def render(args: argparse.Namespace, sections: list[str], tools_by_task: dict[st
     lines += ["## What each tool does", "",
               "- autoseg `plan`: validates every file, fingerprints, plans 3d_fullres and 2d (and 3d_lowres when "
               "the image is large) by **measuring real training steps** of candidate networks on the CPU "
-              "(fp32 against bf16 on a proxy patch, timed twice when the speed-up is near the threshold; then the "
+              "(fp32 against bf16 on a proxy patch, two timed steps each after a warm-up; then the "
               "chosen setup, at half its batch from a batch of 4, unless the proxies already predict the largest "
               "setup fits), and preprocesses the configurations its budget trains "
               "(here 3d_fullres, as nnU-Net). Each step measurement is kept in a per-machine store "
@@ -298,7 +300,7 @@ def render(args: argparse.Namespace, sections: list[str], tools_by_task: dict[st
     if nnunet_versions:
         lines.append("- nnU-Net venv: " + ", ".join(f"{k} {v}" for k, v in nnunet_versions.items()))
     lines += ["", "## Reproduce", "", "```", "python benchmarks/plan.py " + " ".join(
-        [f"--tasks {' '.join(args.tasks)}", f"--cases {args.cases}", f"--jobs {args.jobs}",
+        [f"--tasks {' '.join(args.tasks)}", f"--sizes {' '.join(args.sizes)}", f"--cases {args.cases}", f"--jobs {args.jobs}",
          f"--repeats {args.repeats}", f"--seed {args.seed}"]), "```", "", "Commands timed (totals):", ""]
     for task, tools in tools_by_task.items():
         lines += [f"- {task}, {LABELS[name]}: `{' '.join(_short(c) for c in t.total)}`" for name, t in tools.items()]
@@ -332,6 +334,8 @@ def stage(name: str, data: Path, work: Path, jobs: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["ct-aniso", "mri-nested"], choices=sorted(TASK_IDS))
+    p.add_argument("--sizes", nargs="+", default=["small"], choices=SIZES,
+                   help="synthetic case sizes (the issue's reference is 20 cases of about 64x96x96)")
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--jobs", type=int, default=2, help="worker processes for both tools")
     p.add_argument("--repeats", type=int, default=2)
@@ -349,17 +353,19 @@ def main(argv: list[str] | None = None) -> int:
         _nnunet.ensure_venv()
         nnunet_versions = _nnunet.versions()
     sections, tools_by_task = [], {}
-    for task in args.tasks:
-        data = make_data(args.cases, args.seed, task, SIZE)
-        work = _nnunet.WORK / "plan" / task
-        tools = {"autoseg": autoseg_tool(data, work, args.jobs),
-                 "autoseg-replan": autoseg_tool(data, work, args.jobs, replan=True)}
-        if not args.no_nnunet:
-            tools["nnunet"] = nnunet_tool(data, task, work, args.jobs)
-        print(f"== {task}", file=sys.stderr)
-        bench_task(list(tools.values()), args.repeats, work / "logs", not args.no_diagnostic)
-        tools_by_task[task] = tools
-        sections += render_task(task, data, tools)
+    for size in args.sizes:
+        for task in args.tasks:
+            data = make_data(args.cases, args.seed, task, size)
+            name = task if size == "small" else f"{task}-{size}"
+            work = _nnunet.WORK / "plan" / name
+            tools = {"autoseg": autoseg_tool(data, work, args.jobs),
+                     "autoseg-replan": autoseg_tool(data, work, args.jobs, replan=True)}
+            if not args.no_nnunet:
+                tools["nnunet"] = nnunet_tool(data, task, name, work, args.jobs)
+            print(f"== {task}, {size}", file=sys.stderr)
+            bench_task(list(tools.values()), args.repeats, work / "logs", not args.no_diagnostic)
+            tools_by_task[f"{task}, {size}"] = tools
+            sections += render_task(task, size, data, tools)
     report = render(args, sections, tools_by_task, nnunet_versions)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)

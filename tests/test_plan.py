@@ -347,21 +347,25 @@ def test_bf16_is_planned_only_when_measured_faster_and_accurate(fake_compute):
     assert make_plans(planar(), budget="10m").configurations["2d"].precision == "fp32"
 
 
-def test_a_precision_speed_up_near_the_threshold_is_timed_again(fake_compute, monkeypatch):
-    """One noisy proxy step must not decide: a first bf16 step only 1.05x faster, then 2x on the second look."""
+def test_each_precision_is_timed_over_several_steps_once(fake_compute, monkeypatch):
+    """One noisy proxy step must not decide between fp32 and bf16: each is timed over PRECISION_STEPS steps
+    after its warm-up, in one measurement each (no second warm-up to re-time them)."""
+    from autoseg.plan.measurements import PRECISION_STEPS
+
     bf16_cpu = DeviceInfo("cpu", "bf16 CPU", 8 << 30, 2, True)
     fake_compute(bf16_cpu)
-    first, fast, calls = fake_measure(bf16_speedup=1.05), fake_measure(bf16_speedup=2.0), []
+    fake, calls = fake_measure(bf16_speedup=1.2), []
 
     def measure(cfg, in_ch, n_classes, ndim, patch, batch, device="cpu", precision="fp32", *args, **kw):
-        calls.append(precision)
-        bf16_before = calls[:-1].count("bf16")
-        return (fast if bf16_before else first)(cfg, in_ch, n_classes, ndim, patch, batch, device, precision,
-                                                *args, **kw)
+        calls.append((precision, kw.get("steps", 1), list(patch)))
+        return fake(cfg, in_ch, n_classes, ndim, patch, batch, device, precision, *args, **kw)
 
     monkeypatch.setattr(compute, "measure_step", measure)
     assert make_plans(planar(), budget="10m").configurations["2d"].precision == "bf16"
-    assert calls[:4] == ["fp32", "bf16", "fp32", "bf16"]
+    assert PRECISION_STEPS >= 2
+    proxy = calls[0][2]
+    assert calls[:2] == [("fp32", PRECISION_STEPS, proxy), ("bf16", PRECISION_STEPS, proxy)]
+    assert [c for c in calls if c[2] == proxy] == calls[:2]  # not timed again
 
 
 def test_bf16_is_judged_on_a_patch_whose_bottleneck_is_not_degenerate(fake_compute, monkeypatch):

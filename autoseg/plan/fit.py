@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -26,7 +26,6 @@ PESSIMISM = 0.8  # a measured step below this share of the prediction re-runs th
 MAX_REAL_MEASUREMENTS = 2  # of the chosen setup per configuration
 HALF_BATCH_MIN = 2  # on a CPU the chosen setup is timed at half its batch when that is at least this
 BF16_MIN_SPEEDUP = 1.1  # bf16 autocast is planned on a CPU when its proxy steps are this much faster
-PRECISION_RECHECK = 1.3  # ... and both precisions are timed again when the speed-up is below this x that
 MIN_BOTTLENECK_VOXELS = 8  # the precision check's patch: instance norm over fewer values is ill-conditioned
 JUDGE_AXIS_VOXELS = 3  # ... else it runs on a patch with this many bottleneck voxels an axis (2 were not enough)
 REAL_MEASURE_MAX_S = 3.0  # measure the final choice for real when a step is predicted below this
@@ -121,20 +120,6 @@ class Throughput:
         per_unit = activations / (np.prod(patch) * MIN_BATCH * net.features[0])
         self.cache[key] = (m.flops / m.step_time_s, per_unit, m)
 
-    def retime(self, net: Network, topo: Topology, precision: str, channels_last: bool) -> float:
-        """Time this width's proxy again (two more steps) and keep the fastest: FLOP/s."""
-        key = (net.features[0], precision, channels_last)
-        fps, per_unit, m = self.cache[key]
-        r = self.req
-        again = measurements.measure(net, r.in_channels, r.num_classes, r.ndim,
-                                     self.proxy(topo.patch_size, topo.divisor), MIN_BATCH, self.device.type,
-                                     precision, channels_last, steps=2)
-        if again.step_time_s < m.step_time_s:
-            fps = m.flops / again.step_time_s
-            m = replace(m, step_time_s=again.step_time_s)
-            self.cache[key] = (fps, per_unit, m)
-        return fps
-
     def fixed_bytes(self, net: Network) -> int:
         """Weights, gradients and optimizer momentum of ``net`` (fp32): memory that does not grow with the patch."""
         key = json.dumps(asdict(net))
@@ -161,10 +146,6 @@ def choose_precision(device: DeviceInfo, req: FitRequest, tp: Throughput, net: N
         return "fp32", False, 1.0
     m32, m16 = tp.measure_precisions(net, topo)
     fps32, fps16 = m32.flops / m32.step_time_s, m16.flops / m16.step_time_s
-    if fps32 < fps16 <= PRECISION_RECHECK * BF16_MIN_SPEEDUP * fps32:
-        # near the threshold one step of each decides, and a shared machine's noise can flip it: time both again
-        fps32, fps16 = tp.retime(net, topo, "fp32", False), tp.retime(net, topo, "bf16", True)
-        m32, m16 = replace(m32, step_time_s=m32.flops / fps32), replace(m16, step_time_s=m16.flops / fps16)
     noise, cosine, where = _noise(m32, m16), m16.grad_cosine, ""
     proxy = tp.proxy(topo.patch_size, topo.divisor)
     if _bottleneck_voxels(proxy, topo.divisor) < MIN_BOTTLENECK_VOXELS:

@@ -36,6 +36,7 @@ from autoseg.plan.model import Network
 
 FORMAT = 1
 MAX_AGE_DAYS = 30
+PRECISION_STEPS = 2  # timed steps of each precision (after its warm-up)
 _FIELDS = [f.name for f in fields(StepMeasurement)]
 
 
@@ -149,16 +150,18 @@ def measure_precisions(net: Network, in_ch: int, n_classes: int, ndim: int, patc
                        device: str = "cpu") -> tuple[StepMeasurement, StepMeasurement]:
     """fp32 (with its batch-to-batch gradient spread) and bf16 autocast with channels-last (with its gradient
     error against fp32's, same weights and batch): stored as one entry, as the second needs the first's
-    gradient."""
+    gradient. Each is the fastest of ``PRECISION_STEPS`` timed steps: the choice can hinge on a few percent,
+    and a single step on a shared machine can be that much slow (a warm-up of its own for each re-timing
+    cost more than the extra step: 1.5-2 s per plan here)."""
     store = _active.get()
-    what = ["precisions", asdict(net), in_ch, n_classes, ndim, list(patch), batch, device]
+    what = ["precisions", asdict(net), in_ch, n_classes, ndim, list(patch), batch, device, PRECISION_STEPS]
     key = store.key(*what) if store else None
     if store and (got := store.get(key)):
         return got[0], got[1]
     m32, grad = compute.measure_step(net, in_ch, n_classes, ndim, patch, batch, device, "fp32", False,
-                                     second_batch=True)
+                                     steps=PRECISION_STEPS, second_batch=True)
     m16, _ = compute.measure_step(net, in_ch, n_classes, ndim, patch, batch, device, "bf16", True,
-                                  reference_grad=grad)
+                                  steps=PRECISION_STEPS, reference_grad=grad)
     if store:
         store.put(key, [m32, m16])
     return m32, m16
