@@ -27,7 +27,7 @@ from autoseg.plan import rules as rule_toolbox
 from autoseg.plan import study as studies
 from autoseg.plan.model import PLANS_FILE, Configuration, Measurement, Network, Plans, Schedule
 from autoseg.plan.search import SEARCH_DIR, SearchBudget, TrialRunner, divide_budget, run_search
-from autoseg.plan.search_space import derive_space, parse_patch, rule_params, to_configuration
+from autoseg.plan.search_space import derive_space, neighbours, parse_patch, rule_params, to_configuration
 from autoseg.preprocess import preprocess
 from autoseg.train import Trainer
 from autoseg.workflow import warm_start
@@ -205,6 +205,35 @@ def test_running_the_same_search_again_resumes_the_study(work):
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert sum(bool(t.user_attrs.get("rules")) for t in study.trials) == 1  # enqueued once
     assert Plans.load(work / PLANS_FILE).search["trials"]["complete"] == 4
+
+
+def test_single_changes_to_the_rules_point_run_next_once_each(work):
+    """With few trials, moves one value at a time from the rules' point come before TPE's draws, each
+    labelled in the trial table; resuming the study does not queue them again."""
+    first = run_search(work, budget(5), trial_steps=2, progress=False, evaluate=fake_evaluate, measure=fake_measure)
+    study = optuna.load_study(study_name=first.study, storage=studies.default_storage(work))
+    rules = study.trials[0].params
+    assert [t.user_attrs.get("neighbour") for t in study.trials[:3]] == [None, "width x0.5", "augmentation x0.5"]
+    for t in study.trials[1:3]:
+        changed = [k for k in rules if t.params[k] != rules[k]]
+        assert len(changed) == 1, changed
+    assert study.trials[1].params["width"] == rules["width"] / 2
+    rows = list(csv.DictReader(open(work / SEARCH_DIR / "trials.csv")))
+    assert rows[1]["note"].startswith("single change: width x0.5")
+    run_search(work, budget(7), trial_steps=2, progress=False, evaluate=fake_evaluate, measure=fake_measure)
+    study = optuna.load_study(study_name=first.study, storage=studies.default_storage(work))
+    assert sum("neighbour" in t.user_attrs for t in study.trials) == 2
+
+
+def test_neighbours_change_one_value_each_and_stay_in_the_space(base):
+    cfg = Plans.load(base / PLANS_FILE).configurations["3d_fullres"]
+    space = derive_space(cfg, memory_bytes=8 << 30)
+    rules = rule_params(space, cfg)
+    moves = neighbours(space, rules)
+    assert [label for label, _ in moves][:2] == ["width x0.5", "augmentation x0.5"]
+    for label, params in moves:
+        assert sum(params[k] != rules[k] for k in rules) == 1, label
+        to_configuration(space, cfg, params)  # a valid configuration
 
 
 WORKER = textwrap.dedent("""

@@ -1,7 +1,8 @@
 """``autoseg plan --search``: an Optuna study around the rules' configuration, inside the user's budget.
 
 The rules' point is enqueued as the first trial and never pruned, so the chosen configuration is at least
-as good as the rules' on the search's own measure. Each trial is the rules' configuration with a few
+as good as the rules' on the search's own measure; single changes to it come next (half the width, lighter
+augmentation, ...: :data:`~autoseg.plan.search_space.NEIGHBOURS`), then TPE samples. Each trial is the rules' configuration with a few
 values changed (:mod:`autoseg.plan.search_space`): its network is measured on the device first and
 rejected when its memory does not fit; otherwise it trains for a short, fixed share of the search budget
 on fold 0 (in ``WORKDIR/search/trial_<n>/``, never in ``runs/``), reports the patch Dice of each periodic
@@ -37,7 +38,14 @@ from autoseg.errors import UserError
 from autoseg.plan import study as studies
 from autoseg.plan.budget import format_duration
 from autoseg.plan.model import PLANS_FILE, Configuration, Measurement, Plans, _build
-from autoseg.plan.search_space import SearchSpace, derive_space, rule_params, suggest, to_configuration
+from autoseg.plan.search_space import (
+    SearchSpace,
+    derive_space,
+    neighbours,
+    rule_params,
+    suggest,
+    to_configuration,
+)
 
 SEARCH_DIR = "search"
 SEARCH_SHARE = 0.4  # of the total budget; the rest trains the chosen configuration
@@ -73,6 +81,12 @@ def divide_budget(total_s: float, trials: int | None = None) -> SearchBudget:
         raise UserError(f"--trials {n}: must be at least 1")
     search_s = total_s * SEARCH_SHARE
     return SearchBudget(total_s, search_s, total_s - search_s, n, PRUNE_SAVING * search_s / n)
+
+
+def neighbour_count(trials: int) -> int:
+    """How many single changes to the rules' point run before TPE samples: half the other trials, so TPE
+    keeps the rest (6 trials: the rules' point, 2 single changes, 3 sampled)."""
+    return max(0, (trials - 1) // 2)
 
 
 def study_name(plans: Plans, rules: Configuration) -> str:
@@ -329,6 +343,7 @@ def run_search(workdir: Path | str, split: SearchBudget, *, storage: str | None 
     space = SearchSpace.from_dict(settings["space"])
     studies.fail_orphans(study)
     studies.enqueue_rules(study, rule_params(space, rules))
+    studies.enqueue_neighbours(study, neighbours(space, rule_params(space, rules))[:neighbour_count(split.trials)])
     deadline = None
     if not settings.get("trial_steps"):
         deadline = started + split.search_s - studies.spent_seconds(study)

@@ -40,11 +40,15 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         row.update({"parameters": a.get("parameters"), "step_time_s": a.get("step_time_s"),
                     "peak_memory_mb": a.get("peak_memory_mb"), "steps": a.get("steps"),
                     "duration_s": None if duration is None else round(duration, 1),
-                    "note": a.get("rejected") or _pruned_note(t)})
+                    "note": "; ".join(n for n in (_move(t), a.get("rejected") or _pruned_note(t)) if n)})
         if isinstance(row["lr"], float):
             row["lr"] = float(f"{row['lr']:.4g}")
         rows.append(row)
     return rows
+
+
+def _move(t: FrozenTrial) -> str:
+    return f"single change: {t.user_attrs['neighbour']}" if "neighbour" in t.user_attrs else ""
 
 
 def _pruned_note(t: FrozenTrial) -> str:
@@ -59,7 +63,7 @@ def describe_trial(t: FrozenTrial) -> str:
     p, a = t.params, t.user_attrs
     what = (f"{p.get('family')} depth{p.get('depth', 0):+d} width x{p.get('width')} patch {p.get('patch')} "
             f"{p.get('loss')} lr {p.get('lr', 0):.3g} aug {p.get('augmentation')} batch {p.get('batch')}")
-    tag = " (rules)" if a.get("rules") else ""
+    tag = " (rules)" if a.get("rules") else f" ({a['neighbour']})" if "neighbour" in a else ""
     if a.get("rejected"):
         outcome = f"rejected: {a['rejected']}"
     elif t.state == TrialState.PRUNED:

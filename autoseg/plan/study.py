@@ -88,6 +88,15 @@ def enqueue_rules(study: optuna.Study, params: dict[str, Any]) -> None:
     study.enqueue_trial(params, user_attrs={"rules": True})
 
 
+def enqueue_neighbours(study: optuna.Study, moves: list[tuple[str, dict[str, Any]]]) -> None:
+    """Single changes to the rules' point (label, parameters) run next, once: a resumed study (or one a
+    worker joined) does not queue them again."""
+    if any("neighbour" in t.user_attrs for t in study.get_trials(deepcopy=False)):
+        return
+    for label, params in moves:
+        study.enqueue_trial(params, user_attrs={"neighbour": label})
+
+
 def fail_orphans(study: optuna.Study) -> int:
     """Mark trials this machine left RUNNING in a process that no longer exists (killed) as failed."""
     host, n = socket.gethostname(), 0
