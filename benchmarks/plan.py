@@ -170,10 +170,10 @@ def dataset_facts(data: Path, task: str, size: str, autoseg_work: Path) -> str:
 
     fp = Fingerprint.load(autoseg_work / "fingerprint.json")
     shapes = np.array([c.shape for c in fp.cases])
-    size = sum(p.stat().st_size for d in ("imagesTr", "labelsTr") for p in (data / d).iterdir())
+    disk = sum(p.stat().st_size for d in ("imagesTr", "labelsTr") for p in (data / d).iterdir())
     return (f"`{task}` (`--size {size}`): {len(fp.cases)} cases, channels {fp.channel_names}, shape (z, y, x) "
             f"median {fp.median_shape} (min {shapes.min(0).tolist()}, max {shapes.max(0).tolist()}), spacing median "
-            f"{[round(s, 2) for s in fp.median_spacing]} mm, {size / 2**20:.1f} MiB on disk (.nii.gz)")
+            f"{[round(s, 2) for s in fp.median_spacing]} mm, {disk / 2**20:.1f} MiB on disk (.nii.gz)")
 
 
 def autoseg_plan_lines(work: Path, timings: list[dict[str, float]]) -> list[str]:
