@@ -48,12 +48,15 @@ def load() -> str:
 
 
 def timed(cmd: list[str], log: Path) -> float:
-    """Run ``cmd``, appending its output to ``log``; wall seconds. A failure stops the benchmark."""
+    """Run ``cmd``, appending its output to ``log``; wall seconds. A failure stops the benchmark. Each variant
+    has its own, at first empty, store of step measurements (``AUTOSEG_CACHE_DIR`` in its work folder): both
+    plan as on a machine that never planned, and neither reads the user's store nor writes to it."""
     t = time.perf_counter()
+    env = {**os.environ, "AUTOSEG_CACHE_DIR": str(log.parent / "measurements")}
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
     if r.returncode:
         sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
     return time.perf_counter() - t

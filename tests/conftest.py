@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from autoseg.io import Geometry, write_image, write_label
+
+# No test may read or write the user's store of step measurements (~/.cache/autoseg): tests plan with stand-in
+# measurements, and a store keyed by the real setup handed them to later real plans (found 2026-11-27: a
+# module-scoped fixture planned before the function-scoped fixture below had switched the store off, and a
+# benchmark then planned vessels from a test's made-up step times). Set here, before any fixture runs.
+os.environ["AUTOSEG_CACHE_DIR"] = "off"
 
 
 def write_tiny_dataset(root: Path, *, cases: int = 3, shape=(12, 16, 16), channels=("MRI",),

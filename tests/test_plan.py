@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -744,3 +745,14 @@ def test_a_width_between_two_measured_ones_gets_their_corrections_interpolated()
     assert c(8) == pytest.approx(0.25) and c(32) == pytest.approx(1.0)
     assert c(16) == pytest.approx(0.5)  # halfway in log width
     assert c(64) == pytest.approx(1.0)  # beyond the measured widths: the last correction, as before
+
+
+@pytest.fixture(scope="module")
+def store_setting_at_module_setup() -> str | None:
+    return os.environ.get("AUTOSEG_CACHE_DIR")
+
+
+def test_fixtures_of_any_scope_plan_without_the_users_measurement_store(store_setting_at_module_setup):
+    """A module-scoped fixture runs before function-scoped ones: it too must find the store switched off, or
+    the stand-in measurements of the tests end up in ~/.cache/autoseg for real plans to read back."""
+    assert store_setting_at_module_setup == "off"
