@@ -41,6 +41,7 @@ from autoseg.plan.model import PLANS_FILE, Configuration, Measurement, Plans, _b
 from autoseg.plan.search_space import (
     SearchSpace,
     derive_space,
+    has_time_to_spare,
     neighbours,
     rule_params,
     suggest,
@@ -343,7 +344,8 @@ def run_search(workdir: Path | str, split: SearchBudget, *, storage: str | None 
     space = SearchSpace.from_dict(settings["space"])
     studies.fail_orphans(study)
     studies.enqueue_rules(study, rule_params(space, rules))
-    studies.enqueue_neighbours(study, neighbours(space, rule_params(space, rules))[:neighbour_count(split.trials)])
+    moves = neighbours(space, rule_params(space, rules), wider_first=has_time_to_spare(rules))
+    studies.enqueue_neighbours(study, moves[:neighbour_count(split.trials)])
     deadline = None
     if not settings.get("trial_steps"):
         deadline = started + split.search_s - studies.spent_seconds(study)

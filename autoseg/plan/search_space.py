@@ -30,6 +30,7 @@ LR_RANGE = (0.1, 3.0)  # times the rules' learning rate, log-uniform
 AUGMENTATION = (0.0, 1.5, 0.25)  # strength: low, high, step (1 = the rules' augmentation)
 FEATURE_CAP = {2: 512, 3: 320}
 MIN_WIDTH = 4
+SPARE_STEPS = 2.0  # rules planned this many times their minimum steps have time for a wider network
 MIN_PATCH = 16
 # encoder blocks per stage and decoder convs when a trial switches family ([] = the family's own default)
 FAMILY_BLOCKS: dict[str, tuple[list[int] | None, int]] = {
@@ -125,11 +126,14 @@ NEIGHBOURS: tuple[tuple[str, Any], ...] = (
     ("loss", "focal_dice"), ("family", "resenc_unet"), ("batch", 0.5))
 
 
-def neighbours(space: SearchSpace, rules: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def neighbours(space: SearchSpace, rules: dict[str, Any],
+               wider_first: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """(label, parameters) of the rules' point ``rules`` with one value changed, for each of ``NEIGHBOURS``
-    that the space holds, in that order."""
+    that the space holds, in that order; ``wider_first`` puts twice the width first (for rules that stopped at
+    their largest network with time to spare, where a wider one is the likelier gain)."""
     out = []
-    for key, move in NEIGHBOURS:
+    order = sorted(NEIGHBOURS, key=lambda m: m != ("width", 2.0)) if wider_first else NEIGHBOURS
+    for key, move in order:
         params, value = dict(rules), None
         if key in ("width", "augmentation"):
             value = rules[key] * move
@@ -161,6 +165,15 @@ def neighbours(space: SearchSpace, rules: dict[str, Any]) -> list[tuple[str, dic
         params[key] = value
         out.append((label, params))
     return out
+
+
+def has_time_to_spare(cfg: Configuration) -> bool:
+    """Whether the rules' planned steps are at least ``SPARE_STEPS`` times the minimum their run needs
+    (:func:`autoseg.plan.budget.target_steps`): the planner stopped at its largest network, not at the budget."""
+    from autoseg.plan.budget import target_steps
+
+    steps = cfg.schedule.steps
+    return steps >= SPARE_STEPS * target_steps(steps * cfg.measured.step_time_s)
 
 
 def suggest(trial, space: SearchSpace) -> dict[str, Any]:
