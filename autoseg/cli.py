@@ -291,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search around the rules' configuration with Optuna (architecture, depth, width, patch, "
                         "loss, lr, augmentation, batch) inside the same budget; `autoseg train` then starts fold 0 from the "
                         "best trial's weights; the same command resumes it")
-    p.add_argument("--trials", type=int, default=None, help="search trials in all (default 12)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="search trials in all (default 12): the rules' point first, then single changes to it "
+                        "(half or twice the width, lighter augmentation, ...) for half of the others, then TPE")
     p.add_argument("--storage", default=None, metavar="URL|FILE.journal",
                    help="study storage shared by `autoseg search-worker`s (default: sqlite in WORKDIR)")
     p.add_argument("--preprocess", nargs="+", metavar="CONFIG", default=None,
