@@ -731,22 +731,6 @@ def test_region_labels_are_refused_with_one_clear_line(planned, tmp_path: Path, 
     assert not (tmp_path / "w" / PLANS_FILE).exists()
 
 
-def test_a_width_between_two_measured_ones_gets_their_corrections_interpolated():
-    """After width 8 measured at 0.25x its prediction and width 32 at 1.0x (mr-2ch at 5 minutes: 0.28x and
-    0.53x after the whole correction), width 16 is predicted with the geometric mean of the two, not with
-    the last correction alone (which made width 32 look twice as fast as it ran)."""
-    from autoseg.plan.fit import Calibration
-
-    c = Calibration()
-    c.correct(8, 0.25)
-    c.bold = True
-    assert c(32) == pytest.approx(0.25)  # carried in full before 32 is measured
-    c.correct(32, 4.0)  # measured 4x that corrected prediction: 1.0x the raw one
-    assert c(8) == pytest.approx(0.25) and c(32) == pytest.approx(1.0)
-    assert c(16) == pytest.approx(0.5)  # halfway in log width
-    assert c(64) == pytest.approx(1.0)  # beyond the measured widths: the last correction, as before
-
-
 @pytest.fixture(scope="module")
 def store_setting_at_module_setup() -> str | None:
     return os.environ.get("AUTOSEG_CACHE_DIR")

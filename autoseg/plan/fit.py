@@ -28,7 +28,6 @@ HALF_BATCH_MIN = 2  # on a CPU the chosen setup is timed at half its batch when 
 BF16_MIN_SPEEDUP = 1.1  # bf16 autocast is planned on a CPU when its proxy steps are this much faster
 MIN_BOTTLENECK_VOXELS = 8  # the precision check's patch: instance norm over fewer values is ill-conditioned
 JUDGE_AXIS_VOXELS = 3  # ... else it runs on a patch with this many bottleneck voxels an axis (2 were not enough)
-BETWEEN_ROOM = 1.25  # a width between two measured ones is kept when predicted this far below the limit
 REAL_MEASURE_MAX_S = 3.0  # measure the final choice for real when a step is predicted below this
 
 
@@ -190,8 +189,7 @@ class Calibration:
     """Measured step time / predicted, per width. A width not measured gets the square root of a pessimistic
     correction (the small proxy of a narrow network is more overhead-bound than a wide one's: measured here,
     width 16 ran 0.37-0.43x its proxy prediction, width 32 0.5-0.7x) and all of an optimistic one (safe).
-    ``bold``: all of a pessimistic one too, for a search whose choice will be measured before it is kept.
-    A width between two measured ones gets their corrections interpolated (geometrically, in log width)."""
+    ``bold``: all of a pessimistic one too, for a search whose choice will be measured before it is kept."""
 
     def __init__(self):
         self.factors: dict[int, float] = {}
@@ -205,12 +203,6 @@ class Calibration:
     def __call__(self, width: int) -> float:
         if width in self.factors:
             return self.factors[width]
-        below = [w for w in self.factors if w < width]
-        above = [w for w in self.factors if w > width]
-        if below and above:  # between two measured widths: geometric interpolation in log width
-            lo, hi = max(below), min(above)
-            a = math.log(width / lo) / math.log(hi / lo)
-            return self.factors[lo] ** (1 - a) * self.factors[hi] ** a
         return self.last if self.last > 1 or self.bold else self.last ** 0.5
 
 
@@ -225,11 +217,11 @@ def _predict(tp: Throughput, net: Network, topo: Topology, patch: list[int], bat
 
 
 def _search(req: FitRequest, device: DeviceInfo, tp: Throughput, prec: tuple[str, bool], t_max: float,
-            calibration: Calibration, widths: tuple[int, ...] = WIDTHS) -> tuple[Network, Topology, float, float] | None:
+            calibration: Calibration) -> tuple[Network, Topology, float, float] | None:
     """The first candidate, in the order things are given up, predicted to fit time and memory."""
     for phase in ("above_object", "below_object"):
         floor = req.object_patch if phase == "above_object" else min_patch(req)
-        for width in (widths if phase == "above_object" else widths[-1:]):
+        for width in (WIDTHS if phase == "above_object" else WIDTHS[-1:]):
             patch = list(req.ideal_patch)
             while patch is not None:
                 topo = topology(req.spacing, patch)
@@ -264,8 +256,7 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
     or too pessimistic by > 1/``PESSIMISM``, re-runs the search with the error corrected (:class:`Calibration`)
     and measures its choice once more, unless it is the width just measured at a patch at least as large
     (the corrected prediction holds there) or its corrected prediction keeps 25 % below the limit; the last
-    measured choice that keeps to the limit stands, or, when a wider network measured over the limit, a
-    width between the two measured ones predicted to fit with room (:func:`_between`). Configurations that are not trained by default are
+    measured choice that keeps to the limit stands. Configurations that are not trained by default are
     planned from the proxies alone (the trainer re-fits the step count to its measured pace anyway)."""
     log: list[str] = []
     t_max = req.run_seconds / req.min_steps
@@ -340,8 +331,7 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
                           if calibration.bold else ""))
     if verified is not None and choice is not None and not choice[6] and choice is not verified[3]:
         if not (choice[3] <= 1.25 * t_max and choice[4] <= device.memory_bytes):
-            # the corrected search overshot: a width between the two measured, else the choice measured to fit
-            choice = _between(req, device, tp, (precision, cl), t_max, calibration, verified[0], log) or verified[3]
+            choice = verified[3]  # the corrected search overshot: keep the choice that was measured to fit
     net, topo, batch, t_pred, mem_pred, flops, extrapolated = choice
     steps = max(1, int(req.run_seconds / max(t_pred, 1e-6)))
     params = tp.fixed_bytes(net) // 12
@@ -350,32 +340,6 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
     log.append(f"width {net.features[0]}, patch {topo.patch_size}, batch {batch}: "
                f"{t_pred:.3f}s/step{' (predicted)' if extrapolated else ''}, limit {t_max:.3f}s/step")
     return FitResult(net, topo.patch_size, batch, precision, cl, measured, steps, log, (precision, cl, speedup))
-
-
-def _between(req: FitRequest, device: DeviceInfo, tp: Throughput, prec: tuple[str, bool], t_max: float,
-             calibration: Calibration, kept: Network, log: list[str]) -> tuple | None:
-    """After a wider network measured over the limit: the widest width strictly between it and the narrower
-    one measured to fit, predicted with the correction interpolated between the two measurements and kept
-    when it fits with room for that interpolation's error (``BETWEEN_ROOM``). mr-2ch at 5 minutes: width 8
-    measured at 0.28x its prediction, width 32 then 1.9x its fully corrected one; width 8 was kept, and the
-    width-16 network the same planner chose for a 3-minute budget (0.70 s/step, limit 1.06) scored 0.87
-    against 0.81 on held-out cases."""
-    measured = sorted(calibration.factors)
-    widths = tuple(w for w in WIDTHS if kept.features[0] < w < measured[-1])
-    if not widths:
-        return None
-    found = _search(req, device, tp, prec, t_max / BETWEEN_ROOM, calibration, widths)
-    if found is None or found[0].features[0] not in widths:
-        return None
-    net, topo, t, mem = found
-    batch = _grow_batch(req, device, t, mem, t_max / BETWEEN_ROOM, topo.patch_size)
-    t_pred, mem_pred, flops = _predict(tp, net, topo, topo.patch_size, batch, *prec)
-    t_pred *= calibration(net.features[0])
-    if t_pred > t_max / BETWEEN_ROOM or mem_pred > device.memory_bytes:
-        return None
-    log.append(f"width {net.features[0]}, patch {topo.patch_size}: between the widths measured "
-               f"({kept.features[0]} fits, {measured[-1]} does not), predicted from both corrections")
-    return net, topo, batch, t_pred, mem_pred, flops, True
 
 
 def _is_largest(req: FitRequest, net: Network, topo: Topology) -> bool:
