@@ -2,9 +2,9 @@
 
 The rules' point is enqueued as the first trial and never pruned, so the chosen configuration is at least
 as good as the rules' on the search's own measure; single changes to it come next (half the width, lighter
-augmentation, ...: :data:`~autoseg.plan.search_space.NEIGHBOURS`), then TPE samples. Each trial is the rules' configuration with a few
-values changed (:mod:`autoseg.plan.search_space`): its network is measured on the device first and
-rejected when its memory does not fit; otherwise it trains for a short, fixed share of the search budget
+augmentation, ...: :data:`~autoseg.plan.search_space.NEIGHBOURS`), then TPE samples. Each trial is the
+rules' configuration with a few values changed (:mod:`autoseg.plan.search_space`): its network is measured
+on the device first and rejected when its memory does not fit; otherwise it trains for a short, fixed share of the search budget
 on fold 0 (in ``WORKDIR/search/trial_<n>/``, never in ``runs/``), reports the patch Dice of each periodic
 validation to a successive-halving pruner, and is scored at the end by the Dice of sliding-window
 predictions of fold 0's held-out cases. The best trial becomes the configuration in plans.json; the rules'

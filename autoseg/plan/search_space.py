@@ -136,13 +136,10 @@ def neighbours(space: SearchSpace, rules: dict[str, Any],
     for key, move in order:
         params, value = dict(rules), None
         if key in ("width", "augmentation"):
-            value = rules[key] * move
-            choices = space.widths if key == "width" else None
-            if choices is not None and value not in choices:
+            value, label = rules[key] * move, f"{key} x{move:g}"
+            lo, hi = (min(space.widths), max(space.widths)) if key == "width" else space.augmentation[:2]
+            if (key == "width" and value not in space.widths) or not lo <= value <= hi:
                 continue
-            if key == "augmentation" and not space.augmentation[0] <= value <= space.augmentation[1]:
-                continue
-            label = f"{key} x{move:g}"
         elif key == "lr":
             value = min(rules["lr"] * move, space.lr[1])
             label = f"lr x{value / rules['lr']:.3g}"
