@@ -33,6 +33,7 @@ from autoseg.io import read_images, read_label
 from autoseg.workers import is_small, pool_context
 
 FINGERPRINT_FILE = "fingerprint.json"
+SIDE_MARGIN = 0.55  # a class centred beyond this share of an axis (or below 1 - it) lies on one side
 SAMPLES_PER_CASE = 10_000  # foreground intensities drawn per case and channel (with replacement, as nnU-Net)
 
 
@@ -49,6 +50,7 @@ class CaseFingerprint:
     class_voxels: dict[str, int] = field(default_factory=dict)  # label value (as str) -> voxels
     class_components: dict[str, int] = field(default_factory=dict)  # label value -> connected components
     class_extent_mm: dict[str, list[float]] = field(default_factory=dict)  # label value -> bbox size per axis
+    class_center: dict[str, list[float]] = field(default_factory=dict)  # label value -> bbox centre / shape per axis
 
 
 @dataclass
@@ -77,6 +79,14 @@ class ClassStats:
     volume_mm3: dict[str, float]  # {"median", "p5", "p95"}
     components_per_case: dict[str, float]  # {"median", "max"} over cases where present
     extent_mm: dict[str, list[float]]  # {"median": [...], "p95": [...]} per axis
+    # {"p10": [...], "p90": [...]} per axis: where its bounding box's centre lies, as a share of the image (0..1)
+    center: dict[str, list[float]] = field(default_factory=dict)
+
+    def sided_axes(self) -> list[int]:
+        """Axes along which the class lies on one side of the image's middle in 9 of 10 cases (its centre
+        beyond 0.45-0.55): a left or right structure, say, labelled by its side."""
+        lo, hi = self.center.get("p10", []), self.center.get("p90", [])
+        return [a for a, (p10, p90) in enumerate(zip(lo, hi)) if p10 > SIDE_MARGIN or p90 < 1 - SIDE_MARGIN]
 
 
 @dataclass
@@ -215,18 +225,20 @@ def _value_boxes(label: np.ndarray) -> dict[int, tuple[int, tuple[slice, ...]]]:
 
 
 def class_stats(label: np.ndarray, spacing: Sequence[float], ignore_label: int | None
-                ) -> tuple[dict[str, int], dict[str, int], dict[str, list[float]]]:
-    """Per label value present (not background, not ignore): voxels, connected components, bbox extent in mm.
+                ) -> tuple[dict[str, int], dict[str, int], dict[str, list[float]], dict[str, list[float]]]:
+    """Per label value present (not background, not ignore): voxels, connected components, bbox extent in mm,
+    and bbox centre as a share of the image per axis.
 
     Works inside the bounding box of all labelled voxels (a tenth of a CT volume, typically): ten times
     less to scan. Components use full connectivity (26 in 3D, 8 in 2D), each inside its value's box.
     """
     labelled = mask_box(label > 0)
     if labelled is None:
-        return {}, {}, {}
+        return {}, {}, {}, {}
+    shape = label.shape
     label = np.ascontiguousarray(label[_slices(labelled)])
     connectivity = 26 if label.ndim == 3 else 8
-    voxels, components, extents = {}, {}, {}
+    voxels, components, extents, centers = {}, {}, {}, {}
     for value, (count, box) in sorted(_value_boxes(label).items()):
         if value == 0 or value == ignore_label:
             continue
@@ -235,7 +247,8 @@ def class_stats(label: np.ndarray, spacing: Sequence[float], ignore_label: int |
         components[key] = int(cc3d.connected_components(label[box] == value, connectivity=connectivity,
                                                         return_N=True)[1])
         extents[key] = [round((s.stop - s.start) * float(sp), 6) for s, sp in zip(box, spacing)]
-    return voxels, components, extents
+        centers[key] = [round((start + (s.start + s.stop) / 2) / n, 4) for s, (start, _), n in zip(box, labelled, shape)]
+    return voxels, components, extents, centers
 
 
 def analyze_case(case: Case, ignore_label: int | None = None, samples: int = SAMPLES_PER_CASE
@@ -251,11 +264,11 @@ def analyze_case(case: Case, ignore_label: int | None = None, samples: int = SAM
     crop = nonzero_box(images)
     sample = foreground_sample(images, label, ignore_label, samples, case_seed(case.id))
     del images
-    voxels, components, extents = class_stats(label, geometry.spacing, ignore_label)
+    voxels, components, extents, centers = class_stats(label, geometry.spacing, ignore_label)
     fp = CaseFingerprint(id=case.id, spacing=[float(s) for s in geometry.spacing], shape=list(label.shape),
                          cropped_shape=[b - a for a, b in crop], crop_box=crop,
                          source_hash=hash_files([*case.images, case.label]), class_voxels=voxels,
-                         class_components=components, class_extent_mm=extents)
+                         class_components=components, class_extent_mm=extents, class_center=centers)
     return fp, sample
 
 
@@ -331,12 +344,14 @@ def class_summary(value: int, name: str, cases: Sequence[CaseFingerprint], ndim:
     mm3 = [c.class_voxels[key] * float(np.prod(c.spacing)) for c in present]
     comps = [c.class_components[key] for c in present]
     extents = np.array([c.class_extent_mm[key] for c in present], np.float64).reshape(-1, ndim)
+    centers = np.array([c.class_center[key] for c in present if key in c.class_center], np.float64).reshape(-1, ndim)
     return ClassStats(
         value=value, name=name, cases_present=len(present),
         volume_voxels=_spread(voxels), volume_mm3=_spread(mm3),
         components_per_case={"median": float(np.median(comps)) if comps else 0.0,
                              "max": float(max(comps, default=0))},
         extent_mm={"median": _per_axis(extents, 50.0), "p95": _per_axis(extents, 95.0)},
+        center={"p10": _per_axis(centers, 10.0), "p90": _per_axis(centers, 90.0)} if len(centers) else {},
     )
 
 

@@ -167,8 +167,9 @@ def test_components_use_full_connectivity_in_2d_and_3d() -> None:
     diagonal2d = np.zeros((5, 5), np.uint8)
     diagonal2d[1, 1] = diagonal2d[2, 2] = 1
     diagonal2d[4, 0] = 1
-    voxels, components, extents = class_stats(diagonal2d, (2.0, 1.0), None)
+    voxels, components, extents, centers = class_stats(diagonal2d, (2.0, 1.0), None)
     assert voxels == {"1": 3} and components == {"1": 2} and extents == {"1": [8.0, 3.0]}
+    assert centers == {"1": [0.6, 0.3]}  # rows 1-4 and columns 0-2 of 5: box centres 3.0 and 1.5
     corner3d = np.zeros((3, 3, 3), np.uint8)
     corner3d[0, 0, 0] = corner3d[1, 1, 1] = 1
     assert class_stats(corner3d, (1.0, 1.0, 1.0), None)[1] == {"1": 1}
@@ -233,7 +234,23 @@ def test_cli_bad_dataset_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 def test_label_values_above_the_voxel_count_still_counted() -> None:
     label = np.array([[0, 200], [0, 200]], np.uint8)  # beyond cc3d.statistics' limit once cropped
-    assert class_stats(label, (1.0, 2.0), None) == ({"200": 2}, {"200": 1}, {"200": [2.0, 2.0]})
+    assert class_stats(label, (1.0, 2.0), None) == ({"200": 2}, {"200": 1}, {"200": [2.0, 2.0]},
+                                                    {"200": [0.5, 0.75]})
+
+
+def test_a_class_labelled_by_its_side_is_found_sided_on_that_axis(tmp_path: Path) -> None:
+    from autoseg.synth import generate
+
+    fp = extract_fingerprint(generate("kidneys-lr", tmp_path / "k", size="tiny"), jobs=1)
+    left, right = fp.classes
+    assert left.center["p90"][2] < 0.45 and right.center["p10"][2] > 0.55
+    assert 2 in left.sided_axes() and 2 in right.sided_axes() and 0 not in left.sided_axes()
+    again = Fingerprint.from_dict(fp.to_dict())
+    assert again.classes[0].sided_axes() == left.sided_axes()
+    old = fp.to_dict()
+    for c in old["classes"]:
+        c.pop("center")  # a fingerprint written before centres were kept: nothing is sided
+    assert Fingerprint.from_dict(old).classes[0].sided_axes() == []
 
 
 def test_class_absent_from_every_case_is_summarised_with_zeros(constructed: Path) -> None:

@@ -27,7 +27,14 @@ from autoseg.plan import rules as rule_toolbox
 from autoseg.plan import study as studies
 from autoseg.plan.model import PLANS_FILE, Configuration, Measurement, Network, Plans, Schedule
 from autoseg.plan.search import SEARCH_DIR, SearchBudget, TrialRunner, divide_budget, run_search
-from autoseg.plan.search_space import derive_space, neighbours, parse_patch, rule_params, to_configuration
+from autoseg.plan.search_space import (
+    SearchSpace,
+    derive_space,
+    neighbours,
+    parse_patch,
+    rule_params,
+    to_configuration,
+)
 from autoseg.preprocess import preprocess
 from autoseg.train import Trainer
 from autoseg.workflow import warm_start
@@ -365,3 +372,39 @@ def test_rules_with_time_to_spare_try_a_wider_network_first(base):
     assert not has_time_to_spare(busy) and has_time_to_spare(idle)
     assert neighbours(space, rules, wider_first=True)[0][0] == "width x2"
     assert neighbours(space, rules)[0][0] == "width x0.5"
+
+
+def test_a_class_on_one_side_tries_training_without_mirroring_first(base):
+    """A class labelled by its side (kidneys-lr: left and right kidney, alike) is shown under the other's label
+    by mirroring along that axis: the single change that turns mirroring off comes first, and its
+    configuration mirrors neither in training nor at test time."""
+    from dataclasses import replace
+
+    from autoseg.fingerprint import ClassStats
+    from autoseg.plan.search_space import mirror_hides_side
+
+    cfg = Plans.load(base / PLANS_FILE).configurations["3d_fullres"]
+    cfg = replace(cfg, augmentation=replace(cfg.augmentation, mirror_axes=[0, 1, 2]))
+    space = derive_space(cfg, memory_bytes=8 << 30)
+    rules = rule_params(space, cfg)
+    assert space.mirror == [True, False] and rules["mirror"] is True
+
+    def stats(p10: list[float], p90: list[float]) -> ClassStats:
+        return ClassStats(1, "left", 5, {}, {}, {}, {}, center={"p10": p10, "p90": p90})
+
+    left = stats([0.4, 0.4, 0.2], [0.6, 0.6, 0.3])  # x below the middle in 9 of 10 cases
+    centred = stats([0.4, 0.4, 0.4], [0.6, 0.6, 0.6])
+    assert left.sided_axes() == [2] and centred.sided_axes() == []
+    assert mirror_hides_side([left], [0, 1, 2], cfg) and not mirror_hides_side([centred], [0, 1, 2], cfg)
+    assert not mirror_hides_side([left], [2, 0, 1], replace(cfg, augmentation=replace(cfg.augmentation,
+                                                                                         mirror_axes=[1, 2])))
+    assert mirror_hides_side([left], [0, 1, 2], replace(cfg, ndim=2, augmentation=replace(
+        cfg.augmentation, mirror_axes=[1])))  # a 2d configuration of 3D data: its axis 1 is the data's x
+
+    moves = neighbours(space, rules, mirror_first=True)
+    assert moves[0][0] == "no mirroring" and "no mirroring" not in [m for m, _ in neighbours(space, rules)]
+    unmirrored = to_configuration(space, cfg, moves[0][1])
+    assert unmirrored.augmentation.mirror_axes == [] and to_configuration(space, cfg, rules) == cfg
+    old = space.to_dict()
+    old.pop("mirror")  # a study stored before mirroring was searched: its space stays as it was
+    assert SearchSpace.from_dict(old).mirror == [True]

@@ -2,7 +2,8 @@
 
 The rules' point is enqueued as the first trial and never pruned, so the chosen configuration is at least
 as good as the rules' on the search's own measure; single changes to it come next (half the width, lighter
-augmentation, ...: :data:`~autoseg.plan.search_space.NEIGHBOURS`), then TPE samples. Each trial is the
+augmentation, ...: :data:`~autoseg.plan.search_space.NEIGHBOURS`; training without mirroring first when the
+fingerprint finds a class on one side of the images), then TPE samples. Each trial is the
 rules' configuration with a few values changed (:mod:`autoseg.plan.search_space`): its network is measured
 on the device first and rejected when its memory does not fit; otherwise it trains for a short, fixed share of the search budget
 on fold 0 (in ``WORKDIR/search/trial_<n>/``, never in ``runs/``), reports the patch Dice of each periodic
@@ -42,6 +43,7 @@ from autoseg.plan.search_space import (
     SearchSpace,
     derive_space,
     has_time_to_spare,
+    mirror_hides_side,
     neighbours,
     rule_params,
     suggest,
@@ -88,6 +90,15 @@ def neighbour_count(trials: int) -> int:
     """How many single changes to the rules' point run before TPE samples: half the other trials, so TPE
     keeps the rest (6 trials: the rules' point, 2 single changes, 3 sampled)."""
     return max(0, (trials - 1) // 2)
+
+
+def _mirror_hides_side(work: Path, plans: Plans, rules: Configuration) -> bool:
+    """:func:`~autoseg.plan.search_space.mirror_hides_side` from the workdir's fingerprint (False without one)."""
+    from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint
+
+    if not (work / FINGERPRINT_FILE).is_file():
+        return False
+    return mirror_hides_side(Fingerprint.load(work / FINGERPRINT_FILE).classes, plans.axis_order, rules)
 
 
 def study_name(plans: Plans, rules: Configuration) -> str:
@@ -344,7 +355,8 @@ def run_search(workdir: Path | str, split: SearchBudget, *, storage: str | None 
     space = SearchSpace.from_dict(settings["space"])
     studies.fail_orphans(study)
     studies.enqueue_rules(study, rule_params(space, rules))
-    moves = neighbours(space, rule_params(space, rules), wider_first=has_time_to_spare(rules))
+    moves = neighbours(space, rule_params(space, rules), wider_first=has_time_to_spare(rules),
+                       mirror_first=_mirror_hides_side(work, plans, rules))
     studies.enqueue_neighbours(study, moves[:neighbour_count(split.trials)])
     deadline = None
     if not settings.get("trial_steps"):

@@ -20,7 +20,7 @@ from autoseg.artifacts import atomic_write_bytes
 TRIALS_CSV = "trials.csv"
 HISTORY_PNG = "history.png"
 IMPORTANCES_PNG = "importances.png"
-PARAMS = ("family", "depth", "width", "patch", "loss", "lr", "augmentation", "batch")
+PARAMS = ("family", "depth", "width", "patch", "loss", "lr", "augmentation", "batch", "mirror")
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -62,7 +62,8 @@ def describe_trial(t: FrozenTrial) -> str:
     """One line: the trial's choices and its outcome."""
     p, a = t.params, t.user_attrs
     what = (f"{p.get('family')} depth{p.get('depth', 0):+d} width x{p.get('width')} patch {p.get('patch')} "
-            f"{p.get('loss')} lr {p.get('lr', 0):.3g} aug {p.get('augmentation')} batch {p.get('batch')}")
+            f"{p.get('loss')} lr {p.get('lr', 0):.3g} aug {p.get('augmentation')} batch {p.get('batch')}"
+            + ("" if p.get("mirror", True) else " no mirroring"))
     tag = " (rules)" if a.get("rules") else f" ({a['neighbour']})" if "neighbour" in a else ""
     if a.get("rejected"):
         outcome = f"rejected: {a['rejected']}"

@@ -3,7 +3,8 @@ choices turn back into a :class:`~autoseg.plan.model.Configuration` that validat
 
 The space is derived once from the rules' point (widths x0.5/x1/x2, depth -1/0/+1 stage, patches scaled
 around the rules' patch that fit the device's memory at the rules' width and batch, the four loss
-families, a learning-rate range around the rules' rate, augmentation strength, half/double batch) and
+families, a learning-rate range around the rules' rate, augmentation strength, mirroring on or off,
+half/double batch) and
 stored with the study, so every worker, on any machine, samples the same space.
 
 >>> space = derive_space(rules_cfg, memory_bytes=8 << 30)           # doctest: +SKIP
@@ -51,13 +52,14 @@ class SearchSpace:
     lr: list[float] = field(default_factory=list)  # [low, high], log scale
     augmentation: list[float] = field(default_factory=lambda: list(AUGMENTATION))
     batches: list[int] = field(default_factory=list)
+    mirror: list[bool] = field(default_factory=lambda: [True, False])  # True: the rules' mirror axes
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchSpace:
-        return cls(**d)
+        return cls(**{"mirror": [True], **d})  # a study stored before mirroring was searched keeps its space
 
 
 def patch_key(patch: list[int]) -> str:
@@ -107,13 +109,15 @@ def derive_space(cfg: Configuration, memory_bytes: float) -> SearchSpace:
     return SearchSpace(configuration=cfg.name, families=families, patches=[patch_key(p) for p in
                                                                            patch_candidates(cfg, memory_bytes)],
                        losses=losses, lr=[lr * LR_RANGE[0], lr * LR_RANGE[1]],
-                       batches=sorted({max(1, b // 2), b, 2 * b}))
+                       batches=sorted({max(1, b // 2), b, 2 * b}),
+                       mirror=[True, False] if cfg.augmentation.mirror_axes else [False])
 
 
 def rule_params(space: SearchSpace, cfg: Configuration) -> dict[str, Any]:
     """The trial parameters that give back the rules' configuration exactly (enqueued as trial 0)."""
     return {"family": cfg.network.family, "depth": 0, "width": 1.0, "patch": patch_key(cfg.patch_size),
-            "loss": cfg.loss.name, "lr": cfg.optimizer.lr, "augmentation": 1.0, "batch": cfg.batch_size}
+            "loss": cfg.loss.name, "lr": cfg.optimizer.lr, "augmentation": 1.0, "batch": cfg.batch_size,
+            "mirror": bool(cfg.augmentation.mirror_axes)}
 
 
 # single changes to the rules' point, most promising first: a few trials learn more from moves one at a time
@@ -124,18 +128,26 @@ def rule_params(space: SearchSpace, cfg: Configuration) -> dict[str, Any]:
 NEIGHBOURS: tuple[tuple[str, Any], ...] = (
     ("width", 0.5), ("augmentation", 0.5), ("lr", 2.0), ("width", 2.0), ("patch", "smaller"),
     ("loss", "focal_dice"), ("family", "resenc_unet"), ("batch", 0.5))
+NO_MIRROR = ("mirror", False)  # a single change only where a class lies on one side (see ``mirror_hides_side``)
 
 
-def neighbours(space: SearchSpace, rules: dict[str, Any],
-               wider_first: bool = False) -> list[tuple[str, dict[str, Any]]]:
+def neighbours(space: SearchSpace, rules: dict[str, Any], wider_first: bool = False,
+               mirror_first: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """(label, parameters) of the rules' point ``rules`` with one value changed, for each of ``NEIGHBOURS``
     that the space holds, in that order; ``wider_first`` puts twice the width first (for rules that stopped at
-    their largest network with time to spare, where a wider one is the likelier gain)."""
+    their largest network with time to spare, where a wider one is the likelier gain); ``mirror_first`` puts
+    training without mirroring before everything (for a class labelled by its side)."""
     out = []
-    order = sorted(NEIGHBOURS, key=lambda m: m != ("width", 2.0)) if wider_first else NEIGHBOURS
+    order = sorted(NEIGHBOURS, key=lambda m: m != ("width", 2.0)) if wider_first else list(NEIGHBOURS)
+    if mirror_first:
+        order.insert(0, NO_MIRROR)
     for key, move in order:
         params, value = dict(rules), None
-        if key in ("width", "augmentation"):
+        if key == "mirror":
+            if move not in space.mirror:
+                continue
+            value, label = move, "no mirroring"
+        elif key in ("width", "augmentation"):
             value, label = rules[key] * move, f"{key} x{move:g}"
             lo, hi = (min(space.widths), max(space.widths)) if key == "width" else space.augmentation[:2]
             if (key == "width" and value not in space.widths) or not lo <= value <= hi:
@@ -164,6 +176,21 @@ def neighbours(space: SearchSpace, rules: dict[str, Any],
     return out
 
 
+def mirror_hides_side(classes: list, axis_order: list[int], cfg: Configuration) -> bool:
+    """Whether ``cfg`` mirrors an axis along which a class lies on one side of the image in 9 of 10 cases
+    (``classes``: the fingerprint's :class:`~autoseg.fingerprint.ClassStats`). A left kidney mirrored looks like
+    a right one: where nothing else in the patch tells the side, mirroring teaches the network that the side
+    does not matter. Where the anatomy around tells it (the liver is on the right), mirroring is harmless, so
+    this is a reason to try training without it first, not to drop it: the trial decides."""
+    sided = {a for c in classes for a in c.sided_axes()}
+    if not sided:
+        return False
+    ndim_data = len(classes[0].center.get("p10", [])) or cfg.ndim
+    order = list(axis_order) or list(range(ndim_data))
+    offset = len(order) - cfg.ndim  # a 2d configuration of 3D data mirrors the last two (preprocessed) axes
+    return any(0 <= m + offset < len(order) and order[m + offset] in sided for m in cfg.augmentation.mirror_axes)
+
+
 def has_time_to_spare(cfg: Configuration) -> bool:
     """Whether the rules' planned steps are at least ``SPARE_STEPS`` times the minimum their run needs
     (:func:`autoseg.plan.budget.target_steps`): the planner stopped at its largest network, not at the budget."""
@@ -183,7 +210,8 @@ def suggest(trial, space: SearchSpace) -> dict[str, Any]:
             "loss": trial.suggest_categorical("loss", space.losses),
             "lr": trial.suggest_float("lr", space.lr[0], space.lr[1], log=True),
             "augmentation": trial.suggest_float("augmentation", lo, hi, step=step),
-            "batch": trial.suggest_categorical("batch", space.batches)}
+            "batch": trial.suggest_categorical("batch", space.batches),
+            "mirror": trial.suggest_categorical("mirror", space.mirror)}
 
 
 def _feature_cap(cfg: Configuration) -> int:
@@ -234,6 +262,8 @@ def to_configuration(space: SearchSpace, cfg: Configuration, params: dict[str, A
         from autoseg.augment import scaled  # batchgenerators: a second to import, only when needed
 
         aug = scaled(aug, strength)
+    if not params.get("mirror", True):
+        aug = replace(aug, mirror_axes=[])  # in training, and so in test-time mirroring
     out = replace(cfg, patch_size=[int(p) for p in patch], batch_size=int(params["batch"]), network=network,
                   loss=replace(cfg.loss, name=params["loss"]),
                   optimizer=replace(cfg.optimizer, lr=float(params["lr"])), augmentation=aug)

@@ -318,3 +318,38 @@ def _inside(line: np.ndarray, fov: np.ndarray) -> np.ndarray:
 def _weights(values: list[float]) -> np.ndarray:
     w = np.asarray(values, dtype=float) ** 2
     return w / w.sum()
+
+
+@register_task("kidneys-lr", channels=("MRI",), labels={"background": 0, "left_kidney": 1, "right_kidney": 2},
+               shapes={"tiny": (20, 32, 48), "small": (40, 64, 96), "bench": (64, 96, 144)},
+               description="3D MRI-like: two alike kidneys in a mirror-symmetric body, labelled by side "
+                           "(image x axis): nothing but the side tells them apart")
+def kidneys_lr(rng: np.random.Generator, shape: tuple[int, ...], index: int) -> SynthCase:
+    """Paired organs with a class per side, as left/right kidneys, lungs or hippocampi, without the asymmetric
+    anatomy (liver, heart) that tells the side in a real scan: a network sees the side only from where the
+    organ lies against the spine and the body wall. Training with mirroring on x shows it each organ under the
+    other's label half of the time (the case for nnU-Net's no-mirroring trainer)."""
+    shape = jitter_shape(rng, shape)
+    inplane = rng.uniform(0.9, 1.1)
+    spacing = (rng.uniform(1.2, 1.6), inplane, inplane)
+    fov = np.asarray(shape) * spacing
+    mid = fov / 2
+    scene = Scene(rng, shape, spacing, background=[0.0])
+    body = fov * [0.6, rng.uniform(0.38, 0.42), rng.uniform(0.43, 0.47)]
+    scene.paint(scene.ellipsoid(mid, body, random_rotation(rng, 3, 4, axis=0), 0.03), mean=0.4, texture=0.05)
+    spine = mid + [0, 0.22 * fov[1], 0]
+    scene.paint(scene.ellipsoid(spine, [fov[0], 0.07 * fov[1], 0.06 * fov[2]]), mean=0.75, texture=0.05)
+    for _ in range(rng.integers(1, 4)):  # bowel loops, as bright as a kidney, anywhere in front of the spine
+        c = mid + [rng.uniform(-0.3, 0.3) * fov[0], rng.uniform(-0.25, 0.05) * fov[1], rng.uniform(-0.3, 0.3) * fov[2]]
+        scene.paint(scene.ellipsoid(c, fov[2] * rng.uniform(0.04, 0.07, 3), random_rotation(rng, 3), 0.2),
+                    mean=rng.uniform(0.6, 0.75), texture=0.05)
+    offset = rng.uniform(0.2, 0.26) * fov[2]
+    for label, side in ((1, -1), (2, 1)):  # x below the middle: left_kidney; each drawn alike, on its own
+        c = mid + [rng.uniform(-0.12, 0.12) * fov[0], rng.uniform(0.08, 0.14) * fov[1],
+                   side * offset * rng.uniform(0.9, 1.1)]
+        radii = np.array([fov[0] * rng.uniform(0.22, 0.3), *(fov[2] * rng.uniform(0.07, 0.1, 2))])
+        scene.paint(scene.ellipsoid(c, radii, random_rotation(rng, 3, 20), 0.1), mean=rng.uniform(0.62, 0.72),
+                    texture=0.06, rim=0.08, label=label)
+    image = blur(scene.image, 0.6)[0] * bias_field(rng, shape, spacing, 0.15, fov.min() * 0.6)
+    image = rician(rng, image, 0.04) * rng.uniform(300, 1500) + rng.uniform(0, 100)
+    return SynthCase((to_int16(image),), scene.label, iso_geometry(spacing))
