@@ -92,7 +92,7 @@ def run_variant(name: str, ds: Path, test: Path, budget: str, extra: list[str]) 
     out["config"] = (f"{cfg['network']['family']}, width {cfg['network']['features'][0]}, "
                      f"{len(cfg['network']['features'])} stages, patch {'x'.join(map(str, cfg['patch_size']))}, "
                      f"batch {cfg['batch_size']}, loss {cfg['loss']['name']}, lr {cfg['optimizer']['lr']:.3g}, "
-                     f"{cfg['measured']['step_time_s']:.3f} s/step")
+                     f"mirroring {cfg['augmentation']['mirror_axes'] or 'off'}, {cfg['measured']['step_time_s']:.3f} s/step")
     out["train_run_s"] = plans["train_runs"][0]["seconds"]
     out["search"] = plans.get("search") or {}
     trials = w / "search" / "trials.csv"
@@ -141,7 +141,7 @@ def write(results: list[dict], args: argparse.Namespace, machine: dict) -> None:
                      "(`search.warm_start` in plans.json)." if s.get("warm_start") else ""),
                   "", "Trial table (`search/trials.csv`; dice = sliding-window Dice of fold 0's held-out cases, for completed trials; a pruned trial's last patch Dice is in its note):", ""]
         cols = ["trial", "state", "rules", "dice", "family", "depth", "width", "patch", "loss", "lr",
-                "augmentation", "batch", "parameters", "step_time_s", "steps", "duration_s", "note"]
+                "augmentation", "batch", "mirror", "parameters", "step_time_s", "steps", "duration_s", "note"]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(str(t.get(c, "")) for c in cols) + " |" for t in search["trials"]]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
