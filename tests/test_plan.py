@@ -378,12 +378,15 @@ def test_bf16_is_judged_on_a_patch_whose_bottleneck_is_not_degenerate(fake_compu
     checked: list[int] = []  # bottleneck voxels of the patches the gradients are compared on
     timed: list[int] = []  # ... and of every patch timed
     fewest: list[int] = []  # fewest bottleneck voxels on an axis, of the patches compared
+    how: list[tuple[int, bool]] = []  # (timed steps, second batch) of each fp32 gradient comparison
     fake, noisy = fake_measure(bf16_speedup=2.0), fake_measure(bf16_speedup=2.0, bf16_noise=1.0)
 
     def measure(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
         divisor = np.prod(cfg.strides, axis=0)
         bottleneck = int(np.prod([p // d for p, d in zip(patch, divisor)]))
         timed.append(bottleneck)
+        if "second_batch" in kw:
+            how.append((kw.get("steps", 1), kw["second_batch"]))
         if kw.get("reference_grad") is not None:
             checked.append(bottleneck)
             fewest.append(min(p // d for p, d in zip(patch, divisor)))
@@ -394,6 +397,8 @@ def test_bf16_is_judged_on_a_patch_whose_bottleneck_is_not_degenerate(fake_compu
     assert plans.configurations["3d_fullres"].precision == "bf16"
     assert checked[0] < 8 and checked[1] >= 8  # the proxy's, then the judging patch's
     assert fewest[1] >= 3  # 2 an axis still gave overflowing bf16 gradients on a real network
+    # the proxy is timed, without the second batch it cannot judge by; the judging patch is not timed
+    assert how[0][0] >= 2 and how[0][1] is False and how[1] == (0, True)
     assert any("the proxy's bottleneck is too small" in n for n in plans.notes)
 
 

@@ -249,7 +249,8 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
     """Run ``1 + steps`` real training steps (the first is warm-up; more while they are quick) and return the
     fastest timed step, the peak memory above the baseline, and the first step's gradient (for comparing
     precisions). ``second_batch``: also the gradient of another random batch at the same weights, whose
-    distance (``batch_spread``) is the noise SGD lives with anyway: the yardstick for a precision's error."""
+    distance (``batch_spread``) is the noise SGD lives with anyway: the yardstick for a precision's error.
+    ``steps=0``: the first step only, for its gradient (its time, a warm-up's, is no step time to plan by)."""
     dev = torch.device(device)
     torch.manual_seed(seed)
     model = build_network(cfg, in_ch, n_classes, ndim).to(dev).train()
@@ -270,7 +271,7 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
     i = 0
     # at least ``steps`` timed steps after the warm-up, more (up to 8) while they are quick: on a shared
     # machine noise only ever adds time, so the minimum of several short steps is the honest number
-    while i < 1 + steps or (i < 9 and sum(times[1:]) < QUICK_STEPS_S):
+    while i < 1 + steps or (steps and i < 9 and sum(times[1:]) < QUICK_STEPS_S):
         _sync(dev)
         t0 = time.perf_counter()
         saved = _SavedBytes() if dev.type != "cuda" and i == 0 else contextlib.nullcontext()

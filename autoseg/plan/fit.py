@@ -103,12 +103,14 @@ class Throughput:
             self._keep(net, patch, key, m)
         return self.cache[key]
 
-    def measure_precisions(self, net: Network, topo: Topology) -> tuple[StepMeasurement, StepMeasurement]:
-        """fp32 and bf16 + channels-last on the proxy for this width (bf16 with its gradient error)."""
+    def measure_precisions(self, net: Network, topo: Topology,
+                           spread: bool = True) -> tuple[StepMeasurement, StepMeasurement]:
+        """fp32 and bf16 + channels-last on the proxy for this width (bf16 with its gradient error; fp32 with
+        its batch-to-batch spread unless ``spread`` is False)."""
         r = self.req
         patch = self.proxy(topo.patch_size, topo.divisor)
         m32, m16 = measurements.measure_precisions(net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH,
-                                                   self.device.type)
+                                                   self.device.type, spread=spread)
         self._keep(net, patch, (net.features[0], "fp32", False), m32)
         self._keep(net, patch, (net.features[0], "bf16", True), m16)
         return m32, m16
@@ -144,12 +146,14 @@ def choose_precision(device: DeviceInfo, req: FitRequest, tp: Throughput, net: N
         return ("bf16" if device.bf16 else "fp16"), False, 1.0
     if device.type != "cpu" or not device.bf16:
         return "fp32", False, 1.0
-    m32, m16 = tp.measure_precisions(net, topo)
-    fps32, fps16 = m32.flops / m32.step_time_s, m16.flops / m16.step_time_s
-    noise, cosine, where = _noise(m32, m16), m16.grad_cosine, ""
     proxy = tp.proxy(topo.patch_size, topo.divisor)
-    if _bottleneck_voxels(proxy, topo.divisor) < MIN_BOTTLENECK_VOXELS:
+    degenerate = _bottleneck_voxels(proxy, topo.divisor) < MIN_BOTTLENECK_VOXELS  # judged on another patch
+    m32, m16 = tp.measure_precisions(net, topo, spread=not degenerate)
+    fps32, fps16 = m32.flops / m32.step_time_s, m16.flops / m16.step_time_s
+    if degenerate:
         noise, cosine, where = _precision_noise(req, topo, proxy)
+    else:
+        noise, cosine, where = _noise(m32, m16), m16.grad_cosine, ""
     log.append(f"precision: fp32 {m32.step_time_s:.3f}s vs bf16+channels-last {m16.step_time_s:.3f}s "
                f"per proxy step; bf16 gradient error {noise:.2f}x the batch-to-batch spread "
                f"(cosine to fp32 {cosine:.4f}{where})")
@@ -167,12 +171,14 @@ def _precision_noise(req: FitRequest, topo: Topology, proxy: list[int]) -> tuple
     least ``JUDGE_AXIS_VOXELS`` voxels an axis (the ideal patch where it is smaller), with the narrowest width to
     keep it cheap. On the proxy of a deep network the bottleneck can be 2 voxels, and instance norm over 2 values
     turns any rounding into a sign flip: fp32 against bf16 there measured cosine 0.32, against 0.97-0.99 on a
-    larger patch. 2 voxels an axis were not enough: mricron-aal's 6-stage network (z pooled twice, in-plane five
+    larger patch. Untimed (its steps are the largest the proxies take): three forward/backward passes, not
+    seven. 2 voxels an axis were not enough: mricron-aal's 6-stage network (z pooled twice, in-plane five
     times) gave bf16 gradients of overflowing size on 8x64x64 (2x2x2 at the bottleneck, z 2 from the third stage
     on), NaN on 8x96x96; 0.22x the batch spread, cosine 0.97 on 12x96x96."""
     patch = [min(i, max(p, JUDGE_AXIS_VOXELS * d)) for i, p, d in zip(topo.patch_size, proxy, topo.divisor)]
     net = make_network(req.family, topo, WIDTHS[-1], req.feature_cap, _blocks(req, topo), req.decoder_convs)
-    m32, m16 = measurements.measure_precisions(net, req.in_channels, req.num_classes, req.ndim, patch, MIN_BATCH)
+    m32, m16 = measurements.measure_precisions(net, req.in_channels, req.num_classes, req.ndim, patch, MIN_BATCH,
+                                               timed=False)  # only the gradients count here
     where = f"; on {'x'.join(map(str, patch))} at width {WIDTHS[-1]}: the proxy's bottleneck is too small"
     return _noise(m32, m16), m16.grad_cosine, where
 

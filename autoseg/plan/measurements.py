@@ -147,21 +147,25 @@ def measure(net: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int
 
 
 def measure_precisions(net: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int,
-                       device: str = "cpu") -> tuple[StepMeasurement, StepMeasurement]:
+                       device: str = "cpu", timed: bool = True,
+                       spread: bool = True) -> tuple[StepMeasurement, StepMeasurement]:
     """fp32 (with its batch-to-batch gradient spread) and bf16 autocast with channels-last (with its gradient
     error against fp32's, same weights and batch): stored as one entry, as the second needs the first's
     gradient. Each is the fastest of ``PRECISION_STEPS`` timed steps: the choice can hinge on a few percent,
     and a single step on a shared machine can be that much slow (a warm-up of its own for each re-timing
-    cost more than the extra step: 1.5-2 s per plan here)."""
+    cost more than the extra step: 1.5-2 s per plan here). ``timed=False``: the gradients only, three
+    forward/backward passes instead of seven (step times unset); ``spread=False``: no second batch (the
+    spread is judged elsewhere)."""
     store = _active.get()
-    what = ["precisions", asdict(net), in_ch, n_classes, ndim, list(patch), batch, device, PRECISION_STEPS]
+    steps = PRECISION_STEPS if timed else 0
+    what = ["precisions", asdict(net), in_ch, n_classes, ndim, list(patch), batch, device, steps, spread]
     key = store.key(*what) if store else None
     if store and (got := store.get(key)):
         return got[0], got[1]
     m32, grad = compute.measure_step(net, in_ch, n_classes, ndim, patch, batch, device, "fp32", False,
-                                     steps=PRECISION_STEPS, second_batch=True)
+                                     steps=steps, second_batch=spread)
     m16, _ = compute.measure_step(net, in_ch, n_classes, ndim, patch, batch, device, "bf16", True,
-                                  steps=PRECISION_STEPS, reference_grad=grad)
+                                  steps=steps, reference_grad=grad)
     if store:
         store.put(key, [m32, m16])
     return m32, m16
