@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "best trial's weights; the same command resumes it")
     p.add_argument("--trials", type=int, default=None,
                    help="search trials in all (default 12): the rules' point first, then single changes to it "
-                        "(half or twice the width, lighter augmentation, ...) for half of the others, then TPE")
+                        "(half or twice the width, lighter augmentation, ...; no mirroring first when a class lies on "
+                        "one side of the images, as left/right labels do) for half of the others, then TPE")
     p.add_argument("--storage", default=None, metavar="URL|FILE.journal",
                    help="study storage shared by `autoseg search-worker`s (default: sqlite in WORKDIR)")
     p.add_argument("--preprocess", nargs="+", metavar="CONFIG", default=None,
