@@ -55,7 +55,7 @@ def fake_measure(bf16_speedup: float = 1.0, bf16_noise: float = 0.1) -> Callable
     voxels plus weights, gradients and momentum (fp32), as the real measurement counts them."""
 
     def measure(cfg, in_ch, n_classes, ndim, patch, batch, device="cpu", precision="fp32", channels_last=False,
-                steps=1, reference_grad=None, seed=0, second_batch=False):
+                steps=1, reference_grad=None, seed=0, second_batch=False, give_up_s=None):
         flops = compute.count_step_flops(cfg, in_ch, n_classes, ndim, patch, batch)
         seconds = flops / FLOPS_PER_S / (bf16_speedup if precision == "bf16" else 1.0) + 0.01
         with torch.device("meta"):
@@ -321,6 +321,58 @@ def test_a_wider_network_that_overshoots_leaves_the_setup_measured_first(fake_co
     assert c.network.features[0] < 32 and not c.measured.extrapolated
     run_s = run_seconds(plans, "3d_fullres")
     assert c.measured.step_time_s <= 1.25 * run_s / target_steps(run_s)
+
+
+def test_a_wider_network_whose_warm_up_is_over_the_limit_is_not_timed_further(fake_compute, monkeypatch):
+    """With a measured setup to fall back on, the bold re-search's choice is measured with a bound: a warm-up
+    over it (here every one) ends its measurement, and the setup measured first stands."""
+    _slow_proxies(monkeypatch)
+    fake, bounds = fake_measure(), []
+
+    def over_the_bound(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
+        m, g = fake(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw)
+        if kw.get("give_up_s") is not None:
+            bounds.append(kw["give_up_s"])
+            m.step_time_s = 2 * kw["give_up_s"]
+        return m, g
+
+    monkeypatch.setattr(compute, "measure_step", over_the_bound)
+    plans = make_plans(isotropic((128, 128, 128)), budget="5m", device="cpu")
+    c = plans.configurations["3d_fullres"]
+    run_s = run_seconds(plans, "3d_fullres")
+    assert len(bounds) == 1 and bounds[0] > 1.25 * run_s / target_steps(run_s)  # only ever beyond the limit
+    assert any("not timed further" in n for n in plans.notes)
+    assert not c.measured.extrapolated and c.measured.step_time_s <= 1.25 * run_s / target_steps(run_s)
+
+
+def test_a_measurement_gives_up_after_a_warm_up_over_its_bound_and_is_not_stored(monkeypatch, tmp_path):
+    """Real steps of a tiny network: a warm-up slower than ``give_up_s`` ends the measurement (one step run,
+    its time returned), and the store keeps only complete measurements."""
+    from autoseg.plan import measurements
+    from autoseg.plan.model import Network
+
+    net = Network("unet", [4, 8], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2]], [1, 1], decoder_convs=1)
+    steps: list[int] = []
+    real = compute.build_network
+
+    def counted(*args, **kw):
+        model = real(*args, **kw)
+        model.register_forward_hook(lambda *_: steps.append(1))
+        return model
+
+    monkeypatch.setattr(compute, "build_network", counted)
+    m, _ = compute.measure_step(net, 1, 2, 3, [8, 8, 8], 2, steps=2, give_up_s=0.0)
+    assert len(steps) == 1 and m.step_time_s > 0
+    steps.clear()
+    compute.measure_step(net, 1, 2, 3, [8, 8, 8], 2, steps=2, give_up_s=60.0)
+    assert len(steps) >= 3  # warm-up and two timed steps
+    monkeypatch.setenv("AUTOSEG_CACHE_DIR", str(tmp_path))
+    cpu = DeviceInfo("cpu", "test CPU", 8 << 30, 1, False)
+    with measurements.session(cpu) as store:
+        measurements.measure(net, 1, 2, 3, [8, 8, 8], 2, "cpu", "fp32", False, give_up_s=0.0)
+        assert not store.new
+        measurements.measure(net, 1, 2, 3, [8, 8, 8], 2, "cpu", "fp32", False)
+        assert len(store.new) == 1
 
 
 def test_a_busy_machine_is_named_in_the_plan_notes(fake_compute, monkeypatch: pytest.MonkeyPatch):

@@ -245,12 +245,14 @@ def _other_batch_grad(model: nn.Module, batch: int, in_ch: int, n_classes: int, 
 def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int,
                  device: str = "cpu", precision: str = "fp32", channels_last: bool = False, steps: int = 1,
                  reference_grad: torch.Tensor | None = None, seed: int = 0,
-                 second_batch: bool = False) -> tuple[StepMeasurement, torch.Tensor]:
+                 second_batch: bool = False, give_up_s: float | None = None) -> tuple[StepMeasurement, torch.Tensor]:
     """Run ``1 + steps`` real training steps (the first is warm-up; more while they are quick) and return the
     fastest timed step, the peak memory above the baseline, and the first step's gradient (for comparing
     precisions). ``second_batch``: also the gradient of another random batch at the same weights, whose
     distance (``batch_spread``) is the noise SGD lives with anyway: the yardstick for a precision's error.
-    ``steps=0``: the first step only, for its gradient (its time, a warm-up's, is no step time to plan by)."""
+    ``steps=0``: the first step only, for its gradient (its time, a warm-up's, is no step time to plan by).
+    ``give_up_s``: stop after the warm-up when it took longer than this, and return its time: for a setup that
+    only matters if it is faster (on a CPU a warm-up took 1.07-1.12x a timed step at planning sizes)."""
     dev = torch.device(device)
     torch.manual_seed(seed)
     model = build_network(cfg, in_ch, n_classes, ndim).to(dev).train()
@@ -294,6 +296,8 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
             # activations that dominate training memory) plus weights, gradients and momentum.
             activations = saved.bytes
         i += 1
+        if i == 1 and give_up_s is not None and times[0] > give_up_s:
+            break
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:

@@ -132,16 +132,17 @@ def session(device: DeviceInfo, remeasure: bool = False, keep=lambda: True) -> I
 
 
 def measure(net: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int, device: str,
-            precision: str, channels_last: bool, steps: int = 1) -> StepMeasurement:
-    """``compute.measure_step``, read from this machine's store when it timed the same setup before."""
+            precision: str, channels_last: bool, steps: int = 1, give_up_s: float | None = None) -> StepMeasurement:
+    """``compute.measure_step``, read from this machine's store when it timed the same setup before. A setup
+    given up on after its warm-up (slower than ``give_up_s``) is not stored: its time is only a bound."""
     store = _active.get()
     what = ["step", asdict(net), in_ch, n_classes, ndim, list(patch), batch, device, precision, channels_last, steps]
     key = store.key(*what) if store else None
     if store and (got := store.get(key)):
         return got[0]
     m, _ = compute.measure_step(net, in_ch, n_classes, ndim, patch, batch, device, precision, channels_last,
-                                steps=steps)
-    if store:
+                                steps=steps, give_up_s=give_up_s)
+    if store and (give_up_s is None or m.step_time_s <= give_up_s):
         store.put(key, [m])
     return m
 
