@@ -195,3 +195,17 @@ def test_a_re_plan_reads_back_this_machines_step_measurements(tmp_path: Path, ca
     assert run(args + ["--remeasure"]) == 0
     assert "planning reused" not in capsys.readouterr().out
     assert json.loads((work / "plans.json").read_text())["measurements"]["reused"] == 0
+
+
+def test_the_console_script_leaves_its_work_and_output_whole_when_it_skips_teardown(tmp_path: Path):
+    """``exit_now`` ends the process with ``os._exit`` after the exit handlers: what the command printed (to a
+    pipe, so buffered) and wrote must all be there, with its exit code."""
+    script = Path(sys.executable).parent / "autoseg"
+    data = tmp_path / "Dataset001_K"
+    subprocess.run([str(script), "-q", "synth", "kidneys-lr", str(data), "--size", "tiny", "--cases", "3"],
+                   check=True, timeout=120)
+    done = subprocess.run([str(script), "-q", "fingerprint", str(data), "-w", str(tmp_path / "w"), "-j", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    fp = json.loads((tmp_path / "w" / "fingerprint.json").read_text())
+    assert len(fp["cases"]) == 3 and str(tmp_path / "w" / "fingerprint.json") in done.stdout
