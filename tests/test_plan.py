@@ -29,6 +29,7 @@ from autoseg.plan import PLANS_FILE, Plans, compute
 from autoseg.plan import make as make_module
 from autoseg.plan.budget import parse_duration, target_steps
 from autoseg.plan.compute import DeviceInfo, MiB, StepMeasurement
+from autoseg.plan.fit import JUDGE_DEPTH_MARGIN
 from autoseg.plan.make import make_plans
 from autoseg.plan.registry import get_planner
 
@@ -400,58 +401,70 @@ def test_bf16_is_planned_only_when_measured_faster_and_accurate(fake_compute):
     assert make_plans(planar(), budget="10m").configurations["2d"].precision == "fp32"
 
 
-def test_each_precision_is_timed_over_several_steps_once(fake_compute, monkeypatch):
-    """One noisy proxy step must not decide between fp32 and bf16: each is timed over PRECISION_STEPS steps
-    after its warm-up, in one measurement each (no second warm-up to re-time them)."""
-    from autoseg.plan.measurements import PRECISION_STEPS
+@pytest.mark.parametrize("speedup, retimed", [(2.0, False), (1.15, True), (0.95, True), (0.8, False)])
+def test_precisions_are_timed_again_only_when_close_to_the_deciding_speedup(fake_compute, monkeypatch, speedup,
+                                                                            retimed):
+    """One step each decides between fp32 and bf16 when bf16's speed-up is far from the one the choice hinges on
+    (a second step costs 0.5-1.2 s a plan); near it, a noisy step could decide, so both are timed once more."""
+    from autoseg.plan.fit import BF16_MIN_SPEEDUP
+    from autoseg.plan.measurements import CLOSE_CALL
 
     bf16_cpu = DeviceInfo("cpu", "bf16 CPU", 8 << 30, 2, True)
     fake_compute(bf16_cpu)
-    fake, calls = fake_measure(bf16_speedup=1.2), []
+    fake, calls = fake_measure(bf16_speedup=speedup), []
 
     def measure(cfg, in_ch, n_classes, ndim, patch, batch, device="cpu", precision="fp32", *args, **kw):
         calls.append((precision, kw.get("steps", 1), list(patch)))
         return fake(cfg, in_ch, n_classes, ndim, patch, batch, device, precision, *args, **kw)
 
     monkeypatch.setattr(compute, "measure_step", measure)
-    assert make_plans(planar(), budget="10m").configurations["2d"].precision == "bf16"
-    assert PRECISION_STEPS >= 2
+    plans = make_plans(planar(), budget="10m")
+    assert plans.configurations["2d"].precision == ("bf16" if speedup > BF16_MIN_SPEEDUP else "fp32")
+    assert (abs(np.log(speedup / BF16_MIN_SPEEDUP)) < np.log(CLOSE_CALL)) == retimed
     proxy = calls[0][2]
-    assert calls[:2] == [("fp32", PRECISION_STEPS, proxy), ("bf16", PRECISION_STEPS, proxy)]
-    assert [c for c in calls if c[2] == proxy] == calls[:2]  # not timed again
+    timed = [c for c in calls if c[2] == proxy and c[1]]  # a judge of bf16 on the same patch is untimed
+    assert timed == [("fp32", 1, proxy), ("bf16", 1, proxy)] * (2 if retimed else 1)
 
 
-def test_bf16_is_judged_on_a_patch_whose_bottleneck_is_not_degenerate(fake_compute, monkeypatch):
+def test_bf16_is_judged_on_a_network_whose_bottleneck_is_not_degenerate(fake_compute, monkeypatch):
     """On the small proxy of a deep network the bottleneck holds 1-2 voxels, where instance norm makes any two
-    precisions disagree (measured: cosine 0.32): the precision is judged on a patch of 3+ bottleneck voxels an
-    axis instead, and bf16 is planned when it agrees there."""
+    precisions disagree (measured: cosine 0.32): the precision is judged on the shallower network the rules
+    build for the proxy patch (3+ bottleneck voxels an axis), its error scaled up by the stage ratio, and bf16
+    is planned when it agrees there."""
     bf16_cpu = DeviceInfo("cpu", "bf16 CPU", 8 << 30, 2, True)
     fake_compute(bf16_cpu, bf16_speedup=2.0)
     checked: list[int] = []  # bottleneck voxels of the patches the gradients are compared on
-    timed: list[int] = []  # ... and of every patch timed
     fewest: list[int] = []  # fewest bottleneck voxels on an axis, of the patches compared
+    stages: list[int] = []  # ... and the stages of the networks compared
     how: list[tuple[int, bool]] = []  # (timed steps, second batch) of each fp32 gradient comparison
     fake, noisy = fake_measure(bf16_speedup=2.0), fake_measure(bf16_speedup=2.0, bf16_noise=1.0)
 
     def measure(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw):
         divisor = np.prod(cfg.strides, axis=0)
         bottleneck = int(np.prod([p // d for p, d in zip(patch, divisor)]))
-        timed.append(bottleneck)
         if "second_batch" in kw:
             how.append((kw.get("steps", 1), kw["second_batch"]))
         if kw.get("reference_grad") is not None:
             checked.append(bottleneck)
             fewest.append(min(p // d for p, d in zip(patch, divisor)))
+            stages.append(len(cfg.strides))
         return (noisy if bottleneck < 8 else fake)(cfg, in_ch, n_classes, ndim, patch, batch, *args, **kw)
 
     monkeypatch.setattr(compute, "measure_step", measure)
     plans = make_plans(isotropic((160, 160, 160)), budget="20m", device="cpu")
     assert plans.configurations["3d_fullres"].precision == "bf16"
-    assert checked[0] < 8 and checked[1] >= 8  # the proxy's, then the judging patch's
+    assert checked[0] < 8 and checked[1] >= 8  # the proxy's, then the judging network's
     assert fewest[1] >= 3  # 2 an axis still gave overflowing bf16 gradients on a real network
-    # the proxy is timed, without the second batch it cannot judge by; the judging patch is not timed
-    assert how[0][0] >= 2 and how[0][1] is False and how[1] == (0, True)
-    assert any("the proxy's bottleneck is too small" in n for n in plans.notes)
+    assert stages[1] < stages[0]
+    # the proxy is timed, without the second batch it cannot judge by; the judge is not timed
+    assert how[0] == (1, False) and how[1] == (0, True)
+    note = next(n for n in plans.notes if "the proxy's bottleneck is too small" in n)
+    scale = JUDGE_DEPTH_MARGIN * stages[0] / stages[1]
+    assert f"{0.1 * scale:.2f}x the batch-to-batch spread" in note and f"x{scale:.2f} for {stages[0]}" in note
+    # an error that passes on the shallow network but not once scaled to the deep one refuses bf16
+    fake_compute(bf16_cpu, bf16_speedup=2.0, bf16_noise=0.45)
+    assert make_plans(isotropic((160, 160, 160)), budget="20m", device="cpu").configurations["3d_fullres"].precision \
+        == "fp32"
 
 
 def test_a_bf16_gradient_that_is_not_finite_refuses_bf16(fake_compute):

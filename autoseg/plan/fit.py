@@ -27,7 +27,7 @@ MAX_REAL_MEASUREMENTS = 2  # of the chosen setup per configuration
 HALF_BATCH_MIN = 2  # on a CPU the chosen setup is timed at half its batch when that is at least this
 BF16_MIN_SPEEDUP = 1.1  # bf16 autocast is planned on a CPU when its proxy steps are this much faster
 MIN_BOTTLENECK_VOXELS = 8  # the precision check's patch: instance norm over fewer values is ill-conditioned
-JUDGE_AXIS_VOXELS = 3  # ... else it runs on a patch with this many bottleneck voxels an axis (2 were not enough)
+JUDGE_DEPTH_MARGIN = 1.2  # ... else on a shallower network, its error scaled by the stage ratio and this margin
 REAL_MEASURE_MAX_S = 3.0  # measure the final choice for real when a step is predicted below this
 WARMUP_BOUND = 1.25  # on a CPU a warm-up step takes at most this times a timed one (measured 1.07-1.12x)
 
@@ -111,7 +111,7 @@ class Throughput:
         r = self.req
         patch = self.proxy(topo.patch_size, topo.divisor)
         m32, m16 = measurements.measure_precisions(net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH,
-                                                   self.device.type, spread=spread)
+                                                   self.device.type, spread=spread, decides_at=BF16_MIN_SPEEDUP)
         self._keep(net, patch, (net.features[0], "fp32", False), m32)
         self._keep(net, patch, (net.features[0], "bf16", True), m16)
         return m32, m16
@@ -168,20 +168,24 @@ def _bottleneck_voxels(patch: list[int], divisor: list[int]) -> int:
 
 
 def _precision_noise(req: FitRequest, topo: Topology, proxy: list[int]) -> tuple[float, float, str]:
-    """(gradient error / batch spread, cosine, where) of bf16 against fp32 on a patch whose bottleneck holds at
-    least ``JUDGE_AXIS_VOXELS`` voxels an axis (the ideal patch where it is smaller), with the narrowest width to
-    keep it cheap. On the proxy of a deep network the bottleneck can be 2 voxels, and instance norm over 2 values
+    """(gradient error / batch spread, cosine, where) of bf16 against fp32, judged on the network built for the
+    proxy patch itself (the rules' topology there: fewer stages, every pooled axis keeps 4+ voxels), at the
+    narrowest width, its error scaled by the stage ratio x ``JUDGE_DEPTH_MARGIN``. Untimed: only the gradients
+    count here. On the proxy of a deep network the bottleneck can be 2 voxels, and instance norm over 2 values
     turns any rounding into a sign flip: fp32 against bf16 there measured cosine 0.32, against 0.97-0.99 on a
-    larger patch. Untimed (its steps are the largest the proxies take): three forward/backward passes, not
-    seven. 2 voxels an axis were not enough: mricron-aal's 6-stage network (z pooled twice, in-plane five
-    times) gave bf16 gradients of overflowing size on 8x64x64 (2x2x2 at the bottleneck, z 2 from the third stage
-    on), NaN on 8x96x96; 0.22x the batch spread, cosine 0.97 on 12x96x96."""
-    patch = [min(i, max(p, JUDGE_AXIS_VOXELS * d)) for i, p, d in zip(topo.patch_size, proxy, topo.divisor)]
-    net = make_network(req.family, topo, WIDTHS[-1], req.feature_cap, _blocks(req, topo), req.decoder_convs)
-    m32, m16 = measurements.measure_precisions(net, req.in_channels, req.num_classes, req.ndim, patch, MIN_BATCH,
-                                               timed=False)  # only the gradients count here
-    where = f"; on {'x'.join(map(str, patch))} at width {WIDTHS[-1]}: the proxy's bottleneck is too small"
-    return _noise(m32, m16), m16.grad_cosine, where
+    larger patch (mricron-aal's 6-stage network gave bf16 gradients of overflowing size with 2x2x2 voxels at
+    the bottleneck). The deep network on a patch of 3 bottleneck voxels an axis judged well but cost 2-4.6 s
+    (48x96x96 in fp32); the shallow one 0.2-0.4 s. bf16's error adds up layer by layer: on five synthetic
+    datasets the deep network's error was 1.6-1.8x the shallow one's for 1.5-1.7x the stages (0.16-0.23 against
+    0.10-0.14 of the batch spread; at most 1.18x the stage ratio, hence the margin)."""
+    shallow = topology(req.spacing, proxy)
+    net = make_network(req.family, shallow, WIDTHS[-1], req.feature_cap, _blocks(req, shallow), req.decoder_convs)
+    m32, m16 = measurements.measure_precisions(net, req.in_channels, req.num_classes, req.ndim, shallow.patch_size,
+                                               MIN_BATCH, timed=False)
+    depth = max(1.0, JUDGE_DEPTH_MARGIN * topo.n_stages / shallow.n_stages)
+    where = (f"; on {'x'.join(map(str, shallow.patch_size))} at width {WIDTHS[-1]} with {shallow.n_stages} stages, "
+             f"x{depth:.2f} for {topo.n_stages}: the proxy's bottleneck is too small")
+    return _noise(m32, m16) * depth, m16.grad_cosine, where
 
 
 def _noise(m32: StepMeasurement, m16: StepMeasurement) -> float:
