@@ -282,9 +282,11 @@ def render(args: argparse.Namespace, sections: list[str], tools_by_task: dict[st
     lines += ["## What each tool does", "",
               "- autoseg `plan`: validates every file, fingerprints, plans 3d_fullres and 2d (and 3d_lowres when "
               "the image is large) by **measuring real training steps** of candidate networks on the CPU "
-              "(fp32 against bf16 on a proxy patch, two timed steps each after a warm-up; then the "
-              "chosen setup, at half its batch from a batch of 4, unless the proxies already predict the largest "
-              "setup fits), and preprocesses the configurations its budget trains "
+              "(fp32 against bf16 on a proxy patch, one timed step each after a warm-up, a second when bf16's "
+              "speed-up is close to the deciding 1.1x; bf16's gradient error judged untimed, on a shallower network "
+              "when the proxy's bottleneck is too small; one proxy per width; then the chosen setup, at half its "
+              "batch from a batch of 4, unless the proxies already predict the largest setup fits, and once more "
+              "when the measurement proves the prediction wrong), and preprocesses the configurations its budget trains "
               "(here 3d_fullres, as nnU-Net). Each step measurement is kept in a per-machine store "
               "(`~/.cache/autoseg/measurements.json`, keyed by CPU, threads, torch and autoseg versions and the exact "
               "setup); a re-plan that times the same setups reads them back (`--remeasure` times them again).",
