@@ -26,6 +26,7 @@ from autoseg.errors import UserError
 from autoseg.fingerprint import Fingerprint
 from autoseg.nets import build_network, count_parameters
 from autoseg.plan import PLANS_FILE, Plans, compute
+from autoseg.plan import budget as budget_module
 from autoseg.plan import make as make_module
 from autoseg.plan.budget import parse_duration, target_steps
 from autoseg.plan.compute import DeviceInfo, MiB, StepMeasurement
@@ -96,12 +97,16 @@ def voxels(cfg) -> int:
 
 
 def test_a_bigger_budget_buys_a_bigger_model_and_more_steps(fake_compute):
+    """Every run gets at least MIN_STEPS (small classes are learned late); up to runs of ~47 minutes more time
+    buys a bigger model, beyond that more steps too."""
     fp = isotropic((128, 128, 128))
     short, long = make_plans(fp, budget="10m", device="cpu"), make_plans(fp, budget="8h", device="cpu")
+    longer = make_plans(fp, budget="40h", device="cpu")  # 10 runs of 3.6 h: past the floor
     assert len(short.train_runs) == 1 and len(long.train_runs) == 10
     for name in ("3d_fullres", "2d"):
         s, g = short.configurations[name], long.configurations[name]
-        assert g.schedule.steps > s.schedule.steps
+        assert min(s.schedule.steps, g.schedule.steps) >= budget_module.MIN_STEPS
+        assert longer.configurations[name].schedule.steps > 1.5 * budget_module.MIN_STEPS
         assert g.measured.gflops_per_step > s.measured.gflops_per_step
         assert g.network.features[0] >= s.network.features[0]
         assert g.network.features[0] > s.network.features[0] or voxels(g) > voxels(s)
@@ -297,7 +302,7 @@ def test_a_narrow_choice_measured_fast_tries_a_wider_network_for_real(fake_compu
     """The square root of a pessimistic correction can keep the search narrow; carried in full, the wider
     network it chooses is measured before it is kept."""
     _slow_proxies(monkeypatch)
-    plans = make_plans(isotropic((128, 128, 128)), budget="5m", device="cpu")
+    plans = make_plans(isotropic((128, 128, 128)), budget="16m", device="cpu")
     c = plans.configurations["3d_fullres"]
     assert any("carried in full" in n for n in plans.notes)
     assert c.network.features[0] == 32 and not c.measured.extrapolated
