@@ -286,8 +286,8 @@ def render(args: argparse.Namespace, sections: list[str], tools_by_task: dict[st
               "speed-up is close to the deciding 1.1x; bf16's gradient error judged untimed, on a shallower network "
               "when the proxy's bottleneck is too small; one proxy per width; then the chosen setup, at half its "
               "batch from a batch of 4, unless the proxies already predict the largest setup fits, and once more "
-              "when the measurement proves the prediction wrong), and preprocesses the configurations its budget trains "
-              "(here 3d_fullres, as nnU-Net). Each step measurement is kept in a per-machine store "
+              "when the measurement proves the prediction wrong), and preprocesses the configurations its budget "
+              "trains (here 3d_fullres, as nnU-Net). Each step measurement is kept in a per-machine store "
               "(`~/.cache/autoseg/measurements.json`, keyed by CPU, threads, torch and autoseg versions and the exact "
               "setup); a re-plan that times the same setups reads them back (`--remeasure` times them again).",
               "- nnU-Net `plan_and_preprocess -c 3d_fullres`: fingerprints (no integrity check unless "

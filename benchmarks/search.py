@@ -6,8 +6,8 @@
 A task of the synthetic suite and a short CPU budget, where the rules size the network to the budget's steps
 (``autoseg.plan.budget.target_steps``, at least 800 steps; up to 2026-11-27 at least 150, which at a few
 minutes of CPU bought a wide network and few steps: ``png-2d``: width 32, 5 stages, ~400 steps), so a smaller
-network, another loss or a lighter augmentation may do better in the time (``--task vessels``: thin vessels and small lesions, where the loss and patch
-matter). Both variants run the same commands as a user would, each from a fresh work folder, one after the
+network, another loss or a lighter augmentation may do better in the time (``--task vessels``: thin vessels
+and small lesions, where the loss and patch matter). Both variants run the same commands as a user would, each from a fresh work folder, one after the
 other:
 
     autoseg plan DATA -w W --budget B --device cpu [--search --trials N]
