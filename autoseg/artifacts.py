@@ -7,13 +7,15 @@ autoseg version and a hash of what it was built from, so a stale artifact is det
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from autoseg import __version__
+from autoseg.version import __version__
 
 
 def atomic_write_bytes(data: bytes, path: Path | str) -> None:
@@ -30,6 +32,18 @@ def atomic_write_bytes(data: bytes, path: Path | str) -> None:
         raise
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with string keys and non-finite floats as None: JSON has no NaN (a class absent from every
+    case scores NaN) and no infinity (a distance to an empty mask)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def dumps_json(obj: Any) -> str:
     """Stable, human-readable JSON: the same object always gives the same bytes."""
     return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
@@ -37,6 +51,16 @@ def dumps_json(obj: Any) -> str:
 
 def write_json(obj: Any, path: Path | str) -> None:
     atomic_write_bytes(dumps_json(obj).encode(), path)
+
+
+def write_probabilities(maps: Any, path: Path | str) -> None:
+    """Per-class probabilities as ``probabilities`` (float16, compressed) in one ``.npz``, written atomically:
+    the out-of-fold outputs and ``autoseg predict --save-probabilities`` alike."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, probabilities=np.asarray(maps).astype(np.float16, copy=False))
+    atomic_write_bytes(buf.getvalue(), path)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -5,7 +5,7 @@ asked), Gaussian noise, blur, multiplicative brightness, contrast, low-resolutio
 on the inverted image), mirroring; then the image is zeroed outside the nonzero mask for masked channels
 and label -1 ("outside the mask", "padding") becomes background 0. We wrap the transforms, never fork them.
 
-Every intensity field of :class:`~autoseg.plan.model.Augmentation` is a probability per sample, so 0
+Every intensity field of :class:`~autoseg.schema.plans.Augmentation` is a probability per sample, so 0
 disables that transform and :func:`scaled` makes a single "strength" knob for a search. Rotation and
 scaling are each applied to :data:`SPATIAL_P` of the samples (nnU-Net's 0.2); the spatial transform reads
 from a region larger than the patch (:func:`region_size`) and crops the centre, so rotated or zoomed-out
@@ -33,7 +33,7 @@ from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, G
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
-from autoseg.plan.model import Augmentation
+from autoseg.schema.plans import Augmentation
 
 SPATIAL_P = 0.2  # share of samples rotated, and (independently) scaled; nnU-Net's value
 ELASTIC_P = 0.2  # share of samples deformed when ``Augmentation.elastic``

@@ -16,9 +16,6 @@ import torch
 from autoseg.artifacts import atomic_write_bytes
 from autoseg.errors import UserError
 
-LATEST = "checkpoint_latest.pt"
-FINAL = "checkpoint_final.pt"
-
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler | None, step: int, state: dict[str, Any]) -> None:

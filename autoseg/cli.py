@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from autoseg import __version__
 from autoseg.errors import DatasetError, UserError
+from autoseg.version import __version__
 
 EXIT_BAD_INPUT = 2
 
@@ -54,13 +55,11 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
 
 def cmd_fingerprint(a: argparse.Namespace) -> int:
-    from autoseg.fingerprint import FINGERPRINT_FILE, extract_fingerprint
-    from autoseg.workdir import resolve_workdir
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.workdir import Workdir
 
     fp = extract_fingerprint(a.dataset, jobs=a.jobs, progress=not a.quiet)
-    out = resolve_workdir(a.dataset, a.workdir) / FINGERPRINT_FILE
-    fp.save(out)
-    print(f"wrote {out}")
+    print(f"wrote {Workdir.for_dataset(a.dataset, a.workdir).save_fingerprint(fp)}")
     return 0
 
 
@@ -84,7 +83,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from autoseg.workflow import plan_dataset, summary
 
     if a.search:
-        from autoseg.plan.search import plan_with_search, search_summary
+        from autoseg.search import plan_with_search, search_summary
 
         found = plan_with_search(a.dataset, a.workdir, budget=a.budget, trials=a.trials, storage=a.storage,
                                  planner=a.planner, device=a.device, jobs=a.jobs, replan=a.replan,
@@ -102,7 +101,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_search_worker(a: argparse.Namespace) -> int:
-    from autoseg.plan.search import search_summary, search_worker
+    from autoseg.search import search_summary, search_worker
 
     print(search_summary(search_worker(a.workdir, storage=a.storage, trials=a.trials, device=a.device,
                                        workers=a.workers, progress=not a.quiet)))
@@ -110,18 +109,16 @@ def cmd_search_worker(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from autoseg.workflow import train_dataset, trainer_is_main
+    from autoseg.distributed import is_main_process
+    from autoseg.plan.budget import parse_duration
+    from autoseg.workflow import train_dataset, train_summary
 
-    runs = train_dataset(a.dataset, a.workdir, configuration=a.config, fold=a.fold, budget=a.budget,
-                         device=a.device, extend=a.extend, seed=a.seed, workers=a.workers,
-                         progress=not a.quiet, splits_file=a.splits, steps=a.steps)
-    for r in runs if trainer_is_main() else []:  # under torchrun, one report (rank 0's)
-        status = "finished" if r.finished else "stopped"
-        line = f"{r.configuration} fold {r.fold}: {status} after {r.steps} steps ({r.seconds:.0f}s)"
-        if r.oof:
-            dice = ", ".join(f"{k} {v:.3f}" for k, v in r.oof["mean_dice"].items() if v is not None)
-            line += f"; held-out Dice: {dice}"
-        print(line)
+    every = None if a.checkpoint_every is None else parse_duration(a.checkpoint_every, "--checkpoint-every")
+    result = train_dataset(a.dataset, a.workdir, configuration=a.config, fold=a.fold, budget=a.budget,
+                           device=a.device, extend=a.extend, seed=a.seed, workers=a.workers,
+                           progress=not a.quiet, splits_file=a.splits, steps=a.steps, checkpoint_every_s=every)
+    if is_main_process():  # under torchrun, one report (rank 0's)
+        print(train_summary(result))
     return 0
 
 
@@ -167,13 +164,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_select(a: argparse.Namespace) -> int:
-    from autoseg.predict_inputs import SELECTION_FILE
     from autoseg.select import select_model, selection_table
-    from autoseg.workdir import resolve_workdir
+    from autoseg.workdir import Workdir
 
-    work = resolve_workdir(a.dataset, a.workdir)
+    work = Workdir.for_dataset(a.dataset, a.workdir)
     print(selection_table(select_model(work, a.dataset, postprocessing=not a.no_postprocessing)))
-    print(f"wrote {work / SELECTION_FILE}")
+    print(f"wrote {work.selection_file}")
     return 0
 
 
@@ -324,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "A killed run resumes from its last checkpoint when the same command is run again;\n"
                                    "--extend continues finished runs with more budget. After each fold, its held-out\n"
                                    "cases are predicted on full images and scored (runs/<config>/fold_<k>/validation).\n"
-                                   "Checkpoints every 5 minutes; AUTOSEG_CHECKPOINT_EVERY_S=<seconds> sets another interval.")
+                                   "Checkpoints every 5 minutes (plans.json: schedule.checkpoint_every_s), or as\n"
+                                   "--checkpoint-every says.")
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     _add_workdir(p)
     p.add_argument("--config", default=None, help="configuration to train (default: those in the plan's runs)")
@@ -337,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: from the CPU count)")
     p.add_argument("--splits", type=Path, default=None, help="a splits file (nnU-Net splits_final.json format)")
+    p.add_argument("--checkpoint-every", default=None, metavar="T",
+                   help="time between checkpoints, e.g. 2m or 30s (default: the plan's, 5m): a killed run resumes "
+                        "from the last one")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("select", parents=[common], help="choose the model and post-processing from the CV outputs",
@@ -475,9 +475,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ProgressAwareHandler(logging.Handler):
+    """The library's notices on stderr, one line each, written between progress bars rather than through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            line = self.format(record)
+            tqdm.write(f"autoseg: warning: {line}" if record.levelno >= logging.WARNING else line, file=sys.stderr)
+        except Exception:  # noqa: BLE001  (logging's contract: a handler never raises)
+            self.handleError(record)
+
+
+def _configure_logging() -> None:
+    """autoseg's library modules report through ``logging`` (they never print); the command line shows those
+    reports on stderr, warnings prefixed."""
+    logger = logging.getLogger("autoseg")
+    if not any(isinstance(h, _ProgressAwareHandler) for h in logger.handlers):
+        handler = _ProgressAwareHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def run(argv: list[str] | None = None, parser_factory: Callable[[], argparse.ArgumentParser] = build_parser) -> int:
     parser = parser_factory()
     a = parser.parse_args(argv)
+    _configure_logging()
     try:
         return a.func(a)
     except UserError as e:

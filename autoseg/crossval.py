@@ -14,9 +14,8 @@ import numpy as np
 
 from autoseg.artifacts import write_json
 from autoseg.errors import UserError
+from autoseg.workdir import Workdir
 
-SPLITS_FILE = "splits.json"
-USER_SPLITS_FILE = "splits_final.json"
 SPLIT_SEED = 12345
 
 
@@ -49,18 +48,18 @@ def _read_user_splits(path: Path, case_ids: set[str]) -> list[dict[str, list[str
     return splits
 
 
-def load_splits(workdir: Path | str, case_ids: list[str], folds: int = 5,
+def load_splits(workdir: Workdir | Path | str, case_ids: list[str], folds: int = 5,
                 user_file: Path | str | None = None) -> list[dict[str, list[str]]]:
     """The user's split if given (argument, or ``WORKDIR/splits_final.json``), else the saved generated one,
     else a new one saved to ``WORKDIR/splits.json``."""
-    work = Path(workdir)
+    work = Workdir.of(workdir)
     ids = set(case_ids)
-    for candidate in ([Path(user_file)] if user_file else []) + [work / USER_SPLITS_FILE]:
+    for candidate in ([Path(user_file)] if user_file else []) + [work.user_splits_file]:
         if candidate.is_file():
             return _read_user_splits(candidate, ids)
     if user_file:
         raise UserError(f"{user_file}: splits file not found")
-    saved = work / SPLITS_FILE
+    saved = work.splits_file
     if saved.is_file():
         splits = _read_user_splits(saved, ids)
         if len(splits) == min(folds, len(ids)) and {c for s in splits for c in s["val"]} == ids:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from autoseg.errors import DatasetError, Problem
 from autoseg.io import SUPPORTED_ENDINGS
+from autoseg.schema.labels import foreground_classes, ignore_label_of
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -79,17 +80,6 @@ class Dataset:
         """Cases found on disk, sorted by id. ``split`` is 'Tr' or 'Ts'."""
         return list_cases(self.root / f"images{split}", self.file_ending, self.num_channels,
                           self.root / "labelsTr" if split == "Tr" else None)
-
-
-def ignore_label_of(labels: dict) -> int | None:
-    """The value of the ``ignore`` label in a dataset.json ``labels`` mapping, if it has one."""
-    v = labels.get("ignore")
-    return v if isinstance(v, int) else None
-
-
-def foreground_classes(labels: dict) -> dict[int, str]:
-    """Foreground classes (value -> name) of a plain (non-region) label map, without background and ignore."""
-    return {v: k for k, v in labels.items() if isinstance(v, int) and v != 0 and k != "ignore"}
 
 
 def _ending_ok(ending: object) -> bool:

@@ -21,7 +21,8 @@ def run_demo(workdir: Path | str = "autoseg_demo", task: str = "mri-nested", bud
     from autoseg.predict import predict
     from autoseg.report import write_report
     from autoseg.synth import generate
-    from autoseg.workflow import plan_dataset, summary, train_dataset
+    from autoseg.workdir import Workdir
+    from autoseg.workflow import plan_dataset, summary, train_dataset, train_summary
 
     root = Path(workdir)
     data, work, preds = root / "data" / DEMO_DATASET, root / "work", root / "predictions"
@@ -36,9 +37,7 @@ def run_demo(workdir: Path | str = "autoseg_demo", task: str = "mri-nested", bud
     stage(f"planning for a {budget} budget (measuring candidate networks on this device)")
     print(summary(plan_dataset(data, work, budget=budget, device=device, jobs=jobs, progress=progress)))
     stage("training (resumes if interrupted)")
-    for r in train_dataset(data, work, device=device, progress=progress):
-        dice = ", ".join(f"{k} {v:.3f}" for k, v in (r.oof or {}).get("mean_dice", {}).items() if v is not None)
-        print(f"{r.configuration} fold {r.fold}: {r.steps} steps in {r.seconds:.0f}s; held-out Dice {dice}")
+    print(train_summary(train_dataset(data, work, device=device, progress=progress)))
     stage("predicting the test cases in their original geometry")
     predict(work, data / "imagesTs", preds, device=device, progress=progress)
     stage("evaluating against the reference labels")
@@ -49,9 +48,10 @@ def run_demo(workdir: Path | str = "autoseg_demo", task: str = "mri-nested", bud
     print("\n".join(summary_lines(metrics)))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s")
     print(f"  dataset      {data}")
-    print(f"  plans        {work / 'plans.json'}")
-    print(f"  training     {work / 'runs'}  (log.csv, curves.png per fold)")
-    bundle = work / "model.autoseg"
+    wd = Workdir(work)
+    print(f"  plans        {wd.plans_file}")
+    print(f"  training     {wd.runs_dir}  (a log and training curves per fold)")
+    bundle = wd.bundle_file
     if bundle.is_file():
         print(f"  model        {bundle}  (autoseg predict {bundle} INPUT OUTPUT)")
     print(f"  predictions  {preds}")

@@ -21,6 +21,16 @@ from torch import nn
 PROCESS_GROUP_TIMEOUT = timedelta(hours=2)  # covers rank 0's out-of-fold prediction between two runs
 
 
+def world_size() -> int:
+    """Processes in the torchrun job (1 outside torchrun): torchrun says so in the environment."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the one that writes files and reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass
 class DistContext:
     rank: int
@@ -41,9 +51,9 @@ class DistContext:
     def start(cls, device: str | None = None) -> DistContext:
         """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), or run alone.
         A group this process already joined (an earlier run) is reused."""
-        from autoseg.plan.compute import best_device
+        from autoseg.device import best_device
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = world_size()
         kind = (device or best_device()).split(":")[0]
         if world <= 1:
             return cls(0, 1, 0, torch.device(device or best_device()))

@@ -9,11 +9,12 @@ and the members meet in the one space they share, the original image's array (:f
     per class c: sum over members (in ensemble order) of the member's map c restored to the original array
                  -> running argmax (ties to the lower class)
 
-That is the averaging the selection scored: there, each member's out-of-fold probabilities (of the fold that
-held the case out) were restored to the original array and summed in ensemble order, and the argmax taken;
-both take the argmax of the sum, not the mean (dividing could round two sums to a tie). Memory at the original size: the running maximum, the class sum,
-the label map and one restored class, whatever the number of classes and members; in preprocessed space,
-each member's buffer (``K`` maps, float16 by default).
+That is exactly the averaging the selection scored: there, each member's out-of-fold probabilities (of the
+fold that held the case out, restored to the original array and stored as float16) were summed in ensemble
+order and the argmax taken; here each restored map is rounded to float16 the same way before it is added, and
+both take the argmax of the sum, not the mean (dividing could round two sums to a tie). Memory at the original
+size: the running maximum, the class sum, the label map and one restored class, whatever the number of classes
+and members; in preprocessed space, each member's buffer (``K`` maps, float16 by default).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 
 from autoseg.nets import build_network
-from autoseg.plan.model import Configuration, Plans
 from autoseg.preprocess import restore_to_original
+from autoseg.schema.plans import Configuration, Plans
 from autoseg.sliding_window import sliding_window
 
 STORAGE = {"float16": torch.float16, "float32": torch.float32}
@@ -94,16 +95,20 @@ def combine(outputs: Sequence[MemberOutput], probabilities: bool = False) -> tup
     """The label map of the members' mean probabilities in the original array, restored one class at a
     time with a running argmax (the labels of restoring every map and taking the argmax, ties to the lower
     class, holding one class at the original size, not K); with ``probabilities`` also the mean maps
-    ``(K, *spatial)`` as float16."""
+    ``(K, *spatial)`` as float16.
+
+    Each member's restored map is rounded to float16 first, the precision the out-of-fold files keep: the
+    label map is then exactly the argmax of those files (of their sum, for an ensemble), so the selection
+    scores precisely the model ``autoseg predict`` runs."""
     classes = outputs[0].probabilities.shape[0]
     shape = outputs[0].properties["shape_original"]
     seg = np.zeros(shape, np.uint8 if classes <= 256 else np.uint16)
     maps = np.empty((classes, *shape), np.float16) if probabilities else None
     best = None
     for c in range(classes):
-        total = restore_class(outputs[0], c)
+        total = _as_stored(restore_class(outputs[0], c))
         for other in outputs[1:]:
-            total += restore_class(other, c)
+            total += _as_stored(restore_class(other, c))
         if maps is not None:
             maps[c] = total / len(outputs) if len(outputs) > 1 else total
         if best is None:
@@ -115,6 +120,7 @@ def combine(outputs: Sequence[MemberOutput], probabilities: bool = False) -> tup
     return seg, maps
 
 
-def model_name(members: Sequence[str]) -> str:
-    """How selection.json and the bundle key a model: its members joined by ``+`` (``2d+3d_fullres``)."""
-    return "+".join(members)
+def _as_stored(a: np.ndarray) -> np.ndarray:
+    """``a`` (float32) rounded to float16 in place: the values an out-of-fold file holds."""
+    a[...] = a.astype(np.float16)
+    return a

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.artifacts import atomic_write_bytes, header, write_json
+from autoseg.artifacts import atomic_write_bytes, header, json_safe, write_json
 from autoseg.errors import UserError
 from autoseg.io import SUPPORTED_ENDINGS, file_ending, read_label
 from autoseg.metrics import (
@@ -244,16 +244,6 @@ def summarize(cases: Mapping[str, dict], names: list[str]) -> dict:
 # --- output ----------------------------------------------------------------------------------------------
 
 
-def _json_safe(obj: object) -> object:
-    if isinstance(obj, float):
-        return None if math.isnan(obj) or math.isinf(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def metrics_rows(result: dict) -> list[dict]:
     """One row per case and class, the columns of ``CSV_COLUMNS``."""
     return [{"case": case, "class": name, **{k: m[k] for k in CSV_COLUMNS[2:]}}
@@ -269,7 +259,7 @@ def write_metrics(result: dict, path: Path | str) -> tuple[Path, Path]:
     writer.writeheader()
     writer.writerows(metrics_rows(result))
     atomic_write_bytes(buf.getvalue().encode(), csv_path)
-    write_json(_json_safe(result), path)
+    write_json(json_safe(result), path)
     return path, csv_path
 
 

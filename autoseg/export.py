@@ -102,9 +102,8 @@ def export_bundle(bundle: Path | str, onnx_dir: Path | str | None = None, torchs
     """Export every fold of every configuration in ``bundle`` to ONNX and/or TorchScript; returns one line
     per exported file (with its parity result). A parity failure is a :class:`UserError`."""
     from autoseg.bundle import load_bundle
-    from autoseg.bundle.pack import CARD, POSTPROCESSING
+    from autoseg.bundle.pack import CARD, PLANS_MEMBER, POSTPROCESSING
     from autoseg.nets import build_network
-    from autoseg.plan.model import PLANS_FILE
 
     b = load_bundle(bundle)
     targets = {k: Path(d) for k, d in (("onnx", onnx_dir), ("torchscript", torchscript_dir)) if d is not None}
@@ -147,7 +146,7 @@ def export_bundle(bundle: Path | str, onnx_dir: Path | str | None = None, torchs
                     line += f" (parity with PyTorch on {list(x.shape)}: max |diff| {d:.2g} <= {PARITY_TOL:g})"
                 models.append(entry)
                 lines.append(line)
-        raw = {PLANS_FILE: b.plans.to_dict(), POSTPROCESSING: {**header("postprocessing"), "rules": b.postprocessing}}
+        raw = {PLANS_MEMBER: b.plans.to_dict(), POSTPROCESSING: {**header("postprocessing"), "rules": b.postprocessing}}
         for fname, obj in raw.items():
             (out / fname).write_text(dumps_json(obj))
         (out / CARD).write_text(b.card)
@@ -155,5 +154,5 @@ def export_bundle(bundle: Path | str, onnx_dir: Path | str | None = None, torchs
                 "configuration": b.configuration, "channels": b.plans.channel_names, "labels": b.plans.labels,
                 "ensemble": "mean of the folds' probabilities per configuration; sum over the manifest's ensemble", "pipeline": PIPELINE, "models": models}
         (out / "export.json").write_text(dumps_json(info))
-        lines.append(f"wrote {out / 'export.json'}, {PLANS_FILE}, {POSTPROCESSING} and {CARD} beside the models")
+        lines.append(f"wrote {out / 'export.json'}, {PLANS_MEMBER}, {POSTPROCESSING} and {CARD} beside the models")
     return lines

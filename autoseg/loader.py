@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from autoseg.augment import build_transforms, region_size
 from autoseg.errors import UserError
-from autoseg.plan.model import Configuration
+from autoseg.schema.plans import Configuration
 
 OPEN_CASES = 64  # memory-mapped cases kept open per process
 
@@ -58,7 +58,7 @@ class CaseIndex:
 
 def read_case_index(folder: Path, case_id: str, ignore_label: int | None = None) -> CaseIndex:
     """A case's shape and class locations from its JSON (the ignore label is never a class to oversample)."""
-    from autoseg.preprocess import case_paths  # here: workers need not import image I/O (SimpleITK)
+    from autoseg.workdir import case_paths  # here: workers need not import image I/O (SimpleITK
 
     data_path, seg_path, json_path = case_paths(folder, case_id)
     try:

@@ -28,19 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoseg.plan.model import Loss
+from autoseg.schema.plans import LOSS_NAMES, Loss
+from autoseg.schema.registry import Registry
 
 LossBuilder = Callable[[Loss], nn.Module]
-LOSSES: dict[str, LossBuilder] = {}
+LOSSES: Registry[LossBuilder] = Registry("loss", LOSS_NAMES)
 SMOOTH = 1e-5
 FOCAL_GAMMA = 2.0
-
-
-def register_loss(name: str) -> Callable[[LossBuilder], LossBuilder]:
-    def deco(fn: LossBuilder) -> LossBuilder:
-        LOSSES[name] = fn
-        return fn
-    return deco
 
 
 def build_loss(cfg: Loss, num_classes: int, ignore_label: int | None = None,
@@ -49,10 +43,7 @@ def build_loss(cfg: Loss, num_classes: int, ignore_label: int | None = None,
     ``deep_supervision_scales`` is the number of outputs the network returns in training."""
     if num_classes < 2:
         raise ValueError(f"num_classes counts background and must be >= 2, got {num_classes}")
-    try:
-        builder = LOSSES[cfg.name]
-    except KeyError:
-        raise ValueError(f"unknown loss '{cfg.name}' (known: {', '.join(sorted(LOSSES))})") from None
+    builder = LOSSES[cfg.name]
     weights = deep_supervision_weights(deep_supervision_scales, cfg.ds_weights)
     return SegmentationLoss(builder(cfg), num_classes, ignore_label, weights)
 
@@ -193,31 +184,31 @@ class SumLoss(nn.Module):
         return sum((t(logits, target, valid) for t in self.terms), logits.new_zeros(()))
 
 
-@register_loss("dice_ce")
+@LOSSES.register("dice_ce")
 def _dice_ce(cfg: Loss) -> nn.Module:
     return SumLoss(SoftOverlapLoss(cfg.batch_dice), CrossEntropyLoss())
 
 
-@register_loss("dice")
+@LOSSES.register("dice")
 def _dice(cfg: Loss) -> nn.Module:
     return SoftOverlapLoss(cfg.batch_dice)
 
 
-@register_loss("jaccard")
+@LOSSES.register("jaccard")
 def _jaccard(cfg: Loss) -> nn.Module:
     return SoftOverlapLoss(cfg.batch_dice, jaccard=True)
 
 
-@register_loss("ce")
+@LOSSES.register("ce")
 def _ce(cfg: Loss) -> nn.Module:
     return CrossEntropyLoss()
 
 
-@register_loss("focal")
+@LOSSES.register("focal")
 def _focal(cfg: Loss) -> nn.Module:
     return FocalLoss()
 
 
-@register_loss("focal_dice")
+@LOSSES.register("focal_dice")
 def _focal_dice(cfg: Loss) -> nn.Module:
     return SumLoss(FocalLoss(), SoftOverlapLoss(cfg.batch_dice))

@@ -18,7 +18,6 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import SimpleITK as sitk
 
 from autoseg.errors import UserError
 from autoseg.io import Geometry, read_label, read_sitk, write_image, write_label
-from autoseg.workers import pool_context
+from autoseg.parallel import map_cases
 
 ENDING = ".nii.gz"
 _SOURCE_ENDINGS = (".nii.gz", ".nii")
@@ -266,15 +265,4 @@ def _write_dataset_json(path: Path, meta: dict, src: Path, channel_names: dict[s
 
 def _run(fn: Callable[[_CaseJob], None], work: Sequence[_CaseJob], jobs: int | None) -> None:
     """``fn`` on every item, in ``jobs`` processes; the first error stops the rest and is raised."""
-    jobs = min(jobs or os.cpu_count() or 1, len(work))
-    if jobs <= 1:
-        for item in work:
-            fn(item)
-        return
-    with ProcessPoolExecutor(jobs, mp_context=pool_context()) as pool:
-        futures = [pool.submit(fn, item) for item in work]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f in done and f.exception() is not None]
-        if failed:
-            pool.shutdown(cancel_futures=True)
-            raise failed[0].exception()
+    map_cases(fn, work, jobs or os.cpu_count() or 1, desc="convert")

@@ -11,32 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from autoseg.errors import UserError
-from autoseg.plan.model import Normalization
-
-if TYPE_CHECKING:
-    from autoseg.fingerprint import ChannelStats
+from autoseg.schema.fingerprint import ChannelStats, Fingerprint
+from autoseg.schema.plans import NORMALIZATION_SCHEMES, Normalization, Plans
+from autoseg.schema.registry import Registry
 
 Normalizer = Callable[[np.ndarray, Normalization, "np.ndarray | None"], np.ndarray]
-NORMALIZERS: dict[str, Normalizer] = {}
+NORMALIZERS: Registry[Normalizer] = Registry("normalization scheme", NORMALIZATION_SCHEMES)
 MIN_STD = 1e-8  # a constant channel divides by this instead of 0
 
 
-def register(name: str) -> Callable[[Normalizer], Normalizer]:
-    """Register a normalization scheme under ``name`` (the value of ``Normalization.scheme``)."""
-
-    def add(fn: Normalizer) -> Normalizer:
-        NORMALIZERS[name] = fn
-        return fn
-
-    return add
-
-
-@register("ct")
+@NORMALIZERS.register("ct")
 def ct(x: np.ndarray, norm: Normalization, mask: np.ndarray | None = None) -> np.ndarray:
     """Clip to the dataset's foreground percentiles, then z-score with the dataset's foreground statistics:
     CT intensities are calibrated (Hounsfield units), so one global transform keeps them comparable."""
@@ -48,7 +36,7 @@ def ct(x: np.ndarray, norm: Normalization, mask: np.ndarray | None = None) -> np
     return ((x - norm.mean) / max(norm.std, MIN_STD)).astype(np.float32)
 
 
-@register("zscore")
+@NORMALIZERS.register("zscore")
 def zscore(x: np.ndarray, norm: Normalization, mask: np.ndarray | None = None) -> np.ndarray:
     """Per image z-score: uncalibrated intensities (MRI) only mean something relative to the image itself.
     With ``use_mask`` the statistics come from inside the mask, and voxels outside it are set to 0."""
@@ -61,13 +49,13 @@ def zscore(x: np.ndarray, norm: Normalization, mask: np.ndarray | None = None) -
     return out
 
 
-@register("rescale")
+@NORMALIZERS.register("rescale")
 def rescale(x: np.ndarray, norm: Normalization, mask: np.ndarray | None = None) -> np.ndarray:
     """Natural 8-bit images (PNG): map [0, 255] to [0, 1]."""
     return (x / 255.0).astype(np.float32)
 
 
-@register("none")
+@NORMALIZERS.register("none")
 def identity(x: np.ndarray, norm: Normalization, mask: np.ndarray | None = None) -> np.ndarray:
     return x.astype(np.float32, copy=True)
 
@@ -99,3 +87,13 @@ def resolve(schemes: Sequence[Normalization], channels: Sequence[ChannelStats] |
             norm = replace(norm, **{k: v for k, v in filled.items() if getattr(norm, k) is None})
         out.append(norm)
     return out
+
+
+def resolve_plans(plans: Plans, fingerprint: Fingerprint | None) -> Plans:
+    """``plans`` with every configuration's normalization resolved against the fingerprint's statistics (a
+    hand-written ``ct`` scheme's clip bounds and moments filled in, as preprocessing did)."""
+    if fingerprint is None:
+        return plans
+    configs = {k: replace(c, normalization=resolve(c.normalization, fingerprint.channels))
+               for k, c in plans.configurations.items()}
+    return replace(plans, configurations=configs)

@@ -1,5 +1,5 @@
 """What ``autoseg predict`` reads: the images (which files make a case, and whether it fits the model) and
-the model's workdir (which configuration, which trained folds).
+which folds the user asked for.
 
 Images to predict follow the nnU-Net naming, one file per channel: ``CASE_0000<ending>``, ``CASE_0001<ending>``…
 A single-channel model also takes files without the channel suffix (``scan.nii.gz`` is case ``scan``). A case
@@ -10,20 +10,16 @@ predicts the others.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from autoseg.checkpoint import FINAL
 from autoseg.errors import UserError
 from autoseg.io import NATURAL_ENDINGS, SUPPORTED_ENDINGS, file_ending
-from autoseg.plan.model import PLANS_FILE, Plans
+from autoseg.schema.plans import Plans
 
-SELECTION_FILE = "selection.json"  # written by the selection stage: {"configuration": name, "ensemble": [...], ...}
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # as in autoseg.dataset
 
 
@@ -126,71 +122,3 @@ def parse_folds(text: str | None) -> list[int] | None:
     if not folds or any(k < 0 for k in folds):
         raise UserError(f"--folds {text}: expected 'all' or fold numbers like 0,1")
     return folds
-
-
-def choose_configuration(workdir: Path, plans: Plans, configuration: str | None) -> str:
-    """``configuration``, else ``selection.json``'s ``configuration``, else the first of the planned runs."""
-    source = "--config"
-    if configuration is None and (workdir / SELECTION_FILE).is_file():
-        try:
-            configuration = json.loads((workdir / SELECTION_FILE).read_text())["configuration"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{workdir / SELECTION_FILE}: no 'configuration' in it ({e}); "
-                            "fix or delete the file, or pass --config") from e
-        source = str(workdir / SELECTION_FILE)
-    if configuration is None:
-        runs = [r["configuration"] for r in plans.train_runs if r.get("configuration") in plans.configurations]
-        return runs[0] if runs else next(iter(plans.configurations))
-    if configuration not in plans.configurations:
-        raise UserError(f"{source}: configuration '{configuration}' is not in {workdir / PLANS_FILE} "
-                        f"(it has {', '.join(plans.configurations)})")
-    return configuration
-
-
-def choose_model(workdir: Path, plans: Plans, configuration: str | None) -> list[str]:
-    """The configurations whose probabilities ``autoseg predict`` averages, in order: ``configuration`` alone,
-    else ``selection.json``'s ``ensemble`` (one configuration or several), else :func:`choose_configuration`'s."""
-    first = choose_configuration(workdir, plans, configuration)
-    if configuration is not None or not (workdir / SELECTION_FILE).is_file():
-        return [first]
-    ensemble = json.loads((workdir / SELECTION_FILE).read_text()).get("ensemble") or [first]
-    if not isinstance(ensemble, list) or ensemble[0] != first:
-        raise UserError(f"{workdir / SELECTION_FILE}: 'ensemble' {ensemble!r} does not start with its 'configuration' "
-                        f"'{first}'; run `autoseg select` again, or pass --config")
-    missing = [c for c in ensemble if c not in plans.configurations]
-    if missing:
-        raise UserError(f"{workdir / SELECTION_FILE}: ensemble member '{missing[0]}' is not in {workdir / PLANS_FILE} "
-                        f"(it has {', '.join(plans.configurations)}); run `autoseg select` again, or pass --config")
-    return list(ensemble)
-
-
-def trained_folds(workdir: Path, configuration: str, folds: Sequence[int] | None = None) -> list[int]:
-    """The folds of ``configuration`` with a final checkpoint (those asked for must all have one)."""
-    from autoseg.train import RUNS_DIR, run_folder
-
-    if folds is not None:
-        missing = [k for k in folds if not (run_folder(workdir, configuration, k) / FINAL).is_file()]
-        if missing:
-            raise UserError(f"{run_folder(workdir, configuration, missing[0]) / FINAL}: fold {missing[0]} is not "
-                            f"trained; train it (`autoseg train --fold {missing[0]}`) or leave it out of --folds")
-        return sorted(set(folds))
-    found = sorted(int(p.parent.name[5:]) for p in (workdir / RUNS_DIR / configuration).glob(f"fold_*/{FINAL}")
-                   if p.parent.name[5:].isdigit())
-    if not found:
-        raise UserError(f"{workdir / RUNS_DIR / configuration}: no trained fold (no fold_*/{FINAL}); "
-                        f"run `autoseg train` first")
-    return found
-
-
-def with_resolved_normalization(plans: Plans, workdir: Path) -> Plans:
-    """Fill a hand-written ``ct`` scheme's statistics from the fingerprint, as preprocessing did."""
-    from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint
-    from autoseg.normalize import resolve
-
-    needs = any(n.scheme == "ct" and None in (n.clip_low, n.clip_high, n.mean, n.std)
-                for c in plans.configurations.values() for n in c.normalization)
-    if not needs or not (workdir / FINGERPRINT_FILE).is_file():
-        return plans
-    channels = Fingerprint.load(workdir / FINGERPRINT_FILE).channels
-    configs = {k: replace(c, normalization=resolve(c.normalization, channels)) for k, c in plans.configurations.items()}
-    return replace(plans, configurations=configs)

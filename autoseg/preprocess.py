@@ -49,9 +49,8 @@ from autoseg import normalize as norm
 from autoseg.artifacts import atomic_write_bytes, hash_files, header
 from autoseg.dataset import Case, load_dataset
 from autoseg.errors import UserError
-from autoseg.fingerprint import ChannelStats, Fingerprint, case_seed, map_cases
+from autoseg.fingerprint import case_seed, map_cases
 from autoseg.io import Geometry, read_images, read_label
-from autoseg.plan.model import Configuration, Plans
 from autoseg.resample import (
     present_values,
     resample_image,
@@ -59,8 +58,10 @@ from autoseg.resample import (
     resample_probabilities,
     target_shape,
 )
+from autoseg.schema.fingerprint import ChannelStats, Fingerprint
+from autoseg.schema.plans import Configuration, Plans
+from autoseg.workdir import Workdir, case_paths
 
-PREPROCESSED_DIR = "preprocessed"
 CASE_ARTIFACT = "preprocessed_case"
 FORMAT_VERSION = 1  # bump when the output of the same inputs changes: every cached case is recomputed
 MAX_CLASS_LOCATIONS = 2000  # voxel coordinates kept per label and case for foreground oversampling
@@ -224,19 +225,6 @@ def config_hash(configuration: Configuration, plans: Plans, ignore_label: int | 
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def case_paths(folder: Path, case_id: str) -> tuple[Path, Path, Path]:
-    """(data .npy, label .npy, properties .json) of a case in a configuration's cache folder."""
-    return folder / f"{case_id}.npy", folder / f"{case_id}_seg.npy", folder / f"{case_id}.json"
-
-
-def load_case(folder: Path | str, case_id: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read a cached case: data, label map (memory-mapped unless ``mmap`` is False) and properties."""
-    data_path, seg_path, json_path = case_paths(Path(folder), case_id)
-    mode = "r" if mmap else None
-    return (np.load(data_path, mmap_mode=mode), np.load(seg_path, mmap_mode=mode),
-            json.loads(json_path.read_text()))
-
-
 def _save_npy(array: np.ndarray, path: Path) -> None:
     """np.save to a temporary name in the same folder, then rename (no copy of the array in memory)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -348,7 +336,7 @@ def preprocess(dataset_dir: Path | str, workdir: Path | str, plans: Plans, finge
     hashes = {c.id: known.get(c.id) or hash_files([*c.images, *([c.label] if c.label else [])]) for c in cases}
     stale, counts = [], {}
     for name in names:
-        folder = Path(workdir) / PREPROCESSED_DIR / name
+        folder = Workdir.of(workdir).preprocessed(name)
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale(folder, {c.id for c in cases})
         configuration = replace(plans.configurations[name], name=name, normalization=norm.resolve(

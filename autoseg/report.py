@@ -23,6 +23,7 @@ import numpy as np
 
 from autoseg.artifacts import atomic_write_bytes
 from autoseg.io import SUPPORTED_ENDINGS, Geometry, read_image, read_label
+from autoseg.workdir import Workdir
 
 REPORT_FILE = "report.html"
 SUMMARY_METRICS = (("dice", "Dice", ".4f"), ("iou", "IoU", ".4f"), ("hd95_mm", "HD95 mm", ".2f"), ("nsd", "NSD", ".4f"))
@@ -227,25 +228,24 @@ def case_table(metrics: dict) -> str:
 
 
 def curves_section(workdir: Path) -> str:
-    """Each run's curves.png (runs/<config>/fold_<k>) and the last row of its log.csv."""
-    from autoseg.trainlog import CURVES_FILE, LOG_FILE
-
+    """Each run's training curves (runs/<config>/fold_<k>) and the last row of its log."""
+    work = Workdir.of(workdir)
     parts = []
-    for run in sorted(p for p in (workdir / "runs").glob("*/fold_*") if p.is_dir()):
-        name = f"{run.parent.name} {run.name.replace('_', ' ')}"
+    for configuration, fold, run in work.runs():
+        name = f"{configuration} fold {fold}"
         line = ""
-        if (run / LOG_FILE).is_file():
-            with open(run / LOG_FILE, newline="") as f:
+        if run.log.is_file():
+            with open(run.log, newline="") as f:
                 rows = list(csv.DictReader(f))
             if rows:
                 last = rows[-1]
                 line = (f" - {len(rows)} log rows, last step {last.get('step')}, loss {_fmt(last.get('loss') or None)}"
                         f", validation Dice {last.get('val_dice_mean') or '-'}")
         img = ""
-        if (run / CURVES_FILE).is_file():
-            img = f'<img alt="curves {html.escape(name)}" src="{_data_uri((run / CURVES_FILE).read_bytes())}">'
+        if run.curves.is_file():
+            img = f'<img alt="curves {html.escape(name)}" src="{_data_uri(run.curves.read_bytes())}">'
         parts.append(f"<h3>{html.escape(name)}{html.escape(line)}</h3>{img}")
-    return "\n".join(parts) or f"<p>no runs found under {html.escape(str(workdir / 'runs'))}</p>"
+    return "\n".join(parts) or f"<p>no runs found under {html.escape(str(work.runs_dir))}</p>"
 
 
 def write_report(metrics: dict, pred_dir: Path | str, ref_dir: Path | str, out_html: Path | str,

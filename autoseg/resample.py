@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from autoseg.plan.model import Resampling
+from autoseg.schema.plans import Resampling
 
 _TORCH_MODES = {0: "nearest-exact", 1: "trilinear"}
 

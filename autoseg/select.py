@@ -25,16 +25,12 @@ tuned (``a+b`` and, for ``autoseg predict --config a``, the first member ``a`` a
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from autoseg.artifacts import header, write_json
-from autoseg.ensemble import model_name
 from autoseg.errors import UserError
 from autoseg.io import read_label
 from autoseg.postprocess import (
@@ -49,38 +45,33 @@ from autoseg.postprocess import (
     size_bases_from_references,
     tune_postprocessing,
 )
-from autoseg.predict_inputs import SELECTION_FILE
+from autoseg.schema.selection import Selection, model_name
+from autoseg.workdir import RunDir, Workdir
 
 Members = tuple[str, ...]
 
 
 @dataclass
 class RunOutputs:
-    """The out-of-fold outputs of one configuration: case id -> the validation folder holding them."""
+    """The out-of-fold outputs of one configuration: case id -> the run whose validation holds them."""
 
     name: str
     folds: list[int] = field(default_factory=list)
-    cases: dict[str, Path] = field(default_factory=dict)
+    cases: dict[str, RunDir] = field(default_factory=dict)
+    fold_of: dict[str, int] = field(default_factory=dict)
 
 
-def find_oof(workdir: Path | str) -> dict[str, RunOutputs]:
-    """Configurations with at least one fold whose validation finished (its ``summary.json`` is written last)."""
-    from autoseg.oof import VALIDATION_DIR
-    from autoseg.train import RUNS_DIR
-
+def find_oof(workdir: Workdir | Path | str) -> dict[str, RunOutputs]:
+    """Configurations with at least one fold whose validation finished (its summary is written last)."""
     runs: dict[str, RunOutputs] = {}
-    for summary in sorted(Path(workdir, RUNS_DIR).glob(f"*/fold_*/{VALIDATION_DIR}/summary.json")):
-        folder, fold = summary.parent, summary.parent.parent.name[5:]
-        if not fold.isdigit():
+    for name, fold, run in Workdir.of(workdir).runs():
+        cases = run.oof_cases()
+        if cases is None:
             continue
-        try:
-            case_ids = list(json.loads(summary.read_text())["cases"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{summary}: unreadable out-of-fold summary ({e}); delete the fold's validation "
-                            "folder and run `autoseg train` again") from e
-        run = runs.setdefault(folder.parent.parent.name, RunOutputs(folder.parent.parent.name))
-        run.folds.append(int(fold))
-        run.cases.update({c: folder for c in case_ids if (folder / f"{c}.npz").is_file()})
+        outputs = runs.setdefault(name, RunOutputs(name))
+        outputs.folds.append(fold)
+        outputs.cases.update({c: run for c in cases})
+        outputs.fold_of.update({c: fold for c in cases})
     return {k: v for k, v in runs.items() if v.cases}
 
 
@@ -101,14 +92,14 @@ class _Scorer:
         return ref, geometry.spacing
 
     def probabilities(self, name: str, cid: str) -> np.ndarray:
-        with np.load(self.runs[name].cases[cid] / f"{cid}.npz") as f:
+        with np.load(self.runs[name].cases[cid].oof_probabilities(cid)) as f:
             return f["probabilities"].astype(np.float32)
 
     def labels(self, members: Members, cid: str, total: np.ndarray | None = None) -> np.ndarray:
         """The model's label map: a single configuration's exported one, an ensemble's mean-probability argmax
         (``total``: the members' summed probabilities when the caller has them)."""
         if len(members) == 1 and total is None:
-            path = self.runs[members[0]].cases[cid] / f"{cid}{self.ending}"
+            path = self.runs[members[0]].cases[cid].oof_labels(cid, self.ending)
             if path.is_file():
                 return read_label(path)[0]
         if total is None:
@@ -117,7 +108,7 @@ class _Scorer:
 
     def _store(self, members: Members, cid: str, pred: np.ndarray, ref: np.ndarray) -> None:
         if pred.shape != ref.shape:
-            raise UserError(f"{self.runs[members[-1]].cases[cid]}: out-of-fold prediction of {cid} has shape "
+            raise UserError(f"{self.runs[members[-1]].cases[cid].validation}: out-of-fold prediction of {cid} has shape "
                             f"{pred.shape}, its reference {self.refs[cid]} {ref.shape}; the dataset changed "
                             "since training: delete the runs' validation folders and train again")
         self.counts.setdefault(members, {})[cid] = case_counts(pred, ref, self.classes, self.ignore)
@@ -146,7 +137,7 @@ class _Scorer:
     def record(self, members: Members, names: dict[int, str]) -> dict:
         cases = self.cover(members)
         per_class, mean = self.score(members, cases)
-        folds = sorted({int(self.runs[m].cases[c].parent.name[5:]) for m in members for c in cases})
+        folds = sorted({self.runs[m].fold_of[c] for m in members for c in cases})
         return {"members": list(members), "folds": folds, "cases": len(cases),
                 "mean_dice": {names[c]: v for c, v in per_class.items()}, "foreground_mean_dice": mean}
 
@@ -194,18 +185,16 @@ def _tune(scorer: _Scorer, members: Members, fingerprint: object | None, names: 
                        "acceptable": e["acceptable"], "kept": e["kept"]} for e in log]}
 
 
-def select_model(workdir: Path | str, dataset_dir: Path | str, postprocessing: bool = True) -> dict:
+def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postprocessing: bool = True) -> Selection:
     """Score every configuration's out-of-fold outputs, pick the model and its post-processing, write
-    ``WORKDIR/selection.json`` and return its content. Works from one configuration with one fold."""
+    ``WORKDIR/selection.json`` and return it. Works from one configuration with one fold."""
     from autoseg.dataset import load_dataset
-    from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint
-    from autoseg.plan.model import PLANS_FILE, Plans
 
-    workdir = Path(workdir)
-    plans = Plans.load(workdir / PLANS_FILE)
-    runs = {k: v for k, v in find_oof(workdir).items() if k in plans.configurations}
+    work = Workdir.of(workdir)
+    plans = work.load_plans()
+    runs = {k: v for k, v in find_oof(work).items() if k in plans.configurations}
     if not runs:
-        raise UserError(f"{workdir}: no out-of-fold predictions (runs/<config>/fold_<k>/validation); "
+        raise UserError(f"{work.root}: no out-of-fold predictions (runs/<config>/fold_<k>/validation); "
                         "run `autoseg train` first")
     refs = {c.id: c.label for c in load_dataset(dataset_dir).cases("Tr") if c.label is not None and c.label.is_file()}
     classes, names = sorted(plans.class_names), dict(plans.class_names)
@@ -213,51 +202,26 @@ def select_model(workdir: Path | str, dataset_dir: Path | str, postprocessing: b
     order = [r["configuration"] for r in plans.train_runs] + list(plans.configurations)
     scored = sorted((n for n in runs if scorer.cover([n])), key=order.index)
     if not scored:
-        raise UserError(f"{dataset_dir}: none of the out-of-fold cases in {workdir} has a reference label here; "
+        raise UserError(f"{dataset_dir}: none of the out-of-fold cases in {work.root} has a reference label here; "
                         "give the dataset the model was trained on")
     ensemble, steps = greedy_ensemble(scorer, scored)
     models = sorted(scorer.counts, key=lambda m: (len(m), [order.index(n) for n in m]))
-    cv = {"+".join(m): scorer.record(m, names) for m in models}
-    selection = {**header("selection"), "configuration": ensemble[0], "ensemble": list(ensemble),
-                 "classes": {str(c): n for c, n in names.items()}, "cv": cv, "greedy": steps,
-                 "postprocessing": [], "postprocessing_tuning": None}
-    selection["postprocessing_by_model"] = {model_name(m): [] for m in dict.fromkeys([ensemble, ensemble[:1]])}
+    selection = Selection(configuration=ensemble[0], ensemble=list(ensemble),
+                          classes={str(c): n for c, n in names.items()},
+                          cv={model_name(m): scorer.record(m, names) for m in models}, greedy=steps,
+                          postprocessing_by_model={model_name(m): [] for m in dict.fromkeys([ensemble, ensemble[:1]])})
     if postprocessing:
-        fp = Fingerprint.load(workdir / FINGERPRINT_FILE) if (workdir / FINGERPRINT_FILE).is_file() else None
+        fp = work.fingerprint_or_none()
         tuned = _tune(scorer, ensemble, fp, names)
-        selection["postprocessing"], selection["postprocessing_tuning"] = tuned["rules"], tuned
-        selection["postprocessing_by_model"][model_name(ensemble)] = tuned["rules"]
+        selection.postprocessing, selection.postprocessing_tuning = tuned["rules"], tuned
+        selection.postprocessing_by_model[model_name(ensemble)] = tuned["rules"]
         if len(ensemble) > 1:
             first = _tune(scorer, ensemble[:1], fp, names)
-            selection["configuration_postprocessing_tuning"] = first
-            selection["postprocessing_by_model"][ensemble[0]] = first["rules"]
-    write_json(_json_safe(selection), workdir / SELECTION_FILE)
+            selection.configuration_postprocessing_tuning = first
+            selection.postprocessing_by_model[ensemble[0]] = first["rules"]
+    selection = Selection.from_dict(selection.to_dict(), "selection")  # as it reads back: NaN scores as None
+    work.save_selection(selection)
     return selection
-
-
-def load_postprocessing(workdir: Path | str, model: str | Sequence[str]) -> list[dict]:
-    """The rules ``selection.json`` tuned for ``model`` (a configuration, or an ensemble's configurations in
-    order); none for a model it did not tune, or without the file."""
-    from autoseg.postprocess import parse_rules
-
-    path = Path(workdir) / SELECTION_FILE
-    if not path.is_file():
-        return []
-    try:
-        selection = json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path}: unreadable ({e}); run `autoseg select` again or delete it") from e
-    members = [model] if isinstance(model, str) else list(model)
-    by_model = selection.get("postprocessing_by_model")
-    if isinstance(by_model, dict):
-        return parse_rules(by_model.get(model_name(members), []), str(path))
-    for key in ("postprocessing_tuning", "ensemble_postprocessing_tuning"):  # files from before by_model
-        tuned = selection.get(key)
-        if isinstance(tuned, dict) and tuned.get("model") == members:
-            return parse_rules(tuned.get("rules", []), str(path))
-    if members != (selection.get("ensemble") or [selection.get("configuration")]):
-        return []
-    return parse_rules(selection.get("postprocessing", []), str(path))
 
 
 def _fmt(v: float | None) -> str:
@@ -273,54 +237,30 @@ def _verdict(tried: dict) -> str:
     return "refused: a class falls" if rose else "no gain"
 
 
-def selection_table(selection: dict) -> str:
+def selection_table(selection: Selection) -> str:
     """The choice as a readable table: per-model CV Dice, the greedy steps and the post-processing tried."""
-    names = list(selection["classes"].values())
-    chosen = "+".join(selection["ensemble"])
-    width = max(12, *(len(k) for k in selection["cv"]))
+    names = list(selection.classes.values())
+    chosen = selection.model
+    width = max(12, *(len(k) for k in selection.cv))
     lines = ["out-of-fold mean Dice (foreground mean and per class)",
              f"  {'model':<{width}} {'folds':>9} {'cases':>5}   mean " + " ".join(f"{n[:8]:>8}" for n in names)]
-    for key, r in selection["cv"].items():
+    for key, r in selection.cv.items():
         folds = ",".join(map(str, r["folds"]))
         mark = "  <- chosen" if key == chosen else ""
         lines.append(f"  {key:<{width}} {folds:>9} {r['cases']:>5} {_fmt(r['foreground_mean_dice'])} "
                      + " ".join(f"{_fmt(r['mean_dice'].get(n)):>8}" for n in names) + mark)
-    for step in selection["greedy"][1:]:
+    for step in selection.greedy[1:]:
         tried = ", ".join(f"+{c} {_fmt(t['before']).strip()}->{_fmt(t['after']).strip()} on {t['cases']}"
                           + ("" if t["acceptable"] else " (refused)") for c, t in step["candidates"].items())
         lines.append(f"  greedy from {'+'.join(step['ensemble'])}: {tried}; "
                      + (f"added {step['added']}" if step["added"] else "stop"))
-    for key, label in (("postprocessing_tuning", chosen),
-                       ("configuration_postprocessing_tuning", f"{selection['configuration']} alone (--config)")):
-        pp = selection.get(key)
+    for pp, label in ((selection.postprocessing_tuning, chosen),
+                      (selection.configuration_postprocessing_tuning, f"{selection.configuration} alone (--config)")):
         if not pp:
             continue
         lines.append(f"post-processing tuned for {label} ({len(pp['rules'])} rule(s) kept):")
         lines += [f"  {_verdict(t):<22} {t['rule']:<36} {_fmt(t['before']).strip()} -> {_fmt(t['after']).strip()}"
                   for t in pp["tried"]]
-    kind = "the ensemble" if len(selection["ensemble"]) > 1 else "configuration"
-    lines.append(f"predict uses {kind} {chosen} with {len(selection['postprocessing'])} post-processing rule(s)")
+    kind = "the ensemble" if len(selection.ensemble) > 1 else "configuration"
+    lines.append(f"predict uses {kind} {chosen} with {len(selection.postprocessing)} post-processing rule(s)")
     return "\n".join(lines)
-
-
-def _json_safe(obj: object) -> object:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
-def select_after_training(workdir: Path | str, dataset_dir: Path | str) -> dict | None:
-    """What ``autoseg train`` runs at its end: select and print the choice. A selection that cannot be made
-    (e.g. the references moved) is reported, not raised: the trained runs stand and ``autoseg select`` redoes it."""
-    try:
-        selection = select_model(workdir, dataset_dir)
-    except UserError as e:
-        print(f"autoseg: model selection skipped: {e}", file=sys.stderr)
-        return None
-    print(selection_table(selection))
-    print(f"wrote {Path(workdir) / SELECTION_FILE}")
-    return selection

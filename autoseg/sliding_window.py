@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from autoseg.device import AUTOCAST
+
 SIGMA_SCALE = 1 / 8  # the Gaussian's sigma as a fraction of the patch, per axis (nnU-Net's value)
 
 

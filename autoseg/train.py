@@ -12,8 +12,8 @@
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -23,20 +23,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoseg.checkpoint import FINAL, LATEST, load_checkpoint, save_checkpoint, unwrap
+from autoseg.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from autoseg.crossval import load_splits
+from autoseg.device import AUTOCAST
 from autoseg.distributed import DistContext
 from autoseg.errors import UserError
 from autoseg.losses import build_loss
 from autoseg.nets import build_network, training_outputs
-from autoseg.plan.model import PLANS_FILE, Augmentation, Configuration, Optimizer, Plans
-from autoseg.preprocess import PREPROCESSED_DIR
-from autoseg.sliding_window import AUTOCAST
+from autoseg.schema.plans import Augmentation, Configuration, Optimizer, Plans
 from autoseg.trainlog import TrainLog
+from autoseg.workdir import RunDir, Workdir
 
-RUNS_DIR = "runs"
-CHECKPOINT_EVERY_S = 300.0
-CHECKPOINT_ENV = "AUTOSEG_CHECKPOINT_EVERY_S"  # overrides the default interval (tests, preemptible machines)
+logger = logging.getLogger(__name__)
 VALIDATION_BATCHES = 4
 ADAPT_AFTER_STEPS = 30
 
@@ -48,33 +46,6 @@ class RunResult:
     finished: bool
     seconds: float
     val_dice: dict[str, float] = field(default_factory=dict)  # last patch validation, per class name
-
-
-def run_folder(workdir: Path | str, configuration: str, fold: int) -> Path:
-    return Path(workdir) / RUNS_DIR / configuration / f"fold_{fold}"
-
-
-def cached_cases(workdir: Path | str, configuration: str) -> list[str]:
-    folder = Path(workdir) / PREPROCESSED_DIR / configuration
-    ids = sorted(p.stem for p in folder.glob("*.json"))
-    if not ids:
-        raise UserError(f"{folder}: no preprocessed cases; run `autoseg plan` first")
-    return ids
-
-
-def default_checkpoint_every_s() -> float:
-    """Seconds between periodic checkpoints: ``$AUTOSEG_CHECKPOINT_EVERY_S`` when set, else 5 minutes. An
-    environment variable only supplies this default; the ``checkpoint_every_s`` argument wins."""
-    text = os.environ.get(CHECKPOINT_ENV, "").strip()
-    if not text:
-        return CHECKPOINT_EVERY_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value <= 0:
-        raise UserError(f"{CHECKPOINT_ENV}={text!r}: expected a positive number of seconds")
-    return value
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
@@ -157,8 +128,8 @@ class Trainer:
                  stop_after: int | None = None, folder: Path | str | None = None,
                  on_validation: Callable[[int, float], None] | None = None,
                  init_weights: Path | str | None = None):
-        self.workdir = Path(workdir)
-        self.plans = plans or Plans.load(self.workdir / PLANS_FILE)
+        self.work = Workdir.of(workdir)
+        self.plans = plans or self.work.load_plans()
         if configuration not in self.plans.configurations:
             raise UserError(f"plans.json has no configuration '{configuration}' "
                             f"(it has {', '.join(self.plans.configurations)})")
@@ -166,11 +137,15 @@ class Trainer:
         self.cfg = self.plans.configurations[configuration]
         self.seconds, self.steps, self.extend_s = seconds, steps, extend_s
         self.device, self.seed, self.workers, self.progress = device, seed, workers, progress
-        self.checkpoint_every_s = default_checkpoint_every_s() if checkpoint_every_s is None else checkpoint_every_s
+        # seconds between periodic checkpoints: the argument (``autoseg train --checkpoint-every``), else the plan's
+        self.checkpoint_every_s = self.cfg.schedule.checkpoint_every_s if checkpoint_every_s is None else checkpoint_every_s
+        if not (self.checkpoint_every_s > 0 and math.isfinite(self.checkpoint_every_s)):
+            raise UserError(f"checkpoint interval {self.checkpoint_every_s!r}: expected a positive number of seconds")
         self.splits_file, self.stop_after = splits_file, stop_after
         # another folder than runs/<config>/fold_<k> (search trials), and a hook called with (step, mean Dice)
         # after each validation on the main process; it may raise to end the run there (a pruned trial)
-        self.folder = Path(folder) if folder is not None else run_folder(self.workdir, configuration, fold)
+        self.run = RunDir(Path(folder)) if folder is not None else self.work.run(configuration, fold)
+        self.folder = self.run.folder
         self.on_validation = on_validation
         # a checkpoint whose network weights a fresh run starts from (the search's trial of this configuration
         # and fold): ignored when the run resumes, since its own checkpoint already holds them
@@ -178,8 +153,8 @@ class Trainer:
 
     # --- setup --------------------------------------------------------------------------------------
     def _split(self) -> tuple[list[str], list[str]]:
-        ids = cached_cases(self.workdir, self.name)
-        splits = load_splits(self.workdir, ids, self.plans.folds, self.splits_file)
+        ids = self.work.cached_cases(self.name)
+        splits = load_splits(self.work, ids, self.plans.folds, self.splits_file)
         if not 0 <= self.fold < len(splits):
             raise UserError(f"fold {self.fold} does not exist: the split has folds 0..{len(splits) - 1}")
         return splits[self.fold]["train"], splits[self.fold]["val"]
@@ -211,10 +186,10 @@ class Trainer:
 
         state, start = self._resume(model, optimizer, scaler)
         if start == 0 and state.get("init_weights") and dist.is_main:
-            print(f"{self.name} fold {self.fold}: starting from the weights in {self.init_weights}", flush=True)
+            logger.info(f"{self.name} fold {self.fold}: starting from the weights in {self.init_weights}")
         if state.get("finished") and not self.extend_s:
             if dist.is_main:
-                print(f"{self.folder}: already finished ({state['total_steps']} steps); --extend T to train more")
+                logger.info(f"{self.folder}: already finished ({state['total_steps']} steps); --extend T to train more")
             dist.stop()
             return self._result(state)
         if self.extend_s and state.get("finished"):
@@ -227,18 +202,18 @@ class Trainer:
             state.setdefault("extensions", []).append({"at_step": start, "steps": more, "seconds": self.extend_s})
         model = dist.wrap(model)
         self.folder.mkdir(parents=True, exist_ok=True)
-        log = TrainLog(self.folder, plans.class_names)
+        log = TrainLog(self.run, plans.class_names)
         per_rank = replace(cfg, batch_size=max(1, math.ceil(cfg.batch_size / dist.world)))
         if dist.is_main:
             remove_stale_temp_files(self.folder)
             log.truncate_after(start)
             self._say_layout(state, start, dist, per_rank.batch_size)
         state.update(world=dist.world, batch_per_rank=per_rank.batch_size)
-        maker = BatchMaker(self.workdir / PREPROCESSED_DIR / self.name, train_ids, per_rank,
+        maker = BatchMaker(self.work.preprocessed(self.name), train_ids, per_rank,
                            seed=self.seed * 7919 + self.fold, ignore_label=plans.ignore_label)
         workers = default_workers() if self.workers is None else self.workers
         loader = PatchLoader(RankBatches(maker, dist.rank, dist.world), start_step=start, num_workers=workers)
-        val_maker = BatchMaker(self.workdir / PREPROCESSED_DIR / self.name, val_ids, no_augmentation(cfg),
+        val_maker = BatchMaker(self.work.preprocessed(self.name), val_ids, no_augmentation(cfg),
                                seed=12345, ignore_label=plans.ignore_label)
         try:
             result = self._loop(model, optimizer, scaler, loss_fn, loader, val_maker, log, state, start, dist)
@@ -251,15 +226,15 @@ class Trainer:
         """Under DDP, say how the batch is split; warn when a run resumes with another number of ranks
         (its batches from here on differ from an uninterrupted run's)."""
         if dist.world > 1:
-            print(f"{self.folder}: DDP over {dist.world} processes ({dist.backend}, {dist.device.type}): "
-                  f"batch {self.cfg.batch_size} = {dist.world} x {per_rank} per rank", flush=True)
+            logger.info(f"{self.folder}: DDP over {dist.world} processes ({dist.backend}, {dist.device.type}): "
+                     f"batch {self.cfg.batch_size} = {dist.world} x {per_rank} per rank")
         before = state.get("world")
         if start > 0 and before is not None and before != dist.world:
-            print(f"{self.folder}: resumed at step {start} with {dist.world} process(es), started with {before}: "
-                  "the batches differ from here on", flush=True)
+            logger.warning(f"{self.folder}: resumed at step {start} with {dist.world} process(es), started with "
+                        f"{before}: the batches differ from here on")
 
     def _resume(self, model, optimizer, scaler) -> tuple[dict, int]:
-        latest = self.folder / LATEST
+        latest = self.run.latest
         if not latest.is_file():
             total = self._total_steps()
             state = {"total_steps": total, "elapsed_s": 0.0, "finished": False, "seed": self.seed,
@@ -357,11 +332,11 @@ class Trainer:
                             self.on_validation(step, row["val_dice_mean"])
                 if time.perf_counter() - t_ckpt > self.checkpoint_every_s and step < state["total_steps"]:
                     state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
-                    self._save(LATEST, model, optimizer, scaler, step, state, dist)
+                    self._save(self.run.latest, model, optimizer, scaler, step, state, dist)
                     t_ckpt = time.perf_counter()
         except KeyboardInterrupt:
             state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
-            self._save(LATEST, model, optimizer, scaler, step, state, dist)
+            self._save(self.run.latest, model, optimizer, scaler, step, state, dist)
             bar.close()
             raise
         bar.close()
@@ -371,9 +346,9 @@ class Trainer:
             state["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         finished = step >= state["total_steps"]
         state["finished"] = finished
-        self._save(LATEST, model, optimizer, scaler, step, state, dist)
+        self._save(self.run.latest, model, optimizer, scaler, step, state, dist)
         if finished:
-            self._save(FINAL, model, optimizer, scaler, step, state, dist)
+            self._save(self.run.final, model, optimizer, scaler, step, state, dist)
         if dist.is_main:
             log.plot()
         result = self._result(state, step)
@@ -418,15 +393,10 @@ class Trainer:
             row[f"val_dice_{name}"] = float(d)
         return row
 
-    def _save(self, name: str, model, optimizer, scaler, step: int, state: dict, dist) -> None:
+    def _save(self, path: Path, model, optimizer, scaler, step: int, state: dict, dist) -> None:
         if dist.is_main:
-            save_checkpoint(self.folder / name, unwrap(model), optimizer, scaler, step, dict(state))
+            save_checkpoint(path, unwrap(model), optimizer, scaler, step, dict(state))
 
     def _result(self, state: dict, step: int | None = None) -> RunResult:
         return RunResult(self.folder, int(step if step is not None else state["total_steps"]),
                          bool(state.get("finished")), float(state.get("elapsed_s", 0.0)))
-
-
-def train_run(workdir: Path | str, configuration: str, fold: int, **kwargs) -> RunResult:
-    """Train (or resume, or extend) one fold of one configuration; see :class:`Trainer` for options."""
-    return Trainer(workdir, configuration, fold, **kwargs).fit()

@@ -5,15 +5,15 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-LOG_FILE = "log.csv"
-CURVES_FILE = "curves.png"
+from autoseg.workdir import RunDir
 
 
 class TrainLog:
     """Rows of step, time, lr, loss and per-class validation Dice; tolerant of a resumed run."""
 
-    def __init__(self, folder: Path, class_names: dict[int, str]):
-        self.path = folder / LOG_FILE
+    def __init__(self, run: RunDir, class_names: dict[int, str]):
+        self.run = run
+        self.path = run.log
         self.class_names = class_names
         self.fields = ["step", "elapsed_s", "lr", "loss", "val_dice_mean"] + [
             f"val_dice_{name}" for name in class_names.values()]
@@ -55,7 +55,7 @@ class TrainLog:
         import matplotlib.pyplot as plt
 
         rows = self.rows()
-        out = self.path.parent / CURVES_FILE
+        out = self.run.curves
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         steps = [int(r["step"]) for r in rows]
         loss = [(int(r["step"]), float(r["loss"])) for r in rows if r.get("loss")]

@@ -31,24 +31,19 @@ import gzip
 import json
 import os
 import struct
-import sys
-import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from autoseg.dataset import _CHANNEL_RE, Case, Dataset, list_cases, parse_dataset_json
 from autoseg.errors import Problem, UserError
 from autoseg.io import SUPPORTED_ENDINGS, Geometry, file_ending, is_natural, read_image, read_label
-from autoseg.workers import is_small, pool_context
+from autoseg.parallel import is_small, map_cases
 
 __all__ = ["validate_dataset"]
 
@@ -457,21 +452,7 @@ def _map_cases(fn: Callable[[Case], _CaseReport], cases: list[Case], jobs: int |
                progress: bool) -> list[_CaseReport]:
     """``fn`` over cases in order; in a process pool when it pays off. The result never depends on the pool."""
     jobs = jobs or os.cpu_count() or 1
-    with tqdm(total=len(cases), desc="validate", unit="case", file=sys.stderr, disable=not progress) as bar:
-        if jobs <= 1 or len(cases) <= POOL_MIN_CASES or is_small(cases):
-            return [_tick(bar, fn(c)) for c in cases]
-        workers = min(jobs, len(cases))
-        chunk = max(1, len(cases) // (workers * 4))
-        try:
-            with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
-                return [_tick(bar, r) for r in pool.map(fn, cases, chunksize=chunk)]
-        except (BrokenProcessPool, OSError) as e:  # e.g. a caller script without a __main__ guard
-            warnings.warn(f"validate: process pool failed ({e}); checking cases in this process",
-                          RuntimeWarning, stacklevel=3)
-            bar.reset()
-            return [_tick(bar, fn(c)) for c in cases]
+    if len(cases) <= POOL_MIN_CASES or is_small(cases):
+        jobs = 1
+    return map_cases(fn, cases, jobs, progress, desc="validate", fallback=True)
 
-
-def _tick(bar: tqdm, report: _CaseReport) -> _CaseReport:
-    bar.update()
-    return report

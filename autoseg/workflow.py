@@ -1,16 +1,24 @@
-"""Stages chained as the CLI runs them: ``plan_dataset`` = validate -> fingerprint -> plan -> preprocess."""
+"""Stages chained as the CLI runs them: ``plan_dataset`` = validate -> fingerprint -> plan -> preprocess;
+``train_dataset`` = train the planned runs -> out-of-fold validation -> select -> bundle.
+
+These return what they did (the CLI and the demo print it); long work reports progress through ``logging``.
+"""
 
 from __future__ import annotations
 
-import os
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoseg.errors import DatasetError
-from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint, extract_fingerprint
-from autoseg.plan.model import PLANS_FILE, Plans
-from autoseg.workdir import resolve_workdir
+from autoseg.distributed import is_main_process, world_size
+from autoseg.errors import DatasetError, UserError
+from autoseg.fingerprint import extract_fingerprint
+from autoseg.schema.fingerprint import Fingerprint
+from autoseg.schema.plans import Plans
+from autoseg.schema.selection import Selection
+from autoseg.workdir import Workdir
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,11 +53,11 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     """
     import time
 
-    from autoseg import workers
+    from autoseg import parallel
 
     started = jobs is None or jobs > 1
     if started:  # first: the worker server loads preprocessing (torch) while we import it
-        workers.start(["autoseg.preprocess"])
+        parallel.start(["autoseg.preprocess"])
 
     from autoseg.plan.budget import parse_duration
     from autoseg.plan.make import make_plans
@@ -57,7 +65,8 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     from autoseg.preprocess import preprocess
     from autoseg.validate import validate_dataset
 
-    work = resolve_workdir(dataset, workdir)
+    wd = Workdir.for_dataset(dataset, workdir)
+    work = wd.root
     # arguments first: a typo in --budget or --planner should not wait for the dataset to be read
     budget_s = None if budget is None else parse_duration(budget)
     get_planner(planner)
@@ -71,23 +80,22 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
 
     t = time.perf_counter()
     fp = extract_fingerprint(dataset, jobs=jobs, progress=progress)
-    fp.save(work / FINGERPRINT_FILE)
+    wd.save_fingerprint(fp)
     timings["fingerprint"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    plans_path = work / PLANS_FILE
     plans, replanned = None, True
-    if plans_path.is_file() and not (replan or remeasure):
-        existing = Plans.load(plans_path)
+    if wd.plans_file.is_file() and not (replan or remeasure):
+        existing = wd.load_plans()
         if _same_request(existing, fp, planner, budget_s, device) and folds in (None, existing.folds):
             plans, replanned = existing, False
     if plans is None:
         if progress:
-            print("planning: measuring candidate networks on the device ...", file=sys.stderr)
+            logger.info("planning: measuring candidate networks on the device ...")
         if started:
-            workers.wait_started()  # measure step times on an otherwise idle CPU
+            parallel.wait_started()  # measure step times on an otherwise idle CPU
         plans = make_plans(fp, planner, budget_s, device, folds or 5, remeasure=remeasure)
-        plans.save(plans_path)
+        wd.save_plans(plans)
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -119,23 +127,22 @@ def trained_configurations(plans: Plans) -> list[str]:
     return list(dict.fromkeys(r["configuration"] for r in plans.train_runs)) or list(plans.configurations)
 
 
-def ensure_preprocessed(dataset: Path | str, work: Path, plans: Plans, configurations: list[str],
+def ensure_preprocessed(dataset: Path | str, work: Workdir | Path | str, plans: Plans, configurations: list[str],
                         jobs: int | None = None, progress: bool = False) -> dict[str, int]:
     """Bring the cache of ``configurations`` up to date (a no-op for cases already current)."""
-    from autoseg.errors import UserError
-    from autoseg.preprocess import PREPROCESSED_DIR, preprocess
+    from autoseg.preprocess import preprocess
 
-    missing = [c for c in configurations if not any((work / PREPROCESSED_DIR / c).glob("*.json"))]
-    fp_path = work / FINGERPRINT_FILE
-    if not missing and (not fp_path.is_file() or not trainer_is_main()
-                        or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    work = Workdir.of(work)
+    missing = [c for c in configurations if not work.is_preprocessed(c)]
+    one_process = is_main_process() and world_size() == 1
+    if not missing and (not work.fingerprint_file.is_file() or not one_process):
         return {}  # under torchrun every rank would preprocess into one folder: rank 0 alone did, at plan time
-    if missing and (not trainer_is_main() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if missing and not one_process:
         raise UserError(f"configuration {', '.join(missing)} is not preprocessed yet: run `autoseg plan "
                         f"{dataset} --preprocess {' '.join(missing)}` first, then torchrun again")
-    if not fp_path.is_file():
-        raise UserError(f"{fp_path}: missing; run `autoseg plan {dataset}` first")
-    return preprocess(dataset, work, plans, Fingerprint.load(fp_path), configurations=configurations, jobs=jobs,
+    if not work.fingerprint_file.is_file():
+        raise UserError(f"{work.fingerprint_file}: missing; run `autoseg plan {dataset}` first")
+    return preprocess(dataset, work, plans, work.load_fingerprint(), configurations=configurations, jobs=jobs,
                       progress=progress)
 
 
@@ -178,7 +185,7 @@ def summary(result: PlanResult) -> str:
     if later:
         lines.append(f"not preprocessed yet (not trained in this budget): {', '.join(later)}; "
                      f"`autoseg train --config {later[0]}` preprocesses it first")
-    lines.append(f"wrote {result.workdir / PLANS_FILE}")
+    lines.append(f"wrote {Workdir(result.workdir).plans_file}")
     return "\n".join(lines)
 
 
@@ -194,6 +201,18 @@ class TrainedRun:
     finished: bool
     steps: int
     oof: dict | None = None
+
+
+@dataclass
+class TrainResult:
+    """What ``train_dataset`` did: the runs, then the selection and the bundle made from them (or why not)."""
+
+    runs: list[TrainedRun] = field(default_factory=list)
+    selection: Selection | None = None
+    selection_error: str | None = None
+    bundle: Path | None = None
+    bundle_error: str | None = None
+    workdir: Path | None = None
 
 
 def select_runs(plans: Plans, configuration: str | None, fold: str | int | None) -> list[tuple[str, int, float]]:
@@ -222,68 +241,97 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
                   fold: str | int | None = None, budget: str | float | None = None, device: str | None = None,
                   extend: str | float | None = None, seed: int = 0, workers: int | None = None,
                   progress: bool = True, splits_file: Path | str | None = None,
-                  steps: int | None = None) -> list[TrainedRun]:
-    """Train the planned runs (or the ones asked for) inside the budget, then predict and score each
-    finished fold's held-out cases. ``budget`` overrides the plan's and is split evenly over the runs;
-    ``steps`` fixes each run's length instead (no adaptation to the measured speed: repeatable)."""
+                  steps: int | None = None, checkpoint_every_s: float | None = None) -> TrainResult:
+    """Train the planned runs (or the ones asked for) inside the budget, predict and score each finished
+    fold's held-out cases, then select the model and pack the bundle. ``budget`` overrides the plan's and is
+    split evenly over the runs; ``steps`` fixes each run's length instead (no adaptation to the measured
+    speed: repeatable); ``checkpoint_every_s`` overrides the plan's checkpoint interval."""
+    from autoseg.bundle import pack_bundle
     from autoseg.crossval import load_splits
+    from autoseg.device import best_device
     from autoseg.oof import predict_fold_validation
     from autoseg.plan.budget import format_duration, parse_duration
-    from autoseg.plan.compute import best_device
-    from autoseg.train import Trainer, cached_cases
+    from autoseg.train import Trainer
 
-    work = resolve_workdir(dataset, workdir)
-    plans = Plans.load(work / PLANS_FILE)
+    work = Workdir.for_dataset(dataset, workdir)
+    plans = work.load_plans()
     runs = select_runs(plans, configuration, fold)
     ensure_preprocessed(dataset, work, plans, list(dict.fromkeys(c for c, _, _ in runs)), progress=progress)
     if budget is not None:
         total = float(budget) if isinstance(budget, (int, float)) else parse_duration(budget)
         runs = [(c, k, total / len(runs)) for c, k, _ in runs]
     extend_s = None if extend is None else (float(extend) if isinstance(extend, (int, float)) else parse_duration(extend))
-    if trainer_is_main():
-        print(f"training {len(runs)} run(s): " + ", ".join(f"{c} fold {k} ({format_duration(s)})" for c, k, s in runs),
-              file=sys.stderr)
+    main = is_main_process()
+    if main:
+        logger.info(f"training {len(runs)} run(s): "
+                    + ", ".join(f"{c} fold {k} ({format_duration(s)})" for c, k, s in runs))
     oof_device = device or best_device()  # where the run trained: a GPU run's held-out cases are predicted on it
-    results = []
+    result = TrainResult(workdir=work.root)
     for c, k, s in runs:
         trainer = Trainer(work, c, k, plans=plans, seconds=s, steps=steps, device=device, seed=seed, workers=workers,
                           progress=progress, extend_s=extend_s, splits_file=splits_file,
-                          init_weights=warm_start(work, plans, c, k, splits_file))
+                          checkpoint_every_s=checkpoint_every_s, init_weights=warm_start(work, plans, c, k, splits_file))
         r = trainer.fit()
         run = TrainedRun(c, k, r.seconds, r.finished, r.steps)
-        if r.finished and trainer_is_main():
-            val = load_splits(work, cached_cases(work, c), plans.folds, splits_file)[k]["val"]
-            summary_path = r.folder / "validation" / "summary.json"
-            if not summary_path.is_file() or extend_s:
-                run.oof = predict_fold_validation(work, dataset, plans, c, k, val, r.folder,
-                                                  device=oof_device, progress=progress)
-            else:
-                import json
-
-                run.oof = json.loads(summary_path.read_text())
-        results.append(run)
-    if any(r.finished for r in results) and trainer_is_main():
-        from autoseg.select import select_after_training
-
-        select_after_training(work, dataset)  # configuration, ensemble, post-processing -> selection.json
-        from autoseg.bundle import bundle_after_training
-
-        bundle_after_training(work)  # -> WORKDIR/model.autoseg, the file to share
-    return results
+        if r.finished and main:
+            summary = work.run(c, k).read_validation_summary()
+            if summary is None or extend_s:
+                val = load_splits(work, work.cached_cases(c), plans.folds, splits_file)[k]["val"]
+                summary = predict_fold_validation(work, dataset, plans, c, k, val, device=oof_device, progress=progress)
+            run.oof = summary
+        result.runs.append(run)
+    if any(r.finished for r in result.runs) and main:
+        result.selection, result.selection_error = select_after_training(work, dataset)
+        try:
+            result.bundle = pack_bundle(work)  # -> the file to share
+        except UserError as e:  # reported, not raised: the trained runs stand
+            result.bundle_error = str(e)
+    return result
 
 
-def warm_start(work: Path, plans: Plans, configuration: str, fold: int, splits_file: Path | str | None = None
-               ) -> Path | None:
+def select_after_training(work: Workdir | Path | str, dataset: Path | str) -> tuple[Selection | None, str | None]:
+    """Configuration, ensemble and post-processing from the out-of-fold outputs, as ``train`` ends; a selection
+    that cannot be made (e.g. the references moved) is reported, not raised: the trained runs stand and
+    ``autoseg select`` redoes it."""
+    from autoseg.select import select_model
+
+    try:
+        return select_model(work, dataset), None
+    except UserError as e:
+        return None, str(e)
+
+
+def warm_start(work: Workdir | Path | str, plans: Plans, configuration: str, fold: int,
+               splits_file: Path | str | None = None) -> Path | None:
     """The search's best trial's weights when this run is the one it trained (same configuration, fold and
     split): the final training continues from them instead of starting over."""
+    work = Workdir.of(work)
     ws = plans.search.get("warm_start") or {}
     if splits_file is not None or ws.get("configuration") != configuration or ws.get("fold") != fold:
         return None
-    path = Path(work) / ws["checkpoint"]
+    path = work.root / ws["checkpoint"]
     return path if path.is_file() else None
 
 
-def trainer_is_main() -> bool:
-    import os
+def train_summary(result: TrainResult) -> str:
+    """What training did, for the terminal: one line per run, then the selection and the bundle."""
+    from autoseg.select import selection_table
 
-    return int(os.environ.get("RANK", "0")) == 0
+    lines = []
+    for r in result.runs:
+        status = "finished" if r.finished else "stopped"
+        line = f"{r.configuration} fold {r.fold}: {status} after {r.steps} steps ({r.seconds:.0f}s)"
+        if r.oof:
+            dice = ", ".join(f"{k} {v:.3f}" for k, v in r.oof["mean_dice"].items() if v is not None)
+            line += f"; held-out Dice: {dice}"
+        lines.append(line)
+    if result.selection is not None:
+        lines += [selection_table(result.selection), f"wrote {Workdir(result.workdir).selection_file}"]
+    if result.selection_error:
+        lines.append(f"model selection skipped: {result.selection_error}")
+    if result.bundle is not None:
+        lines.append(f"wrote {result.bundle} (`autoseg predict {result.bundle} INPUT OUTPUT` works anywhere "
+                     "autoseg is installed)")
+    if result.bundle_error:
+        lines.append(f"bundle not written: {result.bundle_error}")
+    return "\n".join(lines)

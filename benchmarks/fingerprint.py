@@ -30,7 +30,9 @@ import _nnunet  # noqa: E402
 from _measure import Measurement, machine, measure  # noqa: E402
 
 import autoseg  # noqa: E402
-from autoseg.fingerprint import FINGERPRINT_FILE, SAMPLES_PER_CASE, Fingerprint  # noqa: E402
+from autoseg.fingerprint import SAMPLES_PER_CASE  # noqa: E402
+from autoseg.schema.fingerprint import Fingerprint
+from autoseg.workdir import FINGERPRINT_FILE
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent

@@ -100,10 +100,10 @@ def step_times(log_csv: Path) -> list[float]:
 def check(a: argparse.Namespace, report: dict) -> None:
     import torch
 
-    from autoseg.checkpoint import FINAL, load_checkpoint
-    from autoseg.plan.model import PLANS_FILE, Plans
+    from autoseg.checkpoint import load_checkpoint
+    from autoseg.schema.plans import Plans
     from autoseg.synth import generate
-    from autoseg.train import run_folder
+    from autoseg.workdir import FINAL, PLANS_FILE, Workdir
 
     shutil.rmtree(a.work, ignore_errors=True)  # a fresh plan and run: nothing kept from an earlier check
     t = time.perf_counter()
@@ -128,7 +128,7 @@ def check(a: argparse.Namespace, report: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
     stage("train", ["-q", "train", str(data), "-w", str(work), "--device", a.device, "--fold", "0", "--config", config,
                     "--budget", a.train_budget], report)
-    folder = run_folder(work, config, 0)
+    folder = Workdir(work).run(config, 0).folder
     state = load_checkpoint(folder / FINAL)["state"]
     per_step = step_times(folder / "log.csv")
     report["train"] = {

@@ -166,7 +166,7 @@ def in_run_timings(log: Path) -> dict[str, float]:
 
 
 def dataset_facts(data: Path, task: str, size: str, autoseg_work: Path) -> str:
-    from autoseg.fingerprint import Fingerprint
+    from autoseg.schema.fingerprint import Fingerprint
 
     fp = Fingerprint.load(autoseg_work / "fingerprint.json")
     shapes = np.array([c.shape for c in fp.cases])
@@ -316,8 +316,9 @@ def stage(name: str, data: Path, work: Path, jobs: int) -> int:
     """Run one autoseg stage on the artifacts of the previous ones, as `autoseg plan` would (with the
     command's OpenMP setting, and preprocessing the configurations it preprocesses)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the autoseg command sets it, before torch loads
-    from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint
-    from autoseg.plan import PLANS_FILE, Plans
+    from autoseg.schema.fingerprint import Fingerprint
+    from autoseg.schema.plans import Plans
+    from autoseg.workdir import FINGERPRINT_FILE, PLANS_FILE
 
     fp = Fingerprint.load(work / FINGERPRINT_FILE)
     if name == "plan":

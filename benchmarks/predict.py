@@ -120,9 +120,11 @@ def autoseg_workdir(ds: Path, nn: dict, train_s: float, env: dict) -> Path:
     dataset the planner profiles a candidate whose bottleneck is 1x1x1, which instance norm refuses (an
     issue of the planner, reported). Precision and layout are set to what the planner chooses on this CPU
     (bf16 autocast + channels-last; benchmarks/results/train.md measures that choice)."""
-    from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint, extract_fingerprint
+    from autoseg.fingerprint import extract_fingerprint
     from autoseg.plan import rules
-    from autoseg.plan.model import PLANS_FILE, Augmentation, Configuration, Measurement, Network, Plans
+    from autoseg.schema.fingerprint import Fingerprint
+    from autoseg.schema.plans import Augmentation, Configuration, Measurement, Network, Plans
+    from autoseg.workdir import FINGERPRINT_FILE, PLANS_FILE
 
     work = WORK / "autoseg"
     exe = str(Path(sys.executable).parent / "autoseg")
@@ -161,7 +163,8 @@ def exact_copy(work: Path) -> Path:
     """The same weights with plans that say fp32 and NCDHW (runs/ linked, not copied)."""
     from dataclasses import replace
 
-    from autoseg.plan.model import PLANS_FILE, Plans
+    from autoseg.schema.plans import Plans
+    from autoseg.workdir import PLANS_FILE
 
     exact = WORK / "autoseg_exact"
     exact.mkdir(exist_ok=True)
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ws, nn = nnunet(ds, a.train_s, env)
     work = autoseg_workdir(ds, nn, a.train_s, {**os.environ, **env})
     exact = exact_copy(work)
-    from autoseg.plan.model import PLANS_FILE, Plans
+    from autoseg.schema.plans import Plans
+    from autoseg.workdir import PLANS_FILE
 
     cfg = Plans.load(work / PLANS_FILE).configurations["3d_fullres"]
     ours, theirs = param_counts(work, ws)

@@ -73,10 +73,10 @@ def write_workdir(work: Path, shape: tuple[int, int, int], patch: list[int]) -> 
     """plans.json (spacing = the image's) and one random-init fold; returns the network's parameter count."""
     import torch
 
-    from autoseg.checkpoint import FINAL, save_checkpoint
+    from autoseg.checkpoint import save_checkpoint
     from autoseg.nets import build_network
-    from autoseg.plan.model import Augmentation, Configuration, Network, Normalization, Plans, Resampling
-    from autoseg.train import run_folder
+    from autoseg.schema.plans import Augmentation, Configuration, Network, Normalization, Plans, Resampling
+    from autoseg.workdir import FINAL, Workdir
 
     k = [[3, 3, 3]] * len(FEATURES)
     net = Network("unet", FEATURES, k, [[1, 1, 1]] + [[2, 2, 2]] * (len(FEATURES) - 1), [1] * len(FEATURES),
@@ -92,7 +92,7 @@ def write_workdir(work: Path, shape: tuple[int, int, int], patch: list[int]) -> 
     plans.save(work / "plans.json")
     torch.manual_seed(0)
     model = build_network(net, 1, len(CLASSES), 3)
-    folder = run_folder(work, "3d_fullres", 0)
+    folder = Workdir(work).run("3d_fullres", 0).folder
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(folder / FINAL, model, torch.optim.SGD(model.parameters(), lr=0.1), None, 1, {})
     return sum(p.numel() for p in model.parameters())

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from autoseg.plan.model import Resampling
 from autoseg.resample import resample_image, resample_label, resize
+from autoseg.schema.plans import Resampling
 
 ROOT = Path(__file__).resolve().parent
 

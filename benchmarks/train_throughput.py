@@ -218,7 +218,7 @@ def autoseg_worker(spec: dict) -> None:
 
     from autoseg.losses import build_loss
     from autoseg.nets import build_network, count_parameters, training_outputs
-    from autoseg.plan.model import Loss, Network, Optimizer
+    from autoseg.schema.plans import Loss, Network, Optimizer
     from autoseg.train import _forward_loss, make_optimizer
 
     _set_threads(spec)
@@ -307,12 +307,12 @@ def loader_cases(work: Path, patch: list[int], batch: int, quick: bool) -> list[
     from dataclasses import replace
 
     from autoseg.loader import BatchMaker
-    from autoseg.plan.model import Plans
-    from autoseg.train import cached_cases
+    from autoseg.schema.plans import Plans
+    from autoseg.workdir import Workdir
 
     plans = Plans.load(work / "plans.json")
     cfg = plans.configurations["3d_fullres"]
-    folder, ids = work / "preprocessed" / "3d_fullres", cached_cases(work, "3d_fullres")
+    folder, ids = work / "preprocessed" / "3d_fullres", Workdir(work).cached_cases("3d_fullres")
     big = replace(cfg, patch_size=list(patch), batch_size=batch)
     every = replace(big, augmentation=replace(cfg.augmentation, elastic=True, mirror_axes=list(range(cfg.ndim))))
     cases = [(f"planned 3d_fullres: patch {fmt_patch(cfg.patch_size)}, batch {cfg.batch_size}, planned augmentation",
@@ -334,9 +334,10 @@ def run(args: argparse.Namespace) -> dict:
     import _nnunet
     import torch
 
+    from autoseg.device import detect_device
     from autoseg.loader import default_workers, measure_loader
-    from autoseg.plan.compute import count_step_flops, detect_device
-    from autoseg.plan.model import Network, Plans
+    from autoseg.plan.compute import count_step_flops
+    from autoseg.schema.plans import Network, Plans
 
     work = planned_workdir()
     plans = Plans.load(work / "plans.json")

@@ -16,11 +16,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from autoseg.fingerprint import Fingerprint
 from autoseg.plan import budget, rules
 from autoseg.plan.fit import FitRequest, fit
-from autoseg.plan.model import Configuration, Loss, Optimizer, Plans, Schedule
 from autoseg.plan.registry import PlanningContext, register_planner
+from autoseg.schema.fingerprint import Fingerprint
+from autoseg.schema.plans import Configuration, Loss, Optimizer, Plans, Schedule
 
 
 @dataclass(frozen=True)

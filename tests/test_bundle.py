@@ -27,9 +27,9 @@ from autoseg.bundle.archive import MANIFEST, may_be_pickle
 from autoseg.cli import run
 from autoseg.errors import UserError
 from autoseg.fingerprint import extract_fingerprint
+from autoseg.inference import Predictor
 from autoseg.io import Geometry, read_image, read_label, write_image
-from autoseg.plan.model import Normalization, Plans
-from autoseg.predict import Predictor
+from autoseg.schema.plans import Normalization, Plans
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_dataset
 
-from autoseg import __version__
 from autoseg.cli import EXIT_BAD_INPUT, build_parser, run
 from autoseg.errors import DatasetError, Problem, UserError
+from autoseg.version import __version__
 
 COMMANDS = ["demo", "validate", "fingerprint", "plan", "train", "select", "predict", "evaluate", "synth", "convert-msd",
             "bundle", "info", "verify", "export", "benchmark", "search-worker"]

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from autoseg.crossval import SPLITS_FILE, load_splits, make_splits
+from autoseg.crossval import load_splits, make_splits
 from autoseg.errors import UserError
+from autoseg.workdir import SPLITS_FILE
 
 
 def test_make_splits_validates_every_case_once():

@@ -19,22 +19,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoseg.checkpoint import FINAL, LATEST, load_checkpoint
+from autoseg.checkpoint import load_checkpoint
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.nets import build_network
 from autoseg.plan import rules
-from autoseg.plan.model import Configuration, Network, Plans, Schedule
 from autoseg.preprocess import preprocess
+from autoseg.schema.plans import Configuration, Network, Plans, Schedule
 from autoseg.synth import generate
-from autoseg.train import run_folder
+from autoseg.workdir import FINAL, LATEST, Workdir
 
 CONFIG = "3d_fullres"
 LAUNCH_TIMEOUT_S = 240  # a hang (a collective only some ranks reach) fails the test instead of blocking it
 
 SCRIPT = '''
-import json, os, sys
+import json, logging, os, sys
 
 from autoseg import train
+
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # autoseg's notices
 from autoseg.workflow import train_dataset
 
 seen = []
@@ -112,7 +114,7 @@ def test_two_cpu_processes_split_the_batch_only_rank_0_writes_and_a_stopped_run_
     ds, work, plans = task
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
-    folder = run_folder(work, CONFIG, 0)
+    folder = Workdir(work).run(CONFIG, 0).folder
 
     out, reports = torchrun(script, "stop", ds, work, 4)
     assert [r["rank"] for r in reports] == [0, 1] and all(r["world"] == 2 for r in reports), out
@@ -142,6 +144,6 @@ def test_two_cpu_processes_split_the_batch_only_rank_0_writes_and_a_stopped_run_
     summary = json.loads((folder / "validation" / "summary.json").read_text())
     assert summary["fold"] == 0 and summary["cases"]
     assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
-    fold1 = load_checkpoint(run_folder(work, CONFIG, 1) / FINAL)
+    fold1 = load_checkpoint(Workdir(work).run(CONFIG, 1).folder / FINAL)
     assert fold1["step"] == 4 and fold1["state"]["batch_per_rank"] == 1
-    assert (run_folder(work, CONFIG, 1) / "validation" / "summary.json").is_file()
+    assert (Workdir(work).run(CONFIG, 1).folder / "validation" / "summary.json").is_file()

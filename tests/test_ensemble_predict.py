@@ -19,17 +19,16 @@ from test_predict import hand_plans, input_files, save_random_folds
 from autoseg.bundle import load_bundle, pack_bundle
 from autoseg.cli import run
 from autoseg.fingerprint import extract_fingerprint
+from autoseg.inference import Predictor
 from autoseg.io import read_image, read_label
 from autoseg.oof import predict_fold_validation
 from autoseg.plan import rules
-from autoseg.plan.model import Plans
 from autoseg.postprocess import apply_postprocessing
-from autoseg.predict import Predictor
-from autoseg.predict_inputs import SELECTION_FILE, choose_model
 from autoseg.preprocess import preprocess
-from autoseg.select import _Scorer, find_oof, load_postprocessing, select_model
+from autoseg.schema.plans import Plans
+from autoseg.select import _Scorer, find_oof, select_model
 from autoseg.synth import generate
-from autoseg.train import run_folder
+from autoseg.workdir import SELECTION_FILE, Workdir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MEMBERS = ["3d_lowres", "2d"]
@@ -57,8 +56,8 @@ def ensemble(tmp_path_factory) -> tuple[Path, Path]:
     preprocess(ds, work, plans, fp, jobs=1)
     for c in MEMBERS:
         for k, cases in HELD_OUT.items():
-            predict_fold_validation(work, ds, plans, c, k, cases, run_folder(work, c, k))
-    selection = select_model(work, ds, postprocessing=False)
+            predict_fold_validation(work, ds, plans, c, k, cases)
+    selection = select_model(work, ds, postprocessing=False).to_dict()
     rule = [{"rule": "largest_component", "classes": [1]}]
     selection.update(configuration=MEMBERS[0], ensemble=MEMBERS, postprocessing=rule,
                      postprocessing_by_model={"+".join(MEMBERS): rule, MEMBERS[0]: []})
@@ -93,7 +92,7 @@ def test_predicting_the_out_of_fold_cases_reproduces_the_labels_selection_scored
 def test_predict_uses_the_selected_ensemble_and_its_rules_and_says_so(ensemble, tmp_path, capsys):
     ds, work = ensemble
     plans = Plans.load(work / "plans.json")
-    assert choose_model(work, plans, None) == MEMBERS and choose_model(work, plans, "2d") == ["2d"]
+    assert Workdir(work).model(plans) == MEMBERS and Workdir(work).model(plans, "2d") == ["2d"]
     out = tmp_path / "out"
     assert run(["-q", "predict", str(work), str(ds / "imagesTs"), str(out), "--mirror", "off"]) == 0
     err = capsys.readouterr().err
@@ -116,8 +115,9 @@ def test_config_forces_one_configuration_with_its_own_rules(ensemble, tmp_path, 
     img = input_files(ds)[0]
     written, _ = read_label(out / img.name.replace("_0000", ""))
     assert np.array_equal(written, p.predict_case(*read_image(img))[0])
-    assert load_postprocessing(work, MEMBERS) == [{"rule": "largest_component", "classes": [1]}]
-    assert load_postprocessing(work, "2d") == []
+    selection = Workdir(work).load_selection()
+    assert selection.rules_for(MEMBERS) == [{"rule": "largest_component", "classes": [1]}]
+    assert selection.rules_for(["2d"]) == []
 
 
 def test_the_bundle_carries_every_member_and_predicts_the_ensemble_bit_for_bit(ensemble, tmp_path):

@@ -9,17 +9,13 @@ import numpy as np
 import pytest
 from conftest import write_tiny_dataset
 
-from autoseg import workers
+from autoseg import parallel
 from autoseg.cli import run
 from autoseg.errors import DatasetError, UserError
-from autoseg.fingerprint import (
-    FINGERPRINT_FILE,
-    Fingerprint,
-    class_stats,
-    extract_fingerprint,
-    nonzero_box,
-)
+from autoseg.fingerprint import class_stats, extract_fingerprint, nonzero_box
 from autoseg.io import Geometry, write_image, write_label
+from autoseg.schema.fingerprint import Fingerprint
+from autoseg.workdir import FINGERPRINT_FILE
 
 SPACING = (3.0, 0.5, 0.8)  # z, y, x: anisotropic so a swapped axis shows in the mm values
 SHAPE = (10, 20, 16)
@@ -121,7 +117,7 @@ def test_dataset_summary(constructed: Path) -> None:
 
 
 def test_jobs_do_not_change_a_byte(ct_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(workers, "SMALL_BYTES", 0)  # a pool even for tiny data
+    monkeypatch.setattr(parallel, "SMALL_BYTES", 0)  # a pool even for tiny data
     extract_fingerprint(ct_tiny, jobs=1).save(tmp_path / "j1.json")
     extract_fingerprint(ct_tiny, jobs=2).save(tmp_path / "j2.json")
     assert (tmp_path / "j1.json").read_bytes() == (tmp_path / "j2.json").read_bytes()
@@ -208,7 +204,7 @@ def test_no_training_cases_is_a_dataset_error(tmp_path: Path) -> None:
 
 
 def test_missing_label_file_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(workers, "SMALL_BYTES", 0)  # the error crosses the process pool
+    monkeypatch.setattr(parallel, "SMALL_BYTES", 0)  # the error crosses the process pool
     root = write_tiny_dataset(tmp_path / "Dataset007_NoLabel", cases=2)
     (root / "labelsTr" / "case001.nii.gz").unlink()
     with pytest.raises(UserError, match="case001.nii.gz: file not found"):

@@ -14,8 +14,8 @@ from scipy import ndimage
 
 from autoseg.augment import build_transforms, region_size, scaled
 from autoseg.loader import BatchMaker, PatchLoader, default_workers, lower_bounds, measure_loader
-from autoseg.plan.model import Augmentation, Configuration, Network, Normalization, Resampling, Sampling
 from autoseg.preprocess import class_locations, write_case
+from autoseg.schema.plans import Augmentation, Configuration, Network, Normalization, Resampling, Sampling
 
 NO_INTENSITY = dict(noise=0.0, blur=0.0, brightness=0.0, contrast=0.0, gamma=0.0, low_resolution=0.0)
 

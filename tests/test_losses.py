@@ -14,9 +14,8 @@ from autoseg.losses import (
     build_loss,
     deep_supervision_weights,
     downsample_target,
-    register_loss,
 )
-from autoseg.plan.model import Loss
+from autoseg.schema.plans import Loss
 
 NAMES = ["dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice"]
 S = 1e-5  # smoothing
@@ -181,7 +180,7 @@ def test_zero_weighted_coarsest_output_stays_in_the_graph():
 
 def test_works_with_a_deep_supervised_network():
     from autoseg.nets import build_network
-    from autoseg.plan.model import Network
+    from autoseg.schema.plans import Network
 
     cfg = Network(features=[4, 8, 8], kernel_sizes=[[3, 3, 3]] * 3, strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]])
     net = build_network(cfg, 1, 3, 3).train()
@@ -213,7 +212,7 @@ def test_registry_knows_every_plan_loss_and_accepts_new_ones():
     with pytest.raises(ValueError, match=">= 2"):
         build_loss(Loss(), 1)
 
-    @register_loss("_mean_logit")
+    @LOSSES.register("_mean_logit")
     def _mean_logit(cfg: Loss) -> torch.nn.Module:
         class MeanLogit(torch.nn.Module):
             def forward(self, logits, target, valid):

@@ -12,7 +12,7 @@ from autoseg.nets import NETWORKS, build_network, count_parameters, describe, tr
 from autoseg.nets.blocks import norm_layer
 from autoseg.nets.deeplab import ASPP, atrous
 from autoseg.plan.compute import count_step_flops
-from autoseg.plan.model import Network
+from autoseg.schema.plans import Network
 
 FAMILIES = ["unet", "resenc_unet", "fcn", "deeplabv3plus"]
 IN_CH, CLASSES = 2, 3

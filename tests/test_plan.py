@@ -22,17 +22,20 @@ import torch
 from test_plan_rules import ANISO_Z, anisotropic, isotropic, make_fingerprint, planar
 
 from autoseg.cli import run
+from autoseg.device import DeviceInfo, detect_device
 from autoseg.errors import UserError
-from autoseg.fingerprint import Fingerprint
 from autoseg.nets import build_network, count_parameters
-from autoseg.plan import PLANS_FILE, Plans, compute
 from autoseg.plan import budget as budget_module
+from autoseg.plan import compute
 from autoseg.plan import make as make_module
 from autoseg.plan.budget import parse_duration, target_steps
-from autoseg.plan.compute import DeviceInfo, MiB, StepMeasurement
+from autoseg.plan.compute import MiB, StepMeasurement
 from autoseg.plan.fit import JUDGE_DEPTH_MARGIN
 from autoseg.plan.make import make_plans
 from autoseg.plan.registry import get_planner
+from autoseg.schema.fingerprint import Fingerprint
+from autoseg.schema.plans import Plans
+from autoseg.workdir import PLANS_FILE
 
 FLOPS_PER_S = 50e9
 BYTES_PER_UNIT = 48  # per voxel x sample x base feature: memory proportional to the patch voxels
@@ -355,7 +358,7 @@ def test_a_measurement_gives_up_after_a_warm_up_over_its_bound_and_is_not_stored
     """Real steps of a tiny network: a warm-up slower than ``give_up_s`` ends the measurement (one step run,
     its time returned), and the store keeps only complete measurements."""
     from autoseg.plan import measurements
-    from autoseg.plan.model import Network
+    from autoseg.schema.plans import Network
 
     net = Network("unet", [4, 8], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2]], [1, 1], decoder_convs=1)
     steps: list[int] = []
@@ -522,7 +525,7 @@ def test_real_measurement_plans_a_tiny_dataset(one_thread):
     assert m.step_time_s > 0 and m.peak_memory_mb > 0 and m.parameters > 0 and m.gflops_per_step > 0
     assert cfg.schedule.steps * m.step_time_s == pytest.approx(run_seconds(plans, "2d"), rel=0.02)
     assert 0 < plans.planning_time_s < 60
-    assert plans.device["type"] == "cpu" and plans.device["name"] == compute.detect_device("cpu").name
+    assert plans.device["type"] == "cpu" and plans.device["name"] == detect_device("cpu").name
 
 
 # --- plans.json ------------------------------------------------------------------------------------------

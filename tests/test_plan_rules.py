@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from autoseg.errors import UserError
-from autoseg.fingerprint import CaseFingerprint, ChannelStats, ClassStats, Fingerprint, modality_of
+from autoseg.fingerprint import modality_of
 from autoseg.plan import budget, rules
+from autoseg.schema.fingerprint import CaseFingerprint, ChannelStats, ClassStats, Fingerprint
 
 ANISO_Z = [5.0, 4.0, 5.0, 6.0, 5.0]  # the coarse axis of the anisotropic dataset; 10th percentile 4.4
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from autoseg.errors import UserError
-from autoseg.fingerprint import ClassStats
 from autoseg.postprocess import (
     CaseLabels,
     apply_postprocessing,
@@ -20,6 +19,7 @@ from autoseg.postprocess import (
     size_bases,
     tune_postprocessing,
 )
+from autoseg.schema.fingerprint import ClassStats
 
 SPACING = (1.0, 1.0, 1.0)
 

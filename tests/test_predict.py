@@ -15,18 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from autoseg.checkpoint import FINAL, save_checkpoint
+from autoseg.checkpoint import save_checkpoint
 from autoseg.cli import run
 from autoseg.errors import UserError
 from autoseg.fingerprint import extract_fingerprint
+from autoseg.inference import Predictor, mirror_rule
 from autoseg.io import read_image, read_label, write_image
 from autoseg.nets import build_network
 from autoseg.plan import rules
-from autoseg.plan.model import Augmentation, Configuration, Network, Plans
-from autoseg.predict import Predictor, mirror_rule
-from autoseg.predict_inputs import choose_configuration, trained_folds
+from autoseg.schema.plans import Augmentation, Configuration, Network, Plans
 from autoseg.synth import generate
-from autoseg.train import run_folder
+from autoseg.workdir import FINAL, Workdir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,7 +49,7 @@ def save_random_folds(work: Path, plans: Plans, name: str, folds=(0, 1)) -> None
     for k in folds:
         torch.manual_seed(100 + k)
         model = build_network(cfg.network, plans.in_channels, plans.num_classes, cfg.ndim)
-        folder = run_folder(work, name, k)
+        folder = Workdir(work).run(name, k).folder
         folder.mkdir(parents=True, exist_ok=True)
         save_checkpoint(folder / FINAL, model, torch.optim.SGD(model.parameters(), lr=0.1), None, 1, {})
 
@@ -144,31 +143,6 @@ def test_single_file_input_is_predicted(ct, tmp_path):
     assert_same_geometry(tmp_path / "o" / img.name.replace("_0000", ""), img)
 
 
-def test_prediction_of_a_training_case_matches_its_out_of_fold_prediction(ct, tmp_path):
-    """Predicting from the raw files and the OOF validation (from the preprocessed cache) are one pipeline."""
-    from autoseg.oof import predict_fold_validation
-    from autoseg.preprocess import preprocess
-
-    ds, work, plans = ct
-    work2 = tmp_path / "work"
-    shutil.copytree(work, work2)
-    preprocess(ds, work2, plans, extract_fingerprint(ds, jobs=1), jobs=1)
-    case = "ctaniso_000"
-    folder = run_folder(work2, "3d_fullres", 0)
-    predict_fold_validation(work2, ds, plans, "3d_fullres", 0, [case], folder)
-    oof_seg, _ = read_label(folder / "validation" / f"{case}.nii.gz")
-    oof_probs = np.load(folder / "validation" / f"{case}.npz")["probabilities"].astype(np.float32)
-
-    images, geometry = read_image(ds / "imagesTr" / f"{case}_0000.nii.gz")
-    p = Predictor.from_workdir(work2, folds=[0], mirror="off", tile_batch=4)
-    seg, probs = p.predict_case(images, geometry, probabilities=True)
-    np.testing.assert_allclose(probs.astype(np.float32), oof_probs, atol=1e-3)
-    top2 = np.sort(oof_probs, 0)[-2:]
-    clear = top2[1] - top2[0] > 1e-3
-    assert clear.mean() > 0.9
-    assert np.array_equal(seg[clear], oof_seg[clear])
-
-
 @pytest.fixture(scope="module")
 def two_channel(tmp_path_factory) -> tuple[Path, Path, Plans]:
     return make_workdir(tmp_path_factory.mktemp("mr"), "mr-2ch", "3d_fullres", 3, [16, 16, 16], [], cases=2)
@@ -207,14 +181,14 @@ def test_configuration_comes_from_the_flag_then_selection_json_then_the_planned_
     _, work, plans = two_channel
     w = tmp_path / "w"
     w.mkdir()
-    assert choose_configuration(w, plans, None) == "3d_fullres"
+    assert Workdir(w).model(plans) == ["3d_fullres"]
     (w / "selection.json").write_text('{"configuration": "2d"}')
     with pytest.raises(UserError, match="selection.json: configuration '2d'"):
-        choose_configuration(w, plans, None)
+        Workdir(w).model(plans)
     with pytest.raises(UserError, match="--config"):
-        choose_configuration(w, plans, "3d_lowres")
-    assert choose_configuration(w, plans, "3d_fullres") == "3d_fullres"
-    assert trained_folds(work, "3d_fullres") == [0, 1]
+        Workdir(w).model(plans, "3d_lowres")
+    assert Workdir(w).model(plans, "3d_fullres") == ["3d_fullres"]
+    assert Workdir(work).trained_folds("3d_fullres") == [0, 1]
 
 
 def test_mirror_auto_turns_on_only_within_the_time_limit(two_channel):

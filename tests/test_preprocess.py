@@ -17,11 +17,13 @@ import autoseg.preprocess as pp
 from autoseg.artifacts import hash_files
 from autoseg.dataset import load_dataset
 from autoseg.errors import UserError
-from autoseg.fingerprint import CaseFingerprint, ChannelStats, Fingerprint, modality_of
+from autoseg.fingerprint import modality_of
 from autoseg.io import Geometry, read_images, read_label, write_image
 from autoseg.normalize import normalize, resolve
-from autoseg.plan.model import Configuration, Network, Normalization, Plans, Resampling
-from autoseg.preprocess import load_case, preprocess, preprocess_case, restore_to_original
+from autoseg.preprocess import preprocess, preprocess_case, restore_to_original
+from autoseg.schema.fingerprint import CaseFingerprint, ChannelStats, Fingerprint
+from autoseg.schema.plans import Configuration, Network, Normalization, Plans, Resampling
+from autoseg.workdir import load_case
 
 # --- helpers -----------------------------------------------------------------------------------------
 

@@ -90,11 +90,12 @@ def test_missing_images_folder_falls_back_to_the_label_map(dataset, tmp_path):
 
 def test_workdir_curves_are_embedded(dataset, tmp_path):
     from autoseg.trainlog import TrainLog
+    from autoseg.workdir import Workdir
 
     pred_dir, ref_dir, _ = dataset
-    run_dir = tmp_path / "work" / "runs" / "3d" / "fold_0"
-    run_dir.mkdir(parents=True)
-    log = TrainLog(run_dir, {1: "outer"})
+    run = Workdir(tmp_path / "work").run("3d", 0)
+    run.folder.mkdir(parents=True)
+    log = TrainLog(run, {1: "outer"})
     for step in (10, 20):
         log.append({"step": step, "elapsed_s": 1.0, "lr": 0.01, "loss": 1.0 / step, "val_dice_mean": 0.5,
                     "val_dice_outer": 0.5})

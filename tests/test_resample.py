@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from autoseg.plan.model import Resampling
 from autoseg.resample import (
     axis_orders,
     present_values,
@@ -16,6 +15,7 @@ from autoseg.resample import (
     resize,
     target_shape,
 )
+from autoseg.schema.plans import Resampling
 
 
 def smooth(shape, seed=0) -> np.ndarray:

@@ -18,16 +18,17 @@ import torch
 from conftest import write_tiny_dataset
 from optuna.trial import TrialState
 
-from autoseg.checkpoint import FINAL, LATEST, load_checkpoint
+from autoseg.checkpoint import load_checkpoint
 from autoseg.cli import run
 from autoseg.errors import UserError
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.nets import build_network
 from autoseg.plan import rules as rule_toolbox
-from autoseg.plan import study as studies
-from autoseg.plan.model import PLANS_FILE, Configuration, Measurement, Network, Plans, Schedule
-from autoseg.plan.search import SEARCH_DIR, SearchBudget, TrialRunner, divide_budget, run_search
-from autoseg.plan.search_space import (
+from autoseg.preprocess import preprocess
+from autoseg.schema.plans import Configuration, Measurement, Network, Plans, Schedule
+from autoseg.search import SearchBudget, divide_budget, run_search
+from autoseg.search import study as studies
+from autoseg.search.space import (
     SearchSpace,
     derive_space,
     neighbours,
@@ -35,8 +36,9 @@ from autoseg.plan.search_space import (
     rule_params,
     to_configuration,
 )
-from autoseg.preprocess import preprocess
+from autoseg.search.trial import TrialRunner
 from autoseg.train import Trainer
+from autoseg.workdir import FINAL, LATEST, PLANS_FILE, SEARCH_DIR
 from autoseg.workflow import warm_start
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -136,9 +138,10 @@ def test_budget_is_divided_between_search_and_training_and_said():
 # --- the study ------------------------------------------------------------------------------------------
 
 
-def test_rules_point_runs_first_and_a_real_tiny_search_writes_plans_table_and_plots(work):
+def test_rules_point_runs_first_and_a_real_tiny_search_writes_plans_table_and_plots(base, work):
     rules = Plans.load(work / PLANS_FILE).configurations["3d_fullres"]
-    found = run_search(work, budget(3), trial_steps=2, workers=0, progress=False, device="cpu")
+    found = run_search(work, budget(3), dataset=base.parent / "Dataset001_Tiny", trial_steps=2, workers=0,
+                       progress=False, device="cpu")
     study = optuna.load_study(study_name=found.study, storage=studies.default_storage(work))
     first = study.trials[0]
     assert first.user_attrs["rules"] and first.state == TrialState.COMPLETE
@@ -195,7 +198,7 @@ def test_candidate_over_the_memory_limit_is_rejected_before_it_trains(work):
         trained.append(trial.number)
         return 0.5
 
-    runner = TrialRunner(work, plans, rules, space, {"trial_s": 1.0}, memory_limit=16 * 2 ** 20,
+    runner = TrialRunner(work, None, plans, rules, space, {"trial_s": 1.0}, memory_limit=16 * 2 ** 20,
                          measure=fake_measure, evaluate=evaluate)
     studies.run_trials(study, runner, 2, deadline=None)
     ok, big = study.trials
@@ -246,7 +249,7 @@ def test_neighbours_change_one_value_each_and_stay_in_the_space(base):
 WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from autoseg.plan.search import search_worker
+    from autoseg.search import search_worker
 
     work, journal, flags = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 
@@ -354,7 +357,7 @@ def test_plan_search_then_train_from_the_command_line(tmp_path, capsys):
     capsys.readouterr()
     assert run(["train", str(ds), "-w", str(w), "--steps", "2", "-q"]) == 0
     checkpoint = w / plans["search"]["warm_start"]["checkpoint"]
-    assert f"3d_fullres fold 0: starting from the weights in {checkpoint}" in capsys.readouterr().out
+    assert f"3d_fullres fold 0: starting from the weights in {checkpoint}" in capsys.readouterr().err
 
 
 def test_rules_with_time_to_spare_try_a_wider_network_first(base):
@@ -362,7 +365,7 @@ def test_rules_with_time_to_spare_try_a_wider_network_first(base):
     steps where 488 would do) are likelier to gain from width x2 than from width x0.5."""
     from dataclasses import replace
 
-    from autoseg.plan.search_space import has_time_to_spare
+    from autoseg.search.space import has_time_to_spare
 
     cfg = Plans.load(base / PLANS_FILE).configurations["3d_fullres"]
     space = derive_space(cfg, memory_bytes=8 << 30)
@@ -380,8 +383,8 @@ def test_a_class_on_one_side_tries_training_without_mirroring_first(base):
     configuration mirrors neither in training nor at test time."""
     from dataclasses import replace
 
-    from autoseg.fingerprint import ClassStats
-    from autoseg.plan.search_space import mirror_hides_side
+    from autoseg.schema.fingerprint import ClassStats
+    from autoseg.search.space import mirror_hides_side
 
     cfg = Plans.load(base / PLANS_FILE).configurations["3d_fullres"]
     cfg = replace(cfg, augmentation=replace(cfg.augmentation, mirror_axes=[0, 1, 2]))

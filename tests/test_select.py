@@ -15,10 +15,11 @@ import torch
 
 from autoseg.cli import run
 from autoseg.io import Geometry, read_label, write_image, write_label
-from autoseg.plan.model import Configuration, Network, Normalization, Plans, Resampling
 from autoseg.postprocess import apply_postprocessing
-from autoseg.predict_inputs import SELECTION_FILE, choose_configuration, choose_model
-from autoseg.select import load_postprocessing, select_after_training, select_model, selection_table
+from autoseg.schema.plans import Configuration, Network, Normalization, Plans, Resampling
+from autoseg.select import select_model, selection_table
+from autoseg.workdir import SELECTION_FILE, Workdir
+from autoseg.workflow import select_after_training
 
 SHAPE = (6, 8, 8)
 GEOM = Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel().tolist()))
@@ -95,14 +96,14 @@ def three_configs(tmp_path: Path) -> tuple[Path, Path]:
 def test_greedy_adds_the_complementary_configuration_and_rejects_the_bad_one(three_configs):
     ds, work = three_configs
     sel = select_model(work, ds, postprocessing=False)
-    assert sel["ensemble"] == ["a", "b"] and sel["configuration"] == "a"
-    assert sel["cv"]["a+b"]["foreground_mean_dice"] == pytest.approx(1.0)
-    assert sel["cv"]["a"]["foreground_mean_dice"] < 0.8 and sel["cv"]["b"]["foreground_mean_dice"] < 0.8
-    first, second = sel["greedy"][1], sel["greedy"][2]
+    assert sel.ensemble == ["a", "b"] and sel.configuration == "a"
+    assert sel.cv["a+b"]["foreground_mean_dice"] == pytest.approx(1.0)
+    assert sel.cv["a"]["foreground_mean_dice"] < 0.8 and sel.cv["b"]["foreground_mean_dice"] < 0.8
+    first, second = sel.greedy[1], sel.greedy[2]
     assert first["added"] == "b" and first["candidates"]["bad"]["after"] < first["candidates"]["bad"]["before"]
     assert first["candidates"]["bad"]["cases"] == 2  # compared on the cases all members cover: bad has fold 0 only
     assert second["added"] is None and not second["candidates"]["bad"]["acceptable"]
-    assert sel["cv"]["a"]["cases"] == 4 and sel["cv"]["a"]["folds"] == [0, 1] and sel["cv"]["a+bad"]["folds"] == [0]
+    assert sel.cv["a"]["cases"] == 4 and sel.cv["a"]["folds"] == [0, 1] and sel.cv["a+bad"]["folds"] == [0]
     assert "a+b" in selection_table(sel) and "<- chosen" in selection_table(sel)
 
 
@@ -113,23 +114,24 @@ def test_one_configuration_with_one_fold_is_selected_without_ensembling(tmp_path
     write_plans(work, ["only"])
     write_oof(work, "only", 0, {"case1": _reference(1).astype(np.float32)})
     sel = select_model(work, ds)
-    assert sel["configuration"] == "only" and sel["ensemble"] == ["only"] and list(sel["cv"]) == ["only"]
-    assert sel["cv"]["only"]["cases"] == 1 and sel["cv"]["only"]["mean_dice"]["organ"] == 1.0
-    assert sel["postprocessing"] == []  # nothing to improve on a perfect prediction
+    assert sel.configuration == "only" and sel.ensemble == ["only"] and list(sel.cv) == ["only"]
+    assert sel.cv["only"]["cases"] == 1 and sel.cv["only"]["mean_dice"]["organ"] == 1.0
+    assert sel.postprocessing == []  # nothing to improve on a perfect prediction
 
 
 def test_selection_json_round_trips_and_predict_reads_it(three_configs):
     ds, work = three_configs
     sel = select_model(work, ds)
     on_disk = json.loads((work / SELECTION_FILE).read_text())
-    assert on_disk == json.loads(json.dumps(sel))
+    assert on_disk == sel.to_dict()
     plans = Plans.load(work / "plans.json")
-    assert choose_configuration(work, plans, None) == "a" and choose_model(work, plans, None) == ["a", "b"]
-    assert load_postprocessing(work, ["a", "b"]) == on_disk["postprocessing"]
+    assert Workdir(work).model(plans)[0] == "a" and Workdir(work).model(plans) == ["a", "b"]
+    loaded = Workdir(work).load_selection()
+    assert loaded == sel and loaded.rules_for(["a", "b"]) == on_disk["postprocessing"]
     assert on_disk["postprocessing_tuning"]["model"] == ["a", "b"]  # tuned on the model predict runs
     assert set(on_disk["postprocessing_by_model"]) == {"a+b", "a"}
-    assert load_postprocessing(work, "a") == on_disk["configuration_postprocessing_tuning"]["rules"]
-    assert load_postprocessing(work, "b") == []  # rules tuned for another model are not applied
+    assert loaded.rules_for(["a"]) == on_disk["configuration_postprocessing_tuning"]["rules"]
+    assert loaded.rules_for(["b"]) == []  # rules tuned for another model are not applied
 
 
 def test_postprocessing_is_tuned_on_the_selected_model(tmp_path):
@@ -145,8 +147,8 @@ def test_postprocessing_is_tuned_on_the_selected_model(tmp_path):
         probs[f"case{i}"] = p
     write_oof(work, "c", 0, probs)
     sel = select_model(work, ds)
-    assert {"rule": "largest_component", "classes": [1]} in sel["postprocessing"]
-    tuning = sel["postprocessing_tuning"]
+    assert {"rule": "largest_component", "classes": [1]} in sel.postprocessing
+    tuning = sel.postprocessing_tuning
     assert tuning["foreground_mean_dice_after"] == 1.0 > tuning["foreground_mean_dice_before"]
 
 
@@ -162,8 +164,8 @@ def test_selection_after_training_reports_instead_of_failing(tmp_path, capsys):
     work = tmp_path / "work"
     work.mkdir()
     write_plans(work, ["c"])
-    assert select_after_training(work, ds) is None
-    assert "no out-of-fold predictions" in capsys.readouterr().err
+    selection, error = select_after_training(Workdir(work), ds)
+    assert selection is None and "no out-of-fold predictions" in error
     with pytest.raises(Exception, match="no out-of-fold predictions"):
         run(["select", str(ds), "-w", str(work), "--debug"])
 
@@ -171,10 +173,11 @@ def test_selection_after_training_reports_instead_of_failing(tmp_path, capsys):
 def test_predict_applies_the_rules_of_selection_json(tmp_path):
     """End to end through ``autoseg.predict.predict`` with random-init folds: the written labels are the raw
     prediction with the rules applied (here: remove every foreground component below a huge size)."""
-    from autoseg.checkpoint import FINAL, save_checkpoint
+    from autoseg.checkpoint import save_checkpoint
+    from autoseg.inference import Predictor
     from autoseg.nets import build_network
-    from autoseg.predict import Predictor, predict
-    from autoseg.train import run_folder
+    from autoseg.predict import predict
+    from autoseg.workdir import FINAL, Workdir
 
     work = tmp_path / "work"
     work.mkdir()
@@ -182,8 +185,8 @@ def test_predict_applies_the_rules_of_selection_json(tmp_path):
     cfg = plans.configurations["c"]
     torch.manual_seed(0)
     net = build_network(cfg.network, 1, plans.num_classes, 3)
-    run_folder(work, "c", 0).mkdir(parents=True)
-    save_checkpoint(run_folder(work, "c", 0) / FINAL, net, torch.optim.SGD(net.parameters(), lr=0.1), None, 1, {})
+    Workdir(work).run("c", 0).folder.mkdir(parents=True)
+    save_checkpoint(Workdir(work).run("c", 0).folder / FINAL, net, torch.optim.SGD(net.parameters(), lr=0.1), None, 1, {})
     image = np.random.default_rng(0).normal(0, 1, SHAPE).astype(np.float32)
     write_image(image, GEOM, tmp_path / "in" / "x_0000.nii.gz")
 

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from autoseg.checkpoint import FINAL, LATEST, load_checkpoint
+from autoseg.checkpoint import load_checkpoint
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.plan import rules
-from autoseg.plan.model import Configuration, Network, Plans, Schedule
 from autoseg.preprocess import preprocess
+from autoseg.schema.plans import Configuration, Network, Plans, Schedule
 from autoseg.synth import generate
-from autoseg.train import Trainer, run_folder
+from autoseg.train import Trainer
+from autoseg.workdir import FINAL, LATEST, Workdir
 
 
 def tiny_plans(fp, steps: int = 6) -> Plans:
@@ -57,10 +58,10 @@ def test_killed_then_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_
     Trainer(a, "3d_fullres", 0, steps=6, workers=0, progress=False, device="cpu").fit()
     stopped = Trainer(b, "3d_fullres", 0, steps=6, workers=0, progress=False, device="cpu", stop_after=3).fit()
     assert not stopped.finished and stopped.steps == 3
-    assert load_checkpoint(run_folder(b, "3d_fullres", 0) / LATEST)["step"] == 3
+    assert load_checkpoint(Workdir(b).run("3d_fullres", 0).folder / LATEST)["step"] == 3
     resumed = Trainer(b, "3d_fullres", 0, steps=6, workers=0, progress=False, device="cpu").fit()
     assert resumed.finished and resumed.steps == 6
-    wa, wb = weights(run_folder(a, "3d_fullres", 0)), weights(run_folder(b, "3d_fullres", 0))
+    wa, wb = weights(Workdir(a).run("3d_fullres", 0).folder), weights(Workdir(b).run("3d_fullres", 0).folder)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -71,21 +72,21 @@ def test_resume_with_workers_matches_in_process_batches(workdir, tmp_path):
     b = fresh_copy(workdir, tmp_path / "b")
     Trainer(a, "3d_fullres", 0, steps=4, workers=0, progress=False, device="cpu").fit()
     Trainer(b, "3d_fullres", 0, steps=4, workers=1, progress=False, device="cpu").fit()
-    wa, wb = weights(run_folder(a, "3d_fullres", 0)), weights(run_folder(b, "3d_fullres", 0))
+    wa, wb = weights(Workdir(a).run("3d_fullres", 0).folder), weights(Workdir(b).run("3d_fullres", 0).folder)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_finished_run_is_not_retrained_and_extend_continues_it(workdir, tmp_path, capsys):
+def test_finished_run_is_not_retrained_and_extend_continues_it(workdir, tmp_path, caplog):
     w = fresh_copy(workdir, tmp_path / "w")
     first = Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, device="cpu").fit()
     assert first.finished
     again = Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, device="cpu").fit()
-    assert again.steps == 4 and "already finished" in capsys.readouterr().out
+    assert again.steps == 4 and "already finished" in caplog.text
     extended = Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, device="cpu", extend_s=1.0).fit()
     assert extended.finished and extended.steps > 4
-    log = (run_folder(w, "3d_fullres", 0) / "log.csv").read_text().splitlines()
+    log = (Workdir(w).run("3d_fullres", 0).folder / "log.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == sorted(int(r.split(",")[0]) for r in log[1:])
-    assert (run_folder(w, "3d_fullres", 0) / "curves.png").stat().st_size > 1000
+    assert (Workdir(w).run("3d_fullres", 0).folder / "curves.png").stat().st_size > 1000
 
 
 def test_extend_refits_its_steps_to_its_own_pace(workdir, tmp_path):
@@ -93,7 +94,7 @@ def test_extend_refits_its_steps_to_its_own_pace(workdir, tmp_path):
     recorded on a busy machine (here 100x too slow) does not cut the extension to a handful of steps."""
     w = fresh_copy(workdir, tmp_path / "w")
     first = Trainer(w, "3d_fullres", 0, seconds=2.0, workers=0, progress=False, device="cpu").fit()
-    latest = run_folder(w, "3d_fullres", 0) / LATEST
+    latest = Workdir(w).run("3d_fullres", 0).folder / LATEST
     ck = load_checkpoint(latest)
     ck["state"]["seconds_per_step"] *= 100
     torch.save(ck, latest)

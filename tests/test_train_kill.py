@@ -1,7 +1,7 @@
 """Kill-and-resume through the real CLI: ``autoseg train`` killed with SIGKILL, then run again, finishes
 the run from its last checkpoint with no manual step (issue 4, item 4).
 
-The checkpoint interval comes from ``AUTOSEG_CHECKPOINT_EVERY_S`` (the CLI has no flag for it), set to a
+The checkpoint interval comes from ``autoseg train --checkpoint-every``, set to a
 quarter second so the run writes one soon after it starts; the test kills it as soon as one exists.
 """
 
@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoseg.checkpoint import FINAL, LATEST, load_checkpoint
+from autoseg.checkpoint import load_checkpoint
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.plan import rules
-from autoseg.plan.model import Configuration, Network, Plans, Schedule
 from autoseg.preprocess import preprocess
+from autoseg.schema.plans import Configuration, Network, Plans, Schedule
 from autoseg.synth import generate
-from autoseg.train import CHECKPOINT_ENV, Trainer, run_folder
+from autoseg.train import Trainer
+from autoseg.workdir import FINAL, LATEST, Workdir
 
 CONFIG = "3d_fullres"
 STEPS = 300
@@ -59,11 +60,12 @@ def train_command(ds: Path, work: Path) -> list[str]:
     """``autoseg train`` (the console script's ``main``) for fold 0, a fixed number of steps, no workers, on
     the CPU (bit-exact comparisons; CUDA kernels may be nondeterministic)."""
     return [sys.executable, "-c", "from autoseg.cli import main; main()", "-q", "train", str(ds), "-w", str(work),
-            "--fold", "0", "--config", CONFIG, "--steps", str(STEPS), "--workers", "0", "--device", "cpu"]
+            "--fold", "0", "--config", CONFIG, "--steps", str(STEPS), "--workers", "0", "--device", "cpu",
+            "--checkpoint-every", "0.25"]
 
 
 def cli_env() -> dict[str, str]:
-    return {**os.environ, CHECKPOINT_ENV: "0.25", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def log_rows(folder: Path) -> list[str]:
@@ -77,7 +79,7 @@ def temp_files(folder: Path) -> list[Path]:
 @pytest.mark.slow
 def test_killed_autoseg_train_resumes_from_its_last_checkpoint_when_run_again(task, tmp_path):
     ds, work = task
-    folder = run_folder(work, CONFIG, 0)
+    folder = Workdir(work).run(CONFIG, 0).folder
     cmd, env = train_command(ds, work), cli_env()
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -119,22 +121,24 @@ def test_killed_autoseg_train_resumes_from_its_last_checkpoint_when_run_again(ta
         Trainer(reference, CONFIG, 0, steps=STEPS, workers=0, progress=False, device="cpu").fit()
     finally:
         torch.set_num_threads(threads)
-    expected = load_checkpoint(run_folder(reference, CONFIG, 0) / FINAL)["model"]
+    expected = load_checkpoint(Workdir(reference).run(CONFIG, 0).folder / FINAL)["model"]
     assert all(torch.equal(expected[k], final["model"][k]) for k in expected)
 
 
-def test_checkpoint_interval_default_comes_from_the_environment(monkeypatch):
+def test_checkpoint_interval_comes_from_the_option_then_the_plan(task, capsys):
+    from autoseg.cli import run
     from autoseg.errors import UserError
-    from autoseg.train import CHECKPOINT_EVERY_S, default_checkpoint_every_s
 
-    monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
-    assert default_checkpoint_every_s() == CHECKPOINT_EVERY_S
-    monkeypatch.setenv(CHECKPOINT_ENV, "2.5")
-    assert default_checkpoint_every_s() == 2.5
+    ds, work = task
+    planned = Workdir(work).load_plans().configurations[CONFIG].schedule.checkpoint_every_s
+    assert planned == 300.0 and Trainer(work, CONFIG, 0, steps=1).checkpoint_every_s == planned
+    assert Trainer(work, CONFIG, 0, steps=1, checkpoint_every_s=2.5).checkpoint_every_s == 2.5
+    with pytest.raises(UserError, match="checkpoint interval"):
+        Trainer(work, CONFIG, 0, steps=1, checkpoint_every_s=0.0)
     for bad in ("soon", "0", "-1", "nan"):
-        monkeypatch.setenv(CHECKPOINT_ENV, bad)
-        with pytest.raises(UserError, match=CHECKPOINT_ENV):
-            default_checkpoint_every_s()
+        assert run(["train", str(ds), "-w", str(work), "--steps", "1", "--checkpoint-every", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--checkpoint-every '{bad}'" in err[0]
 
 
 def test_stale_temporary_files_of_a_killed_write_are_removed(tmp_path):

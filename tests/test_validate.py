@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import write_tiny_dataset
 
-from autoseg import workers
+from autoseg import parallel
 from autoseg.errors import Problem
 from autoseg.io import Geometry, read_image, read_label, write_image, write_label
 from autoseg.validate import validate_dataset
@@ -356,7 +356,7 @@ def test_dataset_json_and_file_problems_are_reported_together(ds):
 
 
 def test_process_pool_gives_the_same_problems_and_a_progress_bar(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(workers, "SMALL_BYTES", 0)  # a pool even for tiny data
+    monkeypatch.setattr(parallel, "SMALL_BYTES", 0)  # a pool even for tiny data
     root = write_tiny_dataset(tmp_path / "D", cases=10, shape=(6, 8, 8))
     _break_two_things(root)
     serial = validate_dataset(root, jobs=1)

@@ -20,9 +20,9 @@ pickles, escaping paths, unknown major versions and damaged files (:mod:`autoseg
 
 from autoseg.bundle.archive import FORMAT_VERSION, read_archive
 from autoseg.bundle.model import Bundle, is_bundle, load_bundle
-from autoseg.bundle.pack import BUNDLE_FILE, bundle_after_training, pack_bundle
+from autoseg.bundle.pack import pack_bundle
 
-__all__ = ["BUNDLE_FILE", "FORMAT_VERSION", "Bundle", "bundle_after_training", "is_bundle", "load_bundle",
+__all__ = ["FORMAT_VERSION", "Bundle", "is_bundle", "load_bundle",
            "pack_bundle", "read_archive", "verify_bundle"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from autoseg.plan.model import Plans
+from autoseg.schema.plans import Plans
 
 
 def _dice(v: object) -> str:

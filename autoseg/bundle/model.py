@@ -12,16 +12,16 @@ import numpy as np
 import torch
 
 from autoseg.bundle.archive import read_archive
-from autoseg.bundle.pack import CARD, POSTPROCESSING, weights_member
+from autoseg.bundle.pack import CARD, PLANS_MEMBER, POSTPROCESSING, weights_member
 from autoseg.errors import UserError
 from autoseg.io import Geometry
-from autoseg.plan.model import PLANS_FILE, Plans
+from autoseg.schema.plans import Plans
 
 
 @dataclass
 class Bundle:
     """A verified bundle held in memory. ``predict`` segments one case; ``predictor`` gives the full
-    :class:`autoseg.predict.Predictor` (folders of files, probabilities, options)."""
+    :class:`autoseg.inference.Predictor` (folders of files, probabilities, options)."""
 
     source: str
     manifest: dict[str, Any]
@@ -37,11 +37,11 @@ class Bundle:
 
     def predictor(self, configuration: str | None = None, folds: Sequence[int] | None = None,
                   device: str | torch.device | None = None, **options: Any):
-        """A :class:`~autoseg.predict.Predictor` for ``configuration`` alone, or by default the selected model
+        """A :class:`~autoseg.inference.Predictor` for ``configuration`` alone, or by default the selected model
         (the manifest's ``ensemble``), with ``folds`` of each member (default: all in the bundle) and the
         post-processing tuned for that model."""
-        from autoseg.ensemble import model_name
-        from autoseg.predict import Predictor
+        from autoseg.inference import Predictor
+        from autoseg.schema.selection import model_name
 
         if configuration is not None:
             names = [configuration]
@@ -114,7 +114,7 @@ def load_bundle(path: Path | str) -> Bundle:
     source = str(path)
     manifest, members = read_archive(path)
     try:
-        plans = Plans.from_dict(json.loads(members[PLANS_FILE]), f"{source}:{PLANS_FILE}")
+        plans = Plans.from_dict(json.loads(members[PLANS_MEMBER]), f"{source}:{PLANS_MEMBER}")
         rules = json.loads(members[POSTPROCESSING])["rules"]
         configs = manifest["configurations"]
         name = manifest["configuration"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -12,15 +11,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoseg import __version__
 from autoseg.artifacts import dumps_json, header
 from autoseg.bundle.archive import FORMAT_VERSION, write_archive
 from autoseg.bundle.card import model_card
-from autoseg.ensemble import model_name
 from autoseg.errors import UserError
-from autoseg.plan.model import PLANS_FILE, Plans
+from autoseg.normalize import resolve_plans
+from autoseg.schema.plans import Plans
+from autoseg.schema.selection import model_name
+from autoseg.version import __version__
+from autoseg.workdir import RunDir, Workdir
 
-BUNDLE_FILE = "model.autoseg"
+PLANS_MEMBER = "plans.json"  # the bundled model's plans (the same artifact as a workdir's)
 POSTPROCESSING = "postprocessing.json"
 CARD = "README.md"
 
@@ -39,16 +40,12 @@ def input_contract(plans: Plans) -> dict[str, Any]:
             "labels": dict(plans.labels)}
 
 
-def _fold_metrics(workdir: Path, configuration: str, fold: int) -> dict | None:
-    from autoseg.train import run_folder
-
-    path = run_folder(workdir, configuration, fold) / "validation" / "summary.json"
-    try:
-        s = json.loads(path.read_text())
-        return {"mean_dice": s["mean_dice"], "foreground_mean_dice": s["foreground_mean_dice"],
-                "cases": len(s.get("cases", {}))}
-    except (OSError, ValueError, KeyError, TypeError):
+def _fold_metrics(run: RunDir) -> dict | None:
+    s = run.read_validation_summary()
+    if s is None:
         return None
+    return {"mean_dice": s.get("mean_dice"), "foreground_mean_dice": s.get("foreground_mean_dice"),
+            "cases": len(s["cases"])}
 
 
 def _unresolved_ct(plans: Plans) -> list[str]:
@@ -69,72 +66,47 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
     """
     from safetensors.torch import save as save_tensors
 
-    from autoseg.checkpoint import FINAL, load_checkpoint
-    from autoseg.predict_inputs import (
-        SELECTION_FILE,
-        choose_configuration,
-        trained_folds,
-        with_resolved_normalization,
-    )
-    from autoseg.select import load_postprocessing
-    from autoseg.train import run_folder
+    from autoseg.checkpoint import load_checkpoint
 
-    workdir = Path(workdir)
-    output = Path(output) if output is not None else workdir / BUNDLE_FILE
-    plans = with_resolved_normalization(Plans.load(workdir / PLANS_FILE), workdir)
-    name = choose_configuration(workdir, plans, configuration)
-    selection: dict = {}
-    if (workdir / SELECTION_FILE).is_file():
-        try:
-            selection = json.loads((workdir / SELECTION_FILE).read_text())
-        except ValueError as e:
-            raise UserError(f"{workdir / SELECTION_FILE}: unreadable ({e}); run `autoseg select` again") from e
-    ensemble = selection.get("ensemble") if configuration is None and selection.get("configuration") == name else None
-    names = [name] + [c for c in (ensemble or []) if c != name]
-    folds = {c: trained_folds(workdir, c) for c in names}  # a member without folds is an error, as in predict
+    work = Workdir.of(workdir)
+    output = Path(output) if output is not None else work.bundle_file
+    plans = resolve_plans(work.load_plans(), work.fingerprint_or_none())
+    names = work.model(plans, configuration)
+    selection = work.load_selection()
+    chosen = selection is not None and configuration is None  # the selected model, with its CV scores
+    folds = {c: work.trained_folds(c) for c in names}  # a member without folds is an error, as in predict
     plans = replace(plans, configurations={c: plans.configurations[c] for c in names},
                     train_runs=[r for r in plans.train_runs if r.get("configuration") in folds])
     unresolved = _unresolved_ct(plans)
     if unresolved:
-        raise UserError(f"{workdir / PLANS_FILE}: configuration {unresolved[0]} has ct normalization without its "
-                        "statistics and there is no fingerprint.json to fill them; run `autoseg plan` again")
+        raise UserError(f"{work.plans_file}: configuration {unresolved[0]} has ct normalization without its "
+                        f"statistics and there is no {work.fingerprint_file.name} to fill them; run `autoseg plan` again")
 
-    members: dict[str, bytes] = {PLANS_FILE: dumps_json(plans.to_dict()).encode()}
-    rules = {c: load_postprocessing(workdir, c) for c in names}
+    members: dict[str, bytes] = {PLANS_MEMBER: dumps_json(plans.to_dict()).encode()}
+    rules = {c: selection.rules_for([c]) if selection else [] for c in names}
     if len(names) > 1:
-        rules[model_name(names)] = load_postprocessing(workdir, names)
+        rules[model_name(names)] = selection.rules_for(names) if selection else []
     members[POSTPROCESSING] = dumps_json({**header("postprocessing"), "rules": rules}).encode()
     for c in names:
         for k in folds[c]:
-            state = load_checkpoint(run_folder(workdir, c, k) / FINAL)["model"]
+            state = load_checkpoint(work.run(c, k).final)["model"]
             tensors = {key: v.detach().cpu().contiguous().clone() for key, v in state.items()}
             members[weights_member(c, k)] = save_tensors(tensors, metadata={"configuration": c, "fold": str(k)})
 
-    cv = {"selection": {key: selection["cv"][key] for key in selection.get("cv", {})
+    cv = {"selection": {key: selection.cv[key] for key in selection.cv
                         if set(key.split("+")) <= set(names)} if selection else {},
-          "folds": {c: {str(k): m for k in folds[c] if (m := _fold_metrics(workdir, c, k)) is not None}
+          "folds": {c: {str(k): m for k in folds[c] if (m := _fold_metrics(work.run(c, k))) is not None}
                     for c in names},
-          "postprocessed": (selection.get("postprocessing_tuning") or {}).get("foreground_mean_dice_after")
-          if ensemble is not None else None}
+          "postprocessed": (selection.postprocessing_tuning or {}).get("foreground_mean_dice_after")
+          if chosen else None}
     manifest = {
         "artifact": "autoseg_bundle", "format_version": FORMAT_VERSION,
         "autoseg_version": __version__, "torch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__, "python_version": ".".join(map(str, sys.version_info[:3])),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dataset": plans.dataset_name, "input": input_contract(plans),
-        "configuration": name, "configurations": {c: {"folds": folds[c]} for c in names},
+        "configuration": names[0], "configurations": {c: {"folds": folds[c]} for c in names},
         "ensemble": names, "postprocessing": rules[model_name(names)], "cv": cv,
     }
     members[CARD] = model_card(manifest, plans).encode()
     return write_archive(members, manifest, output)
-
-
-def bundle_after_training(workdir: Path | str) -> Path | None:
-    """What ``autoseg train`` runs at its end: write ``WORKDIR/model.autoseg``; a failure is reported, not raised."""
-    try:
-        path = pack_bundle(workdir)
-    except UserError as e:
-        print(f"autoseg: bundle not written: {e}", file=sys.stderr)
-        return None
-    print(f"wrote {path} (`autoseg predict {path} INPUT OUTPUT` works anywhere autoseg is installed)")
-    return path

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from autoseg.nets import register_network
 from autoseg.nets.blocks import ConvNormAct, ResidualBlock, conv_cls, nonlin_layer
 from autoseg.nets.fcn import upsample
-from autoseg.plan.model import Network
+from autoseg.nets.registry import NETWORKS
+from autoseg.schema.plans import Network
 
 OUTPUT_STRIDE = 16  # largest total stride of any axis the encoder reaches; later strides become dilations
 LOW_LEVEL_STRIDE = 4  # the decoder fuses the deepest stage at this total stride or finer
@@ -139,6 +139,6 @@ class DeepLabV3Plus(nn.Module):
         return full
 
 
-@register_network("deeplabv3plus")
+@NETWORKS.register("deeplabv3plus")
 def build_deeplabv3plus(cfg: Network, in_channels: int, num_classes: int, ndim: int) -> nn.Module:
     return DeepLabV3Plus(ndim, cfg, in_channels, num_classes)

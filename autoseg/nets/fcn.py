@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoseg.nets import register_network
 from autoseg.nets.blocks import ConvNormAct, conv_cls
+from autoseg.nets.registry import NETWORKS
 from autoseg.nets.unet import PlainEncoder
-from autoseg.plan.model import Network
+from autoseg.schema.plans import Network
 
 FUSED_STAGES = 3  # FCN-8s: the coarsest stage and the two before it (total strides 32, 16, 8 in 2D)
 
@@ -60,6 +60,6 @@ class FCN(nn.Module):
         return full
 
 
-@register_network("fcn")
+@NETWORKS.register("fcn")
 def build_fcn(cfg: Network, in_channels: int, num_classes: int, ndim: int) -> nn.Module:
     return FCN(ndim, cfg, in_channels, num_classes)

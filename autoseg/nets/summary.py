@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from autoseg.plan.model import Network
+from autoseg.schema.plans import Network
 
 
 def describe(cfg: Network, in_channels: int, num_classes: int, ndim: int, patch: list[int] | tuple[int, ...],
@@ -22,7 +22,7 @@ def describe(cfg: Network, in_channels: int, num_classes: int, ndim: int, patch:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from autoseg.nets import build_network, count_parameters
+    from autoseg.nets.registry import build_network, count_parameters
 
     if len(patch) != ndim:
         raise ValueError(f"patch {list(patch)} has {len(patch)} axes, the network is {ndim}D")
@@ -47,7 +47,7 @@ def training_outputs(cfg: Network, in_channels: int, num_classes: int, ndim: int
     """How many logits the network returns in training mode (1 without deep supervision): the number of
     deep-supervision weights the loss needs. Families differ (the U-Net gives ``n_stages - 1``, FCN up to 3,
     DeepLab 2), so ask the network, on the meta device at the smallest valid patch, instead of a formula."""
-    from autoseg.nets import build_network
+    from autoseg.nets.registry import build_network
 
     divisor = [1] * ndim
     for s in cfg.strides:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autoseg.nets import register_network
 from autoseg.nets.blocks import ConvNormAct, ResidualBlock, conv_cls, transp_conv_cls
-from autoseg.plan.model import Network
+from autoseg.nets.registry import NETWORKS
+from autoseg.schema.plans import Network
 
 
 class Decoder(nn.Module):
@@ -87,11 +87,11 @@ class UNet(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-@register_network("unet")
+@NETWORKS.register("unet")
 def build_unet(cfg: Network, in_channels: int, num_classes: int, ndim: int) -> nn.Module:
     return UNet(PlainEncoder(ndim, cfg, in_channels), Decoder(ndim, cfg, num_classes))
 
 
-@register_network("resenc_unet")
+@NETWORKS.register("resenc_unet")
 def build_resenc_unet(cfg: Network, in_channels: int, num_classes: int, ndim: int) -> nn.Module:
     return UNet(ResidualEncoder(ndim, cfg, in_channels), Decoder(ndim, cfg, num_classes))

@@ -1,19 +1,3 @@
-"""Planning: the Plans data model, the rule toolbox planners use, compute measurement and budget."""
-
-from autoseg.plan.model import (
-    PLANS_FILE,
-    Augmentation,
-    Configuration,
-    Loss,
-    Measurement,
-    Network,
-    Normalization,
-    Optimizer,
-    Plans,
-    Resampling,
-    Sampling,
-    Schedule,
-)
-
-__all__ = ["PLANS_FILE", "Augmentation", "Configuration", "Loss", "Measurement", "Network", "Normalization",
-           "Optimizer", "Plans", "Resampling", "Sampling", "Schedule"]
+"""Planning: the rule toolbox planners use (:mod:`~autoseg.plan.rules`, :mod:`~autoseg.plan.fit`), measured
+compute (:mod:`~autoseg.plan.compute`, :mod:`~autoseg.plan.measurements`), the budget, the planner registry
+and :func:`~autoseg.plan.make.make_plans`. The Plans data model is :mod:`autoseg.schema.plans`."""

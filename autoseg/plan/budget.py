@@ -17,18 +17,18 @@ MIN_STEPS = 800  # every run plans at least this many steps (see target_steps)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> float:
-    """'90s', '20m', '1.5h', '1h30m', '2d' or a plain number of seconds."""
+def parse_duration(text: str, what: str = "budget") -> float:
+    """'90s', '20m', '1.5h', '1h30m', '2d' or a plain number of seconds (``what`` names it in errors)."""
     t = str(text).strip().lower()
     try:
         seconds = float(t)
     except ValueError:
         parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", t)
         if not parts or "".join(f"{a}{b}" for a, b in parts) != t.replace(" ", ""):
-            raise UserError(f"budget '{text}': expected a duration like 90s, 20m, 1.5h or 1h30m") from None
+            raise UserError(f"{what} '{text}': expected a duration like 90s, 20m, 1.5h or 1h30m") from None
         seconds = sum(float(a) * _UNITS[b] for a, b in parts)
     if not math.isfinite(seconds) or seconds <= 0:  # '-5', '0', 'nan' and 'inf' parse as floats too
-        raise UserError(f"budget '{text}': must be a positive, finite duration")
+        raise UserError(f"{what} '{text}': must be a positive, finite duration")
     return seconds
 
 

@@ -11,93 +11,18 @@ import contextlib
 import functools
 import json
 import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from autoseg.device import sync
 from autoseg.nets import build_network
-from autoseg.plan.model import Network
+from autoseg.schema.plans import Network
 
 MiB = 1 << 20
 QUICK_STEPS_S = 0.15  # after the one required timed step, keep timing while all timed steps took less than this
-
-
-@dataclass
-class DeviceInfo:
-    type: str  # cpu, cuda, mps
-    name: str
-    memory_bytes: int  # what training may use: GPU memory, or a share of the RAM on CPU
-    threads: int
-    bf16: bool  # bf16 autocast is worth measuring (CPU with AVX-512 BF16/AMX, or CUDA with bf16)
-
-    def to_dict(self) -> dict:
-        return {"type": self.type, "name": self.name, "memory_gb": round(self.memory_bytes / 2**30, 2),
-                "threads": self.threads}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _available_ram() -> int:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
-def best_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def detect_device(requested: str | None = None) -> DeviceInfo:
-    """Describe the device training will run on; ``requested`` is cpu, cuda, cuda:N or mps (default: best)."""
-    kind = requested or best_device()
-    if kind.startswith("cuda"):
-        if not torch.cuda.is_available():
-            from autoseg.errors import UserError
-
-            raise UserError(f"--device {kind}: CUDA is not available on this machine (use --device cpu)")
-        idx = torch.device(kind).index or 0
-        props = torch.cuda.get_device_properties(idx)
-        return DeviceInfo("cuda", props.name, int(props.total_memory * 0.9), torch.get_num_threads(),
-                          torch.cuda.is_bf16_supported())
-    if kind == "mps":
-        return DeviceInfo("mps", "Apple MPS", int(_available_ram() * 0.6), torch.get_num_threads(), False)
-    if kind != "cpu":
-        from autoseg.errors import UserError
-
-        raise UserError(f"--device {kind}: unknown device (use cpu, cuda, cuda:N or mps)")
-    flags = _cpu_flags()
-    bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
-    return DeviceInfo("cpu", _cpu_name(), int(_available_ram() * 0.5), torch.get_num_threads(), bf16)
 
 
 @dataclass
@@ -193,13 +118,6 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, lambda t: t)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 class _MomentumSGD:
     """Nesterov momentum SGD as the trainer steps it, without ``torch.optim``: constructing a torch optimizer
     imports torch._dynamo (1.7 s here), longer than the steps the planner times."""
@@ -274,7 +192,7 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
     # at least ``steps`` timed steps after the warm-up, more (up to 8) while they are quick: on a shared
     # machine noise only ever adds time, so the minimum of several short steps is the honest number
     while i < 1 + steps or (steps and i < 9 and sum(times[1:]) < QUICK_STEPS_S):
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         saved = _SavedBytes() if dev.type != "cuda" and i == 0 else contextlib.nullcontext()
         with saved, torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -289,7 +207,7 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
             if second_batch:
                 spread = _other_batch_grad(model, batch, in_ch, n_classes, patch, dev, fmt, seed, amp_dtype)
         opt.step()
-        _sync(dev)
+        sync(dev)
         times.append(time.perf_counter() - t0)
         if i == 0 and dev.type != "cuda":
             # CPU/MPS allocators keep no peak statistics: count what autograd saves for backward (the
@@ -314,7 +232,3 @@ def measure_step(cfg: Network, in_ch: int, n_classes: int, ndim: int, patch: lis
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return m, grad
-
-
-def threads_note() -> str:
-    return f"torch threads {torch.get_num_threads()}, CPUs {os.cpu_count()}"

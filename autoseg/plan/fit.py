@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from autoseg.device import DeviceInfo
 from autoseg.plan import compute, measurements
-from autoseg.plan.compute import DeviceInfo, StepMeasurement
-from autoseg.plan.model import Measurement, Network
+from autoseg.plan.compute import StepMeasurement
 from autoseg.plan.rules import Topology, make_network, shrink_patch, topology
+from autoseg.schema.plans import Measurement, Network
 
 WIDTHS = (32, 16, 8)
 MIN_BATCH = 2

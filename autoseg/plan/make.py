@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import time
 
-from autoseg.fingerprint import Fingerprint
+from autoseg.device import detect_device
 from autoseg.plan import measurements
 from autoseg.plan.budget import DEFAULT_BUDGET_S, format_duration, parse_duration
-from autoseg.plan.compute import detect_device
-from autoseg.plan.model import Plans
 from autoseg.plan.registry import PlanningContext, get_planner
+from autoseg.schema.fingerprint import Fingerprint
+from autoseg.schema.plans import Plans
 
 BUSY_LOAD_PER_CPU = 1.5  # load average per CPU above which the step times measured are not the machine's own
 

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from autoseg import __version__
+from autoseg.device import DeviceInfo
 from autoseg.plan import compute
-from autoseg.plan.compute import DeviceInfo, StepMeasurement
-from autoseg.plan.model import Network
+from autoseg.plan.compute import StepMeasurement
+from autoseg.schema.plans import Network
+from autoseg.version import __version__
 
 FORMAT = 1
 MAX_AGE_DAYS = 30

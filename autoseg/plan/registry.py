@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from autoseg.device import DeviceInfo
 from autoseg.errors import UserError
-from autoseg.fingerprint import Fingerprint
-from autoseg.plan.compute import DeviceInfo
-from autoseg.plan.model import Plans
+from autoseg.schema.fingerprint import Fingerprint
+from autoseg.schema.plans import Plans
 
 
 @dataclass

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autoseg.fingerprint import Fingerprint
-from autoseg.plan.model import Augmentation, Network, Normalization, Resampling, Sampling
+from autoseg.schema.fingerprint import Fingerprint
+from autoseg.schema.plans import Augmentation, Network, Normalization, Resampling, Sampling
 
 ANISOTROPY_THRESHOLD = 3.0
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg import __version__
 from autoseg.errors import UserError
 from autoseg.io import Geometry, write_image, write_label
+from autoseg.version import __version__
 
 SIZES = ("tiny", "small", "bench")
 DEFAULT_CASES = {"tiny": 5, "small": 16, "bench": 32}

@@ -8,16 +8,22 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from autoseg.artifacts import header, write_json
-from autoseg.dataset import foreground_classes, ignore_label_of
 from autoseg.errors import UserError
+from autoseg.schema.labels import foreground_classes, ignore_label_of
+from autoseg.schema.records import build_record
 
-PLANS_FILE = "plans.json"
 FORMAT_VERSION = 1
+
+# The component names a plans file may use, each built by the function registered under it
+# (autoseg.nets, autoseg.losses, autoseg.normalize; see autoseg.schema.registry, which adds new ones).
+NETWORK_FAMILIES = {"unet", "resenc_unet", "fcn", "deeplabv3plus"}
+LOSS_NAMES = {"dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice"}
+NORMALIZATION_SCHEMES = {"ct", "zscore", "rescale", "none"}
 
 
 @dataclass
@@ -89,6 +95,7 @@ class Schedule:
     warmup_steps: int = 0
     poly_exponent: float = 0.9
     val_every: int = 250
+    checkpoint_every_s: float = 300.0  # a killed run resumes from its last periodic checkpoint
 
 
 @dataclass
@@ -200,7 +207,7 @@ class Plans:
         return {**header("plans"), **d}
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "plans.json") -> Plans:
+    def from_dict(cls, d: dict, source: str = "plans") -> Plans:
         return _parse_plans(d, source)
 
     def save(self, path: Path | str) -> None:
@@ -223,76 +230,10 @@ _NESTED = {"normalization": Normalization, "resampling": Resampling, "network": 
            "sampling": Sampling, "measured": Measurement}
 
 
-def _build(cls: type, d: Any, where: str) -> Any:
-    """Build a dataclass from a dict, rejecting unknown keys and wrong types with the key's path."""
-    if not isinstance(d, dict):
-        raise UserError(f"{where}: expected an object, got {type(d).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(known)})")
-    kwargs = {}
-    for name, value in d.items():
-        key = f"{where}.{name}"
-        if name in _NESTED and cls is not Plans:
-            sub = _NESTED[name]
-            wants_list = str(known[name].type).startswith("list")
-            if wants_list != isinstance(value, list):
-                raise UserError(f"{key}: expected {'a list of objects' if wants_list else 'an object'}, got {value!r}")
-            kwargs[name] = ([_build(sub, v, f"{key}[{i}]") for i, v in enumerate(value)]
-                            if wants_list else _build(sub, value, key))
-        else:
-            _check_type(known[name].type, value, key)
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise UserError(f"{where}: {e}") from e
-
-
-def _check_type(annotation: str, value: Any, key: str) -> None:
-    if not _matches(str(annotation), value):
-        raise UserError(f"{key}: expected {annotation}, got {value!r}")
-
-
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split an annotation at ``sep`` outside brackets: 'dict[str, list[int]] | None' -> two parts at '|'."""
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        depth += (ch == "[") - (ch == "]")
-        if ch == sep and depth == 0:
-            parts.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    return [*parts, cur.strip()]
-
-
-def _matches(ann: str, value: Any) -> bool:
-    """Whether a JSON value fits a field's annotation, elements of lists and dicts included (so an edited
-    ``"patch_size": [64, "96", 96]`` is named here instead of failing later inside training)."""
-    options = _split_top(ann, "|")
-    if len(options) > 1:
-        return any(_matches(o, value) for o in options)
-    if ann == "None":
-        return value is None
-    if ann == "Any":
-        return True
-    if ann == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if ann == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ann == "bool":
-        return isinstance(value, bool)
-    if ann == "str":
-        return isinstance(value, str)
-    if ann.startswith("list"):
-        inner = ann[5:-1] if ann.startswith("list[") else "Any"
-        return isinstance(value, list) and all(_matches(inner, v) for v in value)
-    if ann.startswith("dict"):
-        inner = _split_top(ann[5:-1], ",")[-1] if ann.startswith("dict[") else "Any"
-        return isinstance(value, dict) and all(_matches(inner, v) for v in value.values())
-    return True  # a type this checker does not know: left to the semantic checks
+def build(cls: type, d: Any, where: str) -> Any:
+    """A plans record (a configuration or one of its parts) from a dict, every key checked (the key's path
+    named in the error)."""
+    return build_record(cls, d, where, {} if cls is Plans else _NESTED)
 
 
 def _parse_plans(d: Any, source: str) -> Plans:
@@ -305,9 +246,9 @@ def _parse_plans(d: Any, source: str) -> Plans:
     configs = body.pop("configurations", None)
     if not isinstance(configs, dict) or not configs:
         raise UserError(f"{source}: 'configurations' must be a non-empty object")
-    plans = _build(Plans, {**body, "configurations": {}}, source)
+    plans = build(Plans, {**body, "configurations": {}}, source)
     for name, c in configs.items():
-        cfg = _build(Configuration, c, f"{source}: configurations.{name}")
+        cfg = build(Configuration, c, f"{source}: configurations.{name}")
         _check_configuration(cfg, f"{source}: configurations.{name}", len(plans.channel_names))
         plans.configurations[name] = cfg
     plans.meta = {"autoseg_version": d.get("autoseg_version")}
@@ -316,10 +257,6 @@ def _parse_plans(d: Any, source: str) -> Plans:
 
 def _check_configuration(c: Configuration, where: str, channels: int = 0) -> None:
     """Semantic checks a user's edit can break: lengths agree with ndim, sizes positive, known names."""
-    from autoseg.losses import LOSSES  # local: losses and nets import torch
-    from autoseg.nets import NETWORKS
-    from autoseg.normalize import NORMALIZERS
-
     n = c.ndim
     for key in ("spacing", "patch_size", "median_shape"):
         v = getattr(c, key)
@@ -331,14 +268,14 @@ def _check_configuration(c: Configuration, where: str, channels: int = 0) -> Non
         raise UserError(f"{where}.normalization: expected one entry per input channel ({channels}), "
                         f"got {len(c.normalization)}")
     for i, scheme in enumerate(x.scheme for x in c.normalization):
-        if scheme not in NORMALIZERS:
+        if scheme not in NORMALIZATION_SCHEMES:
             raise UserError(f"{where}.normalization[{i}].scheme: unknown '{scheme}' "
-                            f"(known: {', '.join(sorted(NORMALIZERS))})")
-    if c.loss.name not in LOSSES:
-        raise UserError(f"{where}.loss.name: unknown '{c.loss.name}' (known: {', '.join(sorted(LOSSES))})")
+                            f"(known: {', '.join(sorted(NORMALIZATION_SCHEMES))})")
+    if c.loss.name not in LOSS_NAMES:
+        raise UserError(f"{where}.loss.name: unknown '{c.loss.name}' (known: {', '.join(sorted(LOSS_NAMES))})")
     net = c.network
-    if net.family not in NETWORKS:
-        raise UserError(f"{where}.network.family: unknown '{net.family}' (known: {', '.join(sorted(NETWORKS))})")
+    if net.family not in NETWORK_FAMILIES:
+        raise UserError(f"{where}.network.family: unknown '{net.family}' (known: {', '.join(sorted(NETWORK_FAMILIES))})")
     for key in ("kernel_sizes", "strides"):
         v = getattr(net, key)
         if len(v) != net.n_stages or any(len(k) != n for k in v):

@@ -16,10 +16,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoseg.artifacts import atomic_write_bytes
+from autoseg.workdir import Workdir
 
-TRIALS_CSV = "trials.csv"
-HISTORY_PNG = "history.png"
-IMPORTANCES_PNG = "importances.png"
 PARAMS = ("family", "depth", "width", "patch", "loss", "lr", "augmentation", "batch", "mirror")
 
 
@@ -76,18 +74,19 @@ def describe_trial(t: FrozenTrial) -> str:
     return f"trial {t.number}{tag}: {what} -> {outcome}"
 
 
-def write_outputs(study: optuna.Study, folder: Path) -> list[Path]:
-    """trials.csv, history.png and (with two or more completed trials) importances.png in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
+def write_outputs(study: optuna.Study, work: Workdir) -> list[Path]:
+    """The trial table, the history plot and (with two or more completed trials) the importances plot in the
+    workdir's search folder."""
+    work.search_dir.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(study)
     buf = io.StringIO()
     if rows:
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    atomic_write_bytes(buf.getvalue().encode(), folder / TRIALS_CSV)
-    out = [folder / TRIALS_CSV, _history(rows, folder / HISTORY_PNG)]
-    importances = _importances(study, folder / IMPORTANCES_PNG)
+    atomic_write_bytes(buf.getvalue().encode(), work.search_table)
+    out = [work.search_table, _history(rows, work.search_history)]
+    importances = _importances(study, work.search_importances)
     return out + ([importances] if importances else [])
 
 

@@ -9,9 +9,9 @@ count, deadline) live in the study itself, so a worker needs nothing but the sto
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,15 +21,17 @@ import optuna
 from optuna.trial import TrialState
 
 from autoseg.errors import UserError
+from autoseg.workdir import Workdir
 
-DB_FILE = "search.db"
+logger = logging.getLogger(__name__)
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 3
 PRUNE_REDUCTION = 2  # successive halving: half of the trials that reach a rung go on
 
 
 def default_storage(workdir: Path) -> str:
-    return f"sqlite:///{(Path(workdir) / DB_FILE).resolve()}"
+    return f"sqlite:///{Workdir.of(workdir).study_db.resolve()}"
 
 
 def open_storage(spec: str | None, workdir: Path) -> optuna.storages.BaseStorage:
@@ -155,7 +157,7 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
             # an interrupt ends the loop (the same command resumes); so does the same error three times over
             if not isinstance(e, Exception) or failures >= MAX_FAILURES_IN_A_ROW:
                 raise
-            print(f"search: trial {trial.number} failed ({type(e).__name__}: {e})", file=sys.stderr)
+            logger.warning(f"search: trial {trial.number} failed ({type(e).__name__}: {e})")
             frozen = study.trials[trial.number]
         else:
             frozen, failures = study.tell(trial, value), 0

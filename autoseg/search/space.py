@@ -1,5 +1,5 @@
 """The search space around the rules' configuration, as data: what a trial may change, and how a trial's
-choices turn back into a :class:`~autoseg.plan.model.Configuration` that validates like any other.
+choices turn back into a :class:`~autoseg.schema.plans.Configuration` that validates like any other.
 
 The space is derived once from the rules' point (widths x0.5/x1/x2, depth -1/0/+1 stage, patches scaled
 around the rules' patch that fit the device's memory at the rules' width and batch, the four loss
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.plan.model import Configuration, _check_configuration
 from autoseg.plan.rules import ANISOTROPY_THRESHOLD, features_per_stage, topology
+from autoseg.schema.plans import Configuration, _check_configuration
 
 FAMILIES = ("unet", "resenc_unet", "deeplabv3plus", "fcn")
 LOSSES = ("dice_ce", "dice", "jaccard", "focal_dice")

@@ -1,4 +1,5 @@
-"""Worker processes for per-case work (validate, fingerprint, preprocess, conversion).
+"""Worker processes for per-case work (validate, fingerprint, preprocess, conversion): one map over cases
+(:func:`map_cases`) and the process server every pool of a command forks from.
 
 One forkserver serves every pool of a command: it imports the worker modules once, and each worker
 forks from it with them loaded, instead of every worker of every pool importing numpy, SimpleITK and
@@ -9,13 +10,18 @@ Forking from the server, not from the caller, stays safe after the caller starte
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from autoseg.dataset import Case
 
 _PRELOAD = ["autoseg.fingerprint"]
+T = TypeVar("T")
+R = TypeVar("R")
 #: Datasets smaller than this are read faster in the calling process than workers start (validating or
 #: fingerprinting 20 cases of 64x64x27 takes 0.25 s in-process here).
 SMALL_BYTES = 64 << 20
@@ -72,3 +78,40 @@ def wait_started() -> None:
     p = ctx.Process(target=_nothing)
     p.start()
     p.join()
+
+
+def map_cases(fn: Callable[[T], R], items: Sequence[T], jobs: int, progress: bool = False,
+              desc: str = "cases", fallback: bool = False) -> list[R]:
+    """``[fn(x) for x in items]``, with ``jobs`` worker processes when > 1, a progress bar on stderr when asked.
+
+    Results come back in the order of ``items`` whatever order the workers finish in. The first error stops
+    the rest and is raised; a worker that dies (e.g. killed for memory) fails the call instead of hanging it.
+    With ``fallback``, a pool that cannot run at all (a caller script without a ``__main__`` guard) is
+    replaced by the calling process, with a warning.
+    """
+    from tqdm import tqdm
+
+    results: list = [None] * len(items)
+    with tqdm(total=len(items), desc=desc, unit="case", disable=not progress) as bar:
+        if jobs > 1 and len(items) > 1:
+            try:
+                with ProcessPoolExecutor(min(jobs, len(items)), mp_context=pool_context()) as pool:
+                    futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+                    try:
+                        for future in as_completed(futures):
+                            results[futures[future]] = future.result()
+                            bar.update()
+                    except BaseException:
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
+                return results
+            except (BrokenProcessPool, OSError) as e:
+                if not fallback:
+                    raise
+                warnings.warn(f"{desc}: process pool failed ({e}); working in this process", RuntimeWarning,
+                              stacklevel=2)
+                bar.reset()
+        for i, item in enumerate(items):
+            results[i] = fn(item)
+            bar.update()
+    return results

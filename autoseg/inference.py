@@ -1,0 +1,379 @@
+"""The inference engine: every prediction of a case goes through :class:`Predictor`, so the numbers the
+cross-validation reports describe exactly what ``autoseg predict`` writes. Its users: the out-of-fold
+validation of a trained fold (:mod:`autoseg.oof`), the search's scoring of a trial (:mod:`autoseg.search`),
+``autoseg predict`` on a workdir or a bundle (:mod:`autoseg.predict`) and ``load_bundle(...).predict``.
+
+The model is one configuration or an ensemble of several (each with its trained folds; :mod:`autoseg.ensemble`)::
+
+    read channels -> per member: preprocess_case -> per fold: sliding-window probabilities -> mean over folds
+    -> per class: the members' maps restored to the original array and summed, running argmax
+    -> post-processing rules (:mod:`autoseg.postprocess`, tuned on the model's out-of-fold labels)
+    -> write with the input's geometry
+
+A case already in the preprocessed cache (a held-out training case) enters after ``preprocess_case``: the
+cache holds exactly what ``preprocess_case`` makes of the raw files, so both entries give the same output.
+
+>>> predictor = Predictor.from_workdir("autoseg_work/Dataset001_CT")            # doctest: +SKIP
+>>> seg, probs = predictor.predict_case(images, geometry, probabilities=True)   # doctest: +SKIP
+>>> predictor.predict_files("imagesTs", "predictions")                          # doctest: +SKIP
+
+Test-time mirroring (``mirror="auto"``): averaging the ``2**m`` flips of each tile costs ``2**m`` network
+passes, cheap on a GPU and a minute per case for a CT on a laptop CPU. The first case decides, on the device
+at hand: one batch of tiles is timed per member, and mirroring is on when the first case predicted with it is
+estimated to take at most :data:`MIRROR_AUTO_MAX_S` seconds of network time (tiles x folds x flips, summed
+over the members). The decision then holds for every case, so a folder is predicted one way.
+
+Memory: each member's fold-mean probabilities in its preprocessed space, one buffer of ``K`` maps in
+``storage`` (float16 by default: half of float32; each tile's addition rounds once, see
+:mod:`autoseg.sliding_window`), the preprocessed images of the members, and at the original size a running
+maximum, the label map and the class being restored, whatever the number of classes. ``probabilities=True``
+adds the float16 maps. With ``jobs`` > 1 the next case's buffers exist while the last one is exported.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoseg.artifacts import write_probabilities
+from autoseg.checkpoint import load_checkpoint
+from autoseg.device import AUTOCAST, precision_on, resolve_device, sync
+from autoseg.ensemble import STORAGE, Member, MemberOutput, combine, member_probabilities
+from autoseg.errors import UserError
+from autoseg.io import Geometry, read_images, write_label
+from autoseg.normalize import resolve_plans
+from autoseg.postprocess import apply_postprocessing, parse_rules
+from autoseg.predict_inputs import InputCase, check_images, find_cases
+from autoseg.preprocess import preprocess_case
+from autoseg.schema.plans import Plans
+from autoseg.schema.selection import model_name
+from autoseg.sliding_window import count_tiles
+from autoseg.workdir import Workdir
+
+MIRROR_AUTO_MAX_S = 20.0  # network seconds per case, with mirroring, below which ``auto`` turns it on
+TILE_BAR_MIN = 64  # network passes in a case from which a progress bar over its tiles is shown
+
+
+@dataclass
+class PredictionSummary:
+    """What :meth:`Predictor.predict_files` did: files written, cases refused (case -> reason), mirroring,
+    and the model (members and folds)."""
+
+    written: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    mirror: str = ""
+    seconds: float = 0.0
+    model: str = ""
+
+
+@dataclass
+class _Prepared:
+    """A case between the network and the export (which may run in a background thread)."""
+
+    outputs: list[MemberOutput]
+    geometry: Geometry
+
+
+class Predictor:
+    """A model (one configuration, or an ensemble of several) with its trained folds, ready to segment
+    images held in memory or files on disk.
+
+    Construct from plain data, so a workdir (:meth:`from_workdir`) and a bundle build it the same way:
+    ``configuration`` is one name with ``weights`` one state_dict per fold (``folds`` their numbers), or the
+    ensemble's names in order with ``weights`` and ``folds`` mappings from each name to its own. Networks
+    are built on first use. ``mirror`` is ``"auto"``, ``"on"`` or ``"off"`` (see the module docstring);
+    ``tile_batch`` tiles go through the network at once (default: the training batch, at least 4);
+    ``storage`` is the dtype of the probabilities in preprocessed space (``"float16"`` or ``"float32"``).
+    """
+
+    def __init__(self, plans: Plans, configuration: str | Sequence[str],
+                 weights: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
+                 device: str | torch.device | None = None, *,
+                 folds: Sequence[int] | Mapping[str, Sequence[int]] | None = None, mirror: str = "auto",
+                 overlap: float = 0.5, tile_batch: int | None = None, progress: bool = False,
+                 postprocessing: Sequence[Mapping[str, Any]] = (), storage: str = "float16"):
+        names = [configuration] if isinstance(configuration, str) else list(configuration)
+        if isinstance(configuration, str):
+            weights, folds = {configuration: weights}, None if folds is None else {configuration: folds}
+        if not names:
+            raise ValueError("a model needs at least one configuration")
+        for name in names:
+            if name not in plans.configurations:
+                raise UserError(f"plans.json has no configuration '{name}' "
+                                f"(it has {', '.join(plans.configurations)})")
+            if not weights.get(name):
+                raise UserError(f"no trained fold of configuration '{name}' to predict with")
+        if any(isinstance(v, list) for v in plans.labels.values()):
+            raise UserError("plans.json: region-based labels (sigmoid outputs) are not supported by predict yet")
+        if mirror not in ("auto", "on", "off"):
+            raise ValueError(f"mirror must be auto, on or off, not {mirror!r}")
+        if not 0 <= overlap < 1:
+            raise UserError(f"--overlap {overlap}: must be in [0, 1)")
+        if storage not in STORAGE:
+            raise ValueError(f"storage must be one of {', '.join(STORAGE)}, not {storage!r}")
+        self.plans = plans
+        self.members = [Member(n, plans.configurations[n], list(weights[n]),
+                               list(folds[n]) if folds is not None else list(range(len(weights[n]))))
+                        for n in names]
+        self.device = resolve_device(device)
+        self.mirror, self.overlap, self.progress, self.storage = mirror, overlap, progress, storage
+        self._tile_batch = tile_batch
+        self._mirror_on: bool | None = {"on": True, "off": False}.get(mirror)
+        self.mirror_note = "" if mirror == "auto" else f"mirroring {mirror} (--mirror {mirror})"
+        self.postprocessing = parse_rules([dict(r) for r in postprocessing])  # applied to every label map
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_workdir(cls, workdir: Workdir | Path | str, configuration: str | None = None,
+                     folds: Sequence[int] | None = None, device: str | torch.device | None = None,
+                     **options: Any) -> Predictor:
+        """Load ``WORKDIR/plans.json`` and the final checkpoint of each trained fold of each member.
+
+        The model: ``configuration`` alone, else the ensemble ``WORKDIR/selection.json`` chose (one
+        configuration or several), else the first of the plan's training runs. ``folds`` None means every
+        fold trained so far (one is enough); given, every member must have them. The post-processing rules
+        ``selection.json`` tuned for that model are applied to its labels.
+        """
+        work = Workdir.of(workdir)
+        plans = resolve_plans(work.load_plans(), work.fingerprint_or_none())
+        names = work.model(plans, configuration)
+        chosen = {n: work.trained_folds(n, folds) for n in names}
+        selection = work.load_selection()
+        options.setdefault("postprocessing", selection.rules_for(names) if selection is not None else [])
+        weights = {n: [load_checkpoint(work.run(n, k).final)["model"] for k in ks] for n, ks in chosen.items()}
+        return cls(plans, names, weights, device, folds=chosen, **options)
+
+    # --- what the model is -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return model_name([m.name for m in self.members])
+
+    @property
+    def cfg(self):
+        """The first member's configuration (the only one of a single-configuration model)."""
+        return self.members[0].cfg
+
+    @property
+    def folds(self) -> list[int]:
+        return self.members[0].folds
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        return self.members[0].mirror_axes
+
+    def describe(self) -> str:
+        """One line: the members and their folds, and the post-processing (what ``autoseg predict`` prints)."""
+        kind = "ensemble" if len(self.members) > 1 else "configuration"
+        rules = len(self.postprocessing)
+        return (f"{kind} {' + '.join(m.describe() for m in self.members)}, "
+                f"{rules} post-processing rule{'s' if rules != 1 else ''}, {self.storage} probabilities")
+
+    def tile_batch(self, member: Member) -> int:
+        return self._tile_batch or max(4, member.cfg.batch_size)
+
+    # --- one case in memory ------------------------------------------------------------------------
+    def predict_case(self, images: np.ndarray, geometry: Geometry, probabilities: bool = False,
+                     where: str = "image") -> tuple[np.ndarray, np.ndarray | None]:
+        """Segment one case ``(C, *spatial)``: the label map ``(*spatial)`` in the input's array, and with
+        ``probabilities`` the per-class maps ``(K, *spatial)`` (float16) there too."""
+        return self._export(self._run(self._preprocess(images, geometry, where), geometry), probabilities)
+
+    def predict_preprocessed(self, cases: list[tuple[np.ndarray, dict]], probabilities: bool = False
+                             ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`predict_case` of a case already preprocessed for each member (``(data, properties)`` in
+        member order, as the cache holds them; the geometry is the properties')."""
+        geometry = Geometry.from_dict(cases[0][1]["geometry"])
+        return self._export(self._run(list(cases), geometry), probabilities)
+
+    def write(self, seg: np.ndarray, maps: np.ndarray | None, geometry: Geometry, folder: Path, case_id: str,
+              ending: str) -> list[Path]:
+        """``folder/CASE<ending>`` with ``geometry`` and, with ``maps``, ``folder/CASE.npz``: the files of one
+        prediction, for ``autoseg predict`` and the out-of-fold validation alike."""
+        path = Path(folder) / f"{case_id}{ending}"
+        write_label(seg, geometry, path)
+        written = [path]
+        if maps is not None:
+            write_probabilities(maps, Path(folder) / f"{case_id}.npz")
+            written.append(Path(folder) / f"{case_id}.npz")
+        return written
+
+    @torch.inference_mode()
+    def preprocessed_probabilities(self, data: np.ndarray, member: int = 0) -> torch.Tensor:
+        """Probabilities ``(K, Z, Y, X)`` of a case preprocessed for ``members[member]``, the mean over its folds."""
+        return self._probabilities(self.members[member], data)
+
+    def _probabilities(self, member: Member, data: np.ndarray) -> torch.Tensor:
+        axes = member.mirror_axes if self._mirror_on else ()
+        passes = count_tiles(data.shape[1:], member.cfg.patch_size, member.cfg.ndim, self.overlap) * len(member.folds)
+        bar = self._tile_bar(passes, 2 ** len(axes))
+        try:
+            return member_probabilities(member, self.plans, data, self.device, mirror_axes=axes, overlap=self.overlap,
+                                        tile_batch=self.tile_batch(member),
+                                        precision=precision_on(member.cfg.precision, self.device),
+                                        storage=self.storage, progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _preprocess(self, images: np.ndarray, geometry: Geometry, where: str) -> list[tuple[np.ndarray, dict]]:
+        """Each member's preprocessed image and properties (all made first: the first case's mirroring decision
+        needs every member's tile count)."""
+        check_images(images, self.plans, where)
+        return [preprocess_case(images, geometry, m.cfg, self.plans)[::2] for m in self.members]
+
+    def _run(self, cases: list[tuple[np.ndarray, dict]], geometry: Geometry) -> _Prepared:
+        """Each member's probabilities of one case; ``cases`` is emptied as it goes, so each preprocessed image
+        is freed after its member's sliding window."""
+        self._decide_mirror([data.shape[1:] for data, _ in cases])
+        outputs = []
+        for member in self.members:
+            data, props = cases.pop(0)
+            outputs.append(MemberOutput(self._probabilities(member, data), props, member.cfg))
+            del data
+        return _Prepared(outputs, geometry)
+
+    def _export(self, prep: _Prepared, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        seg, maps = combine(prep.outputs, probabilities)
+        if self.postprocessing:
+            seg = apply_postprocessing(seg, self.postprocessing, prep.geometry.spacing)
+        return seg, maps
+
+    # --- mirroring decision --------------------------------------------------------------------------
+    def _decide_mirror(self, shapes: Sequence[Sequence[int]]) -> bool:
+        """Decide ``--mirror auto`` on the first case (``shapes``: each member's preprocessed shape)."""
+        mirrored = [(m, s) for m, s in zip(self.members, shapes) if m.mirror_axes]
+        if not mirrored:
+            if self._mirror_on is None or self._mirror_on:
+                self.mirror_note = "mirroring off (the plan trains without mirror augmentation)"
+            self._mirror_on = False
+        if self._mirror_on is None:
+            estimate = 0.0
+            for member, shape in mirrored:
+                tiles = count_tiles(shape, member.cfg.patch_size, member.cfg.ndim, self.overlap)
+                batches = math.ceil(tiles / self.tile_batch(member))
+                estimate += self._time_tile_batch(member) * batches * len(member.folds) * 2 ** len(member.mirror_axes)
+            flips = "/".join(str(2 ** len(m.mirror_axes)) for m, _ in mirrored)
+            self._mirror_on = mirror_rule(estimate)
+            self.mirror_note = (f"mirroring {'on' if self._mirror_on else 'off'} (--mirror auto: {flips} flips, "
+                                f"~{estimate:.1f} s of network time per case with them on {self.device.type}, "
+                                f"limit {MIRROR_AUTO_MAX_S:.0f} s)")
+        return self._mirror_on
+
+    @torch.inference_mode()
+    def _time_tile_batch(self, member: Member) -> float:
+        """Seconds for one batch of tiles through one fold's network of ``member`` on this device: the fastest
+        of three passes after a warm-up one (the least disturbed by other work on the machine)."""
+        cfg = member.cfg
+        model = member.models(self.plans, self.device)[0]
+        x = torch.randn(self.tile_batch(member), self.plans.in_channels, *cfg.patch_size, device=self.device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d if cfg.ndim == 3 else torch.channels_last)
+        amp = AUTOCAST.get(precision_on(cfg.precision, self.device))
+        times = []
+        for _ in range(4):
+            sync(self.device)
+            t = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                model(x)
+            sync(self.device)
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+
+    def _tile_bar(self, passes: int, flips: int):
+        if not self.progress or passes * flips < TILE_BAR_MIN:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=passes, desc="tiles", unit="tile", leave=False, dynamic_ncols=True)
+
+    # --- files ---------------------------------------------------------------------------------------
+    def predict_files(self, input: Path | str, output: Path | str, save_probabilities: bool = False,
+                      jobs: int = 1, report: Callable[[str], None] | None = None,
+                      report_model: Callable[[str], None] | None = None) -> PredictionSummary:
+        """Predict every case of ``input`` (a folder in the ``CASE_XXXX<ending>`` naming, or one file) into
+        ``output/CASE<ending>`` with the input's spacing, origin and direction; with ``save_probabilities``
+        also ``output/CASE.npz`` (``probabilities``: float16, ``(K, *spatial)``).
+
+        A case that breaks the input contract (channels, dimensionality, unreadable file) is skipped with
+        one line passed to ``report`` and recorded in the summary; the other cases are still predicted.
+        ``report_model`` is given :meth:`describe` before the first case.
+        ``jobs`` > 1 exports (restore + write) in ``jobs - 1`` threads while the network runs the next case.
+        """
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        out = Path(output)
+        cases = find_cases(Path(input), self.plans)
+        if not cases:
+            raise UserError(f"{input}: no images to predict (expected CASE_XXXX{self.plans.file_ending} files)")
+        out.mkdir(parents=True, exist_ok=True)
+        summary = PredictionSummary(model=self.describe())
+        if report_model is not None:
+            report_model(summary.model)
+        pool = ThreadPoolExecutor(jobs - 1) if jobs > 1 else None
+        pending: deque[tuple[InputCase, Future]] = deque()
+
+        def fail(case: InputCase, message: str) -> None:
+            summary.failed[case.id] = message
+            if report is not None:
+                report(message)
+
+        def finish(case: InputCase, job: Callable[[], list[Path]]) -> None:
+            try:
+                summary.written += job()
+            except UserError as e:
+                fail(case, str(e))
+
+        bar = tqdm(cases, desc="predict", unit="case", disable=not self.progress, dynamic_ncols=True)
+        try:
+            for case in bar:
+                if case.problem:
+                    fail(case, case.problem)
+                    continue
+                try:
+                    images, geometry = read_images(case.images)
+                    cases = self._preprocess(images, geometry, case.where)
+                    del images  # the raw image goes before the networks run
+                    prep = self._run(cases, geometry)
+                except UserError as e:
+                    fail(case, str(e))
+                    continue
+
+                def job(prep: _Prepared = prep, case: InputCase = case) -> list[Path]:
+                    return self._write(prep, case, out, save_probabilities)
+
+                if pool is None:
+                    finish(case, job)
+                else:
+                    pending.append((case, pool.submit(job)))
+                    while len(pending) > jobs - 1:
+                        c, f = pending.popleft()
+                        finish(c, f.result)
+            while pending:
+                c, f = pending.popleft()
+                finish(c, f.result)
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        summary.mirror = self.mirror_note
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+    def _write(self, prep: _Prepared, case: InputCase, out: Path, save_probabilities: bool) -> list[Path]:
+        seg, maps = self._export(prep, save_probabilities)
+        return self.write(seg, maps, prep.geometry, out, case.id, case.ending)
+
+
+def mirror_rule(seconds_with_mirroring: float, limit: float = MIRROR_AUTO_MAX_S) -> bool:
+    """``--mirror auto``: on when the network time of a case with every flip stays within ``limit``."""
+    return seconds_with_mirroring <= limit

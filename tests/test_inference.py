@@ -1,0 +1,85 @@
+"""One inference engine: a held-out case's out-of-fold label map (predicted from the preprocessed cache after its
+fold trained) and ``autoseg predict`` of the same raw image with the same fold are the same, voxel for voxel,
+for a 3D configuration, a 2D configuration and an ensemble, post-processing included.
+
+Models are random-init folds (what is tested is that the paths are one, not that a model learned anything).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_ensemble_predict import HELD_OUT, MEMBERS, ensemble  # noqa: F401  (the fixture)
+from test_predict import ct  # noqa: F401  (the fixture)
+
+from autoseg.cli import run
+from autoseg.fingerprint import extract_fingerprint
+from autoseg.io import read_label
+from autoseg.oof import predict_fold_validation
+from autoseg.postprocess import apply_postprocessing
+from autoseg.preprocess import preprocess
+from autoseg.select import find_oof
+from autoseg.workdir import Workdir
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def predict_cli(work: Path, image: Path, out: Path, fold: int, *extra: str) -> tuple[np.ndarray, np.ndarray]:
+    """``autoseg predict WORK IMAGE OUT --folds FOLD --mirror off --save-probabilities``: labels and maps."""
+    assert run(["-q", "predict", str(work), str(image), str(out), "--folds", str(fold), "--mirror", "off",
+                "--save-probabilities", *extra]) == 0
+    case = image.name.replace("_0000.nii.gz", "")
+    with np.load(out / f"{case}.npz") as f:
+        return read_label(out / f"{case}.nii.gz")[0], f["probabilities"]
+
+
+def oof_outputs(work: Path, configuration: str, fold: int, case: str) -> tuple[np.ndarray, np.ndarray]:
+    run_dir = Workdir(work).run(configuration, fold)
+    with np.load(run_dir.oof_probabilities(case)) as f:
+        return read_label(run_dir.oof_labels(case, ".nii.gz"))[0], f["probabilities"]
+
+
+def test_3d_out_of_fold_labels_and_autoseg_predict_of_the_same_fold_are_identical(ct, tmp_path):  # noqa: F811
+    ds, work, plans = ct
+    work2 = Path(shutil.copytree(work, tmp_path / "work"))
+    preprocess(ds, work2, plans, extract_fingerprint(ds, jobs=1), jobs=1)
+    case = "ctaniso_000"
+    predict_fold_validation(work2, ds, plans, "3d_fullres", 0, [case])
+    oof_seg, oof_maps = oof_outputs(work2, "3d_fullres", 0, case)
+    seg, maps = predict_cli(work2, ds / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / "out", 0)
+    assert len(np.unique(oof_seg)) > 1  # not a trivial case
+    assert np.array_equal(seg, oof_seg) and np.array_equal(maps, oof_maps)
+    assert np.array_equal(oof_seg, oof_maps.argmax(0))  # the stored maps are what the labels are the argmax of
+
+
+def test_2d_out_of_fold_labels_and_autoseg_predict_of_the_same_fold_are_identical(ensemble, tmp_path):  # noqa: F811
+    ds, work = ensemble
+    for fold, cases in HELD_OUT.items():
+        for case in cases:
+            oof_seg, oof_maps = oof_outputs(work, "2d", fold, case)
+            seg, maps = predict_cli(work, ds / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / f"{case}", fold,
+                                    "--config", "2d")  # selection.json tuned no rule for 2d alone
+            assert np.array_equal(seg, oof_seg) and np.array_equal(maps, oof_maps), case
+
+
+def test_ensemble_labels_the_selection_scored_and_autoseg_predict_are_identical(ensemble, tmp_path):  # noqa: F811
+    """The selection's label map of the ensemble (its members' out-of-fold maps summed) with the rules it tuned,
+    and ``autoseg predict`` of the workdir (the selected ensemble and its rules) with the fold that held the case
+    out."""
+    from autoseg.select import _Scorer
+
+    ds, work = ensemble
+    selection = Workdir(work).load_selection()
+    rules = selection.rules_for(MEMBERS)
+    assert selection.ensemble == MEMBERS and rules  # the fixture's ensemble, with a rule to apply
+    refs = {p.name.replace(".nii.gz", ""): p for p in (ds / "labelsTr").glob("*.nii.gz")}
+    scorer = _Scorer(find_oof(work), refs, [1, 2], None, ".nii.gz")
+    for fold, cases in HELD_OUT.items():
+        for case in cases:
+            ref_spacing = scorer.reference(case)[1]
+            expected = apply_postprocessing(scorer.labels(tuple(MEMBERS), case), rules, ref_spacing)
+            seg, _ = predict_cli(work, ds / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / f"{case}", fold)
+            assert len(np.unique(expected)) > 1 and np.array_equal(seg, expected), case
