@@ -18,6 +18,17 @@ from autoseg.errors import DatasetError, UserError
 from autoseg.version import __version__
 
 EXIT_BAD_INPUT = 2
+CACHE_ENV = "AUTOSEG_CACHE_DIR"
+
+
+def cache_dir() -> Path | None:
+    """autoseg's one cache folder on this machine (step measurements, benchmark downloads): ``$AUTOSEG_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/autoseg`` or ``~/.cache/autoseg``; ``AUTOSEG_CACHE_DIR=off`` keeps none. The command
+    line reads it here and passes it on; the library takes it as an argument."""
+    where = os.environ.get(CACHE_ENV)
+    if where is not None:
+        return None if where.strip().lower() in ("", "off", "none", "0") else Path(where)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "autoseg"
 
 
 def _jobs(value: str) -> int:
@@ -87,7 +98,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
         found = plan_with_search(a.dataset, a.workdir, budget=a.budget, trials=a.trials, storage=a.storage,
                                  planner=a.planner, device=a.device, jobs=a.jobs, replan=a.replan,
-                                 progress=not a.quiet, folds=a.folds, remeasure=a.remeasure)
+                                 progress=not a.quiet, folds=a.folds, remeasure=a.remeasure,
+                                 measurements_dir=cache_dir())
         print(summary(found.plan))
         print(search_summary(found))
         return 0
@@ -95,7 +107,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         raise UserError("--trials and --storage need --search")
     result = plan_dataset(a.dataset, a.workdir, planner=a.planner, budget=a.budget, device=a.device,
                           jobs=a.jobs, replan=a.replan, progress=not a.quiet, folds=a.folds,
-                          preprocess_also=a.preprocess, remeasure=a.remeasure)
+                          preprocess_also=a.preprocess, remeasure=a.remeasure, measurements_dir=cache_dir())
     print(summary(result))
     return 0
 
@@ -177,14 +189,16 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from autoseg.demo import run_demo
 
     run_demo(a.workdir or Path("autoseg_demo"), task=a.task, budget=a.budget, device=a.device,
-             progress=not a.quiet, jobs=a.jobs)
+             progress=not a.quiet, jobs=a.jobs, measurements_dir=cache_dir())
     return 0
 
 
 def cmd_benchmark(a: argparse.Namespace) -> int:
     from autoseg.benchmark import run_benchmark
 
-    run_benchmark(a.suite, a.output, budget=a.budget, datasets=a.datasets, methods=a.methods, progress=not a.quiet)
+    downloads = cache_dir() or a.output / "downloads"  # real data is fetched once, into the cache
+    run_benchmark(a.suite, a.output, budget=a.budget, datasets=a.datasets, methods=a.methods, cache=downloads,
+                  progress=not a.quiet)
     return 0
 
 

@@ -15,8 +15,10 @@ DEMO_DATASET = "Dataset001_Demo"
 
 
 def run_demo(workdir: Path | str = "autoseg_demo", task: str = "mri-nested", budget: str = "3m",
-             device: str | None = None, progress: bool = True, jobs: int | None = None) -> dict:
-    """Run every stage on ``task`` (a synthetic-suite task) into ``workdir``; returns the test metrics."""
+             device: str | None = None, progress: bool = True, jobs: int | None = None,
+             measurements_dir: Path | None = None) -> dict:
+    """Run every stage on ``task`` (a synthetic-suite task) into ``workdir``; returns the test metrics.
+    ``measurements_dir``: this machine's store of step measurements (see :func:`autoseg.plan.make.make_plans`)."""
     from autoseg.evaluate import evaluate_folder, summary_lines
     from autoseg.predict import predict
     from autoseg.report import write_report
@@ -35,7 +37,8 @@ def run_demo(workdir: Path | str = "autoseg_demo", task: str = "mri-nested", bud
     if not (data / "dataset.json").is_file():
         generate(task, data, size="small", seed=0)
     stage(f"planning for a {budget} budget (measuring candidate networks on this device)")
-    print(summary(plan_dataset(data, work, budget=budget, device=device, jobs=jobs, progress=progress)))
+    print(summary(plan_dataset(data, work, budget=budget, device=device, jobs=jobs, progress=progress,
+                               measurements_dir=measurements_dir)))
     stage("training (resumes if interrupted)")
     print(train_summary(train_dataset(data, work, device=device, progress=progress)))
     stage("predicting the test cases in their original geometry")

@@ -41,13 +41,15 @@ def _same_request(plans: Plans, fp: Fingerprint, planner: str, budget_s: float |
 def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner: str = "default",
                  budget: str | float | None = None, device: str | None = None, jobs: int | None = None,
                  replan: bool = False, progress: bool = False, folds: int | None = None,
-                 preprocess_also: list[str] | None = None, remeasure: bool = False) -> PlanResult:
+                 preprocess_also: list[str] | None = None, remeasure: bool = False,
+                 measurements_dir: Path | None = None) -> PlanResult:
     """Validate, fingerprint, plan and preprocess ``dataset`` into ``workdir``.
 
     An existing ``plans.json`` made from the same dataset, planner, budget and device is kept as it is
     (so a user's edits survive a re-run); ``replan=True`` makes a new one. ``folds`` defaults to the existing
     plan's, else 5. ``remeasure`` times the candidate networks again instead of reusing this machine's
-    earlier measurements (and so re-plans). Only the configurations the default ``autoseg train`` trains are
+    earlier measurements (and so re-plans); those are kept in ``measurements_dir`` (None: none kept). Only the
+    configurations the default ``autoseg train`` trains are
     preprocessed, plus ``preprocess_also`` (names, or ``["all"]``); ``autoseg train --config NAME``
     preprocesses the others.
     """
@@ -60,8 +62,7 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
         parallel.start(["autoseg.preprocess"])
 
     from autoseg.plan.budget import parse_duration
-    from autoseg.plan.make import make_plans
-    from autoseg.plan.registry import get_planner
+    from autoseg.plan.make import get_planner, make_plans
     from autoseg.preprocess import preprocess
     from autoseg.validate import validate_dataset
 
@@ -94,7 +95,8 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
             logger.info("planning: measuring candidate networks on the device ...")
         if started:
             parallel.wait_started()  # measure step times on an otherwise idle CPU
-        plans = make_plans(fp, planner, budget_s, device, folds or 5, remeasure=remeasure)
+        plans = make_plans(fp, planner, budget_s, device, folds or 5, remeasure=remeasure,
+                           measurements_dir=measurements_dir)
         wd.save_plans(plans)
     timings["plan"] = time.perf_counter() - t
 

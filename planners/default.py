@@ -62,7 +62,7 @@ def configure(name: str, ndim: int, spacing: list[float], median_shape: list[int
                      feature_cap=s.feature_cap_3d if ndim == 3 else s.feature_cap_2d,
                      dataset_voxels=dataset_voxels(fp, spacing, order), blocks=list(s.blocks) if s.blocks else None,
                      decoder_convs=s.decoder_convs, precision=precision)
-    r = fit(req, ctx.device, verify=trained)
+    r = fit(req, ctx.device, verify=trained, store=ctx.measurements)
     val_every = max(50, min(r.steps // 10, 1000))
     cfg = Configuration(
         name=name, ndim=ndim, spacing=[round(x, 6) for x in spacing], median_shape=median_shape,

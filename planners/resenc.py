@@ -3,10 +3,11 @@ stage, one decoder conv per stage): more capacity per FLOP in the encoder."""
 
 from __future__ import annotations
 
+from autoseg.planners.default import Settings, plan_with
+
 from autoseg.plan.registry import PlanningContext, register_planner
 from autoseg.schema.fingerprint import Fingerprint
 from autoseg.schema.plans import Plans
-from planners.default import Settings, plan_with
 
 RESENC = Settings(family="resenc_unet", blocks=(1, 3, 4, 6, 6, 6, 6), decoder_convs=1)
 

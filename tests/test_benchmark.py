@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from autoseg.benchmark import load_suite, run_benchmark
-from autoseg.benchmark.cells import has_search_flag
 from autoseg.benchmark.measure import measure
 from autoseg.cli import run
 from autoseg.errors import UserError
@@ -139,14 +138,6 @@ def test_cli_filters_and_reports(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[1/1] ct / perfect" in err and "foreground Dice 1.000" in err
     assert run(["benchmark", str(suite), "-o", str(tmp_path / "o"), "--methods", "nope"]) == 2
-
-
-def test_search_method_is_skipped_without_the_flag(tmp_path, monkeypatch):
-    assert isinstance(has_search_flag(), bool)
-    monkeypatch.setattr("autoseg.benchmark.cells.has_search_flag", lambda: False)
-    suite = write_suite(tmp_path, TINY + '[methods.s]\nkind = "autoseg"\nsearch = true\n')
-    (record,) = run_benchmark(suite, tmp_path / "out", progress=False)
-    assert record["status"] == "skipped" and "--search" in record["reason"]
 
 
 def test_measure_kills_a_command_past_its_timeout(tmp_path):

@@ -31,8 +31,7 @@ from autoseg.plan import make as make_module
 from autoseg.plan.budget import parse_duration, target_steps
 from autoseg.plan.compute import MiB, StepMeasurement
 from autoseg.plan.fit import JUDGE_DEPTH_MARGIN
-from autoseg.plan.make import make_plans
-from autoseg.plan.registry import get_planner
+from autoseg.plan.make import get_planner, make_plans
 from autoseg.schema.fingerprint import Fingerprint
 from autoseg.schema.plans import Plans
 from autoseg.workdir import PLANS_FILE
@@ -208,34 +207,33 @@ def test_only_trained_configurations_are_measured_for_real(measured_calls):
 def test_a_second_plan_on_this_machine_reuses_its_step_measurements(measured_calls, monkeypatch, tmp_path):
     """Step times depend on the machine and the setup, not the data: a re-plan reads them back (same plans,
     no step run), ``remeasure`` runs them again, and a busy machine's measurements are not kept."""
-    monkeypatch.setenv("AUTOSEG_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(make_module.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     fp = isotropic((96, 96, 96))
-    first = make_plans(fp, budget="10m", device="cpu")
+    first = make_plans(fp, budget="10m", device="cpu", measurements_dir=tmp_path)
     n = len(measured_calls)
     assert n >= 2 and first.measurements == {"reused": 0, "measured": n}
     assert (tmp_path / "measurements.json").is_file()
-    again = make_plans(fp, budget="10m", device="cpu")
+    again = make_plans(fp, budget="10m", device="cpu", measurements_dir=tmp_path)
     assert len(measured_calls) == n and again.measurements == {"reused": n, "measured": 0}
     assert again.configurations == first.configurations
-    assert make_plans(fp, budget="10m", device="cpu", remeasure=True).measurements["measured"] == n
+    assert make_plans(fp, budget="10m", device="cpu", remeasure=True,
+                      measurements_dir=tmp_path).measurements["measured"] == n
     assert len(measured_calls) == 2 * n
     from autoseg.plan import measurements
 
     monkeypatch.setattr(measurements, "_code_digest", lambda: "the networks' code changed")
-    assert make_plans(fp, budget="10m", device="cpu").measurements == {"reused": 0, "measured": n}
+    assert make_plans(fp, budget="10m", device="cpu",
+                      measurements_dir=tmp_path).measurements == {"reused": 0, "measured": n}
 
-    monkeypatch.setenv("AUTOSEG_CACHE_DIR", str(tmp_path / "busy"))
     monkeypatch.setattr(make_module.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
-    make_plans(fp, budget="10m", device="cpu")
+    make_plans(fp, budget="10m", device="cpu", measurements_dir=tmp_path / "busy")
     assert not (tmp_path / "busy" / "measurements.json").exists()
 
 
 def test_an_unreadable_measurement_store_only_means_measuring(measured_calls, monkeypatch, tmp_path):
     (tmp_path / "measurements.json").write_text("{not json")
-    monkeypatch.setenv("AUTOSEG_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(make_module.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    plans = make_plans(isotropic((96, 96, 96)), budget="10m", device="cpu")
+    plans = make_plans(isotropic((96, 96, 96)), budget="10m", device="cpu", measurements_dir=tmp_path)
     assert plans.measurements["reused"] == 0 and json.loads((tmp_path / "measurements.json").read_text())
 
 
@@ -375,13 +373,11 @@ def test_a_measurement_gives_up_after_a_warm_up_over_its_bound_and_is_not_stored
     steps.clear()
     compute.measure_step(net, 1, 2, 3, [8, 8, 8], 2, steps=2, give_up_s=60.0)
     assert len(steps) >= 3  # warm-up and two timed steps
-    monkeypatch.setenv("AUTOSEG_CACHE_DIR", str(tmp_path))
-    cpu = DeviceInfo("cpu", "test CPU", 8 << 30, 1, False)
-    with measurements.session(cpu) as store:
-        measurements.measure(net, 1, 2, 3, [8, 8, 8], 2, "cpu", "fp32", False, give_up_s=0.0)
-        assert not store.new
-        measurements.measure(net, 1, 2, 3, [8, 8, 8], 2, "cpu", "fp32", False)
-        assert len(store.new) == 1
+    store = measurements.Store(DeviceInfo("cpu", "test CPU", 8 << 30, 1, False), tmp_path)
+    measurements.measure(store, net, 1, 2, 3, [8, 8, 8], 2, "cpu", "fp32", False, give_up_s=0.0)
+    assert not store.new
+    measurements.measure(store, net, 1, 2, 3, [8, 8, 8], 2, "cpu", "fp32", False)
+    assert len(store.new) == 1
 
 
 def test_a_busy_machine_is_named_in_the_plan_notes(fake_compute, monkeypatch: pytest.MonkeyPatch):
@@ -611,7 +607,7 @@ def test_loading_a_missing_or_broken_file_says_what_to_do(tmp_path: Path):
 USER_PLANNER = '''
 """A user's planner: the default rules, then a smaller learning rate."""
 from autoseg.plan.registry import register_planner
-from planners.default import plan as default_plan
+from autoseg.planners.default import plan as default_plan
 
 
 @register_planner("careful")
@@ -635,7 +631,7 @@ def test_a_planner_file_wraps_the_default_planner(fake_compute, tmp_path: Path):
 
 def test_a_planner_file_may_define_a_function_named_plan(fake_compute, tmp_path: Path):
     path = tmp_path / "plain.py"
-    path.write_text("from planners.resenc import plan as _resenc\n\n"
+    path.write_text("from autoseg.planners.resenc import plan as _resenc\n\n"
                     "def plan(fp, ctx):\n    return _resenc(fp, ctx)\n")
     plans = make_plans(planar(), planner=str(path), budget="10m")
     assert plans.configurations["2d"].network.family == "resenc_unet"

@@ -57,20 +57,11 @@ def signature(suite: Suite, dataset: DatasetSpec, method: MethodSpec) -> dict:
 
 
 def autoseg_bin() -> list[str]:
-    """The ``autoseg`` command of this interpreter (the console script beside it, else ``-m autoseg.cli``)."""
+    """The ``autoseg`` command of this interpreter (the console script beside it, else ``-m autoseg``)."""
     script = Path(sys.executable).with_name("autoseg")
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-c", "from autoseg.cli import main; main()"]
-
-
-def has_search_flag() -> bool:
-    """Whether this autoseg's ``plan`` takes ``--search`` (an optional feature)."""
-    from autoseg.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    return any("--search" in a.option_strings for a in sub.choices["plan"]._actions)
+    return [sys.executable, "-m", "autoseg"]
 
 
 def _stage_record(m: Measurement) -> dict:
@@ -184,12 +175,10 @@ def summarize_metrics(result: dict) -> dict:
 
 
 def skip_reason(method: MethodSpec) -> str | None:
-    """Why a method cannot run on this machine (a required path is missing; an optional feature is absent)."""
+    """Why a method cannot run on this machine (a required path is missing)."""
     for path in method.requires:
         if not path.exists():
             return f"requires {path}, which is missing"
-    if method.kind == "autoseg" and method.search and not has_search_flag():
-        return "`autoseg plan --search` is not available in this version"
     return None
 
 

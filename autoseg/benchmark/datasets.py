@@ -31,7 +31,7 @@ def prepare_dataset(spec: DatasetSpec, out: Path, cache: Path | None = None) -> 
     if spec.real:
         from autoseg.benchmark.realdata import prepare_real
 
-        folder = prepare_real(spec.real, out / "data" / spec.name, cache)
+        folder = prepare_real(spec.real, out / "data" / spec.name, cache or out / "downloads")
         return folder, _note(folder)
     folder = spec.path
     for entry in ("dataset.json", "imagesTr", "labelsTr", "imagesTs", "labelsTs"):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -56,21 +55,14 @@ NOTES = {
 VERSION = 1  # bump when a conversion changes, so cached datasets are rewritten
 
 
-def default_cache() -> Path:
-    """Where downloads are kept: ``$AUTOSEG_CACHE`` or ``~/.cache/autoseg`` (``$XDG_CACHE_HOME``)."""
-    if os.environ.get("AUTOSEG_CACHE"):
-        return Path(os.environ["AUTOSEG_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "autoseg"
-
-
-def prepare_real(name: str, out: Path, cache: Path | None = None) -> Path:
+def prepare_real(name: str, out: Path, cache: Path) -> Path:
     """Write the real-data dataset ``name`` into ``out`` (kept when already written by this version)."""
     out = Path(out)
     stamp = {"real": name, "version": VERSION}
     meta = out / "dataset.json"
     if meta.is_file() and json.loads(meta.read_text()).get("autoseg_real") == stamp:
         return out
-    cache = Path(cache) if cache else default_cache()
+    cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -69,8 +69,8 @@ class FitResult:
 class Throughput:
     """Measured FLOP/s per (width, precision), on a proxy patch, reused across candidates."""
 
-    def __init__(self, device: DeviceInfo, req: FitRequest):
-        self.device, self.req = device, req
+    def __init__(self, device: DeviceInfo, req: FitRequest, store: measurements.Store | None = None):
+        self.device, self.req, self.store = device, req, store
         self.cache: dict[tuple, tuple[float, float, StepMeasurement]] = {}
         self._params: dict[str, int] = {}
 
@@ -100,8 +100,8 @@ class Throughput:
         if key not in self.cache:
             r = self.req
             patch = self.proxy(topo.patch_size, topo.divisor)
-            m = measurements.measure(net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH, self.device.type,
-                                     precision, channels_last)
+            m = measurements.measure(self.store, net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH,
+                                     self.device.type, precision, channels_last)
             self._keep(net, patch, key, m)
         return self.cache[key]
 
@@ -111,8 +111,9 @@ class Throughput:
         its batch-to-batch spread unless ``spread`` is False)."""
         r = self.req
         patch = self.proxy(topo.patch_size, topo.divisor)
-        m32, m16 = measurements.measure_precisions(net, r.in_channels, r.num_classes, r.ndim, patch, MIN_BATCH,
-                                                   self.device.type, spread=spread, decides_at=BF16_MIN_SPEEDUP)
+        m32, m16 = measurements.measure_precisions(self.store, net, r.in_channels, r.num_classes, r.ndim, patch,
+                                                   MIN_BATCH, self.device.type, spread=spread,
+                                                   decides_at=BF16_MIN_SPEEDUP)
         self._keep(net, patch, (net.features[0], "fp32", False), m32)
         self._keep(net, patch, (net.features[0], "bf16", True), m16)
         return m32, m16
@@ -153,7 +154,7 @@ def choose_precision(device: DeviceInfo, req: FitRequest, tp: Throughput, net: N
     m32, m16 = tp.measure_precisions(net, topo, spread=not degenerate)
     fps32, fps16 = m32.flops / m32.step_time_s, m16.flops / m16.step_time_s
     if degenerate:
-        noise, cosine, where = _precision_noise(req, topo, proxy)
+        noise, cosine, where = _precision_noise(req, topo, proxy, tp.store)
     else:
         noise, cosine, where = _noise(m32, m16), m16.grad_cosine, ""
     log.append(f"precision: fp32 {m32.step_time_s:.3f}s vs bf16+channels-last {m16.step_time_s:.3f}s "
@@ -168,7 +169,8 @@ def _bottleneck_voxels(patch: list[int], divisor: list[int]) -> int:
     return int(np.prod([p // d for p, d in zip(patch, divisor)]))
 
 
-def _precision_noise(req: FitRequest, topo: Topology, proxy: list[int]) -> tuple[float, float, str]:
+def _precision_noise(req: FitRequest, topo: Topology, proxy: list[int],
+                     store: measurements.Store | None) -> tuple[float, float, str]:
     """(gradient error / batch spread, cosine, where) of bf16 against fp32, judged on the network built for the
     proxy patch itself (the rules' topology there: fewer stages, every pooled axis keeps 4+ voxels), at the
     narrowest width, its error scaled by the stage ratio x ``JUDGE_DEPTH_MARGIN``. Untimed: only the gradients
@@ -181,8 +183,8 @@ def _precision_noise(req: FitRequest, topo: Topology, proxy: list[int]) -> tuple
     0.10-0.14 of the batch spread; at most 1.18x the stage ratio, hence the margin)."""
     shallow = topology(req.spacing, proxy)
     net = make_network(req.family, shallow, WIDTHS[-1], req.feature_cap, _blocks(req, shallow), req.decoder_convs)
-    m32, m16 = measurements.measure_precisions(net, req.in_channels, req.num_classes, req.ndim, shallow.patch_size,
-                                               MIN_BATCH, timed=False)
+    m32, m16 = measurements.measure_precisions(store, net, req.in_channels, req.num_classes, req.ndim,
+                                               shallow.patch_size, MIN_BATCH, timed=False)
     depth = max(1.0, JUDGE_DEPTH_MARGIN * topo.n_stages / shallow.n_stages)
     where = (f"; on {'x'.join(map(str, shallow.patch_size))} at width {WIDTHS[-1]} with {shallow.n_stages} stages, "
              f"x{depth:.2f} for {topo.n_stages}: the proxy's bottleneck is too small")
@@ -256,7 +258,8 @@ def _smallest(req: FitRequest) -> tuple[Network, Topology]:
     return make_network(req.family, topo, WIDTHS[-1], req.feature_cap, _blocks(req, topo), req.decoder_convs), topo
 
 
-def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
+def fit(req: FitRequest, device: DeviceInfo, verify: bool = True,
+        store: measurements.Store | None = None) -> FitResult:
     """Choose width, patch and batch for ``req`` on ``device``.
 
     Candidates are predicted from proxy measurements (one small patch per width and precision). With
@@ -269,10 +272,11 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
     and measures its choice once more, unless it is the width just measured at a patch at least as large
     (the corrected prediction holds there) or its corrected prediction keeps 25 % below the limit; the last
     measured choice that keeps to the limit stands. Configurations that are not trained by default are
-    planned from the proxies alone (the trainer re-fits the step count to its measured pace anyway)."""
+    planned from the proxies alone (the trainer re-fits the step count to its measured pace anyway). ``store``
+    keeps and reads back this machine's step measurements (:mod:`autoseg.plan.measurements`)."""
     log: list[str] = []
     t_max = req.run_seconds / req.min_steps
-    tp = Throughput(device, req)
+    tp = Throughput(device, req, store)
     topo = topology(req.spacing, req.ideal_patch)  # precision is compared on a proxy of the ideal network
     net = make_network(req.family, topo, WIDTHS[0], req.feature_cap, _blocks(req, topo), req.decoder_convs)
     precision, cl, speedup = req.precision or choose_precision(device, req, tp, net, topo, log)
@@ -316,7 +320,7 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True) -> FitResult:
         # with a measured choice to fall back on, a setup whose warm-up alone shows it over the limit is not timed
         # further (the bold re-search's wider network: 7 of 10 in two runs of benchmarks/plan.py at 1.28-2.1x it)
         give_up = WARMUP_BOUND * 1.25 * t_max * batch_m / batch if verified and device.type == "cpu" else None
-        m = measurements.measure(net, req.in_channels, req.num_classes, req.ndim, topo.patch_size, batch_m,
+        m = measurements.measure(store, net, req.in_channels, req.num_classes, req.ndim, topo.patch_size, batch_m,
                                  device.type, precision, cl, give_up_s=give_up)
         gave_up = give_up is not None and m.step_time_s > give_up
         measured_at = (net.features[0], np.prod(topo.patch_size))

@@ -8,15 +8,15 @@ that builds and steps the networks), and a later plan that times the same setup 
 reads it back instead of running it. ``autoseg plan --remeasure`` times everything again and replaces what is
 stored; measurements taken while other work loaded the machine are not stored (they are too slow).
 
-The store is one JSON file, ``$AUTOSEG_CACHE_DIR/measurements.json`` (default ``~/.cache/autoseg``;
-``AUTOSEG_CACHE_DIR=off`` keeps nothing). Entries older than ``MAX_AGE_DAYS`` are measured again. A
-missing, unreadable or unwritable store only means measuring, never an error.
+The store is one JSON file, ``measurements.json`` in the cache folder the caller names (the command line's is
+``$AUTOSEG_CACHE_DIR``, default ``~/.cache/autoseg``; ``off`` keeps nothing); without a folder a store still
+holds this plan's measurements in memory. Entries older than ``MAX_AGE_DAYS`` are measured again. A missing,
+unreadable or unwritable store only means measuring, never an error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import hashlib
 import json
@@ -24,7 +24,6 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -37,25 +36,18 @@ from autoseg.schema.plans import Network
 from autoseg.version import __version__
 
 FORMAT = 1
+STORE_FILE = "measurements.json"
 MAX_AGE_DAYS = 30
 CLOSE_CALL = 1.2  # fp32 and bf16 are timed again when bf16's speed-up is within this factor of the deciding one
 _FIELDS = [f.name for f in fields(StepMeasurement)]
-
-
-def store_path() -> Path | None:
-    """Where measurements are kept, or None when ``AUTOSEG_CACHE_DIR`` is ``off``."""
-    where = os.environ.get("AUTOSEG_CACHE_DIR")
-    if where is not None:
-        return None if where.strip().lower() in ("", "off", "none", "0") else Path(where) / "measurements.json"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "autoseg" / "measurements.json"
 
 
 class Store:
     """The measurements of one machine (device, its threads, torch and autoseg versions): read once, written
     once at the end of a plan (merged with what other processes wrote meanwhile)."""
 
-    def __init__(self, device: DeviceInfo, path: Path | None, remeasure: bool = False):
+    def __init__(self, device: DeviceInfo, folder: Path | None = None, remeasure: bool = False):
+        path = None if folder is None else Path(folder) / STORE_FILE
         self.device, self.path, self.remeasure = device, path, remeasure
         self.entries = {} if remeasure or path is None else _read(path)
         self.new: dict[str, dict] = {}
@@ -116,28 +108,11 @@ def _read(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-_active: contextvars.ContextVar[Store | None] = contextvars.ContextVar("autoseg_measurements", default=None)
-
-
-@contextlib.contextmanager
-def session(device: DeviceInfo, remeasure: bool = False, keep=lambda: True) -> Iterator[Store]:
-    """Planning inside this block reuses and records measurements; they are written at its end when
-    ``keep()`` says the machine was quiet enough for them to be its own."""
-    store = Store(device, store_path(), remeasure)
-    token = _active.set(store)
-    try:
-        yield store
-    finally:
-        _active.reset(token)
-        if keep():
-            store.save()
-
-
-def measure(net: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int, device: str,
-            precision: str, channels_last: bool, steps: int = 1, give_up_s: float | None = None) -> StepMeasurement:
-    """``compute.measure_step``, read from this machine's store when it timed the same setup before. A setup
+def measure(store: Store | None, net: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int,
+            device: str, precision: str, channels_last: bool, steps: int = 1,
+            give_up_s: float | None = None) -> StepMeasurement:
+    """``compute.measure_step``, read from ``store`` when this machine timed the same setup before. A setup
     given up on after its warm-up (slower than ``give_up_s``) is not stored: its time is only a bound."""
-    store = _active.get()
     what = ["step", asdict(net), in_ch, n_classes, ndim, list(patch), batch, device, precision, channels_last, steps]
     key = store.key(*what) if store else None
     if store and (got := store.get(key)):
@@ -149,8 +124,8 @@ def measure(net: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int
     return m
 
 
-def measure_precisions(net: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int], batch: int,
-                       device: str = "cpu", timed: bool = True, spread: bool = True,
+def measure_precisions(store: Store | None, net: Network, in_ch: int, n_classes: int, ndim: int, patch: list[int],
+                       batch: int, device: str = "cpu", timed: bool = True, spread: bool = True,
                        decides_at: float | None = None) -> tuple[StepMeasurement, StepMeasurement]:
     """fp32 (with its batch-to-batch gradient spread) and bf16 autocast with channels-last (with its gradient
     error against fp32's, same weights and batch): stored as one entry, as the second needs the first's
@@ -160,7 +135,6 @@ def measure_precisions(net: Network, in_ch: int, n_classes: int, ndim: int, patc
     on this machine's AMX, against 1.1 to decide) the second steps only cost time: 0.5-1.2 s a plan.
     ``timed=False``: the gradients only, three forward/backward passes (step times unset); ``spread=False``:
     no second batch (the spread is judged elsewhere)."""
-    store = _active.get()
     steps = 1 if timed else 0
     what = ["precisions", asdict(net), in_ch, n_classes, ndim, list(patch), batch, device, steps, spread, decides_at]
     key = store.key(*what) if store else None

@@ -127,7 +127,8 @@ def plan_with_search(dataset: Path | str, workdir: Path | str | None = None, *, 
                      trials: int | None = None, storage: str | None = None, planner: str = "default",
                      device: str | None = None, jobs: int | None = None, replan: bool = False,
                      progress: bool = True, folds: int | None = None, seed: int = 0,
-                     workers: int | None = None, remeasure: bool = False) -> SearchResult:
+                     workers: int | None = None, remeasure: bool = False,
+                     measurements_dir: Path | None = None) -> SearchResult:
     """Plan with the rules for the training share of ``budget``, then search around the rules' point for
     the search share (:func:`run_search`). Running it again resumes the study."""
     from autoseg.device import detect_device
@@ -139,7 +140,7 @@ def plan_with_search(dataset: Path | str, workdir: Path | str | None = None, *, 
     split = divide_budget(resolve_budget(budget, detect_device(device).type)[0], trials)
     studies.open_storage(storage, work)  # a bad --storage fails before the dataset is read
     result = plan_dataset(dataset, work, planner=planner, budget=split.train_s, device=device, jobs=jobs,
-                          replan=replan, progress=progress, remeasure=remeasure,
+                          replan=replan, progress=progress, remeasure=remeasure, measurements_dir=measurements_dir,
                           **({} if folds is None else {"folds": folds}))
     found = run_search(work, split, dataset=dataset, storage=storage, device=device, seed=seed, workers=workers,
                        progress=progress, started=t0)
