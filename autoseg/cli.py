@@ -116,7 +116,7 @@ def cmd_search_worker(a: argparse.Namespace) -> int:
     from autoseg.search import search_summary, search_worker
 
     print(search_summary(search_worker(a.workdir, storage=a.storage, trials=a.trials, device=a.device,
-                                       workers=a.workers, progress=not a.quiet)))
+                                       workers=a.workers, progress=not a.quiet, dataset=a.dataset)))
     return 0
 
 
@@ -235,6 +235,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from autoseg import workdir as wd
     from autoseg.synth import SIZES, TASKS
 
     parser = argparse.ArgumentParser(
@@ -281,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run validate -> fingerprint -> plan -> preprocess on a dataset.\n\n"
                                    "The planner measures real training steps of candidate networks on the device\n"
                                    "and fits patch, batch, width and the number of steps to the wall-clock budget.\n"
-                                   "Writes WORKDIR/fingerprint.json, WORKDIR/plans.json (human-editable: edit it\n"
-                                   "and re-run `autoseg plan` or `autoseg train`) and WORKDIR/preprocessed/.")
+                                   f"Writes WORKDIR/{wd.FINGERPRINT_FILE}, WORKDIR/{wd.PLANS_FILE} (human-editable: edit it\n"
+                                   f"and re-run `autoseg plan` or `autoseg train`) and WORKDIR/{wd.PREPROCESSED_DIR}/.")
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     _add_workdir(p)
     p.add_argument("--planner", default="default",
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=None, help="trials the study should have in all (default: its own)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: from the CPU count)")
+    p.add_argument("--dataset", type=Path, default=None, metavar="DIR",
+                   help="the dataset, whose labels score the trials (default: the folder the study was started on)")
     p.set_defaults(func=cmd_search_worker)
 
     p = sub.add_parser("train", help="train the planned configurations and folds", parents=[common],
@@ -333,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the runs `autoseg plan` planned (or those asked for) inside the budget.\n"
                                    "A killed run resumes from its last checkpoint when the same command is run again;\n"
                                    "--extend continues finished runs with more budget. After each fold, its held-out\n"
-                                   "cases are predicted on full images and scored (runs/<config>/fold_<k>/validation).\n"
+                                   "cases are predicted on full images and scored\n"
+                                   f"({wd.RUNS_DIR}/<config>/fold_<k>/{wd.VALIDATION_DIR}).\n"
                                    "Checkpoints every 5 minutes (plans.json: schedule.checkpoint_every_s), or as\n"
                                    "--checkpoint-every says.")
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")

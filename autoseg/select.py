@@ -194,7 +194,7 @@ def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postpro
     plans = work.load_plans()
     runs = {k: v for k, v in find_oof(work).items() if k in plans.configurations}
     if not runs:
-        raise UserError(f"{work.root}: no out-of-fold predictions (runs/<config>/fold_<k>/validation); "
+        raise UserError(f"{work.runs_dir}: no out-of-fold predictions (no fold's validation has finished); "
                         "run `autoseg train` first")
     refs = {c.id: c.label for c in load_dataset(dataset_dir).cases("Tr") if c.label is not None and c.label.is_file()}
     classes, names = sorted(plans.class_names), dict(plans.class_names)

@@ -7,7 +7,7 @@ benchmarks/work/data/), lays it out for nnU-Net (benchmarks/_nnunet.py, which ma
 missing), then runs ``autoseg fingerprint -j N`` and ``nnUNetv2_extract_fingerprint -np N``: one untimed
 warm-up each (page cache, .pyc files), then ``--repeats`` timed rounds, alternating. Each run is a whole
 command as a user types it (interpreter start and imports included); memory is the peak over the whole
-process tree, pool workers included (benchmarks/_measure.py says exactly what). Writes
+process tree, pool workers included (autoseg/benchmark/measure.py says exactly what). Writes
 benchmarks/results/fingerprint.md with the medians, the ratios and how the two fingerprints agree.
 """
 
@@ -27,9 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _nnunet  # noqa: E402
-from _measure import Measurement, machine, measure  # noqa: E402
 
 import autoseg  # noqa: E402
+from autoseg.benchmark.measure import Measurement, machine, measure  # noqa: E402
 from autoseg.fingerprint import SAMPLES_PER_CASE  # noqa: E402
 from autoseg.schema.fingerprint import Fingerprint
 from autoseg.workdir import FINGERPRINT_FILE

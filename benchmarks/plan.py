@@ -21,7 +21,7 @@ about 64x96x96: ``small`` cases are 1/5-1/3 of that, ``bench`` cases 1.4-1.7x), 
 3. **Diagnostic**, once: both totals again with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep instead of
    spinning while they wait), which shows how much of the time is lost to spinning threads on a busy machine.
 
-Memory is the peak over the whole process tree, pool workers included (benchmarks/_measure.py). Writes
+Memory is the peak over the whole process tree, pool workers included (autoseg/benchmark/measure.py). Writes
 benchmarks/results/plan.md.
 """
 
@@ -40,10 +40,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _nnunet  # noqa: E402
-from _measure import Measurement, machine, measure  # noqa: E402
 from fingerprint import _short, autoseg_bin, git_commit, make_data, median_of  # noqa: E402
 
 import autoseg  # noqa: E402
+from autoseg.benchmark.measure import Measurement, machine, measure  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent

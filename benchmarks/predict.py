@@ -44,8 +44,9 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import _nnunet  # noqa: E402
 import nnunet_runner  # noqa: E402  (its budget trainer; another benchmark's module)
-from _measure import machine, measure  # noqa: E402
 from predict_memory import update_results  # noqa: E402
+
+from autoseg.benchmark.measure import machine, measure  # noqa: E402
 
 WORK = BENCH / "work" / "predict"
 SECTION = "Speed: autoseg predict vs nnUNetv2_predict"

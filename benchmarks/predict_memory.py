@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="print the section, do not update predict.md")
     a = p.parse_args(argv)
     sys.path.insert(0, str(BENCH))
-    from _measure import machine, measure
-
+    from autoseg.benchmark.measure import machine, measure
     from autoseg.sliding_window import count_tiles
 
     shape = tuple(int(v) for v in a.shape.split("x"))

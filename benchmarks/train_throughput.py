@@ -442,9 +442,8 @@ def git_commit() -> str:
 
 
 def render(args: argparse.Namespace, res: dict) -> str:
-    from _measure import machine
-
     import autoseg
+    from autoseg.benchmark.measure import machine
 
     steps, info = res["steps"], res["info"]
     med = {n: statistics.median(r["wall_s"] for r in rs) for n, rs in steps.items()}

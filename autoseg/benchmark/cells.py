@@ -100,8 +100,8 @@ class CellRunner:
         log = self.logs / f"{name}.log"
         with open(log, "w") as f:
             f.write("$ " + " ".join(cmd) + "\n")
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        m = measure(cmd, env=env, cwd=cwd, log=log, timeout=self.timeout_s, append=True, interval=POLL_S)
+        # the environment is this process's: `autoseg benchmark` set OMP_WAIT_POLICY=PASSIVE for every stage
+        m = measure(cmd, cwd=cwd, log=log, timeout=self.timeout_s, append=True, interval=POLL_S)
         self.stages[name] = _stage_record(m)
         if self.progress:
             print(f"    {name}: {m.wall_s:.0f}s, peak {m.peak_pss_mb:.0f} MB"

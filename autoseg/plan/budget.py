@@ -56,10 +56,8 @@ def allocate_runs(primary: str, others: list[str], folds: int, budget_s: float) 
 
 def target_steps(run_s: float) -> int:
     """How many steps a run should at least get: ``MIN_STEPS``, and from about 47 minutes on more for longer
-    runs, sub-linearly, so that long budgets buy both a bigger model and more steps; below that, more time
-    buys a bigger model or patch. The floor is for small classes, which a poly schedule learns late: on the
-    synthetic tasks their Dice stayed 0 for the first 300-680 steps (mri-nested's lesion, mr-2ch's enhancing
-    class, in runs of 600-1350 steps), and runs that stopped sooner missed them (the 3-minute demo at 535
-    steps: lesion 0.00; mr-2ch at 5 minutes with 357 and 810 steps: 0.11 and 0.00). With a floor of 150
-    (15 minutes: ~420 steps) the planner chose width 8 or 32 at 166-920 planned steps for the demo."""
+    runs, sub-linearly (15 per square-root second, at most 20000), so that long budgets buy both a bigger model
+    and more steps; below that, more time buys a bigger model or patch. The floor is for small classes, which a
+    poly schedule learns late (the synthetic tasks' small classes stay at Dice 0 for their first few hundred
+    steps): a run shorter than that misses them whatever its width (benchmarks/results/accuracy.md)."""
     return int(min(max(15 * math.sqrt(run_s), MIN_STEPS), 20000))

@@ -174,13 +174,10 @@ def _precision_noise(req: FitRequest, topo: Topology, proxy: list[int],
     """(gradient error / batch spread, cosine, where) of bf16 against fp32, judged on the network built for the
     proxy patch itself (the rules' topology there: fewer stages, every pooled axis keeps 4+ voxels), at the
     narrowest width, its error scaled by the stage ratio x ``JUDGE_DEPTH_MARGIN``. Untimed: only the gradients
-    count here. On the proxy of a deep network the bottleneck can be 2 voxels, and instance norm over 2 values
-    turns any rounding into a sign flip: fp32 against bf16 there measured cosine 0.32, against 0.97-0.99 on a
-    larger patch (mricron-aal's 6-stage network gave bf16 gradients of overflowing size with 2x2x2 voxels at
-    the bottleneck). The deep network on a patch of 3 bottleneck voxels an axis judged well but cost 2-4.6 s
-    (48x96x96 in fp32); the shallow one 0.2-0.4 s. bf16's error adds up layer by layer: on five synthetic
-    datasets the deep network's error was 1.6-1.8x the shallow one's for 1.5-1.7x the stages (0.16-0.23 against
-    0.10-0.14 of the batch spread; at most 1.18x the stage ratio, hence the margin)."""
+    count here. Why not on the proxy of the deep network: its bottleneck can be 2 voxels an axis, and instance
+    norm over 2 values turns any rounding into a sign flip, so the judgement there says nothing about training
+    at the real patch. bf16's error adds up layer by layer, roughly in proportion to the stages (at most 1.18x
+    the stage ratio on the synthetic tasks, hence the margin); see benchmarks/results/plan.md."""
     shallow = topology(req.spacing, proxy)
     net = make_network(req.family, shallow, WIDTHS[-1], req.feature_cap, _blocks(req, shallow), req.decoder_convs)
     m32, m16 = measurements.measure_precisions(store, net, req.in_channels, req.num_classes, req.ndim,
@@ -193,7 +190,7 @@ def _precision_noise(req: FitRequest, topo: Topology, proxy: list[int],
 
 def _noise(m32: StepMeasurement, m16: StepMeasurement) -> float:
     """bf16's gradient error as a share of fp32's batch-to-batch spread; infinite when bf16's gradient is not
-    finite (seen on the demo's data: NaN at width 8, 16x32x32), which refuses bf16."""
+    finite (it can overflow on small patches), which refuses bf16."""
     if not math.isfinite(m16.grad_error):
         return math.inf
     return m16.grad_error / max(m32.batch_spread, 1e-12)
@@ -201,8 +198,8 @@ def _noise(m32: StepMeasurement, m16: StepMeasurement) -> float:
 
 class Calibration:
     """Measured step time / predicted, per width. A width not measured gets the square root of a pessimistic
-    correction (the small proxy of a narrow network is more overhead-bound than a wide one's: measured here,
-    width 16 ran 0.37-0.43x its proxy prediction, width 32 0.5-0.7x) and all of an optimistic one (safe).
+    correction (the small proxy of a narrow network is more overhead-bound than a wide one's, so a narrow
+    width's pessimism overstates a wider one's) and all of an optimistic one (safe).
     ``bold``: all of a pessimistic one too, for a search whose choice will be measured before it is kept."""
 
     def __init__(self):
@@ -318,7 +315,7 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True,
         # networks slower ones (width 8, 48^3: 0.84 s at batch 1, 0.43 s at batch 2; width 32: 0.97 / 1.78 s)
         batch_m = batch // 2 if device.type == "cpu" and batch >= 2 * HALF_BATCH_MIN else batch
         # with a measured choice to fall back on, a setup whose warm-up alone shows it over the limit is not timed
-        # further (the bold re-search's wider network: 7 of 10 in two runs of benchmarks/plan.py at 1.28-2.1x it)
+        # further: a full timing could only confirm that it does not fit
         give_up = WARMUP_BOUND * 1.25 * t_max * batch_m / batch if verified and device.type == "cpu" else None
         m = measurements.measure(store, net, req.in_channels, req.num_classes, req.ndim, topo.patch_size, batch_m,
                                  device.type, precision, cl, give_up_s=give_up)
@@ -342,9 +339,8 @@ def fit(req: FitRequest, device: DeviceInfo, verify: bool = True,
             break
         calibration.correct(net.features[0], error)
         # a narrower network than the widest, measured faster than predicted and within the limit: the square
-        # root of the correction can keep the search from wider ones (mricron-aal: width 8 measured 0.42x its
-        # prediction, the widths above still predicted too slow, a 0.34 M-parameter network for 15 minutes).
-        # Carry all of it, and measure what that search chooses; if it overshoots, the setup measured first stands
+        # root of the correction could keep the search from wider ones that fit too. Carry all of it, and
+        # measure what that search chooses; if it overshoots, the setup measured first stands
         last = attempt + 1 >= MAX_REAL_MEASUREMENTS
         calibration.bold = fits and error < PESSIMISM and net.features[0] < WIDTHS[0] and not last
         if not last:
