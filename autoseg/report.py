@@ -228,12 +228,15 @@ def case_table(metrics: dict) -> str:
 
 
 def curves_section(workdir: Path) -> str:
-    """Each run's training curves (runs/<config>/fold_<k>) and the last row of its log."""
+    """Each run's training curves (runs/<config>/fold_<k>), the last row of its log, and when each class was
+    first learned (time to a validation Dice of 0.5)."""
+    from autoseg.trainlog import ONSET_DICE, time_to_dice
+
     work = Workdir.of(workdir)
     parts = []
     for configuration, fold, run in work.runs():
         name = f"{configuration} fold {fold}"
-        line = ""
+        line, onset_table = "", ""
         if run.log.is_file():
             with open(run.log, newline="") as f:
                 rows = list(csv.DictReader(f))
@@ -241,10 +244,17 @@ def curves_section(workdir: Path) -> str:
                 last = rows[-1]
                 line = (f" - {len(rows)} log rows, last step {last.get('step')}, loss {_fmt(last.get('loss') or None)}"
                         f", validation Dice {last.get('val_dice_mean') or '-'}")
+                classes = [k[len("val_dice_"):] for k in last if k.startswith("val_dice_") and k != "val_dice_mean"]
+                onsets = time_to_dice(rows, classes)
+                onset_table = _table(
+                    ["class", f"first step at Dice >= {ONSET_DICE}", "seconds", "share of the run"],
+                    [[c, str(o.step) if o.step is not None else "never",
+                      f"{o.seconds:.0f}" if o.seconds is not None else "-",
+                      f"{o.share:.0%}" if o.share is not None else "-"] for c, o in onsets.items()])
         img = ""
         if run.curves.is_file():
             img = f'<img alt="curves {html.escape(name)}" src="{_data_uri(run.curves.read_bytes())}">'
-        parts.append(f"<h3>{html.escape(name)}{html.escape(line)}</h3>{img}")
+        parts.append(f"<h3>{html.escape(name)}{html.escape(line)}</h3>{onset_table}{img}")
     return "\n".join(parts) or f"<p>no runs found under {html.escape(str(work.runs_dir))}</p>"
 
 

@@ -1,11 +1,40 @@
-"""What a run records as it goes: ``log.csv`` (append-only) and ``curves.png`` (loss, Dice, learning rate)."""
+"""What a run records as it goes: ``log.csv`` (append-only) and ``curves.png`` (loss, Dice, learning rate), and
+what it tells afterwards: when each class was first learned (:func:`time_to_dice`)."""
 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 from autoseg.workdir import RunDir
+
+
+ONSET_DICE = 0.5  # a class counts as learned from the first validation at which its Dice reaches this
+
+
+@dataclass(frozen=True)
+class Onset:
+    """When a class first reached ``ONSET_DICE`` on the validation patches: its step, the run's seconds then and
+    the share of the run's steps done; all None when it never did."""
+
+    step: int | None
+    seconds: float | None
+    share: float | None
+
+
+def time_to_dice(rows: list[dict[str, str]], classes: list[str], threshold: float = ONSET_DICE,
+                 total_steps: int | None = None) -> dict[str, Onset]:
+    """Per class, the first logged validation whose Dice is ``threshold`` or more (``rows`` as ``log.csv``
+    holds them; ``total_steps`` defaults to the last row's step)."""
+    last = total_steps or max((int(r["step"]) for r in rows), default=0)
+    onsets = {}
+    for name in classes:
+        first = next((r for r in rows if (r.get(f"val_dice_{name}") or "") not in ("", "nan")
+                      and float(r[f"val_dice_{name}"]) >= threshold), None)
+        onsets[name] = Onset(None, None, None) if first is None else Onset(
+            int(first["step"]), round(float(first["elapsed_s"]), 1), round(int(first["step"]) / max(last, 1), 3))
+    return onsets
 
 
 class TrainLog:
@@ -46,6 +75,10 @@ class TrainLog:
             if new:
                 w.writeheader()
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    def onsets(self, threshold: float = ONSET_DICE) -> dict[str, Onset]:
+        """:func:`time_to_dice` of this run's log, per foreground class."""
+        return time_to_dice(self.rows(), list(self.class_names.values()), threshold)
 
     def plot(self) -> Path:
         """Training loss, validation Dice per class and the learning rate against steps."""

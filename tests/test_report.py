@@ -104,6 +104,7 @@ def test_workdir_curves_are_embedded(dataset, tmp_path):
     text = write_report(metrics, pred_dir, ref_dir, tmp_path / "r.html", workdir=tmp_path / "work").read_text()
     _well_formed(text)
     assert "3d fold 0" in text and "last step 20" in text
+    assert "<td>outer</td><td>10</td><td>1</td><td>50%</td>" in text  # learned (Dice 0.5) at the first validation
     assert _pngs(text) == 4
 
 

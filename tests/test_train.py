@@ -142,3 +142,14 @@ def test_plan_train_predict_evaluate_end_to_end_reaches_a_dice(tmp_path, monkeyp
     _, g_raw = read_image(raw)
     assert g_pred.mismatch(g_raw) is None
     assert np.isfinite(organ)
+
+
+def test_time_to_dice_is_the_first_validation_at_the_threshold_per_class():
+    from autoseg.trainlog import Onset, time_to_dice
+
+    rows = [{"step": "100", "elapsed_s": "10.0", "val_dice_a": "0.1", "val_dice_b": "nan"},
+            {"step": "200", "elapsed_s": "20.5", "val_dice_a": "0.6", "val_dice_b": "0.2"},
+            {"step": "400", "elapsed_s": "41.0", "val_dice_a": "0.4", "val_dice_b": "0.49"}]
+    onsets = time_to_dice(rows, ["a", "b"])
+    assert onsets == {"a": Onset(200, 20.5, 0.5), "b": Onset(None, None, None)}
+    assert time_to_dice(rows, ["b"], threshold=0.2, total_steps=800)["b"] == Onset(200, 20.5, 0.25)
