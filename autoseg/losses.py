@@ -34,6 +34,7 @@ from autoseg.schema.registry import Registry
 LossBuilder = Callable[[Loss], nn.Module]
 LOSSES: Registry[LossBuilder] = Registry("loss", LOSS_NAMES)
 SMOOTH = 1e-5
+TOPK_SHARE = 0.1  # the TopK loss averages cross-entropy over the hardest 10 % of voxels (nnU-Net's k)
 FOCAL_GAMMA = 2.0
 
 
@@ -173,6 +174,24 @@ class FocalLoss(nn.Module):
         return _masked_mean(-((1 - logp.exp()) ** self.gamma) * logp, valid)
 
 
+class TopKCrossEntropyLoss(nn.Module):
+    """Cross-entropy averaged over the ``k`` share of counted voxels where it is largest (nnU-Net's TopK loss):
+    the voxels a network gets wrong, a small class's among them, carry the gradient instead of the sea of
+    background it already gets right."""
+
+    def __init__(self, k: float = TOPK_SHARE):
+        super().__init__()
+        self.k = k
+
+    def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None) -> Tensor:
+        ce = F.cross_entropy(logits, target, reduction="none")
+        if valid is not None:
+            ce = ce[valid]
+        ce = ce.reshape(-1)
+        n = max(1, int(ce.numel() * self.k))
+        return ce.topk(n, sorted=False).values.mean() if ce.numel() else ce.sum()
+
+
 class SumLoss(nn.Module):
     """Unweighted sum of terms (Dice + CE, focal + Dice)."""
 
@@ -212,3 +231,8 @@ def _focal(cfg: Loss) -> nn.Module:
 @LOSSES.register("focal_dice")
 def _focal_dice(cfg: Loss) -> nn.Module:
     return SumLoss(FocalLoss(), SoftOverlapLoss(cfg.batch_dice))
+
+
+@LOSSES.register("dice_topk")
+def _dice_topk(cfg: Loss) -> nn.Module:
+    return SumLoss(SoftOverlapLoss(cfg.batch_dice), TopKCrossEntropyLoss())

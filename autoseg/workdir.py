@@ -62,6 +62,9 @@ class RunDir:
 
     folder: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))
+
     @property
     def latest(self) -> Path:
         return self.folder / LATEST
@@ -118,6 +121,9 @@ class Workdir:
     """The work directory of one dataset: where each artifact is, and how to read it back."""
 
     root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
 
     @classmethod
     def of(cls, where: Workdir | Path | str) -> Workdir:

@@ -17,7 +17,7 @@ from autoseg.losses import (
 )
 from autoseg.schema.plans import Loss
 
-NAMES = ["dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice"]
+NAMES = ["dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice", "dice_topk"]
 S = 1e-5  # smoothing
 
 
@@ -38,6 +38,7 @@ EXPECTED = {
 }
 EXPECTED["dice_ce"] = EXPECTED["dice"] + EXPECTED["ce"]
 EXPECTED["focal_dice"] = EXPECTED["focal"] + EXPECTED["dice"]
+EXPECTED["dice_topk"] = EXPECTED["dice"] - math.log(min(P_T))  # TopK: the hardest 10 % of 4 voxels is the worst one
 
 
 def loss_value(name: str, logits, target, **kw) -> float:
@@ -66,6 +67,19 @@ def test_overlap_loss_excludes_background():
     target = torch.tensor([[[1, 0], [0, 0]]])
     logits = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]], [[40.0, 0.0], [0.0, 0.0]]]])
     assert loss_value("dice", logits, target) == pytest.approx(1 - (2 + S) / (1 + 2.5 + S), rel=1e-5)
+
+
+def test_topk_cross_entropy_is_the_mean_over_the_hardest_share_of_counted_voxels():
+    from autoseg.losses import TopKCrossEntropyLoss
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 10, 10), torch.randint(0, 3, (2, 10, 10))
+    ce = F.cross_entropy(logits, target, reduction="none").reshape(-1)
+    assert float(TopKCrossEntropyLoss(0.1)(logits, target, None)) == pytest.approx(float(ce.topk(20).values.mean()))
+    valid = target != 2
+    kept = F.cross_entropy(logits, target, reduction="none")[valid]
+    n = int(kept.numel() * 0.25)
+    assert float(TopKCrossEntropyLoss(0.25)(logits, target, valid)) == pytest.approx(float(kept.topk(n).values.mean()))
 
 
 def test_cross_entropy_equals_torch():

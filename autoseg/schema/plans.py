@@ -22,7 +22,7 @@ FORMAT_VERSION = 1
 # The component names a plans file may use, each built by the function registered under it
 # (autoseg.nets, autoseg.losses, autoseg.normalize; see autoseg.schema.registry, which adds new ones).
 NETWORK_FAMILIES = {"unet", "resenc_unet", "fcn", "deeplabv3plus"}
-LOSS_NAMES = {"dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice"}
+LOSS_NAMES = {"dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice", "dice_topk"}
 NORMALIZATION_SCHEMES = {"ct", "zscore", "rescale", "none"}
 
 
@@ -72,7 +72,7 @@ class Network:
 
 @dataclass
 class Loss:
-    name: str = "dice_ce"  # dice_ce, dice, jaccard, ce, focal, focal_dice
+    name: str = "dice_ce"  # dice_ce, dice, jaccard, ce, focal, focal_dice, dice_topk
     batch_dice: bool = False
     ds_weights: str = "halving"  # deep-supervision weights: halving from full resolution, lowest dropped
 

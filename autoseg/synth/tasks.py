@@ -353,3 +353,63 @@ def kidneys_lr(rng: np.random.Generator, shape: tuple[int, ...], index: int) -> 
     image = blur(scene.image, 0.6)[0] * bias_field(rng, shape, spacing, 0.15, fov.min() * 0.6)
     image = rician(rng, image, 0.04) * rng.uniform(300, 1500) + rng.uniform(0, 100)
     return SynthCase((to_int16(image),), scene.label, iso_geometry(spacing))
+
+
+@register_task("lung-nodules", channels=("CT",), labels={"background": 0, "lung": 1, "nodule": 2},
+               shapes={"tiny": (20, 40, 40), "small": (40, 72, 72), "bench": (64, 112, 112)},
+               description="3D chest CT-like in HU (hard): two lungs with vessel trees and a few solid nodules "
+                           "a few voxels across (absent in 40% of cases); vessel cross-sections and calcified "
+                           "granulomas are unlabelled look-alikes")
+def lung_nodules(rng: np.random.Generator, shape: tuple[int, ...], index: int) -> SynthCase:
+    """A nodule is a soft-tissue ball of 2.5-6 mm in lung air, as bright as the vessels around it: in any one
+    slice a vessel's cross-section looks the same, so only the 3D shape (round, not tubular) tells it; small
+    calcified granulomas are round too, but brighter. Slices of 1.25-2.5 mm keep the smallest nodules at two or
+    three slices."""
+    inplane, slice_mm = rng.uniform(0.65, 0.85), rng.uniform(1.25, 2.5)
+    length = shape[0] * 1.8 * rng.uniform(0.9, 1.1)
+    shape = (max(8, int(round(length / slice_mm))), shape[1], shape[2])
+    spacing = (slice_mm, inplane, inplane)
+    fov = np.asarray(shape) * spacing
+    w, mid = fov[1:].min(), fov / 2
+    scene = Scene(rng, shape, spacing, background=[-1000.0])
+    body = np.array([10 * fov[0], w * rng.uniform(0.38, 0.42), w * rng.uniform(0.45, 0.48)])
+    scene.paint(scene.ellipsoid(mid, body, random_rotation(rng, 3, 5, axis=0), 0.02), mean=-90, texture=10)
+    scene.paint(scene.ellipsoid(mid, body * [1, 0.9, 0.92], random_rotation(rng, 3, 5, axis=0), 0.03),
+                mean=40, texture=12)  # muscle and mediastinum
+    lungs, voxel = [], min(spacing)
+    for side in (-1, 1):
+        c = mid + [rng.uniform(-0.05, 0.05) * fov[0], rng.uniform(-0.04, 0.04) * w, side * w * rng.uniform(0.2, 0.24)]
+        radii = np.array([fov[0] * rng.uniform(0.55, 0.7), w * rng.uniform(0.27, 0.31), w * rng.uniform(0.15, 0.18)])
+        lungs.append(scene.paint(scene.ellipsoid(c, radii, random_rotation(rng, 3, 10, axis=0), 0.08),
+                                 mean=rng.uniform(-870, -830), texture=20, label=1, keep=True))
+    lung = np.minimum(*lungs)  # distance map of both lungs
+    points, radii = vessel_tree(rng, fov, voxel, branches=int(rng.integers(8, 14)))
+    vessel = np.maximum(tubes(shape, spacing, points, radii), lung)  # vessels inside the lungs only
+    scene.paint(((slice(None),) * 3, vessel), mean=rng.uniform(20, 50), texture=10, label=1)
+    taken: list[tuple[np.ndarray, float]] = []
+    inside = (lambda r: lambda c: _at(lung, c, spacing) < -2 * r and _at(vessel, c, spacing) > r + voxel)  # noqa: E731
+    for _ in range(rng.integers(1, 4)) if present_in(index) else ():
+        r = rng.uniform(1.25, 3.0)
+        c = place_apart(rng, lambda: rng.uniform(0.1, 0.9, 3) * fov, taken, r, ok=inside(r))
+        if c is not None:
+            taken.append((c, r))
+            scene.paint(scene.ellipsoid(c, r * rng.uniform(0.85, 1.15, 3), random_rotation(rng, 3), 0.15),
+                        mean=rng.uniform(0, 60), texture=8, label=2)
+    for _ in range(rng.integers(0, 3)):  # calcified granulomas: round and small, but brighter than any nodule
+        r = rng.uniform(0.8, 1.8)
+        c = place_apart(rng, lambda: rng.uniform(0.1, 0.9, 3) * fov, taken, r, ok=inside(r))
+        if c is not None:
+            taken.append((c, r))
+            scene.paint(scene.ellipsoid(c, [r, r, r]), mean=rng.uniform(250, 600), label=1)
+    image = blur(scene.image, (0.4, 0.6, 0.6))[0]
+    noise = blur(rng.standard_normal((1, *shape), dtype=np.float32), (0, 0.5, 0.5))[0]
+    image += noise * (rng.uniform(15, 35) / max(float(noise.std()), 1e-6))
+    return SynthCase((to_int16(np.clip(image, -1024, 3071)),), scene.label, _ct_geometry(rng, spacing))
+
+
+def _at(dist: np.ndarray, point_mm: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """A distance map's value at a point in mm (nearest voxel; far outside the image)."""
+    idx = np.round(np.asarray(point_mm) / np.asarray(spacing)).astype(int)
+    if np.any(idx < 0) or np.any(idx >= np.asarray(dist.shape)):
+        return float("inf")
+    return float(dist[tuple(idx)])
