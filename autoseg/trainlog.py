@@ -9,7 +9,6 @@ from pathlib import Path
 
 from autoseg.workdir import RunDir
 
-
 ONSET_DICE = 0.5  # a class counts as learned from the first validation at which its Dice reaches this
 
 
