@@ -8,6 +8,7 @@ it proves. Sizes that would be slow to compute (the sha256 of 1 GiB of zeros) ar
 
 from __future__ import annotations
 
+import gzip
 import json
 import pickle
 import re
@@ -18,7 +19,10 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
+from conftest import write_tiny_dataset
 from test_predict import make_workdir
 
 from autoseg.artifacts import sha256_bytes
@@ -26,6 +30,8 @@ from autoseg.bundle import load_bundle, pack_bundle, verify_bundle
 from autoseg.bundle.archive import MANIFEST, write_archive
 from autoseg.cli import run
 from autoseg.errors import UserError
+from autoseg.io import read_image
+from autoseg.validate import validate_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -207,3 +213,51 @@ def test_every_member_parses_as_what_its_name_says_and_unknown_members_are_refus
     assert f"member {member}" in line and reason in line
     with pytest.raises(UserError, match=re.escape(reason)):
         load_bundle(bad)
+
+
+# --- images whose header lies about their size -----------------------------------------------------------
+
+
+def nifti_claiming(path: Path, dims: tuple[int, int, int]) -> Path:
+    """A small valid NIfTI (10^3 int16 voxels, 2.3 KB) whose header then claims ``dims`` voxels."""
+    img = sitk.GetImageFromArray(np.zeros((10, 10, 10), np.int16))
+    raw = path.with_name("raw.nii")
+    sitk.WriteImage(img, str(raw))
+    data = bytearray(raw.read_bytes())
+    raw.unlink()
+    struct.pack_into("<4h", data, 40, 3, *dims)  # dim[0] (rank) and dim[1..3]
+    path.write_bytes(gzip.compress(bytes(data)) if path.name.endswith(".gz") else bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("ending", [".nii", ".nii.gz"])
+def test_a_nifti_claiming_1000_cubed_voxels_is_one_problem_found_before_reading_pixels(tmp_path, monkeypatch,
+                                                                                       ending):
+    root = write_tiny_dataset(tmp_path / "Dataset001_Bomb", ending=ending)
+    bomb = nifti_claiming(root / "imagesTr" / f"case000_0000{ending}", (1000, 1000, 1000))
+    assert bomb.stat().st_size < 5000
+    pixels_read: list[str] = []
+    real = sitk.ReadImage
+    monkeypatch.setattr(sitk, "ReadImage", lambda p, *a, **k: pixels_read.append(str(p)) or real(p, *a, **k))
+    t0 = time.process_time()
+    problems = validate_dataset(root, jobs=1)
+    assert time.process_time() - t0 < 5.0
+    mine = [p for p in problems if p.where == str(bomb)]
+    assert len(mine) == 1 and "truncated" in mine[0].message and "\n" not in str(mine[0]), problems
+    assert str(bomb) not in pixels_read  # no 2 GB buffer allocated for it
+
+
+def test_an_image_claiming_more_than_the_available_memory_is_refused_from_its_header(tmp_path):
+    path = tmp_path / "huge.mha"
+    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 100000 100000 100000\nElementType = MET_SHORT\n"
+                     b"ElementDataFile = LOCAL\n" + bytes(64))
+    with pytest.raises(UserError, match=r"huge.mha: its header claims 100000x100000x100000 voxels .* more than "
+                                        r"the memory available"):
+        read_image(path)
+
+
+def test_read_image_still_reads_a_truthful_nifti(tmp_path):
+    path = tmp_path / "ok.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 5, 6), np.int16)), str(path))
+    arr, _ = read_image(path)
+    assert arr.shape == (1, 4, 5, 6) and arr.sum() == 120
