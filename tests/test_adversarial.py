@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import os
 import pickle
 import re
+import socket
 import struct
+import subprocess
 import time
 import tracemalloc
 import zipfile
@@ -261,3 +265,84 @@ def test_read_image_still_reads_a_truthful_nifti(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 5, 6), np.int16)), str(path))
     arr, _ = read_image(path)
     assert arr.shape == (1, 4, 5, 6) and arr.sum() == 120
+
+
+# --- a search whose process died ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def search_work(tmp_path) -> Path:
+    """A planned, preprocessed tiny workdir (test_search's rules) for searches with stand-in trials."""
+    from test_search import tiny_rules
+
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.preprocess import preprocess
+
+    ds = write_tiny_dataset(tmp_path / "Dataset001_Tiny", cases=4, shape=(16, 16, 16), spacing=(1.0, 1.0, 1.0))
+    fp = extract_fingerprint(ds, jobs=1)
+    plans = tiny_rules(fp)
+    plans.save(tmp_path / "work" / "plans.json")
+    preprocess(ds, tmp_path / "work", plans, fp, jobs=1)
+    return tmp_path / "work"
+
+
+def _dead_pid() -> tuple[int, int | None]:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid, None
+
+
+def _reused_pid() -> tuple[int, int | None]:
+    """This process's pid, as a container gives every run of a command the same one: with another start time."""
+    from autoseg.search.study import process_started
+
+    return os.getpid(), (process_started(os.getpid()) or 0) - 1
+
+
+@pytest.mark.parametrize("process", [_dead_pid, _reused_pid], ids=["dead-pid", "reused-pid"])
+def test_a_trial_left_running_by_a_crashed_search_is_named_failed_and_the_same_command_resumes(search_work, caplog,
+                                                                                              process):
+    import optuna
+    from optuna.trial import TrialState
+    from test_search import budget, fake_evaluate, fake_measure
+
+    from autoseg.schema.plans import Plans
+    from autoseg.search import run_search
+    from autoseg.search import study as studies
+
+    first = run_search(search_work, budget(2), trial_steps=2, progress=False, evaluate=fake_evaluate,
+                       measure=fake_measure)
+    study = optuna.load_study(study_name=first.study, storage=studies.default_storage(search_work))
+    crashed = study.ask()  # what a search killed mid-trial (exit 134) leaves in the study: a RUNNING trial
+    pid, started = process()
+    for key, value in {"host": socket.gethostname(), "pid": pid, "pid_started": started,
+                       "neighbour": "width x2"}.items():
+        crashed.set_user_attr(key, value)
+    with caplog.at_level(logging.WARNING, logger="autoseg.search.study"):
+        again = run_search(search_work, budget(4), trial_steps=2, progress=False, evaluate=fake_evaluate,
+                           measure=fake_measure)
+    assert f"trial 2 (width x2) was left running by process {pid}" in caplog.text
+    states = [t.state for t in optuna.load_study(study_name=first.study,
+                                                 storage=studies.default_storage(search_work)).trials]
+    assert states[2] == TrialState.FAIL and TrialState.RUNNING not in states and again.ran == 2
+    trials = Plans.load(search_work / "plans.json").search["trials"]
+    assert trials["complete"] == 4 and trials["failed"] == 1 and trials["running"] == 0
+
+
+def test_an_orphaned_trial_costs_the_search_budget_at_most_a_trial_not_the_hours_until_it_was_found():
+    import datetime
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoseg.search import study as studies
+
+    study = optuna.create_study()
+    study.set_user_attr("trial_s", 60.0)
+    now = datetime.datetime.now()
+    for orphaned, hours in ((False, 0.01), (True, 5.0)):
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, state=TrialState.FAIL, value=None, datetime_start=now - datetime.timedelta(hours=hours),
+            datetime_complete=now, params={}, distributions={}, user_attrs={"orphaned": orphaned},
+            system_attrs={}, intermediate_values={}, trial_id=0))
+    assert studies.spent_seconds(study) == pytest.approx(36.0 + 60.0)
