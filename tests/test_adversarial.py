@@ -267,7 +267,7 @@ def test_read_image_still_reads_a_truthful_nifti(tmp_path):
     assert arr.shape == (1, 4, 5, 6) and arr.sum() == 120
 
 
-# --- a search whose process died ----------------------------------------------------------------------
+# --- a search whose process died, and the loader's teardown ----------------------------------------------
 
 
 @pytest.fixture
@@ -346,3 +346,30 @@ def test_an_orphaned_trial_costs_the_search_budget_at_most_a_trial_not_the_hours
             datetime_complete=now, params={}, distributions={}, user_attrs={"orphaned": orphaned},
             system_attrs={}, intermediate_values={}, trial_id=0))
     assert studies.spent_seconds(study) == pytest.approx(36.0 + 60.0)
+
+
+class _FailsAtStep2:
+    """A batch maker whose worker fails at step 2 (a broken cache file, say)."""
+
+    def make(self, step: int) -> dict:
+        if step == 2:
+            raise ValueError("broken case")
+        return {"data": np.zeros((1, 1, 4, 4), np.float32), "target": np.zeros((1, 4, 4), np.int16)}
+
+
+def test_closing_the_loader_joins_its_workers_even_while_a_traceback_still_holds_its_iterator():
+    """A run ending in an exception raised inside the loader keeps the torch iterator alive in the traceback;
+    close() must stop and join the workers there and then, not when that traceback goes (in a search: after
+    the next trial has started)."""
+    from autoseg.loader import PatchLoader
+
+    loader = PatchLoader(_FailsAtStep2(), num_workers=1, prefetch=1, pin_memory=False)
+    workers = list(loader._iter._workers)
+    try:
+        for _ in range(4):
+            next(loader)
+    except ValueError:
+        loader.close()  # the traceback, and with it the iterator, is alive here
+        assert not any(w.is_alive() for w in workers)
+    else:
+        pytest.fail("the worker's error did not reach the training process")
