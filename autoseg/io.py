@@ -12,6 +12,7 @@ images: spacing 1, origin 0, identity direction, and an RGB(A) file contributes 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 import struct
@@ -26,6 +27,10 @@ import SimpleITK as sitk
 
 from autoseg.errors import UserError
 
+MAX_DEFLATE_RATIO = 1032  # the most a deflate (gzip) stream can expand (zlib technical details: 1032:1)
+_PIXEL_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+                sitk.sitkInt32: 4, sitk.sitkFloat32: 4, sitk.sitkVectorUInt8: 1, sitk.sitkVectorInt8: 1,
+                sitk.sitkVectorUInt16: 2, sitk.sitkVectorInt16: 2, sitk.sitkVectorFloat32: 4}
 MEDICAL_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 NATURAL_ENDINGS = (".png", ".bmp", ".tif", ".tiff")
 SUPPORTED_ENDINGS = MEDICAL_ENDINGS + NATURAL_ENDINGS
@@ -93,12 +98,13 @@ def read_sitk(path: Path | str) -> sitk.Image:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
+    if file_ending(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)  # before the pixels: ITK would allocate what the header claims first
     try:
+        _check_claimed_size(path)
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:  # SimpleITK reports unreadable/truncated files as RuntimeError
         raise UserError(f"{path}: cannot read image (unreadable or truncated file){_sitk_reason(e)}") from e
-    if file_ending(path) in (".nii", ".nii.gz"):
-        _check_nifti_complete(path)
     if _is_gray_palette_bmp(path, img):
         img = sitk.VectorIndexSelectionCast(img, 0)
     return img
@@ -119,6 +125,37 @@ def _sitk_reason(e: RuntimeError) -> str:
     if "):" in reason and reason.split("(", 1)[0].isidentifier():  # "NrrdImageIO(0x55...): message"
         reason = reason.split("):", 1)[1].strip()
     return f": {reason}"
+
+
+def _check_claimed_size(path: Path) -> None:
+    """Refuse an image whose header claims more pixel data than this machine has memory for, from the header
+    alone: reading it would fail (or swap) only after allocating all of it."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    voxels = math.prod(reader.GetSize()) * max(1, reader.GetNumberOfComponents())
+    claimed = voxels * _PIXEL_BYTES.get(reader.GetPixelID(), 8)
+    available = available_memory()
+    if available is not None and claimed > available:
+        shape = "x".join(str(s) for s in reversed(reader.GetSize()))
+        raise UserError(f"{path}: its header claims {shape} voxels ({claimed / 2**30:.1f} GiB of pixel data), more "
+                        f"than the memory available ({available / 2**30:.1f} GiB); a damaged header, or an image "
+                        "too large for this machine")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _nifti_sizes(header: bytes) -> tuple[int, int] | None:
@@ -143,7 +180,8 @@ def _nifti_sizes(header: bytes) -> tuple[int, int] | None:
 
 
 def _check_nifti_complete(path: Path) -> None:
-    """ITK's NIfTI reader fills a truncated file's missing voxels with zeros; refuse such a file instead.
+    """ITK's NIfTI reader fills a truncated file's missing voxels with zeros, after allocating all the header
+    claims; refuse such a file instead, before reading it (a file that is not gzip at all is left to ITK).
 
     A ``.nii`` must be as long as its header says. For ``.nii.gz`` the gzip trailer's length field is
     compared first (cheap); only when it disagrees is the stream decompressed to measure it for certain.
@@ -152,11 +190,16 @@ def _check_nifti_complete(path: Path) -> None:
     try:
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
             sizes = _nifti_sizes(f.read(540))
+    except gzip.BadGzipFile:
+        return  # not gzip at all: ITK's reader says what the file is not
     except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"{path}: truncated or corrupt file ({e}); copy or export it again") from e
     if sizes is None:
         return
     need = sum(sizes)
+    if gz and need > MAX_DEFLATE_RATIO * path.stat().st_size:  # more than gzip can hold: no need to inflate
+        raise UserError(f"{path}: truncated or damaged file: its header announces {need} bytes of data, more than "
+                        f"{path.stat().st_size} compressed bytes can hold; copy or export it again")
     if gz and _gzip_trailer_size(path) == need % 2**32:
         return
     have = _gunzipped_size(path, need) if gz else path.stat().st_size

@@ -273,17 +273,19 @@ def _init_worker(_: int) -> None:
 
 class PatchLoader:
     """Iterator over ``maker.make(start_step)``, ``make(start_step + 1)``, ... as torch tensors, made ahead
-    by ``num_workers`` processes (``prefetch`` batches each) and delivered in order; pinned when CUDA is
-    available. ``num_workers=0`` makes them in this process (tests, debugging). Close it (or use ``with``)
-    to stop the workers; ``step`` is the step of the next batch."""
+    by ``num_workers`` processes (``prefetch`` batches each) and delivered in order; pinned when
+    ``pin_memory`` (default: when CUDA is available; a run on the CPU says False, since pinning then only adds
+    a thread and a CUDA context to this process). ``num_workers=0`` makes them in this process (tests,
+    debugging). Close it (or use ``with``) to stop the workers; ``step`` is the step of the next batch."""
 
     def __init__(self, maker: MakesBatches, start_step: int = 0, num_workers: int | None = None,
-                 prefetch: int = 2):
+                 prefetch: int = 2, pin_memory: bool | None = None):
         workers = default_workers() if num_workers is None else num_workers
         self.step = start_step
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._loader = DataLoader(
             _StepDataset(maker), batch_size=None, sampler=_Steps(start_step), num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0, pin_memory=pin,
             prefetch_factor=prefetch if workers > 0 else None, worker_init_fn=_init_worker if workers > 0 else None)
         self._iter: Iterator | None = iter(self._loader)
 
@@ -298,9 +300,15 @@ class PatchLoader:
         return batch
 
     def close(self) -> None:
-        """Stop the worker processes (dropping the iterator shuts them down)."""
-        self._iter = None
+        """Stop the worker processes and wait until they have exited (torch terminates any still busy after a
+        few seconds), now: not whenever the last reference to the iterator goes. A run that ends in an
+        exception raised inside the loader keeps the iterator in the traceback, and its workers must not live
+        on into the next run (a search's next trial). Batches already handed out stay valid."""
+        it, self._iter = self._iter, None
         self._loader = None  # type: ignore[assignment]
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's own teardown; absent without workers
+        if shutdown is not None:
+            shutdown()
 
     def __enter__(self) -> PatchLoader:
         return self

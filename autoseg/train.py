@@ -212,7 +212,8 @@ class Trainer:
         maker = BatchMaker(self.work.preprocessed(self.name), train_ids, per_rank,
                            seed=self.seed * 7919 + self.fold, ignore_label=plans.ignore_label)
         workers = default_workers() if self.workers is None else self.workers
-        loader = PatchLoader(RankBatches(maker, dist.rank, dist.world), start_step=start, num_workers=workers)
+        loader = PatchLoader(RankBatches(maker, dist.rank, dist.world), start_step=start, num_workers=workers,
+                             pin_memory=dev.type == "cuda")
         val_maker = BatchMaker(self.work.preprocessed(self.name), val_ids, no_augmentation(cfg),
                                seed=12345, ignore_label=plans.ignore_label)
         try:

@@ -12,7 +12,8 @@ What is checked:
   found, every file with the dataset's ending and ``CASE_XXXX`` naming, channel indices within
   ``channel_names``, no label without images;
 - every case (training and ``imagesTs``), in parallel: each channel file present and readable, not
-  truncated, 2D or 3D, one channel per file, finite; channels and label of a case sharing shape and
+  truncated and not claiming more voxels than memory holds (both from the header, before the pixels are
+  read: :func:`autoseg.io.read_sitk`), 2D or 3D, one channel per file, finite; channels and label of a case sharing shape and
   geometry (spacing, origin, direction, within :meth:`Geometry.mismatch`'s tolerance); label values
   integer and declared in ``dataset.json``;
 - across cases: not a mix of 2D and 3D cases.

@@ -164,8 +164,8 @@ def _pickle_pt(m, manifest):
 
 
 def _pickle_bytes(m, manifest):
-    m["extra.json"] = PICKLED  # a harmless name, listed with the right checksum, pickle inside
-    listed(manifest, "extra.json", PICKLED)
+    m["postprocessing.json"] = PICKLED  # a harmless name, listed with the right checksum, pickle inside
+    listed(manifest, "postprocessing.json", PICKLED)
 
 
 def _unlisted(m, manifest):

@@ -5,30 +5,42 @@
     manifest.json        format version, versions of autoseg/torch/numpy, creation time, dataset, the input
                          contract (channels and their order, file ending, dimensions, labels), the selected
                          configuration(s), folds, ensemble, post-processing, cross-validation metrics, and
-                         the sha256 and size of every other member
+                         the sha256 and size of every other member (the only members a bundle may
+                         hold: :mod:`autoseg.bundle.layout`)
     README.md            the model card: what it segments, its input, its labels, its CV Dice
     plans.json           the plans of the bundled configuration(s), ct normalization statistics filled in
     postprocessing.json  the tuned post-processing rules per configuration
     weights/<config>/fold_<k>.safetensors
 
 Loading (:func:`load_bundle`) reads the members in memory, checks each against the manifest and refuses
-pickles, escaping paths, unknown major versions and damaged files (:mod:`autoseg.bundle.archive`).
+pickles, escaping paths, unknown members, compression bombs, unknown major versions and damaged files
+(:mod:`autoseg.bundle.archive`); :func:`verify_bundle` does the same checks streaming the weights.
 
 >>> pack_bundle("autoseg_work/Dataset001_CT", "model.autoseg")       # doctest: +SKIP
 >>> seg, geometry = load_bundle("model.autoseg").predict("case_0000.nii.gz")   # doctest: +SKIP
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from autoseg.bundle.archive import FORMAT_VERSION, read_archive
-from autoseg.bundle.model import Bundle, is_bundle, load_bundle
-from autoseg.bundle.pack import pack_bundle
+from autoseg.bundle.contents import verify_bundle
+
+if TYPE_CHECKING:
+    from autoseg.bundle.model import Bundle, is_bundle, load_bundle
+    from autoseg.bundle.pack import pack_bundle
 
 __all__ = ["FORMAT_VERSION", "Bundle", "is_bundle", "load_bundle",
            "pack_bundle", "read_archive", "verify_bundle"]
+_NEED_TORCH = {"Bundle": "model", "is_bundle": "model", "load_bundle": "model", "pack_bundle": "pack"}
 
 
-def verify_bundle(path) -> str:
-    """Check a bundle fully (as loading does, weights parsed too); a one-line summary, or :class:`UserError`."""
-    b = load_bundle(path)
-    folds = sum(len(f) for f in b.weights.values())
-    return (f"{path}: OK (format {b.manifest['format_version']}, {len(b.manifest['members']) + 1} members, "
-            f"checksums match; {b.plans.dataset_name}, configuration {b.configuration}, {folds} fold(s))")
+def __getattr__(name: str):
+    """Import the modules that need torch on first use: ``autoseg verify`` reads no tensors, and importing
+    torch costs it ~300 MB and seconds."""
+    if name in _NEED_TORCH:
+        return getattr(importlib.import_module(f"autoseg.bundle.{_NEED_TORCH[name]}"), name)
+    raise AttributeError(f"module 'autoseg.bundle' has no attribute {name!r}")
+

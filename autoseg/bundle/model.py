@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,8 @@ import numpy as np
 import torch
 
 from autoseg.bundle.archive import read_archive
-from autoseg.bundle.pack import CARD, PLANS_MEMBER, POSTPROCESSING, weights_member
+from autoseg.bundle.contents import bundle_contents
+from autoseg.bundle.layout import weights_member
 from autoseg.errors import UserError
 from autoseg.io import Geometry
 from autoseg.schema.plans import Plans
@@ -109,33 +109,17 @@ def load_bundle(path: Path | str) -> Bundle:
     from safetensors import SafetensorError
     from safetensors.torch import load as load_tensors
 
-    from autoseg.postprocess import parse_rules
-
     source = str(path)
     manifest, members = read_archive(path)
-    try:
-        plans = Plans.from_dict(json.loads(members[PLANS_MEMBER]), f"{source}:{PLANS_MEMBER}")
-        rules = json.loads(members[POSTPROCESSING])["rules"]
-        configs = manifest["configurations"]
-        name = manifest["configuration"]
-        card = members[CARD].decode()
-    except (KeyError, ValueError, TypeError) as e:
-        raise UserError(f"{source}: incomplete bundle ({type(e).__name__}: {e})") from e
-    if name not in configs or any(c not in plans.configurations for c in configs):
-        raise UserError(f"{source}: the manifest's configurations ({', '.join(configs)}) are not all in its plans.json")
-    weights: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for c, entry in configs.items():
-        weights[c] = {}
-        for k in entry["folds"]:
-            member = weights_member(c, int(k))
-            if member not in members:
-                raise UserError(f"{source}: the manifest lists fold {k} of '{c}' but {member} is missing")
+    plans, post, card, folds = bundle_contents(source, manifest, members)
+    weights: dict[str, dict[int, dict[str, torch.Tensor]]] = {c: {} for c in folds}
+    for c, ks in folds.items():
+        for k in ks:
+            member = weights_member(c, k)
             try:
-                weights[c][int(k)] = load_tensors(members[member])
+                weights[c][k] = load_tensors(members.pop(member))  # the bytes go as their tensors come
             except (SafetensorError, ValueError) as e:
                 raise UserError(f"{source}: {member} is not a safetensors file ({e})") from e
-    post = {key: [dict(r) for r in parse_rules(rules.get(key, []), f"{source}:{POSTPROCESSING}")]
-            for key in dict.fromkeys([*configs, *rules])}  # per configuration, and per ensemble ("a+b")
     return Bundle(source, manifest, plans, post, weights, card)
 
 

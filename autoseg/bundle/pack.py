@@ -14,6 +14,7 @@ import torch
 from autoseg.artifacts import dumps_json, header
 from autoseg.bundle.archive import FORMAT_VERSION, write_archive
 from autoseg.bundle.card import model_card
+from autoseg.bundle.layout import CARD, PLANS_MEMBER, POSTPROCESSING, weights_member
 from autoseg.errors import UserError
 from autoseg.normalize import resolve_plans
 from autoseg.schema.plans import Plans
@@ -21,13 +22,7 @@ from autoseg.schema.selection import model_name
 from autoseg.version import __version__
 from autoseg.workdir import RunDir, Workdir
 
-PLANS_MEMBER = "plans.json"  # the bundled model's plans (the same artifact as a workdir's)
-POSTPROCESSING = "postprocessing.json"
-CARD = "README.md"
-
-
-def weights_member(configuration: str, fold: int) -> str:
-    return f"weights/{configuration}/fold_{fold}.safetensors"
+__all__ = ["CARD", "PLANS_MEMBER", "POSTPROCESSING", "input_contract", "pack_bundle", "weights_member"]
 
 
 def input_contract(plans: Plans) -> dict[str, Any]:

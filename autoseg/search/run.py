@@ -231,6 +231,7 @@ def search_worker(workdir: Path | str, storage: str | None = None, trials: int |
         raise UserError(f"study {name} is not in storage {studies.redact(spec or studies.default_storage(work))}; "
                         "pass the --storage `autoseg plan --search` used") from None
     settings = dict(study.user_attrs)
+    studies.fail_orphans(study)  # a worker of this machine that died: its trial is not running any more
     rules = rules_configuration(plans)
     info = detect_device(device)
     deadline = settings.get("deadline")

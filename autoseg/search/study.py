@@ -9,11 +9,13 @@ count, deadline) live in the study itself, so a worker needs nothing but the sto
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,33 +101,62 @@ def enqueue_neighbours(study: optuna.Study, moves: list[tuple[str, dict[str, Any
         study.enqueue_trial(params, user_attrs={"neighbour": label})
 
 
-def fail_orphans(study: optuna.Study) -> int:
-    """Mark trials this machine left RUNNING in a process that no longer exists (killed) as failed."""
-    host, n = socket.gethostname(), 0
+def claim(trial: optuna.Trial) -> None:
+    """Record which process runs ``trial`` (host, pid and the pid's start time), so that a later run can tell
+    a trial whose process died (killed, crashed) from one another process is still running."""
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("pid_started", process_started(os.getpid()))
+
+
+def process_started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, from Linux's /proc), None where unknown: with the
+    pid it names one process even after the pid is reused (a container runs each command under the same pid)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def fail_orphans(study: optuna.Study) -> list[int]:
+    """Mark trials this machine left RUNNING in a process that no longer exists (killed, crashed) as failed,
+    saying which; returns their numbers. The same command then resumes the study from there."""
+    host, orphans = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == host and pid is not None and not _alive(int(pid)):
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            n += 1
-    return n
+        if t.user_attrs.get("host") != host or pid is None or _alive(int(pid), t.user_attrs.get("pid_started")):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "orphaned", True)  # its time is capped in spent_seconds
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        orphans.append(t.number)
+        label = " (rules)" if t.user_attrs.get("rules") else f" ({t.user_attrs['neighbour']})" \
+            if "neighbour" in t.user_attrs else ""
+        logger.warning(f"search: trial {t.number}{label} was left running by process {pid} on {host}, which has "
+                       f"ended (killed or crashed: see that run's output); marked failed, the search goes on")
+    return orphans
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` exists and, when its start time is known, is the process that started then."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    now = process_started(pid)
+    return started is None or now is None or now == started
 
 
 def spent_seconds(study: optuna.Study) -> float:
     """Wall time of the finished and failed trials (what the search budget has paid for so far)."""
-    total = 0.0
+    total, most = 0.0, study.user_attrs.get("trial_s")
     for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
         if t.datetime_start and t.datetime_complete:
-            total += (t.datetime_complete - t.datetime_start).total_seconds()
+            seconds = (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.user_attrs.get("orphaned") and most:  # failed when found, maybe hours after its process died
+                seconds = min(seconds, float(most))
+            total += seconds
     return total
 
 
@@ -140,13 +171,38 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
     """Ask and tell until the study has ``n_trials`` or less than ``min_trial_s`` (seconds, or a function
     giving them) is left before ``deadline`` (Unix time). A failing trial is recorded as failed and the search goes on; an interrupt fails the
     running trial and ends the loop. Returns the number of trials this call ran."""
+    with _native_crashes_traced():
+        return _run_trials(study, objective, n_trials, deadline, min_trial_s, on_done)
+
+
+@contextmanager
+def _native_crashes_traced() -> Iterator[None]:
+    """Python's stacks on stderr if the process dies of a native fault (heap corruption, a segfault) while trials
+    run: without them such a crash says nothing of where it happened, and the next run's :func:`fail_orphans`
+    can only say which trial was running."""
+    if faulthandler.is_enabled():
+        yield
+        return
+    try:
+        faulthandler.enable()
+    except (ValueError, OSError, AttributeError):  # stderr is not a file (captured, closed)
+        yield
+        return
+    try:
+        yield
+    finally:
+        faulthandler.disable()
+
+
+def _run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
+                deadline: float | None, min_trial_s: float | Callable[[], float],
+                on_done: Callable[[optuna.trial.FrozenTrial], None] | None) -> int:
     ran, failures = 0, 0
     while counted(study) < n_trials:
         if deadline is not None and deadline - time.time() < (min_trial_s() if callable(min_trial_s) else min_trial_s):
             break
         trial = study.ask()
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
+        claim(trial)
         try:
             value = objective(trial)
         except optuna.TrialPruned:

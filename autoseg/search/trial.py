@@ -168,9 +168,11 @@ class TrialRunner:
 
 
 def keep_best_weights(work: Workdir, study: optuna.Study, best: optuna.trial.FrozenTrial | None) -> str | None:
-    """Delete the final weights of every finished trial but the best, whose path (relative to the workdir)
-    is returned when it has them. Running trials (another worker's) are left alone."""
+    """Delete the weights of every finished trial but the best's final ones, whose path (relative to the
+    workdir) is returned when it has them. Running trials (another worker's) are left alone; a trial whose
+    process died (:func:`~autoseg.search.study.fail_orphans`) may have left a periodic checkpoint."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        work.trial(t.number).latest.unlink(missing_ok=True)
         if best is None or t.number != best.number:
             work.trial(t.number).final.unlink(missing_ok=True)
     if best is None or not work.trial(best.number).final.is_file():

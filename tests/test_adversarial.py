@@ -1,0 +1,375 @@
+"""The adversarial catalogue: inputs made to hurt (compression bombs, files that lie about their size,
+pickles under harmless names) and processes that die mid-work, each refused fast, in bounded memory, with one
+line naming the file (or recovered from by running the same command again).
+
+Every malformed input is built here from tiny generated data; a test per defect found, named for what
+it proves. Sizes that would be slow to compute (the sha256 of 1 GiB of zeros) are constants.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import pickle
+import re
+import socket
+import struct
+import subprocess
+import time
+import tracemalloc
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import write_tiny_dataset
+from test_predict import make_workdir
+
+from autoseg.artifacts import sha256_bytes
+from autoseg.bundle import load_bundle, pack_bundle, verify_bundle
+from autoseg.bundle.archive import MANIFEST, write_archive
+from autoseg.cli import run
+from autoseg.errors import UserError
+from autoseg.io import read_image
+from autoseg.validate import validate_dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MiB = 1 << 20
+# 1 GiB of zeros: sha256 and CRC-32, computed once (hashing it takes seconds)
+GIB_ZEROS_SHA256 = "49bc20df15e412a64472421e13fe86ff1c5165e18b2afccf160d4dc19fe68a14"
+GIB_ZEROS_CRC = 0x5B64C2B0
+
+
+# --- bundles ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A real bundle, as ``pack_bundle`` writes it: a 2D PNG model with two random-init folds."""
+    root = tmp_path_factory.mktemp("adversarial")
+    _, work, _ = make_workdir(root, "png-2d", "2d", 2, [32, 32], [0, 1], cases=2)
+    return pack_bundle(work, root / "model.autoseg")
+
+
+def contents(path: Path) -> tuple[dict, dict[str, bytes]]:
+    """A bundle's manifest (its member table dropped: write_archive recomputes it) and other members."""
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    manifest = json.loads(members.pop(MANIFEST))
+    manifest.pop("members")
+    return manifest, members
+
+
+def zeros_deflated(mib: int) -> bytes:
+    """A raw deflate stream of ``mib`` MiB of zeros, about 1 KB per MiB, built without compressing them:
+    after a full flush the compressor starts afresh, so each MiB compresses to the same bytes."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    block = c.compress(bytes(MiB)) + c.flush(zlib.Z_FULL_FLUSH)
+    return block * mib + c.flush()
+
+
+def hand_zip(path: Path, entries: list[tuple[str, bytes, int, int, int]]) -> Path:
+    """A zip written field by field, so that its headers say what a test likes: per member (name, data as
+    stored, method 0 stored / 8 deflated, CRC-32, claimed size)."""
+    out, central = bytearray(), bytearray()
+    for name, stored, method, crc, size in entries:
+        n = name.encode()
+        central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, method, 0, 33, crc, len(stored),
+                               size, len(n), 0, 0, 0, 0, 0, len(out)) + n
+        out += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, method, 0, 33, crc, len(stored), size, len(n), 0)
+        out += n + stored
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(entries), len(entries), len(central), len(out), 0)
+    path.write_bytes(bytes(out + central + end))
+    return path
+
+
+def with_member(src: Path, dst: Path, name: str, stream: bytes, crc: int, size: int, sha256: str) -> Path:
+    """A copy of bundle ``src`` whose member ``name`` (replaced or added) is the deflate ``stream``, its zip
+    headers claiming ``size`` bytes of CRC ``crc`` and the manifest listing it with ``size`` and ``sha256``:
+    nothing a reader can check without inflating it says it is wrong."""
+    manifest, members = contents(src)
+    members.pop(name, None)
+    table = {n: {"sha256": sha256_bytes(d), "bytes": len(d)} for n, d in members.items()}
+    manifest["members"] = {**table, name: {"sha256": sha256, "bytes": size}}
+    listing = json.dumps(manifest).encode()
+    entries = [(MANIFEST, listing, 0, zlib.crc32(listing), len(listing))]
+    entries += [(n, d, 0, zlib.crc32(d), len(d)) for n, d in members.items()]
+    return hand_zip(dst, entries + [(name, stream, 8, crc, size)])
+
+
+def refused_fast(bundle: Path, capsys) -> tuple[str, float, int]:
+    """Run ``autoseg verify``; (its one error line, CPU seconds, peak bytes Python allocated)."""
+    tracemalloc.start()
+    t0 = time.process_time()
+    try:
+        code = run(["verify", str(bundle)])
+        seconds, peak = time.process_time() - t0, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"autoseg: error: {bundle}: "), err
+    return err[0], seconds, peak
+
+
+@pytest.mark.parametrize("member, reason", [
+    ("README.md", "more than a bundle's UTF-8 text member may hold"),
+    ("weights/2d/fold_0.safetensors", "weights barely compress"),
+    ("extra.json", "not part of the bundle format"),
+], ids=["card", "weights", "unknown-name"])
+def test_a_1_gib_bomb_listed_in_the_manifest_is_refused_in_a_second_and_200_mb(bundle, tmp_path, capsys,
+                                                                                member, reason):
+    bomb = with_member(bundle, tmp_path / "bomb.autoseg", member, zeros_deflated(1024), GIB_ZEROS_CRC, 1 << 30,
+                       GIB_ZEROS_SHA256)
+    assert bomb.stat().st_size < 2 * MiB
+    line, seconds, peak = refused_fast(bomb, capsys)
+    assert member in line and reason in line
+    assert seconds < 1.0 and peak < 200 * MiB, (seconds, peak)
+
+
+def test_a_member_whose_headers_claim_100_bytes_but_inflates_to_256_mib_is_refused_in_a_chunk(bundle, tmp_path,
+                                                                                             capsys):
+    first = bytes(100)  # what the zip header and the manifest claim: the stream's first 100 bytes
+    bomb = with_member(bundle, tmp_path / "liar.autoseg", "README.md", zeros_deflated(256), zlib.crc32(first), 100,
+                       sha256_bytes(first))
+    line, seconds, peak = refused_fast(bomb, capsys)
+    assert "member README.md inflates past the 100 bytes the manifest declares" in line
+    assert seconds < 1.0 and peak < 20 * MiB, (seconds, peak)  # one chunk, not the stream
+
+
+def test_members_sharing_compressed_bytes_are_refused(bundle, tmp_path, capsys):
+    """Overlapping members (the same compressed bytes claimed by several directory entries) multiply what a
+    small file inflates to: their claimed compressed sizes add up past the file's."""
+    manifest, members = contents(bundle)
+    write_archive(members, manifest, tmp_path / "ok.autoseg")
+    data = bytearray((tmp_path / "ok.autoseg").read_bytes())
+    with zipfile.ZipFile(tmp_path / "ok.autoseg") as z:
+        weights, directory = z.getinfo("weights/2d/fold_0.safetensors"), z.start_dir
+    at = data.find(b"weights/2d/fold_0.safetensors", directory) - 46  # its central directory entry
+    assert data[at:at + 4] == b"PK\x01\x02"
+    struct.pack_into("<I", data, at + 20, weights.compress_size * 40)  # claims 40x its bytes
+    bad = tmp_path / "overlap.autoseg"
+    bad.write_bytes(bytes(data))
+    line, _, _ = refused_fast(bad, capsys)
+    assert "claim more compressed bytes than the file" in line
+
+
+def test_bundles_written_by_pack_bundle_still_verify_and_load(bundle, capsys):
+    assert run(["verify", str(bundle)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert sorted(load_bundle(bundle).weights["2d"]) == [0, 1]
+
+
+def test_verify_streams_the_weights_instead_of_holding_them(bundle, monkeypatch):
+    """``verify_bundle`` parses the weights' safetensors layout from their header and never asks for
+    their bytes whole (the loader does, to build tensors)."""
+    import safetensors.torch
+
+    def refuse(*a, **k):
+        raise AssertionError("verify built tensors")
+
+    monkeypatch.setattr(safetensors.torch, "load", refuse)
+    assert "OK" in verify_bundle(bundle)
+
+
+PICKLE_0 = pickle.dumps({"x": 1}, protocol=0)  # ASCII text, no protocol header to spot
+
+
+def _swap(name: str, data: bytes):
+    return lambda members: members.__setitem__(name, data)
+
+
+def _copy_weights(name: str):
+    return lambda members: members.__setitem__(name, members["weights/2d/fold_0.safetensors"])
+
+
+def _bad_offsets(members: dict[str, bytes]) -> None:
+    w = members["weights/2d/fold_0.safetensors"]
+    n = int.from_bytes(w[:8], "little")
+    header = json.loads(w[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"] = [o + 4 for o in header[key]["data_offsets"]]  # over its neighbour's bytes
+    text = json.dumps(header).encode()
+    members["weights/2d/fold_0.safetensors"] = len(text).to_bytes(8, "little") + text + w[8 + n:]
+
+
+@pytest.mark.parametrize("change, member, reason", [
+    (_swap("extra.json", PICKLE_0), "extra.json", "not part of the bundle format"),
+    (_swap("postprocessing.json", PICKLE_0), "postprocessing.json", "is not JSON"),
+    (_swap("plans.json", b'["a list"]'), "plans.json", "is not JSON (not a JSON object)"),
+    (_swap("README.md", b"\xff\xfe card in UTF-16"), "README.md", "is not UTF-8 text"),
+    (_swap("weights/2d/fold_1.safetensors", PICKLE_0), "weights/2d/fold_1.safetensors", "is not safetensors"),
+    (_bad_offsets, "weights/2d/fold_0.safetensors", "byte ranges overlap"),
+    (_copy_weights("weights/2d/fold_7.safetensors"), "weights/2d/fold_7.safetensors",
+     "not a fold the manifest's configurations list"),
+], ids=["pickle-as-unknown-json", "pickle-as-json", "json-not-object", "card-not-utf8", "pickle-as-weights",
+        "weights-overlapping", "weights-unlisted-fold"])
+def test_every_member_parses_as_what_its_name_says_and_unknown_members_are_refused(bundle, tmp_path, capsys,
+                                                                                   change, member, reason):
+    manifest, members = contents(bundle)
+    change(members)
+    bad = write_archive(members, manifest, tmp_path / "bad.autoseg")  # listed with the right sha256 and size
+    line, _, _ = refused_fast(bad, capsys)
+    assert f"member {member}" in line and reason in line
+    with pytest.raises(UserError, match=re.escape(reason)):
+        load_bundle(bad)
+
+
+# --- images whose header lies about their size -----------------------------------------------------------
+
+
+def nifti_claiming(path: Path, dims: tuple[int, int, int]) -> Path:
+    """A small valid NIfTI (10^3 int16 voxels, 2.3 KB) whose header then claims ``dims`` voxels."""
+    img = sitk.GetImageFromArray(np.zeros((10, 10, 10), np.int16))
+    raw = path.with_name("raw.nii")
+    sitk.WriteImage(img, str(raw))
+    data = bytearray(raw.read_bytes())
+    raw.unlink()
+    struct.pack_into("<4h", data, 40, 3, *dims)  # dim[0] (rank) and dim[1..3]
+    path.write_bytes(gzip.compress(bytes(data)) if path.name.endswith(".gz") else bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("ending", [".nii", ".nii.gz"])
+def test_a_nifti_claiming_1000_cubed_voxels_is_one_problem_found_before_reading_pixels(tmp_path, monkeypatch,
+                                                                                       ending):
+    root = write_tiny_dataset(tmp_path / "Dataset001_Bomb", ending=ending)
+    bomb = nifti_claiming(root / "imagesTr" / f"case000_0000{ending}", (1000, 1000, 1000))
+    assert bomb.stat().st_size < 5000
+    pixels_read: list[str] = []
+    real = sitk.ReadImage
+    monkeypatch.setattr(sitk, "ReadImage", lambda p, *a, **k: pixels_read.append(str(p)) or real(p, *a, **k))
+    t0 = time.process_time()
+    problems = validate_dataset(root, jobs=1)
+    assert time.process_time() - t0 < 5.0
+    mine = [p for p in problems if p.where == str(bomb)]
+    assert len(mine) == 1 and "truncated" in mine[0].message and "\n" not in str(mine[0]), problems
+    assert str(bomb) not in pixels_read  # no 2 GB buffer allocated for it
+
+
+def test_an_image_claiming_more_than_the_available_memory_is_refused_from_its_header(tmp_path):
+    path = tmp_path / "huge.mha"
+    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 100000 100000 100000\nElementType = MET_SHORT\n"
+                     b"ElementDataFile = LOCAL\n" + bytes(64))
+    with pytest.raises(UserError, match=r"huge.mha: its header claims 100000x100000x100000 voxels .* more than "
+                                        r"the memory available"):
+        read_image(path)
+
+
+def test_read_image_still_reads_a_truthful_nifti(tmp_path):
+    path = tmp_path / "ok.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 5, 6), np.int16)), str(path))
+    arr, _ = read_image(path)
+    assert arr.shape == (1, 4, 5, 6) and arr.sum() == 120
+
+
+# --- a search whose process died, and the loader's teardown ----------------------------------------------
+
+
+@pytest.fixture
+def search_work(tmp_path) -> Path:
+    """A planned, preprocessed tiny workdir (test_search's rules) for searches with stand-in trials."""
+    from test_search import tiny_rules
+
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.preprocess import preprocess
+
+    ds = write_tiny_dataset(tmp_path / "Dataset001_Tiny", cases=4, shape=(16, 16, 16), spacing=(1.0, 1.0, 1.0))
+    fp = extract_fingerprint(ds, jobs=1)
+    plans = tiny_rules(fp)
+    plans.save(tmp_path / "work" / "plans.json")
+    preprocess(ds, tmp_path / "work", plans, fp, jobs=1)
+    return tmp_path / "work"
+
+
+def _dead_pid() -> tuple[int, int | None]:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid, None
+
+
+def _reused_pid() -> tuple[int, int | None]:
+    """This process's pid, as a container gives every run of a command the same one: with another start time."""
+    from autoseg.search.study import process_started
+
+    return os.getpid(), (process_started(os.getpid()) or 0) - 1
+
+
+@pytest.mark.parametrize("process", [_dead_pid, _reused_pid], ids=["dead-pid", "reused-pid"])
+def test_a_trial_left_running_by_a_crashed_search_is_named_failed_and_the_same_command_resumes(search_work, caplog,
+                                                                                              process):
+    import optuna
+    from optuna.trial import TrialState
+    from test_search import budget, fake_evaluate, fake_measure
+
+    from autoseg.schema.plans import Plans
+    from autoseg.search import run_search
+    from autoseg.search import study as studies
+
+    first = run_search(search_work, budget(2), trial_steps=2, progress=False, evaluate=fake_evaluate,
+                       measure=fake_measure)
+    study = optuna.load_study(study_name=first.study, storage=studies.default_storage(search_work))
+    crashed = study.ask()  # what a search killed mid-trial (exit 134) leaves in the study: a RUNNING trial
+    pid, started = process()
+    for key, value in {"host": socket.gethostname(), "pid": pid, "pid_started": started,
+                       "neighbour": "width x2"}.items():
+        crashed.set_user_attr(key, value)
+    with caplog.at_level(logging.WARNING, logger="autoseg.search.study"):
+        again = run_search(search_work, budget(4), trial_steps=2, progress=False, evaluate=fake_evaluate,
+                           measure=fake_measure)
+    assert f"trial 2 (width x2) was left running by process {pid}" in caplog.text
+    states = [t.state for t in optuna.load_study(study_name=first.study,
+                                                 storage=studies.default_storage(search_work)).trials]
+    assert states[2] == TrialState.FAIL and TrialState.RUNNING not in states and again.ran == 2
+    trials = Plans.load(search_work / "plans.json").search["trials"]
+    assert trials["complete"] == 4 and trials["failed"] == 1 and trials["running"] == 0
+
+
+def test_an_orphaned_trial_costs_the_search_budget_at_most_a_trial_not_the_hours_until_it_was_found():
+    import datetime
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoseg.search import study as studies
+
+    study = optuna.create_study()
+    study.set_user_attr("trial_s", 60.0)
+    now = datetime.datetime.now()
+    for orphaned, hours in ((False, 0.01), (True, 5.0)):
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, state=TrialState.FAIL, value=None, datetime_start=now - datetime.timedelta(hours=hours),
+            datetime_complete=now, params={}, distributions={}, user_attrs={"orphaned": orphaned},
+            system_attrs={}, intermediate_values={}, trial_id=0))
+    assert studies.spent_seconds(study) == pytest.approx(36.0 + 60.0)
+
+
+class _FailsAtStep2:
+    """A batch maker whose worker fails at step 2 (a broken cache file, say)."""
+
+    def make(self, step: int) -> dict:
+        if step == 2:
+            raise ValueError("broken case")
+        return {"data": np.zeros((1, 1, 4, 4), np.float32), "target": np.zeros((1, 4, 4), np.int16)}
+
+
+def test_closing_the_loader_joins_its_workers_even_while_a_traceback_still_holds_its_iterator():
+    """A run ending in an exception raised inside the loader keeps the torch iterator alive in the traceback;
+    close() must stop and join the workers there and then, not when that traceback goes (in a search: after
+    the next trial has started)."""
+    from autoseg.loader import PatchLoader
+
+    loader = PatchLoader(_FailsAtStep2(), num_workers=1, prefetch=1, pin_memory=False)
+    workers = list(loader._iter._workers)
+    try:
+        for _ in range(4):
+            next(loader)
+    except ValueError:
+        loader.close()  # the traceback, and with it the iterator, is alive here
+        assert not any(w.is_alive() for w in workers)
+    else:
+        pytest.fail("the worker's error did not reach the training process")
