@@ -177,7 +177,7 @@ def _constants(tree: ast.AST) -> list[ast.Constant]:
 
 
 # the bundle's plans member is the same artifact as a workdir's plans.json, inside a zip (its own name there)
-BUNDLE_MEMBER_NAMES = {("autoseg.bundle.pack", "plans.json")}
+BUNDLE_MEMBER_NAMES = {("autoseg.bundle.layout", "plans.json")}
 
 
 def _path_parts(tree: ast.AST) -> set[int]:
