@@ -1,7 +1,12 @@
-"""Helpers shared by every persisted artifact: atomic JSON writes, versions, hashes.
+"""Helpers shared by every persisted artifact: atomic JSON writes, versions, hashes, and the check every
+command makes of where it will write before it starts.
 
 Artifacts are plain JSON (and ``.npy``): readable, diffable, loadable without pickle. Each records the
 autoseg version and a hash of what it was built from, so a stale artifact is detected, not reused.
+
+A command's outputs are checked before any work (:func:`check_writable`, :func:`check_not_inputs`): a folder
+or file that cannot be written is one line naming it, not a traceback after an hour of work, and an output
+that is one of the command's own input files is refused, never written over.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from autoseg.errors import UserError
 from autoseg.version import __version__
 
 
@@ -81,3 +88,56 @@ def hash_files(paths: list[Path], chunk: int = 1 << 20) -> str:
 def header(kind: str, **extra: Any) -> dict:
     """The first keys of every artifact: what it is, its format version and who wrote it."""
     return {"artifact": kind, "format_version": 1, "autoseg_version": __version__, **extra}
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (a folder, or a file in the way of one)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def check_writable(path: Path | str, *, folder: bool = False, what: str = "output") -> None:
+    """Refuse, before any work, an output ``path`` (a ``folder`` to write files into, or a file) that cannot be
+    written: one in the way of the other (a file where a folder is needed, or the reverse), a file on the
+    way to it, or a place this process may not write (tried: a temporary file is created and removed there,
+    so the answer is the file system's, root and read-only mounts included). Creates nothing else."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise UserError(f"{path}: exists and is not a folder; give a folder for the {what}")
+        if not folder and path.is_dir():
+            raise UserError(f"{path}: is a folder; give a file name for the {what}")
+    base = _nearest_existing(path if folder else path.parent)
+    if not base.is_dir():
+        raise UserError(f"{path}: cannot write the {what} there: {base} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".autoseg-write-check.", suffix=".tmp", dir=base)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the {what} there ({base}: {e.strerror or type(e).__name__})") from e
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
+
+
+def check_not_inputs(outputs: Iterable[Path | str], inputs: Iterable[Path | str], hint: str = "") -> None:
+    """Refuse outputs that are input files of the same command, by any name (a relative path, a link, a hard
+    link: the same file on disk): writing one would destroy the input. ``hint`` ends the message (what to
+    do instead)."""
+    seen: dict[tuple[int, int], Path] = {}
+    for p in map(Path, inputs):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        seen.setdefault((st.st_dev, st.st_ino), p)
+    for out in map(Path, outputs):
+        try:
+            st = out.stat()
+        except OSError:
+            continue  # not there yet: not an input
+        same = seen.get((st.st_dev, st.st_ino))
+        if same is not None:
+            also = "" if same == out else f" ({same})"
+            raise UserError(f"{out}: is an input file{also}; writing the output there would replace it"
+                            + (f"; {hint}" if hint else ""))

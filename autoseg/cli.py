@@ -159,19 +159,18 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from autoseg.evaluate import METRICS_FILE, evaluate_folder, parse_tolerance, summary_lines
+    from autoseg.report import REPORT_FILE, write_report
 
     out = a.output or a.pred_dir / METRICS_FILE
+    html = out.parent / REPORT_FILE
     result = evaluate_folder(a.pred_dir, a.ref_dir, a.dataset_json, parse_tolerance(a.nsd_tolerance),
-                             jobs=a.jobs, progress=not a.quiet, output=out)
+                             jobs=a.jobs, progress=not a.quiet, output=out, also_writing=[html] if a.report else [])
     for w in result["warnings"]:
         print(f"autoseg evaluate: warning: {w}", file=sys.stderr)
     print("\n".join(summary_lines(result)))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
     if a.report:
-        from autoseg.report import REPORT_FILE, write_report
-
-        html = write_report(result, a.pred_dir, a.ref_dir, out.parent / REPORT_FILE, a.images, a.workdir)
-        print(f"wrote {html}")
+        print(f"wrote {write_report(result, a.pred_dir, a.ref_dir, html, a.images, a.workdir)}")
     return 0
 
 

@@ -20,12 +20,19 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from autoseg.artifacts import atomic_write_bytes, header, json_safe, write_json
+from autoseg.artifacts import (
+    atomic_write_bytes,
+    check_not_inputs,
+    check_writable,
+    header,
+    json_safe,
+    write_json,
+)
 from autoseg.errors import UserError
 from autoseg.io import SUPPORTED_ENDINGS, file_ending, read_label
 from autoseg.metrics import (
@@ -142,9 +149,12 @@ def evaluate_case(task: tuple) -> dict:
 
 def evaluate_folder(pred_dir: Path | str, ref_dir: Path | str, dataset_json: Path | str | None = None,
                     nsd_tolerance: Tolerance = None, jobs: int | None = None, progress: bool = False,
-                    output: Path | str | None = None) -> dict:
+                    output: Path | str | None = None, also_writing: Sequence[Path | str] = ()) -> dict:
     """Score every reference case against the prediction of the same name; return (and with ``output``,
     write) the metrics: ``{"classes", "cases": {case: {"classes": {name: metrics}}}, "summary", ...}``.
+    ``output`` and the CSV beside it, and ``also_writing`` (files the caller writes afterwards: the report),
+    are checked before any case is read: each must be writable and none may be one of the label files or
+    dataset.json.
 
     Classes are dataset.json's foreground labels by name (region labels score the union of their
     values; the ignore label is left out of every metric), else the union of the values found in all
@@ -160,6 +170,8 @@ def evaluate_folder(pred_dir: Path | str, ref_dir: Path | str, dataset_json: Pat
             raise UserError(f"{folder}: {what} folder not found")
     ending = ending or detect_ending(ref_dir)
     pairs, extra = pair_cases(pred_dir, ref_dir, ending)
+    if output is not None or also_writing:
+        _check_outputs(pred_dir, ref_dir, ending, dataset_json, output, also_writing)
     warnings = []
     if extra:
         warnings.append(f"{len(extra)} prediction(s) in {pred_dir} without a reference were not scored: "
@@ -185,6 +197,17 @@ def evaluate_folder(pred_dir: Path | str, ref_dir: Path | str, dataset_json: Pat
     if output is not None:
         write_metrics(result, output)
     return result
+
+
+def _check_outputs(pred_dir: Path, ref_dir: Path, ending: str, dataset_json: Path | str | None,
+                   output: Path | str | None, also_writing: Sequence[Path | str]) -> None:
+    outputs = [Path(output), Path(output).with_suffix(".csv")] if output is not None else []
+    outputs += map(Path, also_writing)
+    for path in outputs:
+        check_writable(path, what="metrics" if path.suffix in (".json", ".csv") else "report")
+    inputs = [*_label_files(pred_dir, ending).values(), *_label_files(ref_dir, ending).values()]
+    check_not_inputs(outputs, inputs + ([Path(dataset_json)] if dataset_json is not None else []),
+                     "give another -o file")
 
 
 def _check_tolerance(nsd_tolerance: Tolerance, names: list[str]) -> None:

@@ -52,7 +52,7 @@ from autoseg.errors import UserError
 from autoseg.io import Geometry, read_images, write_label
 from autoseg.normalize import resolve_plans
 from autoseg.postprocess import apply_postprocessing, parse_rules
-from autoseg.predict_inputs import InputCase, check_images, find_cases
+from autoseg.predict_inputs import InputCase, check_images, check_outputs, find_cases
 from autoseg.preprocess import preprocess_case
 from autoseg.schema.plans import Plans
 from autoseg.schema.selection import model_name
@@ -303,6 +303,9 @@ class Predictor:
         ``output/CASE<ending>`` with the input's spacing, origin and direction; with ``save_probabilities``
         also ``output/CASE.npz`` (``probabilities``: float16, ``(K, *spatial)``).
 
+        OUTPUT is checked before the first case: a folder that cannot be written, or a prediction that would
+        replace one of the input images (``case.nii.gz`` predicted into its own folder), is one
+        :class:`UserError`; the folders it creates are removed again when no case is written.
         A case that breaks the input contract (channels, dimensionality, unreadable file) is skipped with
         one line passed to ``report`` and recorded in the summary; the other cases are still predicted.
         ``report_model`` is given :meth:`describe` before the first case.
@@ -315,6 +318,8 @@ class Predictor:
         cases = find_cases(Path(input), self.plans)
         if not cases:
             raise UserError(f"{input}: no images to predict (expected CASE_XXXX{self.plans.file_ending} files)")
+        check_outputs(cases, out, save_probabilities)  # nothing written yet: a folder we cannot fill, an input
+        created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if nothing is written
         out.mkdir(parents=True, exist_ok=True)
         summary = PredictionSummary(model=self.describe())
         if report_model is not None:
@@ -365,6 +370,8 @@ class Predictor:
             bar.close()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+            if not summary.written:
+                _remove_empty(created)
         summary.mirror = self.mirror_note
         summary.seconds = time.perf_counter() - t0
         return summary
@@ -372,6 +379,15 @@ class Predictor:
     def _write(self, prep: _Prepared, case: InputCase, out: Path, save_probabilities: bool) -> list[Path]:
         seg, maps = self._export(prep, save_probabilities)
         return self.write(seg, maps, prep.geometry, out, case.id, case.ending)
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders ``predict_files`` created (deepest first) when no case was written into them."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another process wrote there), or gone
+            return
 
 
 def mirror_rule(seconds_with_mirroring: float, limit: float = MIRROR_AUTO_MAX_S) -> bool:

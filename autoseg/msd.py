@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from autoseg.artifacts import check_writable
 from autoseg.errors import UserError
 from autoseg.io import Geometry, read_label, read_sitk, write_image, write_label
 from autoseg.parallel import map_cases
@@ -51,6 +52,7 @@ def convert_msd(src: Path | str, dst: Path | str, jobs: int | None = None) -> Pa
     ``dst`` must not exist or be empty. Cases are converted in ``jobs`` processes (default: the CPU count).
     """
     src, dst = Path(src), Path(dst)
+    _check_destination(dst)  # before anything is read: a destination we could not fill
     meta = _read_msd_json(src)
     where = src / "dataset.json"
     channel_names = _channel_names(meta, where)
@@ -60,7 +62,6 @@ def convert_msd(src: Path | str, dst: Path | str, jobs: int | None = None) -> Pa
     _check_unique_cases([c for c, _, _ in train], where)
     _check_unique_cases([c for c, _ in test], where)
     _check_files_exist([p for _, image, label in train for p in (image, label)] + [p for _, p in test], where)
-    _check_destination(dst)
 
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
@@ -178,8 +179,11 @@ def _check_files_exist(paths: Sequence[Path], where: Path) -> None:
 
 
 def _check_destination(dst: Path) -> None:
+    """``dst`` must be new (or an empty folder) and its parent writable: the conversion is written beside it
+    and renamed into place, so no existing file, an input least of all, is ever written over."""
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
         raise UserError(f"{dst}: already exists and is not empty; choose a new folder or remove it")
+    check_writable(dst.parent if dst.exists() else dst, folder=True, what="converted dataset")
 
 
 # --- converting one case ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from autoseg.artifacts import check_writable
 from autoseg.bundle import load_bundle
 from autoseg.errors import UserError
 from autoseg.inference import PredictionSummary, Predictor
@@ -26,6 +27,7 @@ def predict(model: Path | str, input: Path | str, output: Path | str, *, configu
     OUTPUT. The model is the selected one (an ensemble when selection chose one) unless ``configuration``
     forces one."""
     model = Path(model)
+    check_writable(output, folder=True, what="predictions")  # before the model loads (inputs: once cases are known)
     options = dict(mirror=mirror, overlap=overlap, tile_batch=tile_batch, progress=progress, storage=storage)
     if model.is_file():
         predictor = load_bundle(model).predictor(configuration, folds, device, **options)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.artifacts import check_not_inputs, check_writable
 from autoseg.errors import UserError
 from autoseg.io import NATURAL_ENDINGS, SUPPORTED_ENDINGS, file_ending
 from autoseg.schema.plans import Plans
@@ -106,6 +107,20 @@ def check_images(images: np.ndarray, plans: Plans, where: str) -> None:
     nd, want = images.ndim - 1, expected_ndim(plans)
     if want is not None and nd != want:
         raise UserError(f"{where}: a {nd}D image, but the model was trained on {want}D images")
+
+
+def output_files(case: InputCase, output: Path, save_probabilities: bool) -> list[Path]:
+    """The files predicting ``case`` into folder ``output`` writes (:meth:`autoseg.inference.Predictor.write`)."""
+    files = [Path(output) / f"{case.id}{case.ending}"]
+    return files + [Path(output) / f"{case.id}.npz"] if save_probabilities else files
+
+
+def check_outputs(cases: list[InputCase], output: Path, save_probabilities: bool) -> None:
+    """Refuse, before the first case is predicted, an OUTPUT folder that cannot be written or a prediction
+    that would replace one of the input images (``scan.nii.gz`` predicted into its own folder)."""
+    check_writable(output, folder=True, what="predictions")
+    check_not_inputs([f for case in cases for f in output_files(case, output, save_probabilities)],
+                     [p for case in cases for p in case.images], "give another OUTPUT folder")
 
 
 # --- the model: which configuration and folds -------------------------------------------------------

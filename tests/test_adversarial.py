@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import socket
 import struct
 import subprocess
@@ -34,7 +35,7 @@ from autoseg.bundle import load_bundle, pack_bundle, verify_bundle
 from autoseg.bundle.archive import MANIFEST, write_archive
 from autoseg.cli import run
 from autoseg.errors import UserError
-from autoseg.io import read_image
+from autoseg.io import Geometry, read_image, write_image
 from autoseg.validate import validate_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -373,3 +374,144 @@ def test_closing_the_loader_joins_its_workers_even_while_a_traceback_still_holds
         assert not any(w.is_alive() for w in workers)
     else:
         pytest.fail("the worker's error did not reach the training process")
+
+
+# --- shared: a tiny 3D model, and what every refusal must look like ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model3d(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A single-channel 3D NIfTI model (test_predict's hand plans, one random-init fold, no mirroring: fast),
+    with its bundle; returns (dataset, workdir, bundle). Its images are 12x16x16 voxels of 2x1x1 mm."""
+    from test_predict import hand_plans, save_random_folds
+
+    from autoseg.fingerprint import extract_fingerprint
+
+    root = tmp_path_factory.mktemp("model3d")
+    ds = write_tiny_dataset(root / "Dataset001_Tiny", cases=2)
+    plans = hand_plans(extract_fingerprint(ds, jobs=1), "3d_fullres", 3, [8, 16, 16], [])
+    work = root / "work"
+    plans.save(work / "plans.json")
+    save_random_folds(work, plans, "3d_fullres", folds=(0,))
+    return ds, work, pack_bundle(work, root / "model.autoseg")
+
+
+def image_of(ds: Path, case: int = 0) -> Path:
+    return ds / "imagesTr" / f"case{case:03d}_0000.nii.gz"
+
+
+def hashes(*paths: Path) -> dict[str, str]:
+    """sha256 of every file at or under ``paths``: what must not change when a command refuses its input."""
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*")) if p.is_dir() else [])]
+    return {str(f): sha256_bytes(f.read_bytes()) for f in files if f.is_file()}
+
+
+def refused(args: list[str], capsys, names: str, *, inputs: tuple[Path, ...] = (), absent: tuple[Path, ...] = (),
+            alone: bool = True) -> str:
+    """Run the command ``args``: exit code 2, one error line naming ``names`` (the only line on stderr when
+    ``alone``), no traceback, ``inputs`` unchanged, nothing at ``absent``. Returns the error line."""
+    before = hashes(*inputs)
+    code = run(["-q", *args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("autoseg: error: ")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1 and names in errors[0], err
+    assert not alone or err.strip() == errors[0], err
+    assert hashes(*inputs) == before
+    assert not [p for p in absent if p.exists()]
+    return errors[0]
+
+
+# --- no output ever replaces an input; outputs that cannot be written are one line before any work ----------
+
+
+@pytest.mark.parametrize("model", ["bundle", "workdir"])
+@pytest.mark.parametrize("what", ["folder-into-itself", "file-into-its-folder"])
+def test_predicting_a_case_into_its_own_folder_never_replaces_the_input(model3d, tmp_path, capsys, model, what):
+    """The model card names single-channel inputs ``case.nii.gz``; predicted into their own folder, the
+    prediction ``case.nii.gz`` would replace the image (it did, exit 0)."""
+    ds, work, bundle = model3d
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(image_of(ds), folder / "case.nii.gz")
+    source = folder if what == "folder-into-itself" else folder / "case.nii.gz"
+    line = refused(["predict", str(bundle if model == "bundle" else work), str(source), str(folder)], capsys,
+                   str(folder / "case.nii.gz"), inputs=(folder,))
+    assert "is an input file" in line and sorted(os.listdir(folder)) == ["case.nii.gz"]
+
+
+def _under_file(tmp_path: Path) -> Path:
+    (tmp_path / "a_file").write_text("x")
+    return tmp_path / "a_file"
+
+
+@pytest.mark.parametrize("command, expected", [
+    (lambda ds, work, bundle, f: ["predict", str(bundle), str(image_of(ds)), str(f / "out")], "is a file, not a folder"),
+    (lambda ds, work, bundle, f: ["predict", str(bundle), str(image_of(ds)), str(f)], "is not a folder"),
+    (lambda ds, work, bundle, f: ["evaluate", str(ds / "labelsTr"), str(ds / "labelsTr"), "-o", str(f / "m.json")],
+     "is a file, not a folder"),
+    (lambda ds, work, bundle, f: ["evaluate", str(ds / "labelsTr"), str(ds / "labelsTr"), "-o", str(f.parent)],
+     "is a folder"),
+    (lambda ds, work, bundle, f: ["bundle", str(work), "-o", str(f / "m.autoseg")], "is a file, not a folder"),
+    (lambda ds, work, bundle, f: ["bundle", str(work), "-o", str(f.parent)], "is a folder"),
+    (lambda ds, work, bundle, f: ["convert-msd", str(f.parent / "Task01"), str(f / "out")], "is a file, not a folder"),
+], ids=["predict-under-a-file", "predict-onto-a-file", "evaluate-under-a-file", "evaluate-onto-a-folder",
+        "bundle-under-a-file", "bundle-onto-a-folder", "convert-msd-under-a-file"])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(model3d, tmp_path, capsys, command, expected):
+    """Each ended in a traceback (NotADirectoryError, IsADirectoryError, FileExistsError), exit 1."""
+    ds, work, bundle = model3d
+    f = _under_file(tmp_path)
+    args = command(ds, work, bundle, f)
+    line = refused(args, capsys, args[-1], inputs=(ds, work, bundle, f))
+    assert expected in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder: the check is the file system's")
+def test_a_read_only_output_folder_is_one_line_before_any_work(model3d, tmp_path, capsys):
+    ds, _, bundle = model3d
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        refused(["predict", str(bundle), str(image_of(ds)), str(locked / "out")], capsys, str(locked / "out"),
+                absent=(locked / "out",))
+    finally:
+        locked.chmod(0o755)
+
+
+def test_the_write_check_tries_the_file_system_and_leaves_nothing_behind(tmp_path):
+    from autoseg.artifacts import check_writable
+
+    check_writable(tmp_path / "new" / "deeper", folder=True)
+    check_writable(tmp_path / "m.json")
+    assert os.listdir(tmp_path) == []  # the probe file is gone, no folder was made
+
+
+@pytest.mark.parametrize("command, victim", [
+    (lambda ds, work, p: ["evaluate", str(p), str(ds / "labelsTr"), "-o", str(ds / "labelsTr" / "case000.nii.gz")],
+     lambda ds, work, p: ds / "labelsTr" / "case000.nii.gz"),
+    (lambda ds, work, p: ["evaluate", str(p), str(ds / "labelsTr"), "-o", str(p / "case001.nii.gz")],
+     lambda ds, work, p: p / "case001.nii.gz"),
+    (lambda ds, work, p: ["evaluate", str(p), str(ds / "labelsTr"), "--dataset-json", str(ds / "dataset.json"),
+                          "-o", str(ds / "dataset.json")],
+     lambda ds, work, p: ds / "dataset.json"),
+    (lambda ds, work, p: ["bundle", str(work), "-o", str(work / "plans.json")], lambda ds, work, p: work / "plans.json"),
+    (lambda ds, work, p: ["bundle", str(work), "-o", str(work / "runs/3d_fullres/fold_0/checkpoint_final.pt")],
+     lambda ds, work, p: work / "runs/3d_fullres/fold_0/checkpoint_final.pt"),
+    (lambda ds, work, p: ["convert-msd", str(ds), str(image_of(ds))], lambda ds, work, p: image_of(ds)),
+], ids=["evaluate-onto-a-reference", "evaluate-onto-a-prediction", "evaluate-onto-dataset-json",
+        "bundle-onto-plans", "bundle-onto-a-checkpoint", "convert-msd-onto-an-image"])
+def test_an_output_that_is_one_of_the_commands_inputs_is_refused(model3d, tmp_path, capsys, command, victim):
+    ds, work, _ = model3d
+    preds = tmp_path / "preds"
+    shutil.copytree(ds / "labelsTr", preds)
+    args = command(ds, work, preds)
+    refused(args, capsys, str(victim(ds, work, preds)), inputs=(ds, work, preds))
+    assert not list(tmp_path.glob("preds/*.csv")) and not list(ds.rglob("*.csv"))
+
+
+def test_when_no_case_can_be_predicted_the_output_folders_predict_made_are_removed(model3d, tmp_path, capsys):
+    ds, _, bundle = model3d
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_image(np.zeros((16, 16), np.float32), Geometry.identity(2), folder / "flat_0000.nii.gz")  # 2D for 3D
+    refused(["predict", str(bundle), str(folder), str(tmp_path / "out" / "deeper")], capsys, "2D image",
+            inputs=(folder,), absent=(tmp_path / "out",), alone=False)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoseg.artifacts import dumps_json, header
+from autoseg.artifacts import check_not_inputs, check_writable, dumps_json, header
 from autoseg.bundle.archive import FORMAT_VERSION, write_archive
 from autoseg.bundle.card import model_card
 from autoseg.bundle.layout import CARD, PLANS_MEMBER, POSTPROCESSING, weights_member
@@ -65,11 +65,14 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
 
     work = Workdir.of(workdir)
     output = Path(output) if output is not None else work.bundle_file
+    check_writable(output, what="bundle")  # before the weights are read
     plans = resolve_plans(work.load_plans(), work.fingerprint_or_none())
     names = work.model(plans, configuration)
     selection = work.load_selection()
     chosen = selection is not None and configuration is None  # the selected model, with its CV scores
     folds = {c: work.trained_folds(c) for c in names}  # a member without folds is an error, as in predict
+    check_not_inputs([output], [work.plans_file, work.fingerprint_file, work.selection_file]
+                     + [work.run(c, k).final for c in names for k in folds[c]], "give another -o file")
     plans = replace(plans, configurations={c: plans.configurations[c] for c in names},
                     train_runs=[r for r in plans.train_runs if r.get("configuration") in folds])
     unresolved = _unresolved_ct(plans)
