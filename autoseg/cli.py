@@ -146,6 +146,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     s = predict(a.model, a.input, a.output, configuration=a.config, folds=parse_folds(a.folds), device=a.device,
                 mirror=a.mirror, overlap=a.overlap, tile_batch=a.tile_batch,
                 save_probabilities=a.save_probabilities, jobs=a.jobs, progress=not a.quiet, report=report,
+                allow_large=a.allow_large,
                 report_model=lambda line: print(f"autoseg predict: {line}", file=sys.stderr))
     if s.mirror:
         print(f"autoseg predict: {s.mirror}", file=sys.stderr)
@@ -394,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write OUTPUT/CASE.npz: per-class probabilities (float16) in the input's geometry")
     p.add_argument("-j", "--jobs", type=_jobs, default=1,
                    help="export threads: with N > 1, N - 1 cases are written while the next is predicted")
+    p.add_argument("--allow-large", action="store_true",
+                   help="predict a case even when its resampling to the model's spacing needs more memory than "
+                        "this machine has available (refused by default, with the size it would need)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", parents=[common], help="score predictions against reference labels",

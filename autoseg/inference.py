@@ -32,6 +32,7 @@ adds the float16 maps. With ``jobs`` > 1 the next case's buffers exist while the
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -52,24 +53,34 @@ from autoseg.errors import UserError
 from autoseg.io import Geometry, read_images, write_label
 from autoseg.normalize import resolve_plans
 from autoseg.postprocess import apply_postprocessing, parse_rules
-from autoseg.predict_inputs import InputCase, check_images, check_outputs, find_cases
+from autoseg.predict_inputs import (
+    InputCase,
+    check_images,
+    check_outputs,
+    check_size,
+    find_cases,
+    unusual_input,
+)
 from autoseg.preprocess import preprocess_case
 from autoseg.schema.plans import Plans
 from autoseg.schema.selection import model_name
 from autoseg.sliding_window import count_tiles
 from autoseg.workdir import Workdir
 
+logger = logging.getLogger(__name__)
 MIRROR_AUTO_MAX_S = 20.0  # network seconds per case, with mirroring, below which ``auto`` turns it on
 TILE_BAR_MIN = 64  # network passes in a case from which a progress bar over its tiles is shown
 
 
 @dataclass
 class PredictionSummary:
-    """What :meth:`Predictor.predict_files` did: files written, cases refused (case -> reason), mirroring,
-    and the model (members and folds)."""
+    """What :meth:`Predictor.predict_files` did: files written, cases refused (case -> reason), cases predicted
+    with warnings (case -> lines: inputs unlike anything the model saw), mirroring, and the model (members and
+    folds)."""
 
     written: list[Path] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    warnings: dict[str, list[str]] = field(default_factory=dict)
     mirror: str = ""
     seconds: float = 0.0
     model: str = ""
@@ -93,6 +104,7 @@ class Predictor:
     are built on first use. ``mirror`` is ``"auto"``, ``"on"`` or ``"off"`` (see the module docstring);
     ``tile_batch`` tiles go through the network at once (default: the training batch, at least 4);
     ``storage`` is the dtype of the probabilities in preprocessed space (``"float16"`` or ``"float32"``).
+    A case whose resampling would need more memory than is available is refused unless ``allow_large``.
     """
 
     def __init__(self, plans: Plans, configuration: str | Sequence[str],
@@ -100,7 +112,8 @@ class Predictor:
                  device: str | torch.device | None = None, *,
                  folds: Sequence[int] | Mapping[str, Sequence[int]] | None = None, mirror: str = "auto",
                  overlap: float = 0.5, tile_batch: int | None = None, progress: bool = False,
-                 postprocessing: Sequence[Mapping[str, Any]] = (), storage: str = "float16"):
+                 postprocessing: Sequence[Mapping[str, Any]] = (), storage: str = "float16",
+                 allow_large: bool = False):
         names = [configuration] if isinstance(configuration, str) else list(configuration)
         if isinstance(configuration, str):
             weights, folds = {configuration: weights}, None if folds is None else {configuration: folds}
@@ -127,6 +140,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.mirror, self.overlap, self.progress, self.storage = mirror, overlap, progress, storage
         self._tile_batch = tile_batch
+        self.allow_large = allow_large
+        self.last_warnings: list[str] = []  # the last case's unusual_input warnings (also logged)
         self._mirror_on: bool | None = {"on": True, "off": False}.get(mirror)
         self.mirror_note = "" if mirror == "auto" else f"mirroring {mirror} (--mirror {mirror})"
         self.postprocessing = parse_rules([dict(r) for r in postprocessing])  # applied to every label map
@@ -224,10 +239,19 @@ class Predictor:
             if bar is not None:
                 bar.close()
 
-    def _preprocess(self, images: np.ndarray, geometry: Geometry, where: str) -> list[tuple[np.ndarray, dict]]:
+    def _preprocess(self, images: np.ndarray, geometry: Geometry, where: str,
+                    files: Sequence[Path] = ()) -> list[tuple[np.ndarray, dict]]:
         """Each member's preprocessed image and properties (all made first: the first case's mirroring decision
-        needs every member's tile count)."""
+        needs every member's tile count), once the case is known to fit in memory (unless ``allow_large``) and
+        what in it the model cannot have seen is logged (``last_warnings``; ``files``: where it was read)."""
         check_images(images, self.plans, where)
+        configurations = [m.cfg for m in self.members]
+        if not self.allow_large:
+            check_size(images.shape[1:], geometry, self.plans, configurations, where,
+                       STORAGE[self.storage].itemsize)
+        self.last_warnings = unusual_input(images, geometry, self.plans, configurations, where, files)
+        for line in self.last_warnings:
+            logger.warning(line)
         return [preprocess_case(images, geometry, m.cfg, self.plans)[::2] for m in self.members]
 
     def _run(self, cases: list[tuple[np.ndarray, dict]], geometry: Geometry) -> _Prepared:
@@ -306,8 +330,10 @@ class Predictor:
         OUTPUT is checked before the first case: a folder that cannot be written, or a prediction that would
         replace one of the input images (``case.nii.gz`` predicted into its own folder), is one
         :class:`UserError`; the folders it creates are removed again when no case is written.
-        A case that breaks the input contract (channels, dimensionality, unreadable file) is skipped with
-        one line passed to ``report`` and recorded in the summary; the other cases are still predicted.
+        A case that breaks the input contract (channels, dimensionality, unreadable file, more memory than
+        is available once resampled) is skipped with one line passed to ``report`` and recorded in the
+        summary; the other cases are still predicted. A case the model cannot have seen anything like is
+        predicted with warnings (logged, and in the summary's ``warnings``).
         ``report_model`` is given :meth:`describe` before the first case.
         ``jobs`` > 1 exports (restore + write) in ``jobs - 1`` threads while the network runs the next case.
         """
@@ -346,7 +372,9 @@ class Predictor:
                     continue
                 try:
                     images, geometry = read_images(case.images)
-                    cases = self._preprocess(images, geometry, case.where)
+                    cases = self._preprocess(images, geometry, case.where, case.images)
+                    if self.last_warnings:
+                        summary.warnings[case.id] = list(self.last_warnings)
                     del images  # the raw image goes before the networks run
                     prep = self._run(cases, geometry)
                 except UserError as e:

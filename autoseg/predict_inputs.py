@@ -1,16 +1,26 @@
-"""What ``autoseg predict`` reads: the images (which files make a case, and whether it fits the model) and
-which folds the user asked for.
+"""What ``autoseg predict`` reads: the images (which files make a case, whether it fits the model, whether it
+fits in memory once resampled, and whether it looks like anything the model saw) and which folds the user
+asked for.
 
 Images to predict follow the nnU-Net naming, one file per channel: ``CASE_0000<ending>``, ``CASE_0001<ending>``…
 A single-channel model also takes files without the channel suffix (``scan.nii.gz`` is case ``scan``). A case
 that does not fit (a missing or extra channel file, mixed endings, the wrong number of channels or
 dimensions) is not an exception for the whole run: it carries one line that names it, and the caller
 predicts the others.
+
+Before a case is resampled to the model's spacing, its resampled size is estimated from its header
+(:func:`check_size`): a spacing of 100 mm where the model works at 1 mm would ask for a million times the
+voxels, and is refused with one line unless the caller allows it. A case the model can run but cannot have
+seen anything like (NaN voxels, a constant image, a spacing an order of magnitude away from the model's) is
+predicted with a warning naming it (:func:`unusual_input`).
 """
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +28,14 @@ import numpy as np
 
 from autoseg.artifacts import check_not_inputs, check_writable
 from autoseg.errors import UserError
-from autoseg.io import NATURAL_ENDINGS, SUPPORTED_ENDINGS, file_ending
-from autoseg.schema.plans import Plans
+from autoseg.io import NATURAL_ENDINGS, SUPPORTED_ENDINGS, Geometry, available_memory, file_ending
+from autoseg.preprocess import axis_order3, new_spacing
+from autoseg.resample import target_shape
+from autoseg.schema.plans import Configuration, Plans
+from autoseg.validate import nifti_stored_nonfinite
 
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # as in autoseg.dataset
+SPACING_RATIO_WARN = 10.0  # a case's spacing this many times finer or coarser than the model's gets a warning
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,84 @@ def check_outputs(cases: list[InputCase], output: Path, save_probabilities: bool
     check_writable(output, folder=True, what="predictions")
     check_not_inputs([f for case in cases for f in output_files(case, output, save_probabilities)],
                      [p for case in cases for p in case.images], "give another OUTPUT folder")
+
+
+def _resampled(shape: Sequence[int], geometry: Geometry, plans: Plans, cfg: Configuration
+               ) -> tuple[list[float], list[float], list[int]]:
+    """(the case's spacing, the model's, the resampled shape) in the plan's axis order, as
+    :func:`autoseg.preprocess.preprocess_case` will resample it (before its crop: an upper bound)."""
+    order = axis_order3(plans.axis_order, len(shape))
+    shape3, spacing3 = ([1, *shape], [1.0, *geometry.spacing]) if len(shape) == 2 else (shape, geometry.spacing)
+    spacing = [float(spacing3[a]) for a in order]
+    target = new_spacing(cfg, spacing)
+    return spacing, target, target_shape([shape3[a] for a in order], spacing, target)
+
+
+def prediction_bytes(voxels: int, channels: int, classes: int, storage_bytes: int) -> int:
+    """Memory a case of ``voxels`` resampled voxels needs in one member: the resampled image (float32 per
+    channel, twice while it is resampled) and the probabilities (one map per class, ``storage_bytes`` each)."""
+    return voxels * (2 * 4 * channels + classes * storage_bytes)
+
+
+def check_size(shape: Sequence[int], geometry: Geometry, plans: Plans, configurations: Sequence[Configuration],
+               where: str, storage_bytes: int = 2, available: int | None = None) -> None:
+    """Refuse a case ``(*spatial)`` whose resampling to the model's spacing would need more memory than this
+    machine has available (``available`` bytes; default: what the system reports now), before anything is
+    allocated: one line naming the case, its spacing, the resampled shape and the memory it needs."""
+    available = available_memory() if available is None else available
+    if available is None:
+        return
+    sizes = [_resampled(shape, geometry, plans, cfg) for cfg in configurations]  # every member's at once
+    need = sum(prediction_bytes(math.prod(r), plans.in_channels, plans.num_classes, storage_bytes) for *_, r in sizes)
+    if need > available:
+        spacing, target, resampled = max(sizes, key=lambda size: math.prod(size[2]))
+        raise UserError(f"{where}: spacing {_mm(spacing)} mm resampled to the model's {_mm(target)} mm is "
+                        f"{'x'.join(map(str, resampled))} voxels, which needs {need / 2**30:.1f} GiB of memory "
+                        f"({available / 2**30:.1f} GiB available); check the image's spacing (its header), "
+                        "or pass --allow-large to try anyway")
+
+
+def unusual_input(images: np.ndarray, geometry: Geometry, plans: Plans, configurations: Sequence[Configuration],
+                  where: str, files: Sequence[Path] = ()) -> list[str]:
+    """Warnings (one line each, naming the case) for an image ``(C, *spatial)`` the model can run but cannot
+    have seen anything like: NaN or infinite voxels, a channel holding one value everywhere (a blank image:
+    whatever is labelled in it is noise), a spacing :data:`SPACING_RATIO_WARN` times finer or coarser than
+    the model's on some axis (a wrong header, or another kind of image: the resampled case is too small or
+    too large for the anatomy the model learned). ``files``: the case's image files; a float NIfTI among
+    them is scanned for the NaN and Inf its reader turns into 0 (training data is validated the same way)."""
+    found = []
+    bad = int(np.count_nonzero(~np.isfinite(images))) if np.issubdtype(images.dtype, np.floating) else 0
+    if bad:
+        found.append(f"{where}: {bad} NaN or infinite voxel(s); the model never saw such values and its "
+                     "prediction is meaningless around them (everywhere, with per-image normalization)")
+    else:
+        stored = sum(sum(nifti_stored_nonfinite(f)) for f in files if file_ending(f) in (".nii", ".nii.gz"))
+        if stored:
+            found.append(f"{where}: {stored} NaN or infinite voxel(s) stored in its NIfTI file(s), which the "
+                         "reader turns into 0; the model saw no such holes, its prediction around them is suspect")
+    names = list(plans.channel_names)
+    for c in range(images.shape[0]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN channel
+            low, high = (np.nanmin(images[c]), np.nanmax(images[c])) if bad else (images[c].min(), images[c].max())
+        if low == high or (bad and math.isnan(float(low))):
+            name = f" ({names[c]})" if c < len(names) else ""
+            found.append(f"{where}: channel {c}{name} holds one value ({float(low):g}) everywhere: a blank image; "
+                         "any label predicted in it is noise")
+    for cfg in configurations:
+        spacing, target, resampled = _resampled(images.shape[1:], geometry, plans, cfg)
+        axes = range(3) if cfg.ndim == 3 else range(1, 3)
+        ratios = [spacing[a] / target[a] for a in axes if target[a] > 0]
+        if any(not (1 / SPACING_RATIO_WARN <= r <= SPACING_RATIO_WARN) for r in ratios):
+            found.append(f"{where}: spacing {_mm(spacing)} mm is far from the model's {_mm(target)} mm "
+                         f"({SPACING_RATIO_WARN:g}x or more on an axis; resampled to {'x'.join(map(str, resampled))} "
+                         "voxels); check the image's header: the model saw nothing at that scale")
+            break
+    return found
+
+
+def _mm(values: Sequence[float]) -> str:
+    return "x".join(f"{v:.4g}" for v in values)
 
 
 # --- the model: which configuration and folds -------------------------------------------------------

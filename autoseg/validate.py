@@ -290,7 +290,7 @@ def _image_problems(path: Path, arr: np.ndarray) -> list[Problem]:
     nan, inf = _count_nonfinite(arr)
     note = ""
     if not nan and not inf and file_ending(path) in (".nii", ".nii.gz"):
-        nan, inf = _nifti_stored_nonfinite(path)
+        nan, inf = nifti_stored_nonfinite(path)
         note = ", which the NIfTI reader silently turns into 0"
     if nan or inf:
         problems.append(_at(path, f"holds {nan} NaN and {inf} Inf voxel(s){note}; replace them with "
@@ -306,7 +306,7 @@ def _count_nonfinite(arr: np.ndarray) -> tuple[int, int]:
     return nan, arr.size - int(np.count_nonzero(finite)) - nan
 
 
-def _nifti_stored_nonfinite(path: Path) -> tuple[int, int]:
+def nifti_stored_nonfinite(path: Path) -> tuple[int, int]:
     """NaN and Inf counts among a float NIfTI file's stored voxels.
 
     ITK's NIfTI reader replaces them with 0, so the array read cannot show them; the stored data is

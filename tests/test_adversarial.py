@@ -515,3 +515,90 @@ def test_when_no_case_can_be_predicted_the_output_folders_predict_made_are_remov
     write_image(np.zeros((16, 16), np.float32), Geometry.identity(2), folder / "flat_0000.nii.gz")  # 2D for 3D
     refused(["predict", str(bundle), str(folder), str(tmp_path / "out" / "deeper")], capsys, "2D image",
             inputs=(folder,), absent=(tmp_path / "out",), alone=False)
+
+
+# --- predict-time inputs: a bound on memory, warnings for what the model never saw -----------------------------
+
+
+def test_a_case_whose_resampling_would_exhaust_memory_is_refused_naming_spacing_shape_and_memory(model3d, tmp_path,
+                                                                                               capsys):
+    """48^3 voxels of 100 mm resampled to 2x1x1 mm: 2400x4800x4800 voxels, hundreds of GiB (it failed
+    allocating them, a traceback)."""
+    ds, _, bundle = model3d
+    folder = tmp_path / "in"
+    write_image(np.ones((48, 48, 48), np.float32), Geometry((100.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel())),
+                folder / "huge_0000.nii.gz")
+    line = refused(["predict", str(bundle), str(folder), str(tmp_path / "out")], capsys, str(folder / "huge"),
+                   inputs=(folder,), absent=(tmp_path / "out",), alone=False)
+    assert re.search(r"spacing 100x100x100 mm resampled to the model's 2x1x1 mm is 2400x4800x4800 voxels, which "
+                     r"needs [\d.]+ GiB of memory \([\d.]+ GiB available\).*--allow-large", line), line
+
+
+def test_the_memory_bound_is_the_memory_available_and_allow_large_goes_past_it(model3d, tmp_path, capsys,
+                                                                             monkeypatch):
+    import autoseg.predict_inputs
+
+    ds, _, bundle = model3d
+    monkeypatch.setattr(autoseg.predict_inputs, "available_memory", lambda: 1000)  # a machine with 1000 bytes free
+    line = refused(["predict", str(bundle), str(image_of(ds)), str(tmp_path / "out")], capsys, str(image_of(ds)),
+                   absent=(tmp_path / "out",), alone=False)
+    assert "(0.0 GiB available)" in line
+    assert run(["-q", "predict", str(bundle), str(image_of(ds)), str(tmp_path / "out"), "--allow-large"]) == 0
+    assert os.listdir(tmp_path / "out") == ["case000.nii.gz"]
+
+
+def _nan_mha(ds: Path, folder: Path) -> Path:
+    arr, g = read_image(image_of(ds))
+    arr[0, 2, 3, 4:9] = np.nan
+    write_image(arr[0], g, folder / "holes_0000.mha")  # MetaImage keeps NaN; NIfTI's reader reads it as 0
+    return folder / "holes"
+
+
+def _nan_nifti(ds: Path, folder: Path) -> Path:
+    data = bytearray(gzip.decompress(image_of(ds).read_bytes()))
+    offset = int(struct.unpack("<f", data[108:112])[0])
+    assert struct.unpack("<h", data[70:72])[0] == 16  # float32 voxels
+    data[offset + 400:offset + 404] = struct.pack("<f", float("nan"))
+    (folder / "holes_0000.nii.gz").write_bytes(gzip.compress(bytes(data)))
+    return folder / "holes"
+
+
+def _blank(ds: Path, folder: Path) -> Path:
+    _, g = read_image(image_of(ds))
+    write_image(np.zeros((12, 16, 16), np.float32), g, folder / "blank_0000.nii.gz")
+    return folder / "blank"
+
+
+def _micrometre(ds: Path, folder: Path) -> Path:
+    arr, g = read_image(image_of(ds))
+    write_image(arr[0], Geometry((0.001,) * 3, g.origin, g.direction), folder / "tiny_0000.nii.gz")
+    return folder / "tiny"
+
+
+@pytest.mark.parametrize("make, words", [
+    (_nan_mha, "5 NaN or infinite voxel(s)"),
+    (_nan_nifti, "1 NaN or infinite voxel(s) stored in its NIfTI file(s), which the reader turns into 0"),
+    (_blank, "channel 0 (MRI) holds one value (0) everywhere: a blank image"),
+    (_micrometre, "spacing 0.001x0.001x0.001 mm is far from the model's 2x1x1 mm"),
+], ids=["nan", "nan-in-nifti", "blank", "spacing-0.001-mm"])
+def test_an_input_the_model_never_saw_is_predicted_with_a_warning_naming_it(model3d, tmp_path, capsys, make,
+                                                                            words):
+    """Predicted silently before: NaN voxels, a blank image (thousands of organ voxels labelled in it), a
+    spacing of 1 um (resampled to one voxel: all background)."""
+    from autoseg.predict import predict
+
+    ds, _, bundle = model3d
+    folder = tmp_path / "in"
+    folder.mkdir()
+    where = make(ds, folder)
+    assert run(["-q", "predict", str(bundle), str(folder), str(tmp_path / "out")]) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("autoseg: warning: ")]
+    assert len(warnings) == 1 and f"{where}: {words}" in warnings[0], warnings
+    summary = predict(bundle, folder, tmp_path / "again", progress=False)
+    assert summary.warnings == {where.name: [warnings[0].removeprefix("autoseg: warning: ")]}
+
+
+def test_an_ordinary_case_gets_no_warning(model3d, tmp_path, capsys):
+    ds, _, bundle = model3d
+    assert run(["-q", "predict", str(bundle), str(image_of(ds)), str(tmp_path / "out")]) == 0
+    assert "warning" not in capsys.readouterr().err
