@@ -15,6 +15,7 @@ import torch
 
 from autoseg.artifacts import atomic_write_bytes
 from autoseg.errors import UserError
+from autoseg.schema.plans import Network
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -37,3 +38,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare network inside DDP / compiled wrappers (whose state_dict keys are prefixed)."""
     return getattr(model, "module", model)
+
+
+def load_weights(path: Path, network: Network, in_channels: int, num_classes: int, ndim: int
+                 ) -> dict[str, torch.Tensor]:
+    """The network weights of the checkpoint at ``path``, once held against the network the plan describes: a
+    checkpoint that does not fit it (plans.json edited after training, a file from another run) is one line
+    naming the file, not a ``load_state_dict`` traceback when the first case is predicted."""
+    from autoseg.nets import layout_mismatch, layout_of
+
+    state = load_checkpoint(path)
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UserError(f"{path}: not an autoseg checkpoint (no network weights); delete it to start the run over")
+    problem = layout_mismatch(network, in_channels, num_classes, ndim, layout_of(weights))
+    if problem:
+        raise UserError(f"{path}: its weights do not fit the network plans.json describes ({problem}); "
+                        "was plans.json edited after training? Restore it, or train again")
+    return weights

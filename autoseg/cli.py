@@ -456,10 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the manifest instead")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("verify", parents=[common], help="check a bundle's checksums, format and contents",
+    p = sub.add_parser("verify", parents=[common], help="check that predict can load and run a bundle",
                        description="Check every member of a bundle against its manifest (sha256), refuse pickles, "
-                                   "escaping paths, unknown format versions and damaged files. Exit code 0 when "
-                                   "it is sound, 2 with the reason otherwise.")
+                                   "escaping paths, unknown format versions and damaged files, and check what "
+                                   "`autoseg predict` relies on: the plans validate with sane sizes (patch, batch, "
+                                   "channels, classes) and every fold's weights have the tensor names, shapes and "
+                                   "dtypes of the network the plans build. A bundle that verifies is a bundle "
+                                   "`predict` can load and run. Exit code 0 when it is sound, 2 with the reason "
+                                   "otherwise.")
     p.add_argument("bundle", type=Path, metavar="BUNDLE")
     p.set_defaults(func=cmd_verify)
 

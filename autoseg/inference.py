@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from autoseg.artifacts import write_probabilities
-from autoseg.checkpoint import load_checkpoint
+from autoseg.checkpoint import load_weights
 from autoseg.device import AUTOCAST, precision_on, resolve_device, sync
 from autoseg.ensemble import STORAGE, Member, MemberOutput, combine, member_probabilities
 from autoseg.errors import UserError
@@ -163,8 +163,11 @@ class Predictor:
         names = work.model(plans, configuration)
         chosen = {n: work.trained_folds(n, folds) for n in names}
         selection = work.load_selection()
-        options.setdefault("postprocessing", selection.rules_for(names) if selection is not None else [])
-        weights = {n: [load_checkpoint(work.run(n, k).final)["model"] for k in ks] for n, ks in chosen.items()}
+        options.setdefault("postprocessing", parse_rules(selection.rules_for(names), str(work.selection_file))
+                           if selection is not None else [])
+        weights = {n: [load_weights(work.run(n, k).final, plans.configurations[n].network, plans.in_channels,
+                                    plans.num_classes, plans.configurations[n].ndim) for k in ks]
+                   for n, ks in chosen.items()}
         return cls(plans, names, weights, device, folds=chosen, **options)
 
     # --- what the model is -------------------------------------------------------------------------

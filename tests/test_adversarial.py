@@ -602,3 +602,140 @@ def test_an_ordinary_case_gets_no_warning(model3d, tmp_path, capsys):
     ds, _, bundle = model3d
     assert run(["-q", "predict", str(bundle), str(image_of(ds)), str(tmp_path / "out")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+# --- bundles: verify says OK only to what predict can load and run ---------------------------------------------
+
+
+def _edit_plans(change):
+    def edit(members: dict[str, bytes]) -> None:
+        plans = json.loads(members["plans.json"])
+        change(plans, plans["configurations"]["3d_fullres"])
+        members["plans.json"] = json.dumps(plans).encode()
+    return edit
+
+
+def _edit_weights(change):
+    def edit(members: dict[str, bytes]) -> None:
+        from safetensors.torch import load, save
+
+        members["weights/3d_fullres/fold_0.safetensors"] = save(change(load(members[
+            "weights/3d_fullres/fold_0.safetensors"])))
+    return edit
+
+
+FIRST_CONV = "encoder.stages.0.0.0.weight"  # (4, 1, 3, 3, 3): 4 features from the one channel
+
+
+def _renamed(w):
+    return {("module." if k == FIRST_CONV else "") + k: v for k, v in w.items()}
+
+
+def _one_dropped(w):
+    return {k: v for k, v in w.items() if k != FIRST_CONV}
+
+
+def _reshaped(w):
+    return {**w, FIRST_CONV: w[FIRST_CONV].flatten()}
+
+
+def _half(w):
+    return {**w, FIRST_CONV: w[FIRST_CONV].half()}
+
+
+@pytest.mark.parametrize("change, words", [
+    (_edit_weights(_renamed), f"(missing {FIRST_CONV}; unexpected module.{FIRST_CONV})"),
+    (_edit_weights(_one_dropped), f"its tensor names are not the network's (missing {FIRST_CONV})"),
+    (_edit_weights(_reshaped), "has shape [108], the network's is [4, 1, 3, 3, 3]"),
+    (_edit_weights(_half), "is float16, the network's is float32"),
+    (_edit_plans(lambda p, c: c["network"].__setitem__("features", [8, 16])), "the network's is [8, 1, 3, 3, 3]"),
+    (_edit_plans(lambda p, c: p["labels"].__setitem__("extra", 3)), "the network's is [4, 4, 1, 1, 1]"),
+    (_edit_plans(lambda p, c: c.__setitem__("patch_size", [100000] * 3)), "patch_size: [100000, 100000, 100000] is"),
+    (_edit_plans(lambda p, c: c.__setitem__("batch_size", 10 ** 9)), "batch_size: 1000000000, more than a model uses (1024)"),
+    (_edit_plans(lambda p, c: p.__setitem__("channel_names", [f"c{i}" for i in range(300)])), "300 input channels"),
+    (_edit_plans(lambda p, c: p.__setitem__("labels", {f"l{i}": i for i in range(2000)})), "2000 classes"),
+    (_edit_plans(lambda p, c: p.__setitem__("channel_names", [])), "no input channel"),
+    (_edit_plans(lambda p, c: p.__setitem__("axis_order", [0, 0, 1])), "axis_order [0, 0, 1] is not a permutation"),
+    (_edit_plans(lambda p, c: c["normalization"][0].update(scheme="ct", mean=None)), "ct normalization without"),
+], ids=["tensor-renamed", "tensor-missing", "tensor-reshaped", "tensor-float16", "network-wider", "extra-class",
+        "patch-100000-cubed", "batch-a-billion", "300-channels", "2000-classes", "no-channel", "axis-order",
+        "ct-without-statistics"])
+def test_verify_refuses_a_bundle_predict_could_not_run(model3d, tmp_path, capsys, change, words):
+    """With the manifest recomputed, each of these verified OK and then failed in predict: load_state_dict's
+    RuntimeError, an allocation of the patch, a per-case error for every case."""
+    ds, _, bundle = model3d
+    manifest, members = contents(bundle)
+    change(members)
+    bad = write_archive(members, manifest, tmp_path / "bad.autoseg")
+    assert words in refused(["verify", str(bad)], capsys, str(bad), inputs=(bad,))
+    with pytest.raises(UserError, match=re.escape(words)):
+        load_bundle(bad)
+    refused(["predict", str(bad), str(image_of(ds)), str(tmp_path / "out")], capsys, str(bad),
+            inputs=(bad, ds), absent=(tmp_path / "out",))
+
+
+def test_the_verify_line_says_the_weights_fit_the_networks_predict_builds(model3d, capsys):
+    assert run(["verify", str(model3d[2])]) == 0
+    assert "weights fit the networks predict builds" in capsys.readouterr().out
+
+
+# --- workdirs edited or damaged by hand ------------------------------------------------------------------------
+
+
+def _write(rel: str, text: str):
+    return lambda work: (work / rel).write_text(text)
+
+
+def _edit_workdir_plans(change):
+    def edit(work: Path) -> None:
+        plans = json.loads((work / "plans.json").read_text())
+        change(plans, plans["configurations"]["3d_fullres"])
+        (work / "plans.json").write_text(json.dumps(plans))
+    return edit
+
+
+def _truncate(rel: str):
+    def cut(work: Path) -> None:
+        data = (work / rel).read_bytes()
+        (work / rel).write_bytes(data[: len(data) // 2])
+    return cut
+
+
+def _foreign_checkpoint(work: Path) -> None:
+    import torch
+
+    torch.save({"weights": torch.zeros(3)}, work / "runs/3d_fullres/fold_0/checkpoint_final.pt")
+
+
+CKPT = "runs/3d_fullres/fold_0/checkpoint_final.pt"
+
+
+@pytest.mark.parametrize("damage, file, words", [
+    (_write("plans.json", "{"), "plans.json", "not valid JSON"),
+    (_write("plans.json", "[]"), "plans.json", "not a plans file"),
+    (_edit_workdir_plans(lambda p, c: c["network"].__setitem__("features", [8, 16])), CKPT,
+     "its weights do not fit the network plans.json describes"),
+    (_edit_workdir_plans(lambda p, c: c.__setitem__("patch_size", [100000] * 3)), "plans.json", "voxels per tile"),
+    (_edit_workdir_plans(lambda p, c: p.__setitem__("axis_order", [2, 2, 0])), "plans.json", "not a permutation"),
+    (_write("selection.json", "{"), "selection.json", "unreadable"),
+    (_write("selection.json", json.dumps({"configuration": "3d_lowres", "ensemble": ["3d_lowres"]})),
+     "selection.json", "configuration '3d_lowres' is not in"),
+    (_write("selection.json", json.dumps({"configuration": "3d_fullres", "ensemble": ["3d_fullres"],
+                                          "postprocessing": [{"rule": "explode"}]})), "selection.json", "rule 0"),
+    (_write("fingerprint.json", "{"), "fingerprint.json", "unreadable fingerprint"),
+    (_truncate(CKPT), CKPT, "unreadable checkpoint"),
+    (_foreign_checkpoint, CKPT, "not an autoseg checkpoint"),
+], ids=["plans-not-json", "plans-a-list", "plans-network-edited", "plans-patch-100000-cubed", "plans-axis-order",
+        "selection-not-json", "selection-unknown-configuration", "selection-unknown-rule", "fingerprint-not-json",
+        "checkpoint-truncated", "checkpoint-foreign"])
+def test_a_hand_broken_workdir_is_one_line_naming_the_file(model3d, tmp_path, capsys, damage, file, words):
+    """Predict from a workdir whose files were edited or damaged by hand: the network edited after training
+    was load_state_dict's traceback, the patch of 100000^3 a MemoryError, an axis order or a post-processing
+    rule an error line per case without the file's name."""
+    ds, work, _ = model3d
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    damage(copy)
+    line = refused(["predict", str(copy), str(image_of(ds)), str(tmp_path / "out")], capsys, str(copy / file),
+                   inputs=(copy, ds), absent=(tmp_path / "out",))
+    assert words in line

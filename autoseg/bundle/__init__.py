@@ -14,7 +14,9 @@
 
 Loading (:func:`load_bundle`) reads the members in memory, checks each against the manifest and refuses
 pickles, escaping paths, unknown members, compression bombs, unknown major versions and damaged files
-(:mod:`autoseg.bundle.archive`); :func:`verify_bundle` does the same checks streaming the weights.
+(:mod:`autoseg.bundle.archive`), and bundles predict could not run: sizes past any real model's, weights
+that are not the network the plans build (:mod:`autoseg.bundle.runnable`). :func:`verify_bundle` does the same
+checks streaming the weights: a bundle that verifies is a bundle ``autoseg predict`` can load and run.
 
 >>> pack_bundle("autoseg_work/Dataset001_CT", "model.autoseg")       # doctest: +SKIP
 >>> seg, geometry = load_bundle("model.autoseg").predict("case_0000.nii.gz")   # doctest: +SKIP

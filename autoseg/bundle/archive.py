@@ -119,23 +119,25 @@ def check_format_version(version: object, where: str) -> None:
                         "or re-export the bundle from its workdir")
 
 
-def read_archive(path: Path | str, keep: Callable[[str], bool] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+def read_archive(path: Path | str, keep: Callable[[str], bool] | None = None,
+                 heads: dict[str, bytes] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The verified manifest and members (name -> bytes) of the bundle at ``path``; :class:`UserError` for
     anything the module docstring lists. Every member is read, hashed and parsed, as a stream; only those
-    ``keep`` accepts (default: all) are returned, so a check holds no weights in memory."""
+    ``keep`` accepts (default: all) are returned, so a check holds no weights in memory. ``heads``, when
+    given, receives the header bytes of each weights member not kept (its tensors' names, dtypes, shapes)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such bundle file")
     try:
         with open(path, "rb") as f, zipfile.ZipFile(f) as z:
-            return _read(z, f, str(path), os.fstat(f.fileno()).st_size, keep or (lambda name: True))
+            return _read(z, f, str(path), os.fstat(f.fileno()).st_size, keep or (lambda name: True), heads)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, OSError) as e:
         raise UserError(f"{path}: not a complete autoseg bundle (truncated or damaged: {e}); "
                         "copy or download it again") from e
 
 
-def _read(z: zipfile.ZipFile, f: IO[bytes], where: str, file_bytes: int,
-          keep: Callable[[str], bool]) -> tuple[dict[str, Any], dict[str, bytes]]:
+def _read(z: zipfile.ZipFile, f: IO[bytes], where: str, file_bytes: int, keep: Callable[[str], bool],
+          heads: dict[str, bytes] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     infos = z.infolist()
     if len(infos) > MAX_MEMBERS:
         raise UserError(f"{where}: {len(infos)} members, more than a bundle holds ({MAX_MEMBERS}); refusing to load it")
@@ -162,9 +164,12 @@ def _read(z: zipfile.ZipFile, f: IO[bytes], where: str, file_bytes: int,
         raise UserError(f"{where}: member {missing[0]} is listed in {MANIFEST} but not in the file")
     members: dict[str, bytes] = {}
     for info, kind, size, sha256 in plan:
-        data = _read_member(f, info, kind, size, sha256, where, keep(info.filename))
-        if data is not None:
+        kept = keep(info.filename)
+        data = _read_member(f, info, kind, size, sha256, where, kept)
+        if kept:
             members[info.filename] = data
+        elif heads is not None and kind == SAFETENSORS:
+            heads[info.filename] = data
     return manifest, members
 
 
@@ -216,9 +221,10 @@ def _declared(info: zipfile.ZipInfo, listed: dict[str, Any], where: str) -> tupl
 
 
 def _read_member(f: IO[bytes], info: zipfile.ZipInfo, kind: str, size: int, sha256: str, where: str,
-                 keep: bool) -> bytes | None:
-    """Stream one member: hash it and parse it as ``kind``; its bytes when ``keep`` (or when it is text, which
-    is parsed whole and small), else None. At most :data:`CHUNK` bytes of weights are held when not kept."""
+                 keep: bool) -> bytes:
+    """Stream one member: hash it and parse it as ``kind``; its bytes when ``keep`` or when it is text (parsed
+    whole, and small), else the safetensors header alone. At most :data:`CHUNK` bytes of weights beyond their
+    header are held when not kept."""
     name = info.filename
     digest = hashlib.sha256()
     whole = keep or kind != SAFETENSORS
@@ -243,7 +249,7 @@ def _read_member(f: IO[bytes], info: zipfile.ZipInfo, kind: str, size: int, sha2
     problem = format_problem(kind, data, size)
     if problem:
         raise UserError(f"{where}: member {name} is not {kind} ({problem}); refusing to load it")
-    return data if keep else None
+    return data
 
 
 def _inflate(f: IO[bytes], info: zipfile.ZipInfo, size: int, where: str) -> Iterator[bytes]:

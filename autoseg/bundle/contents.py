@@ -1,6 +1,8 @@
-"""What a verified bundle archive holds, checked against itself without torch: the plans, post-processing
-rules, model card and (configuration -> folds), the manifest's configurations and the weights members held
-against each other. ``autoseg verify`` stops here, so it streams the weights instead of loading them."""
+"""What a verified bundle archive holds, checked against itself: the plans, post-processing rules, model card
+and (configuration -> folds), the manifest's configurations and the weights members held against each other;
+and, for ``autoseg verify``, that predict can run it (:mod:`autoseg.bundle.runnable`: sizes, and each fold's
+weights against the network its plans build, from the safetensors headers). ``autoseg verify`` streams the
+weights instead of loading them."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from autoseg.bundle.layout import (
     POSTPROCESSING,
     SAFETENSORS,
     member_kind,
+    safetensors_layout,
     weights_member,
     weights_of,
 )
@@ -24,12 +27,18 @@ from autoseg.schema.plans import Plans
 
 def verify_bundle(path: Path | str) -> str:
     """Check a bundle fully, as loading does, but streaming its weights (hashed and their safetensors
-    layout checked, never held whole): a one-line summary, or :class:`UserError`."""
-    manifest, members = read_archive(path, keep=lambda name: member_kind(name) != SAFETENSORS)
+    layout checked, never held whole), and check that predict can load and run it: a one-line summary, or
+    :class:`UserError`. A bundle that verifies is a bundle ``autoseg predict`` can load and run."""
+    from autoseg.bundle.runnable import check_runnable
+
+    heads: dict[str, bytes] = {}
+    manifest, members = read_archive(path, keep=lambda name: member_kind(name) != SAFETENSORS, heads=heads)
     plans, _, _, folds = bundle_contents(str(path), manifest, members)
+    check_runnable(str(path), plans, folds,
+                   {(c, k): safetensors_layout(heads[weights_member(c, k)]) for c, ks in folds.items() for k in ks})
     return (f"{path}: OK (format {manifest['format_version']}, {len(manifest['members']) + 1} members, "
             f"checksums match; {plans.dataset_name}, configuration {manifest['configuration']}, "
-            f"{sum(len(f) for f in folds.values())} fold(s))")
+            f"{sum(len(f) for f in folds.values())} fold(s), weights fit the networks predict builds)")
 
 
 def bundle_contents(source: str, manifest: dict[str, Any], members: dict[str, bytes]

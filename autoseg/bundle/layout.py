@@ -22,6 +22,11 @@ _FIXED = {MANIFEST: JSON, CARD: TEXT, PLANS_MEMBER: JSON, POSTPROCESSING: JSON}
 MAX_HEADER_BYTES = 16 << 20  # a safetensors header (a few KB per hundred tensors)
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
                            "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+# safetensors' dtype names as torch spells them (autoseg.nets.layout_of)
+SAFETENSORS_TORCH_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2",
+                            "F8_E4M3": "float8_e4m3fn", "I16": "int16", "U16": "uint16", "F16": "float16",
+                            "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64",
+                            "U64": "uint64", "F64": "float64"}
 
 
 def weights_member(configuration: str, fold: int) -> str:
@@ -91,3 +96,12 @@ def safetensors_problem(head: bytes, size: int) -> str | None:
     if 8 + n + end != size:
         return f"its tensors end at byte {8 + n + end}, the member has {size}"
     return None
+
+
+def safetensors_layout(head: bytes) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (dtype as torch names it, shape) from the header of a safetensors member that
+    :func:`safetensors_problem` accepted (so the header parses)."""
+    n = int.from_bytes(head[:8], "little")
+    header = json.loads(head[8:8 + n].decode("utf-8"))
+    return {key: (SAFETENSORS_TORCH_DTYPES.get(t["dtype"], t["dtype"]), list(t["shape"]))
+            for key, t in header.items() if key != "__metadata__"}

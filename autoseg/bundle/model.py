@@ -13,8 +13,10 @@ import torch
 from autoseg.bundle.archive import read_archive
 from autoseg.bundle.contents import bundle_contents
 from autoseg.bundle.layout import weights_member
+from autoseg.bundle.runnable import check_runnable
 from autoseg.errors import UserError
 from autoseg.io import Geometry
+from autoseg.nets import layout_of
 from autoseg.schema.plans import Plans
 
 
@@ -120,6 +122,7 @@ def load_bundle(path: Path | str) -> Bundle:
                 weights[c][k] = load_tensors(members.pop(member))  # the bytes go as their tensors come
             except (SafetensorError, ValueError) as e:
                 raise UserError(f"{source}: {member} is not a safetensors file ({e})") from e
+    check_runnable(source, plans, folds, {(c, k): layout_of(w) for c, ws in weights.items() for k, w in ws.items()})
     return Bundle(source, manifest, plans, post, weights, card)
 
 

@@ -17,6 +17,7 @@ from autoseg.bundle.card import model_card
 from autoseg.bundle.layout import CARD, PLANS_MEMBER, POSTPROCESSING, weights_member
 from autoseg.errors import UserError
 from autoseg.normalize import resolve_plans
+from autoseg.postprocess import parse_rules
 from autoseg.schema.plans import Plans
 from autoseg.schema.selection import model_name
 from autoseg.version import __version__
@@ -61,7 +62,7 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
     """
     from safetensors.torch import save as save_tensors
 
-    from autoseg.checkpoint import load_checkpoint
+    from autoseg.checkpoint import load_weights
 
     work = Workdir.of(workdir)
     output = Path(output) if output is not None else work.bundle_file
@@ -84,10 +85,13 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
     rules = {c: selection.rules_for([c]) if selection else [] for c in names}
     if len(names) > 1:
         rules[model_name(names)] = selection.rules_for(names) if selection else []
+    for key in rules:
+        parse_rules(rules[key], str(work.selection_file))  # a bundle carries only rules its loader accepts
     members[POSTPROCESSING] = dumps_json({**header("postprocessing"), "rules": rules}).encode()
     for c in names:
         for k in folds[c]:
-            state = load_checkpoint(work.run(c, k).final)["model"]
+            cfg = plans.configurations[c]
+            state = load_weights(work.run(c, k).final, cfg.network, plans.in_channels, plans.num_classes, cfg.ndim)
             tensors = {key: v.detach().cpu().contiguous().clone() for key, v in state.items()}
             members[weights_member(c, k)] = save_tensors(tensors, metadata={"configuration": c, "fold": str(k)})
 

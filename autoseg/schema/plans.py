@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,14 @@ FORMAT_VERSION = 1
 NETWORK_FAMILIES = {"unet", "resenc_unet", "fcn", "deeplabv3plus"}
 LOSS_NAMES = {"dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice", "dice_topk"}
 NORMALIZATION_SCHEMES = {"ct", "zscore", "rescale", "none"}
+
+# Sizes no real model reaches (nnU-Net's patches are ~128^3 = 2M voxels, batches 2-12, a few input channels,
+# up to ~120 classes), far below what would exhaust a machine: a plan past them is a typo or a hostile file,
+# refused when it loads rather than when its first tile is allocated.
+MAX_PATCH_VOXELS = 1 << 27  # 512^3
+MAX_BATCH = 1024
+MAX_CHANNELS = 256
+MAX_CLASSES = 1024
 
 
 @dataclass
@@ -247,12 +256,26 @@ def _parse_plans(d: Any, source: str) -> Plans:
     if not isinstance(configs, dict) or not configs:
         raise UserError(f"{source}: 'configurations' must be a non-empty object")
     plans = build(Plans, {**body, "configurations": {}}, source)
+    _check_plans(plans, source)
     for name, c in configs.items():
         cfg = build(Configuration, c, f"{source}: configurations.{name}")
         _check_configuration(cfg, f"{source}: configurations.{name}", len(plans.channel_names))
         plans.configurations[name] = cfg
     plans.meta = {"autoseg_version": d.get("autoseg_version")}
     return plans
+
+
+def _check_plans(plans: Plans, source: str) -> None:
+    """What holds for every configuration: the axis order is a permutation of the image axes, and the input
+    channels and output classes are within :data:`MAX_CHANNELS` and :data:`MAX_CLASSES`."""
+    order = plans.axis_order
+    if order and (len(order) not in (2, 3) or sorted(order) != list(range(len(order)))):
+        raise UserError(f"{source}: axis_order {order} is not a permutation of the image axes (e.g. [0, 1, 2])")
+    if plans.in_channels > MAX_CHANNELS:
+        raise UserError(f"{source}: channel_names: {plans.in_channels} input channels, more than a model takes "
+                        f"({MAX_CHANNELS})")
+    if plans.num_classes > MAX_CLASSES:
+        raise UserError(f"{source}: labels: {plans.num_classes} classes, more than a model has ({MAX_CLASSES})")
 
 
 def _check_configuration(c: Configuration, where: str, channels: int = 0) -> None:
@@ -262,8 +285,13 @@ def _check_configuration(c: Configuration, where: str, channels: int = 0) -> Non
         v = getattr(c, key)
         if len(v) != n or any(x <= 0 for x in v):
             raise UserError(f"{where}.{key}: expected {n} positive numbers, got {v}")
+    if math.prod(c.patch_size) > MAX_PATCH_VOXELS:
+        raise UserError(f"{where}.patch_size: {c.patch_size} is {math.prod(c.patch_size)} voxels per tile, more than "
+                        f"a model uses ({MAX_PATCH_VOXELS})")
     if c.batch_size < 1:
         raise UserError(f"{where}.batch_size: must be >= 1, got {c.batch_size}")
+    if c.batch_size > MAX_BATCH:
+        raise UserError(f"{where}.batch_size: {c.batch_size}, more than a model uses ({MAX_BATCH})")
     if channels and len(c.normalization) != channels:
         raise UserError(f"{where}.normalization: expected one entry per input channel ({channels}), "
                         f"got {len(c.normalization)}")
