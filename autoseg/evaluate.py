@@ -125,6 +125,9 @@ def _found_values(arr: np.ndarray) -> set[int]:
 def evaluate_case(task: tuple) -> dict:
     """Read and score one (case, prediction, reference, classes or None, tolerance, ignore) task."""
     case, pred_path, ref_path, classes, tolerance, ignore = task
+    declared = None if classes is None else (
+        {0, *([ignore] if ignore is not None else [])}
+        | {v for c in classes.values() for v in (c if isinstance(c, list) else [c])})
     ref, ref_geom = read_label(ref_path)
     pred, pred_geom = read_label(pred_path)
     if pred.shape != ref.shape:
@@ -139,9 +142,13 @@ def evaluate_case(task: tuple) -> dict:
         if isinstance(tolerance, Mapping):
             tolerance = {k: t for k, t in tolerance.items() if k in classes or k == "default"}
     n_scored = ref.size - (int(np.count_nonzero(ref == ignore)) if ignore is not None else 0)
-    return {"case": case, "prediction": str(pred_path), "reference": str(ref_path),
-            "spacing": list(ref_geom.spacing), "scored_voxels": n_scored,
-            "classes": compute_metrics(pred, ref, classes, ref_geom.spacing, tolerance, ignore)}
+    result = {"case": case, "prediction": str(pred_path), "reference": str(ref_path),
+              "spacing": list(ref_geom.spacing), "scored_voxels": n_scored,
+              "classes": compute_metrics(pred, ref, classes, ref_geom.spacing, tolerance, ignore)}
+    if declared is not None:  # values dataset.json does not name score in no class: say so
+        result["undeclared"] = {str(path): found for path, arr in ((pred_path, pred), (ref_path, ref))
+                                if (found := sorted(_found_values(arr) - declared))}
+    return result
 
 
 # --- the folder ------------------------------------------------------------------------------------------
@@ -187,6 +194,10 @@ def evaluate_folder(pred_dir: Path | str, ref_dir: Path | str, dataset_json: Pat
     jobs = min(jobs or os.cpu_count() or 1, len(tasks))
     results = map_cases(evaluate_case, tasks, jobs, progress=progress, desc="evaluate")
     names = list(classes) if classes is not None else _fill_found_classes(results, nsd_tolerance, warnings)
+    for r in results:
+        for path, values in r.pop("undeclared", {}).items():
+            warnings.append(f"{path}: label value(s) {', '.join(map(str, values))} not in {dataset_json}; "
+                            "those voxels count as background in every class")
     cases = {r.pop("case"): r for r in results}
     result = {**header("metrics"), "prediction_dir": str(pred_dir), "reference_dir": str(ref_dir),
               "dataset_json": None if dataset_json is None else str(dataset_json), "file_ending": ending,

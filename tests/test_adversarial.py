@@ -35,7 +35,7 @@ from autoseg.bundle import load_bundle, pack_bundle, verify_bundle
 from autoseg.bundle.archive import MANIFEST, write_archive
 from autoseg.cli import run
 from autoseg.errors import UserError
-from autoseg.io import Geometry, read_image, write_image
+from autoseg.io import Geometry, read_image, read_label, write_image, write_label
 from autoseg.validate import validate_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -739,3 +739,21 @@ def test_a_hand_broken_workdir_is_one_line_naming_the_file(model3d, tmp_path, ca
     line = refused(["predict", str(copy), str(image_of(ds)), str(tmp_path / "out")], capsys, str(copy / file),
                    inputs=(copy, ds), absent=(tmp_path / "out",))
     assert words in line
+
+
+# --- evaluate: label values dataset.json does not name ---------------------------------------------------------
+
+
+def test_a_prediction_holding_a_label_value_dataset_json_lacks_is_named_in_a_warning(tmp_path, capsys):
+    """Scored without a word before: value 7 counted as background in every class."""
+    root = write_tiny_dataset(tmp_path / "Dataset001_Tiny", cases=2)
+    preds = tmp_path / "preds"
+    shutil.copytree(root / "labelsTr", preds)
+    arr, g = read_label(preds / "case001.nii.gz")
+    arr[0, 0, :3] = 7
+    write_label(arr, g, preds / "case001.nii.gz")
+    assert run(["-q", "evaluate", str(preds), str(root / "labelsTr"), "--dataset-json", str(root / "dataset.json"),
+                "-j", "1"]) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warnings == [f"autoseg evaluate: warning: {preds / 'case001.nii.gz'}: label value(s) 7 not in "
+                        f"{root / 'dataset.json'}; those voxels count as background in every class"]
