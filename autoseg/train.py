@@ -111,6 +111,13 @@ class PatchDice:
         return np.where(denom > 0, 2 * self.tp / np.maximum(denom, 1), np.nan)
 
 
+def _with_losses(state: dict, losses: list[torch.Tensor], carried: tuple[float, int]) -> dict:
+    """``state`` with the losses of the validation interval in progress (their sum and count, this process's),
+    for a checkpoint: the run resumed from it logs the interval's mean over every step, not only its own."""
+    total = (torch.stack(losses).float().sum().item() if losses else 0.0) + carried[0]
+    return {**state, "loss_sum": total, "loss_steps": len(losses) + carried[1]}
+
+
 def _forward_loss(model, loss_fn, data, target, dev, precision):
     amp = AUTOCAST.get(precision)
     with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -276,6 +283,9 @@ class Trainer:
                    disable=not (self.progress and dist.is_main), dynamic_ncols=True)
         t_run, t_ckpt, elapsed0 = time.perf_counter(), time.perf_counter(), state["elapsed_s"]
         losses, step, it, last_row = [], start, iter(loader), None
+        # the losses of this validation interval before a resume (sum, steps), so the row after it averages
+        # the whole interval, as an uninterrupted run's does
+        carried = (float(state.pop("loss_sum", 0.0)), int(state.pop("loss_steps", 0)))
         fmt = (torch.channels_last_3d if cfg.ndim == 3 else torch.channels_last) if cfg.channels_last else None
         adapting = bool(state.get("adapt") and state.get("budget_s"))
         # the first re-fit: after ADAPT_AFTER_STEPS, or halfway through a shorter run (an extension)
@@ -321,7 +331,10 @@ class Trainer:
                     bar.total = state["total_steps"]
                 if step % cfg.schedule.val_every == 0 or step == state["total_steps"]:
                     dice = self._validate(model, val_maker, dist)
-                    mean_loss = dist.mean(torch.stack(losses).float().mean().item() if losses else float("nan"))
+                    total_loss = (torch.stack(losses).float().sum().item() if losses else 0.0) + carried[0]
+                    n_losses = len(losses) + carried[1]
+                    mean_loss = dist.mean(total_loss / n_losses if n_losses else float("nan"))
+                    carried = (0.0, 0)
                     row = {"step": step, "elapsed_s": elapsed0 + time.perf_counter() - t_run, "lr": lr,
                            "loss": mean_loss}
                     row.update(self._dice_row(dice))
@@ -333,15 +346,17 @@ class Trainer:
                             self.on_validation(step, row["val_dice_mean"])
                 if time.perf_counter() - t_ckpt > self.checkpoint_every_s and step < state["total_steps"]:
                     state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
-                    self._save(self.run.latest, model, optimizer, scaler, step, state, dist)
+                    self._save(self.run.latest, model, optimizer, scaler, step, _with_losses(state, losses, carried),
+                               dist)
                     t_ckpt = time.perf_counter()
         except KeyboardInterrupt:
             state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
-            self._save(self.run.latest, model, optimizer, scaler, step, state, dist)
+            self._save(self.run.latest, model, optimizer, scaler, step, _with_losses(state, losses, carried), dist)
             bar.close()
             raise
         bar.close()
         state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
+        state = _with_losses(state, losses, carried)  # a run stopped between validations resumes its interval
         state["seconds_per_step"] = state["elapsed_s"] / max(step, 1)
         if dev.type == "cuda":
             state["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20

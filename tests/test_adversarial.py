@@ -757,3 +757,31 @@ def test_a_prediction_holding_a_label_value_dataset_json_lacks_is_named_in_a_war
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
     assert warnings == [f"autoseg evaluate: warning: {preds / 'case001.nii.gz'}: label value(s) 7 not in "
                         f"{root / 'dataset.json'}; those voxels count as background in every class"]
+
+
+# --- training: the loss row after a resume -----------------------------------------------------------------------
+
+
+def test_after_a_resume_between_validations_the_loss_row_averages_the_whole_interval(search_work, tmp_path):
+    """A run killed at step 3 of a validation interval 2..4 resumed with an empty loss list: its step-4 row
+    averaged step 4 alone. The interval's partial sum travels in the checkpoint."""
+    import csv
+    from dataclasses import replace
+
+    from autoseg.schema.plans import Plans
+    from autoseg.train import Trainer
+
+    plans = Plans.load(search_work / "plans.json")
+    cfg = plans.configurations["3d_fullres"]
+    plans = replace(plans, configurations={"3d_fullres": replace(cfg, schedule=replace(cfg.schedule, val_every=2))})
+    rows = {}
+    for name, stops in (("whole", [None]), ("resumed", [3, None])):
+        work = tmp_path / name
+        shutil.copytree(search_work, work, ignore=shutil.ignore_patterns("runs", "search*"))
+        for stop in stops:
+            Trainer(work, "3d_fullres", 0, plans=plans, steps=4, workers=0, progress=False, device="cpu",
+                    stop_after=stop).fit()
+        with open(work / "runs/3d_fullres/fold_0/log.csv") as f:
+            rows[name] = {r["step"]: float(r["loss"]) for r in csv.DictReader(f)}
+    assert list(rows["resumed"]) == ["2", "4"]
+    assert rows["resumed"] == pytest.approx(rows["whole"], rel=1e-5)
