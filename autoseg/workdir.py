@@ -228,11 +228,17 @@ class Workdir:
         return self.selection_file
 
     def cached_cases(self, configuration: str) -> list[str]:
-        """The cases preprocessed for ``configuration`` (a case's JSON is written last: its presence means whole)."""
+        """The cases preprocessed for ``configuration`` (a case's JSON is written last: its presence means whole,
+        unless one of its arrays was deleted since: refused here, naming it, not in a loader's worker)."""
         folder = self.preprocessed(configuration)
         ids = sorted(p.stem for p in folder.glob("*.json"))
         if not ids:
             raise UserError(f"{folder}: no preprocessed cases; run `autoseg plan` first")
+        for case_id in ids:
+            for array in case_paths(folder, case_id)[:2]:
+                if not array.is_file():
+                    raise UserError(f"{array}: missing from the preprocessed cache ({case_id}.json is there); run "
+                                    "`autoseg plan` again, which preprocesses the case anew")
         return ids
 
     def is_preprocessed(self, configuration: str) -> bool:

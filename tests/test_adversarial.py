@@ -1,6 +1,10 @@
 """The adversarial catalogue: inputs made to hurt (compression bombs, files that lie about their size,
-pickles under harmless names) and processes that die mid-work, each refused fast, in bounded memory, with one
-line naming the file (or recovered from by running the same command again).
+pickles under harmless names, member paths that escape, flipped bytes, cut files, bundles whose weights or
+plans predict could not run), outputs that would replace an input or cannot be written, images no model has
+seen, workdirs and datasets broken by hand, and processes that die mid-work. Each is refused fast, in bounded
+memory, with exit code 2 and one line naming the file, no traceback, nothing written and no input changed
+(:func:`refused` hashes the inputs before and after), or predicted with a warning naming it, or recovered
+from by running the same command again.
 
 Every malformed input is built here from tiny generated data; a test per defect found, named for what
 it proves. Sizes that would be slow to compute (the sha256 of 1 GiB of zeros) are constants.
@@ -32,7 +36,7 @@ from test_predict import make_workdir
 
 from autoseg.artifacts import sha256_bytes
 from autoseg.bundle import load_bundle, pack_bundle, verify_bundle
-from autoseg.bundle.archive import MANIFEST, write_archive
+from autoseg.bundle.archive import LOCAL_HEADER, MANIFEST, write_archive
 from autoseg.cli import run
 from autoseg.errors import UserError
 from autoseg.io import Geometry, read_image, read_label, write_image, write_label
@@ -679,6 +683,134 @@ def test_the_verify_line_says_the_weights_fit_the_networks_predict_builds(model3
     assert "weights fit the networks predict builds" in capsys.readouterr().out
 
 
+def bundle_with_extra(src: Path, dst: Path, name: str, data: bytes) -> Path:
+    """A copy of ``src`` with member ``name`` added verbatim (the zip written field by field, so no library
+    normalizes the name) and listed in the manifest with its right sha256 and size."""
+    manifest, members = contents(src)
+    members[name] = data
+    manifest["members"] = {n: {"sha256": sha256_bytes(d), "bytes": len(d)} for n, d in members.items()}
+    listing = json.dumps(manifest).encode()
+    return hand_zip(dst, [(MANIFEST, listing, 0, zlib.crc32(listing), len(listing))]
+                    + [(n, d, 0, zlib.crc32(d), len(d)) for n, d in members.items()])
+
+
+ESCAPES = "has a path that escapes the bundle"
+
+
+@pytest.mark.parametrize("name, words", [
+    ("../evil.json", ESCAPES), ("weights/../../evil.json", ESCAPES), ("/etc/evil.json", ESCAPES),
+    ("weights\\..\\evil.json", ESCAPES), ("C:evil.json", ESCAPES), ("C:/evil.json", ESCAPES),
+    ("./evil.json", "not part of the bundle format"), ("weights//evil.json", "not part of the bundle format"),
+], ids=["dotdot", "nested-dotdot", "absolute", "backslashes", "drive-relative", "drive-absolute", "dot-slash",
+        "double-slash"])
+def test_a_member_path_that_escapes_the_bundle_is_refused_in_every_spelling(model3d, tmp_path, capsys, name, words):
+    """Names that leave an extraction folder are refused as escaping; the ones a path library folds back in
+    (``./x``, ``a//b``) are not names the format has."""
+    bad = bundle_with_extra(model3d[2], tmp_path / "slip.autoseg", name, b"{}")
+    line = refused(["verify", str(bad)], capsys, str(bad), inputs=(bad,))
+    assert (f"member {name!r} {words}" if words == ESCAPES else f"member {name} is {words}") in line
+    refused(["predict", str(bad), str(image_of(model3d[0])), str(tmp_path / "out")], capsys, words,
+            absent=(tmp_path / "out",))
+    assert not (tmp_path / "evil.json").exists() and not Path("/etc/evil.json").exists()
+
+
+PICKLE_4 = pickle.dumps({"x": 1}, protocol=4)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("weights/3d_fullres/fold_1.pt", "may be a pickle"), ("model.pkl", "may be a pickle"),
+    ("weights.bin", "may be a pickle"), ("stats.npy", "may be a pickle"), ("payload", "may be a pickle"),
+    ("plans.json", "starts like a pickle"), ("README.md", "starts like a pickle"),
+    ("weights/3d_fullres/fold_0.safetensors", "is not safetensors"),
+], ids=["pt", "pkl", "bin", "npy", "no-suffix", "as-plans", "as-card", "as-weights"])
+def test_a_pickle_is_refused_under_any_name(model3d, tmp_path, capsys, name, words):
+    """Added under a name of its own, or in place of a member the format has, listed with its right sha256."""
+    manifest, members = contents(model3d[2])
+    if name in members:
+        members[name] = PICKLE_4
+        bad = write_archive(members, manifest, tmp_path / "pickle.autoseg")
+    else:
+        bad = bundle_with_extra(model3d[2], tmp_path / "pickle.autoseg", name, PICKLE_4)
+    assert words in refused(["verify", str(bad)], capsys, str(bad), inputs=(bad,))
+    with pytest.raises(UserError):
+        load_bundle(bad)
+
+
+def _flip_at(data: bytearray, where: str, z: zipfile.ZipFile) -> int:
+    """The offset of a byte that matters: inside a member's stored data, a name in the central directory, or
+    the directory's offset in its end record."""
+    if where == "directory-name":
+        return data.find(b"plans.json", z.start_dir) + 2
+    if where == "end-record":
+        return data.rfind(b"PK\x05\x06") + 16  # the central directory's offset
+    info = z.getinfo(where)
+    return info.header_offset + LOCAL_HEADER + len(info.filename) + info.compress_size // 2
+
+
+@pytest.mark.parametrize("where", ["manifest.json", "plans.json", "README.md", "weights/3d_fullres/fold_0.safetensors",
+                                   "directory-name", "end-record"])
+def test_a_flipped_byte_anywhere_that_matters_is_refused(model3d, tmp_path, capsys, where):
+    data = bytearray(model3d[2].read_bytes())
+    with zipfile.ZipFile(model3d[2]) as z:
+        at = _flip_at(data, where, z)
+    data[at] ^= 0x55
+    bad = tmp_path / "flip.autoseg"
+    bad.write_bytes(bytes(data))
+    refused(["verify", str(bad)], capsys, str(bad), inputs=(bad,))
+
+
+@pytest.mark.parametrize("keep", [0, 10, 100, 0.5, -1, -22], ids=["empty", "10-bytes", "100-bytes", "half",
+                                                                  "last-byte-cut", "end-record-cut"])
+def test_a_truncated_bundle_is_refused_wherever_it_is_cut(model3d, tmp_path, capsys, keep):
+    data = model3d[2].read_bytes()
+    cut = int(len(data) * keep) if isinstance(keep, float) else keep if keep >= 0 else len(data) + keep
+    bad = tmp_path / "cut.autoseg"
+    bad.write_bytes(data[:cut])
+    refused(["verify", str(bad)], capsys, str(bad), inputs=(bad,))
+    refused(["predict", str(bad), str(image_of(model3d[0])), str(tmp_path / "out")], capsys, str(bad),
+            absent=(tmp_path / "out",))
+
+
+@pytest.mark.parametrize("version, words", [
+    ("2.0", "bundle format 2.0 is not supported"), ("0.9", "bundle format 0.9 is not supported"),
+    ("x.y", "is not MAJOR.MINOR"), (2, "bundle format 2 is not supported"), (None, "is not MAJOR.MINOR"),
+    ("missing", "is not a bundle manifest"),
+], ids=["2.0", "0.9", "not-a-version", "integer-2", "null", "missing"])
+def test_an_unknown_format_version_is_refused(model3d, tmp_path, capsys, version, words):
+    manifest, members = contents(model3d[2])
+    if version == "missing":
+        manifest.pop("format_version")
+    else:
+        manifest["format_version"] = version
+    bad = write_archive(members, manifest, tmp_path / "version.autoseg")
+    assert words in refused(["verify", str(bad)], capsys, str(bad), inputs=(bad,))
+
+
+def _listing(change):
+    def edit(manifest: dict, members: dict[str, bytes]) -> None:
+        table = {n: {"sha256": sha256_bytes(d), "bytes": len(d)} for n, d in members.items()}
+        change(table)
+        manifest["members"] = table
+    return edit
+
+
+@pytest.mark.parametrize("change, words", [
+    (_listing(lambda t: t["plans.json"].update(sha256="0" * 64)), "does not match its sha256"),
+    (_listing(lambda t: t["plans.json"].update(bytes=t["plans.json"]["bytes"] + 1)), "the manifest says"),
+    (_listing(lambda t: t["plans.json"].pop("sha256")), "gives no size and sha256"),
+    (_listing(lambda t: t.pop("plans.json")), "not listed in manifest.json"),
+    (_listing(lambda t: t.__setitem__("weights/3d_fullres/fold_3.safetensors", t["weights/3d_fullres/fold_0.safetensors"])),
+     "listed in manifest.json but not in the file"),
+], ids=["wrong-sha256", "wrong-size", "no-sha256", "unlisted", "listed-but-missing"])
+def test_a_manifest_whose_table_does_not_match_the_members_is_refused(model3d, tmp_path, capsys, change, words):
+    manifest, members = contents(model3d[2])
+    change(manifest, members)
+    listing = json.dumps(manifest).encode()
+    bad = hand_zip(tmp_path / "table.autoseg", [(MANIFEST, listing, 0, zlib.crc32(listing), len(listing))]
+                   + [(n, d, 0, zlib.crc32(d), len(d)) for n, d in members.items()])
+    assert words in refused(["verify", str(bad)], capsys, str(bad), inputs=(bad,))
+
+
 # --- workdirs edited or damaged by hand ------------------------------------------------------------------------
 
 
@@ -739,6 +871,69 @@ def test_a_hand_broken_workdir_is_one_line_naming_the_file(model3d, tmp_path, ca
     line = refused(["predict", str(copy), str(image_of(ds)), str(tmp_path / "out")], capsys, str(copy / file),
                    inputs=(copy, ds), absent=(tmp_path / "out",))
     assert words in line
+
+
+def test_a_missing_preprocessed_case_is_one_line_naming_it(search_work, capsys):
+    from autoseg.workdir import Workdir
+
+    work = Workdir(search_work)
+    data = next(work.preprocessed("3d_fullres").glob("*_seg.npy"))
+    data.with_name(data.name.replace("_seg", "")).unlink()
+    refused(["train", str(search_work.parent / "Dataset001_Tiny"), "-w", str(search_work), "--steps", "2",
+             "--workers", "0", "--fold", "0", "--device", "cpu"],
+            capsys, data.name.replace("_seg", ""), inputs=(work.preprocessed("3d_fullres"),), alone=False)
+
+
+# --- datasets: one problem line naming the file ---------------------------------------------------------------
+
+
+def _garbage(root: Path) -> Path:
+    image_of(root, 1).write_bytes(b"\x1f\x8b not really gzip")
+    return image_of(root, 1)
+
+
+def _cut(root: Path) -> Path:
+    data = image_of(root, 1).read_bytes()
+    image_of(root, 1).write_bytes(data[: len(data) // 2])
+    return image_of(root, 1)
+
+
+def _no_label(root: Path) -> Path:
+    (root / "labelsTr" / "case001.nii.gz").unlink()
+    return root / "labelsTr" / "case001.nii.gz"
+
+
+def _label_shape(root: Path) -> Path:
+    write_label(np.zeros((12, 16, 15), np.uint8), Geometry((2.0, 1.0, 1.0), (0.0,) * 3, tuple(np.eye(3).ravel())),
+                root / "labelsTr" / "case001.nii.gz")
+    return root / "labelsTr" / "case001.nii.gz"
+
+
+def _undeclared_label(root: Path) -> Path:
+    path = root / "labelsTr" / "case001.nii.gz"
+    arr, g = read_label(path)
+    arr[0, 0, 0] = 9
+    write_label(arr, g, path)
+    return path
+
+
+def _dataset_json(root: Path) -> Path:
+    (root / "dataset.json").write_text("{ not json")
+    return root / "dataset.json"
+
+
+@pytest.mark.parametrize("damage", [_garbage, _cut, _no_label, _label_shape, _undeclared_label, _dataset_json],
+                         ids=["garbage-image", "truncated-image", "missing-label", "label-shape", "undeclared-label",
+                              "dataset-json-not-json"])
+def test_a_malformed_dataset_is_one_problem_line_naming_the_file(tmp_path, capsys, damage):
+    root = write_tiny_dataset(tmp_path / "Dataset001_Bad", cases=2)
+    path = damage(root)
+    before = hashes(root)
+    assert run(["-q", "validate", str(root), "-j", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert len(err) == 2 and err[0].startswith(str(path)) and err[1].startswith("autoseg validate: 1 problem"), err
+    assert hashes(root) == before
 
 
 # --- evaluate: label values dataset.json does not name ---------------------------------------------------------
