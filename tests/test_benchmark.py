@@ -151,3 +151,20 @@ def test_smoke_suite_runs_autoseg_end_to_end(tmp_path):
                             methods=["autoseg"], progress=False)
     assert all(r["status"] == "done" for r in records), [r.get("reason") for r in records]
     assert {"plan", "train", "predict", "evaluate"} <= set(records[0]["stages"])
+
+
+def test_a_lesion_class_is_also_scored_on_the_cases_that_hold_it_and_its_onset_is_tabled():
+    from autoseg.benchmark.cells import summarize_metrics
+    from autoseg.benchmark.leaderboard import _onset_lines
+
+    def case(dice: float, ref_mm3: float) -> dict:
+        return {"classes": {"lesion": {"dice": dice, "volume_ref_mm3": ref_mm3}}}
+
+    stats = {"dice": {"mean": 0.25}, "nsd": {"mean": 0.2}, "hd95_mm": {"mean": None}}
+    result = {"summary": {"per_class": {"lesion": stats}, "foreground_mean": {"dice": 0.25}, "cases": 3},
+              "cases": {"a": case(0.5, 10.0), "b": case(0.0, 0.0), "c": case(0.3, 5.0)}}
+    lesion = summarize_metrics(result)["per_class"]["lesion"]
+    assert lesion["dice_present"] == pytest.approx(0.4) and lesion["cases_present"] == 2
+    by = {("d", "m"): {"onsets": {"lesion": {"step": 300, "seconds": 42.0, "share": 0.25},
+                                  "organ": {"step": None, "seconds": None, "share": None}}}}
+    assert "| m | 300 / 42s / 25% | - |" in _onset_lines("d", ["m"], by)

@@ -122,6 +122,8 @@ class CellRunner:
         self.stage("evaluate", [*autoseg_bin(), "-q", "evaluate", str(self.predictions), str(self.data / "labelsTs"),
                                 "--dataset-json", str(self.data / "dataset.json"), "-o", str(self.metrics_file),
                                 "-j", str(self.suite.jobs)])
+        if self.method.kind == "autoseg":
+            extra["onsets"] = training_onsets(self.work / "autoseg")
         return {"stages": self.stages, "metrics": summarize_metrics(json.loads(self.metrics_file.read_text())),
                 **extra}
 
@@ -166,12 +168,37 @@ def json_cases(folder: Path) -> list[str]:
 
 
 def summarize_metrics(result: dict) -> dict:
-    """The leaderboard's part of ``autoseg evaluate``'s result: Dice, NSD and HD95 per class and foreground."""
+    """The leaderboard's part of ``autoseg evaluate``'s result: Dice, NSD and HD95 per class and foreground, and
+    per class the Dice over the test cases whose reference holds the class (a lesion class absent from some
+    cases is judged where it is there to find)."""
     keys = ("dice", "nsd", "hd95_mm")
     s = result["summary"]
     per_class = {name: {k: e[k]["mean"] for k in keys} for name, e in s["per_class"].items()}
+    for name, entry in per_class.items():
+        present = [c["classes"][name]["dice"] for c in result.get("cases", {}).values()
+                   if (c.get("classes", {}).get(name, {}).get("volume_ref_mm3") or 0) > 0]
+        entry["dice_present"] = sum(present) / len(present) if present else None
+        entry["cases_present"] = len(present)
     return {"per_class": per_class, "foreground": {k: s["foreground_mean"].get(k) for k in keys},
             "cases": s["cases"], "nsd_tolerance_mm": result.get("nsd_tolerance_mm")}
+
+
+def training_onsets(work: Path) -> dict[str, dict]:
+    """When each class was first learned in an autoseg workdir's fold-0 run (:func:`autoseg.trainlog.time_to_dice`)."""
+    import csv
+    from dataclasses import asdict
+
+    from autoseg.trainlog import time_to_dice
+    from autoseg.workdir import Workdir
+
+    runs = [run for _, fold, run in Workdir(work).runs() if fold == 0 and run.log.is_file()]
+    if not runs:
+        return {}
+    with open(runs[0].log, newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = [k[len("val_dice_"):] for k in (rows[0] if rows else {}) if k.startswith("val_dice_")
+               and k != "val_dice_mean"]
+    return {c: {**asdict(o), "steps": int(rows[-1]["step"])} for c, o in time_to_dice(rows, classes).items()}
 
 
 def skip_reason(method: MethodSpec) -> str | None:

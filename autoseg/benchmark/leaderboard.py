@@ -88,6 +88,23 @@ def _round(x: float | None, digits: int = 1) -> float | None:
     return None if x is None else round(x, digits)
 
 
+def _onset_lines(dataset: str, methods: list[str], by: dict) -> list[str]:
+    """Per autoseg cell and class: the first step (and seconds, share of the run) at validation Dice 0.5."""
+    rows = [(m, by[dataset, m]["onsets"]) for m in methods if by.get((dataset, m), {}).get("onsets")]
+    if not rows:
+        return []
+    classes = list(dict.fromkeys(c for _, onsets in rows for c in onsets))
+    out = ["", "Time to Dice 0.5 on the validation patches (step, seconds, share of the run's steps; - never):", "",
+           "| method | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    for m, onsets in rows:
+        cells = []
+        for c in classes:
+            o = onsets.get(c) or {}
+            cells.append("-" if o.get("step") is None else f"{o['step']} / {o['seconds']:.0f}s / {o['share']:.0%}")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return out
+
+
 def render_markdown(suite: Suite, records: list[dict], machine: dict[str, str],
                     header_lines: list[str] | None = None) -> str:
     methods = list(dict.fromkeys(r["method"] for r in records))
@@ -142,12 +159,16 @@ def render_markdown(suite: Suite, records: list[dict], machine: dict[str, str],
             stage_cols = " | ".join(_sec(t.get(s)) for s in STAGES)
             if r["status"] == DONE:
                 fg = r["metrics"]["foreground"]
-                per = ", ".join(f"{c} {_f(v['dice'])}" for c, v in r["metrics"]["per_class"].items())
+                per = ", ".join(f"{c} {_f(v['dice'])}" + (f" ({_f(v['dice_present'])} on {v['cases_present']})"
+                                                            if v.get("cases_present", 0) < r["metrics"]["cases"]
+                                                            and v.get("dice_present") is not None else "")
+                                for c, v in r["metrics"]["per_class"].items())
                 lines.append(f"| {m} | done | {_f(fg['dice'])} | {_f(fg['nsd'])} | {_f(fg['hd95_mm'], '.1f')} | {per} "
                              f"| {stage_cols} | {_sec(r.get('total_s'))} | {_f(cpu_seconds(r), '.0f')} | {_f(peak_mb(r), '.0f')} |")
             else:
                 lines.append(f"| {m} | {r['status']} | - | - | - | {r.get('reason', '')} | {stage_cols} "
                              f"| {_sec(r.get('total_s'))} | {_f(cpu_seconds(r), '.0f')} | {_f(peak_mb(r), '.0f')} |")
+        lines += _onset_lines(d, methods, by)
         lines.append("")
     lines += ["## Methods", ""]
     for m in methods:

@@ -51,6 +51,7 @@ class Store:
         self.device, self.path, self.remeasure = device, path, remeasure
         self.entries = {} if remeasure or path is None else _read(path)
         self.new: dict[str, dict] = {}
+        self.read: dict[str, dict] = {}  # read back from the store in this plan
         self.hits = self.misses = 0  # read back from earlier plans / measured now
 
     def key(self, *what) -> str:
@@ -59,13 +60,16 @@ class Store:
         return hashlib.sha1(json.dumps([machine, *what], sort_keys=True, default=str).encode()).hexdigest()
 
     def get(self, key: str) -> list[StepMeasurement] | None:
-        """What was measured for ``key`` (in this plan, or stored before and still fresh), else None."""
-        entry = self.new.get(key)
+        """What was measured for ``key`` (in this plan, or stored before and still fresh), else None. Each setup
+        counts once, as read back or as measured, however often the planner asks for it: a re-plan reads back
+        exactly the setups the first plan measured."""
+        entry = self.new.get(key) or self.read.get(key)
         if entry is None:
             entry = self.entries.get(key)
             if entry is None or time.time() - entry.get("when", 0) > MAX_AGE_DAYS * 86400:
                 self.misses += 1
                 return None
+            self.read[key] = entry
             self.hits += 1  # counted: read back from an earlier plan
         return [StepMeasurement(**{k: m[k] for k in _FIELDS}) for m in entry["m"]]
 
