@@ -20,7 +20,7 @@ from autoseg.plan import budget, rules
 from autoseg.plan.fit import FitRequest, fit
 from autoseg.plan.registry import PlanningContext, register_planner
 from autoseg.schema.fingerprint import Fingerprint
-from autoseg.schema.plans import Configuration, Loss, Optimizer, Plans, Schedule
+from autoseg.schema.plans import Configuration, Loss, Plans, Schedule
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,16 @@ def configure(name: str, ndim: int, spacing: list[float], median_shape: list[int
                      decoder_convs=s.decoder_convs, precision=precision)
     r = fit(req, ctx.device, verify=trained, store=ctx.measurements)
     val_every = max(50, min(r.steps // 10, 1000))
+    slice_mm = rules.permute(fp.median_spacing, order)[0] if ndim == 2 and fp.ndim == 3 else 1.0
+    opt, why = rules.optimizer(fp, r.patch_size, spacing, slice_mm)
     cfg = Configuration(
         name=name, ndim=ndim, spacing=[round(x, 6) for x in spacing], median_shape=median_shape,
         patch_size=r.patch_size, batch_size=r.batch_size, normalization=rules.normalization(fp),
-        resampling=rules.resampling(spacing), network=r.network, loss=Loss(), optimizer=Optimizer(),
+        resampling=rules.resampling(spacing), network=r.network, loss=Loss(), optimizer=opt,
         schedule=Schedule(steps=r.steps, val_every=val_every),
         augmentation=rules.augmentation(ndim, r.patch_size, spacing), sampling=rules.sampling(fp),
         precision=r.precision, channels_last=r.channels_last, measured=r.measured)
-    return cfg, [f"{name}: {line}" for line in r.log], r.precision_choice
+    return cfg, [f"{name}: {line}" for line in [*r.log, *([why] if why else [])]], r.precision_choice
 
 
 def dataset_voxels(fp: Fingerprint, spacing: list[float], order: list[int]) -> float:

@@ -16,6 +16,7 @@ from autoseg.errors import UserError
 from autoseg.fingerprint import modality_of
 from autoseg.plan import budget, rules
 from autoseg.schema.fingerprint import CaseFingerprint, ChannelStats, ClassStats, Fingerprint
+from autoseg.schema.plans import Optimizer
 
 ANISO_Z = [5.0, 4.0, 5.0, 6.0, 5.0]  # the coarse axis of the anisotropic dataset; 10th percentile 4.4
 
@@ -230,6 +231,22 @@ def test_sampling_of_common_equal_classes_is_uniform():
     fp = isotropic(classes=[make_class(1, 5, 1000.0, [10] * 3), make_class(2, 5, 1000.0, [10] * 3)])
     s = rules.sampling(fp)
     assert s.class_weights == {"1": 0.5, "2": 0.5} and s.foreground_fraction == pytest.approx(0.33)
+
+
+def test_a_class_under_a_percent_of_the_patch_trains_with_adamw_and_the_plan_says_which():
+    fp = isotropic(classes=[make_class(1, 5, 50_000.0, [60] * 3), make_class(2, 3, 200.0, [7] * 3)])
+    opt, why = rules.optimizer(fp, [48, 48, 48], [1.0, 1.0, 1.0])  # class 2: 200 mm3 of 110592 mm3, 0.18 %
+    assert opt.name == "adamw" and opt.lr == rules.ADAMW_LR and "class2 (0.18% of a patch)" in why
+    assert "class1" not in why
+    assert rules.optimizer(fp, [4, 4, 4], [1.0, 1.0, 1.0]) == (Optimizer(), None)  # 200 of 64 mm3: not small
+    absent = isotropic(classes=[make_class(1, 5, 50_000.0, [60] * 3), make_class(2, 0, 0.0, [0] * 3)])
+    assert rules.optimizer(absent, [48, 48, 48], [1.0, 1.0, 1.0]) == (Optimizer(), None)  # no case has it
+
+
+def test_a_2d_patch_counts_as_a_slab_one_slice_thick():
+    fp = isotropic(classes=[make_class(1, 5, 100.0, [8] * 3)])
+    assert rules.small_classes(fp, [64, 64], [1.0, 1.0], slice_mm=1.0) == {}  # 100 of 4096 mm3: 2.4 %
+    assert rules.small_classes(fp, [64, 64], [1.0, 1.0], slice_mm=5.0) == {"class1": pytest.approx(100 / 20480)}
 
 
 def test_augmentation_is_slicewise_for_flat_patches_and_rotates_fully_in_2d():

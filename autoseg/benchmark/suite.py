@@ -27,7 +27,8 @@
     command = "{python} nnunet_runner.py --dataset {dataset} --output {predictions} --budget-s {budget_s}"
     requires = "../.venv-nnunet/bin/nnUNetv2_train"   # skipped (with the reason) when missing
 
-Relative paths (``path``, ``requires``) are relative to the suite file's folder, and commands run there.
+Relative paths (``path``, ``requires``, a ``planner`` file) are relative to the suite file's folder, and commands
+run there.
 Every mistake is one line naming the file and the key.
 """
 
@@ -234,6 +235,8 @@ def _method(r: _Reader, name: str) -> MethodSpec:
         r.fail(r.key("requires"), "must be a path or a list of paths")
     if kind == "autoseg":
         planner, search = r.get("planner", str, "default"), r.get("search", bool, False)
+        if planner.endswith(".py"):  # a planner file, relative to the suite's folder like every path here
+            planner = str((r.file.parent / planner).resolve())
         configuration, folds = r.get("configuration", str), r.get("folds", int, 5)
         if folds < 2:
             r.fail(r.key("folds"), "must be >= 2")
