@@ -21,7 +21,7 @@ from pathlib import Path
 
 from autoseg.errors import DatasetError, Problem
 from autoseg.io import SUPPORTED_ENDINGS
-from autoseg.schema.labels import foreground_classes, ignore_label_of
+from autoseg.schema.labels import foreground_classes, has_regions, ignore_label_of, region_problems, regions_of
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -62,7 +62,12 @@ class Dataset:
 
     @property
     def has_regions(self) -> bool:
-        return any(isinstance(v, list) for v in self.labels.values())
+        return has_regions(self.labels)
+
+    @property
+    def regions(self) -> dict[str, tuple[int, ...]]:
+        """Region name -> the label values it unites ({} for a plain label map)."""
+        return regions_of(self.labels)
 
     @property
     def label_values(self) -> list[int]:
@@ -125,8 +130,8 @@ def parse_dataset_json(root: Path) -> tuple[Dataset | None, list[Problem]]:
     if not isinstance(labels, dict) or not labels:
         problems.append(Problem(where, "'labels' must be a non-empty object like {\"background\": 0, \"organ\": 1}"))
         labels = {}
-    else:
-        problems += _check_labels(labels, where)
+    label_problems = _check_labels(labels, where) if labels else []
+    problems += label_problems
 
     n = raw["numTraining"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -135,7 +140,7 @@ def parse_dataset_json(root: Path) -> tuple[Dataset | None, list[Problem]]:
     if not _ending_ok(ending):
         problems.append(Problem(where, f"'file_ending' {ending!r} is not supported (use one of {', '.join(SUPPORTED_ENDINGS)})"))
     rco = raw.get("regions_class_order")
-    problems += _check_regions(labels, rco, where)
+    problems += _check_regions(labels, rco, where, values_ok=not label_problems)
     if problems:
         return None, problems
     return Dataset(root, channel_names, dict(labels), n, ending.lower(), rco, raw), []
@@ -147,6 +152,10 @@ def _check_labels(labels: dict, where: str) -> list[Problem]:
     With regions (a label mapping to a list of values, as in BraTS) the values that must be consecutive are
     all the integers the labels mention, since a label file holds those.
     """
+    empty = [k for k, v in labels.items() if v == []]
+    if empty:
+        return [Problem(where, f"label '{k}' is an empty region ([]): list the label values it unites, e.g. [1, 2]")
+                for k in empty]
     bad = [k for k, v in labels.items() if not (_is_int(v) or (isinstance(v, list) and v and all(map(_is_int, v))))]
     if bad:
         return [Problem(where, f"label '{k}' must map to an integer (or a list of integers for a region)") for k in bad]
@@ -173,8 +182,9 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_regions(labels: dict, rco: object, where: str) -> list[Problem]:
-    """Region training needs ``regions_class_order``: one label value per region, to turn regions back into a map."""
+def _check_regions(labels: dict, rco: object, where: str, values_ok: bool = True) -> list[Problem]:
+    """Region training needs ``regions_class_order``: one label value per region, painting the regions back into
+    the label map they came from (:func:`autoseg.schema.labels.region_problems`)."""
     if rco is not None and not (isinstance(rco, list) and all(map(_is_int, rco))):
         return [Problem(where, "'regions_class_order' must be a list of integers")]
     if not any(isinstance(v, list) for v in labels.values()):
@@ -185,7 +195,7 @@ def _check_regions(labels: dict, rco: object, where: str) -> list[Problem]:
                                f"give one value per region ({len(regions)})")]
     if len(rco) != len(regions):
         return [Problem(where, f"'regions_class_order' has {len(rco)} entries but labels define {len(regions)} regions")]
-    return []
+    return [Problem(where, message) for message in region_problems(labels, rco)] if values_ok else []
 
 
 def load_dataset(root: Path | str) -> Dataset:

@@ -143,7 +143,7 @@ def test_every_missing_required_key_is_listed(tmp_path: Path):
     ({"labels": {"background": 0, "a": 1, "b": 1}}, "two labels share a value"),
     ({"labels": {"background": 0, "organ": "1"}}, "label 'organ' must map to an integer"),
     ({"labels": {"background": 0, "organ": True}}, "label 'organ' must map to an integer"),
-    ({"labels": {"background": 0, "organ": []}}, "label 'organ' must map to an integer"),
+    ({"labels": {"background": 0, "organ": []}}, "label 'organ' is an empty region ([])"),
     ({"labels": {"background": 0, "organ": 1, "ignore": 1}}, "the 'ignore' label must be the highest value"),
     ({"labels": {"background": 0, "a": 1, "b": 2, "ignore": 1}}, "the 'ignore' label must be the highest value, got 1"),
     ({"labels": {"background": 0, "organ": 1, "ignore": [2]}}, "the 'ignore' label must be one integer"),

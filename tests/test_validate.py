@@ -385,3 +385,24 @@ def test_console_script_on_a_broken_dataset(ds):
     assert "Traceback" not in out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith(str(ds))]
     assert [ln.split(": ")[0] for ln in lines] == [str(broken[1]), str(broken[0])]
+
+
+@pytest.mark.parametrize("labels, order, expected", [
+    ({"background": 0, "whole": [1, 2], "core": [2]}, [2, 1], "does not map regions back to labels"),
+    ({"background": 0, "whole": [1, 2], "core": []}, [1, 2], "label 'core' is an empty region ([])"),
+    ({"background": 0, "whole": [1, 2], "core": [2, 2]}, [1, 2], "region 'core' lists a value twice"),
+    ({"background": 0, "whole": [1, 2], "core": [1, 2]}, [1, 2], "regions 'whole' and 'core' are the same values"),
+    ({"background": 0, "whole": [1, 2], "core": [2]}, [1, 7], "'regions_class_order' [1, 7] holds 7"),
+])
+def test_cli_names_a_region_definition_that_cannot_train_in_one_line(tmp_path, capsys, labels, order, expected):
+    from autoseg.cli import run
+
+    ds = write_tiny_dataset(tmp_path / "Dataset009_Regions")
+    meta = json.loads((ds / "dataset.json").read_text())
+    (ds / "dataset.json").write_text(json.dumps({**meta, "labels": labels, "regions_class_order": order}))
+    assert run(["-q", "validate", str(ds)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{ds / 'dataset.json'}: ") and expected in lines[0], lines
+    (ds / "dataset.json").write_text(json.dumps({**meta, "labels": {"background": 0, "whole": [1, 2], "core": [2]},
+                                                 "regions_class_order": [1, 2]}))
+    assert run(["-q", "validate", str(ds)]) == 0
