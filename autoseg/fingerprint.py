@@ -275,4 +275,5 @@ def extract_fingerprint(dataset: Path | str, jobs: int | None = None, progress: 
         median_shape=_median_int(np.array([c.shape for c in fps])),
         median_cropped_shape=_median_int(np.array([c.cropped_shape for c in fps])),
         anisotropy_ratio=round(max(median_spacing) / min(median_spacing), 6),
+        regions_class_order=list(ds.regions_class_order or []) if ds.has_regions else [],
     )

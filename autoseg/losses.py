@@ -18,6 +18,9 @@ Conventions (the same for every loss):
   they are masked out of the Dice/Jaccard sums and out of the cross-entropy/focal means.
 - Logits are cast to float32 and autocast is switched off inside the loss: bf16/fp16 softmax and sums over
   a whole patch lose too much precision (or overflow).
+- Regions (``dice_bce``, the loss of region datasets): the network has one sigmoid output per region, and
+  the term gets the target as region masks ``float (B, R, *spatial)`` (:func:`autoseg.regions.region_masks`
+  of the cleaned labels at each output's resolution) instead of class indices; the ignore mask is the same.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoseg.schema.plans import LOSS_NAMES, Loss
+from autoseg.regions import region_masks
+from autoseg.schema.plans import LOSS_NAMES, REGION_LOSSES, Loss
 from autoseg.schema.registry import Registry
 
 LossBuilder = Callable[[Loss], nn.Module]
@@ -39,14 +43,20 @@ FOCAL_GAMMA = 2.0
 
 
 def build_loss(cfg: Loss, num_classes: int, ignore_label: int | None = None,
-               deep_supervision_scales: int = 1) -> nn.Module:
-    """The loss a plan describes; ``num_classes`` counts background (it is the network's output channels),
-    ``deep_supervision_scales`` is the number of outputs the network returns in training."""
-    if num_classes < 2:
+               deep_supervision_scales: int = 1, regions: Sequence[Sequence[int]] = ()) -> nn.Module:
+    """The loss a plan describes; ``num_classes`` is the network's output channels (background counted;
+    regions: one per region, no background), ``deep_supervision_scales`` the number of outputs the network
+    returns in training, ``regions`` the label values of each region (region losses only)."""
+    if cfg.name in REGION_LOSSES:
+        if len(regions) != num_classes or not regions:
+            raise ValueError(f"'{cfg.name}' needs one region per output: {num_classes} outputs, {len(regions)} regions")
+    elif regions:
+        raise ValueError(f"regions train with a region loss ({', '.join(sorted(REGION_LOSSES))}), not '{cfg.name}'")
+    elif num_classes < 2:
         raise ValueError(f"num_classes counts background and must be >= 2, got {num_classes}")
     builder = LOSSES[cfg.name]
     weights = deep_supervision_weights(deep_supervision_scales, cfg.ds_weights)
-    return SegmentationLoss(builder(cfg), num_classes, ignore_label, weights)
+    return SegmentationLoss(builder(cfg), num_classes, ignore_label, weights, regions)
 
 
 def deep_supervision_weights(n: int, scheme: str = "halving") -> list[float]:
@@ -83,10 +93,12 @@ class SegmentationLoss(nn.Module):
     ``find_unused_parameters``. A single tensor (the network in eval mode) is scored at weight 1.
     """
 
-    def __init__(self, term: nn.Module, num_classes: int, ignore_label: int | None, weights: list[float]):
+    def __init__(self, term: nn.Module, num_classes: int, ignore_label: int | None, weights: list[float],
+                 regions: Sequence[Sequence[int]] = ()):
         super().__init__()
         self.term, self.num_classes, self.ignore_label = term, num_classes, ignore_label
         self.weights = list(weights)
+        self.regions = [list(r) for r in regions]
 
     def forward(self, logits: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
         outputs = [logits] if isinstance(logits, Tensor) else list(logits)
@@ -102,6 +114,8 @@ class SegmentationLoss(nn.Module):
         with torch.autocast(device_type=outputs[0].device.type, enabled=False):
             for out, w in zip(outputs, weights):
                 t, valid = self._clean(downsample_target(target, out.shape[2:]))
+                if self.regions:
+                    t = region_masks(t, self.regions).float()
                 total = total + w * self.term(out.float(), t, valid)
         return total
 
@@ -122,10 +136,12 @@ def one_hot(target: Tensor, num_classes: int) -> Tensor:
 
 
 def overlap_scores(probs: Tensor, onehot: Tensor, valid: Tensor | None, batch: bool,
-                   jaccard: bool = False, smooth: float = SMOOTH) -> Tensor:
+                   jaccard: bool = False, smooth: float = SMOOTH, background: bool = False) -> Tensor:
     """Soft Dice (or Jaccard) of each foreground class: (B, C-1), or (C-1,) when ``batch`` sums the
-    batch before the ratio (batch Dice: a sample without a class does not score 0 for it alone)."""
-    probs, onehot = probs[:, 1:], onehot[:, 1:]
+    batch before the ratio (batch Dice: a sample without a class does not score 0 for it alone).
+    ``background``: score channel 0 too (regions, where every channel is a foreground region)."""
+    if not background:
+        probs, onehot = probs[:, 1:], onehot[:, 1:]
     if valid is not None:
         probs, onehot = probs * valid[:, None], onehot * valid[:, None]
     axes = [0, *range(2, probs.ndim)] if batch else list(range(2, probs.ndim))
@@ -192,6 +208,22 @@ class TopKCrossEntropyLoss(nn.Module):
         return ce.topk(n, sorted=False).values.mean() if ce.numel() else ce.sum()
 
 
+class RegionDiceBCELoss(nn.Module):
+    """Binary cross-entropy plus ``1 - mean soft Dice`` of each region's sigmoid (nnU-Net's DC_and_BCE_loss):
+    regions overlap, so each output answers its own yes/no question. BCE is averaged over the counted voxels
+    and regions; the Dice terms include every channel (each is a foreground region). ``target`` is the
+    region masks, float (B, R, *spatial)."""
+
+    def __init__(self, batch: bool):
+        super().__init__()
+        self.batch = batch
+
+    def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None) -> Tensor:
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+        scores = overlap_scores(logits.sigmoid(), target, valid, self.batch, background=True)
+        return _masked_mean(bce, valid) + 1 - scores.mean()
+
+
 class SumLoss(nn.Module):
     """Unweighted sum of terms (Dice + CE, focal + Dice)."""
 
@@ -236,3 +268,8 @@ def _focal_dice(cfg: Loss) -> nn.Module:
 @LOSSES.register("dice_topk")
 def _dice_topk(cfg: Loss) -> nn.Module:
     return SumLoss(SoftOverlapLoss(cfg.batch_dice), TopKCrossEntropyLoss())
+
+
+@LOSSES.register("dice_bce")
+def _dice_bce(cfg: Loss) -> nn.Module:
+    return RegionDiceBCELoss(cfg.batch_dice)

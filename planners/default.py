@@ -20,6 +20,7 @@ from autoseg.plan import budget, rules
 from autoseg.plan.fit import FitRequest, fit
 from autoseg.plan.registry import PlanningContext, register_planner
 from autoseg.schema.fingerprint import Fingerprint
+from autoseg.schema.labels import regions_of
 from autoseg.schema.plans import Configuration, Loss, Plans, Schedule
 
 
@@ -38,10 +39,15 @@ DEFAULT = Settings()
 
 
 def num_classes(fp: Fingerprint) -> int:
-    """Network outputs: background plus each foreground value (regions: one output per region)."""
-    plain = [v for k, v in fp.labels.items() if isinstance(v, int) and k != "ignore"]
-    regions = [v for v in fp.labels.values() if isinstance(v, list)]
-    return len(regions) + 1 if regions else len(plain)
+    """Network outputs: background plus each foreground value, or one sigmoid output per region."""
+    regions = regions_of(fp.labels)
+    return len(regions) or len([v for k, v in fp.labels.items() if isinstance(v, int) and k != "ignore"])
+
+
+def loss(fp: Fingerprint) -> Loss:
+    """Dice + cross-entropy over a label map's softmax; Dice + binary cross-entropy per region (sigmoid
+    outputs) when dataset.json's labels define regions, which overlap."""
+    return Loss(name="dice_bce") if regions_of(fp.labels) else Loss()
 
 
 def ideal_patch(ndim: int, spacing: list[float], median_shape: list[int], s: Settings) -> list[int]:
@@ -69,7 +75,7 @@ def configure(name: str, ndim: int, spacing: list[float], median_shape: list[int
     cfg = Configuration(
         name=name, ndim=ndim, spacing=[round(x, 6) for x in spacing], median_shape=median_shape,
         patch_size=r.patch_size, batch_size=r.batch_size, normalization=rules.normalization(fp),
-        resampling=rules.resampling(spacing), network=r.network, loss=Loss(), optimizer=opt,
+        resampling=rules.resampling(spacing), network=r.network, loss=loss(fp), optimizer=opt,
         schedule=Schedule(steps=r.steps, val_every=val_every),
         augmentation=rules.augmentation(ndim, r.patch_size, spacing), sampling=rules.sampling(fp),
         precision=r.precision, channels_last=r.channels_last, measured=r.measured)
@@ -121,7 +127,17 @@ def plan_with(fp: Fingerprint, ctx: PlanningContext, s: Settings = DEFAULT) -> P
     return Plans(dataset_name=fp.dataset_name, fingerprint_hash=fp.dataset_hash, planner=ctx.planner_name,
                  device=ctx.device.to_dict(), budget_s=ctx.budget_s, configurations=configs,
                  axis_order=order if fp.ndim == 3 else list(range(fp.ndim)), channel_names=list(fp.channel_names),
-                 labels=dict(fp.labels), file_ending=fp.file_ending, folds=ctx.folds, train_runs=runs, notes=notes)
+                 labels=dict(fp.labels), regions_class_order=list(fp.regions_class_order), file_ending=fp.file_ending,
+                 folds=ctx.folds, train_runs=runs, notes=notes + region_notes(fp))
+
+
+def region_notes(fp: Fingerprint) -> list[str]:
+    regions = regions_of(fp.labels)
+    if not regions:
+        return []
+    named = ", ".join(f"{n} {list(v)}" for n, v in regions.items())
+    return [f"regions: one sigmoid output per region ({named}), loss dice_bce, label map painted in "
+            f"regions_class_order {fp.regions_class_order}"]
 
 
 @register_planner("default")

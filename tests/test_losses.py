@@ -237,3 +237,82 @@ def test_registry_knows_every_plan_loss_and_accepts_new_ones():
         assert float(build_loss(Loss("_mean_logit"), 2)(torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2))) == 1.0
     finally:
         del LOSSES["_mean_logit"]
+
+
+# --- regions: one sigmoid per region, Dice + BCE ----------------------------------------------------------
+
+BRATS = [(1, 2, 3), (2, 3), (3,)]  # whole tumour, tumour core, enhancing tumour
+
+
+def region_loss(**kw):
+    return build_loss(Loss("dice_bce"), len(BRATS), regions=BRATS, **kw)
+
+
+def test_region_loss_matches_hand_computed_bce_plus_dice_per_region():
+    """Labels [0, 1, 2, 3] make the overlapping targets whole [0,1,1,1], core [0,0,1,1], enhancing [0,0,0,1]."""
+    target = torch.tensor([[0, 1, 2, 3]])
+    p = torch.tensor([[0.2, 0.7, 0.9, 0.6], [0.1, 0.4, 0.8, 0.7], [0.3, 0.2, 0.4, 0.9]], dtype=torch.float64)
+    logits = torch.log(p / (1 - p)).float()[None]  # (1, 3 regions, 4 voxels)
+    truth = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.float64)
+    bce = float(-(truth * p.log() + (1 - truth) * (1 - p).log()).mean())
+    dice = [(2 * float((p[r] * truth[r]).sum()) + S) / (float(p[r].sum() + truth[r].sum()) + S) for r in range(3)]
+    expected = bce + 1 - sum(dice) / 3
+    assert float(region_loss()(logits, target)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_region_loss_is_zero_only_for_a_perfect_overlapping_prediction():
+    target = torch.tensor([[[0, 1], [2, 3]]])
+    masks = torch.stack([sum(target == v for v in r).bool() for r in BRATS], 1).float()
+    assert float(region_loss()(40.0 * (2 * masks - 1), target)) == pytest.approx(0.0, abs=1e-5)
+    exclusive = masks.clone()
+    exclusive[:, 0][target > 1] = 0  # a softmax-like answer: each voxel in one region only
+    assert float(region_loss()(40.0 * (2 * exclusive - 1), target)) > 0.1
+
+
+def test_region_loss_ignores_the_ignore_label_and_reads_minus_one_as_background():
+    torch.manual_seed(7)
+    target = torch.randint(0, 4, (2, 4, 4, 4))
+    target[:, :2] = 4  # ignore label, above the values
+    loss_fn = region_loss(ignore_label=4)
+    logits = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    loss = loss_fn(logits, target)
+    loss.backward()
+    changed = logits.detach().clone()
+    changed[:, :, :2] = 10 * torch.randn_like(changed[:, :, :2])
+    assert float(loss_fn(changed, target)) == pytest.approx(loss.item(), rel=1e-6)
+    assert torch.all(logits.grad[:, :, :2] == 0) and logits.grad[:, :, 2:].abs().sum() > 0
+    outside = target.clone()
+    outside[target == 0] = -1
+    assert loss_fn(logits, outside).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_region_loss_downsamples_the_labels_for_deep_supervision():
+    """Nearest-neighbour labels then regions == regions of the nearest-neighbour labels: each output is scored
+    against its own resolution's region masks, with the halving weights."""
+    torch.manual_seed(8)
+    target = torch.randint(0, 4, (2, 8, 8))
+    outs = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)]
+    ds = build_loss(Loss("dice_bce"), 3, deep_supervision_scales=3, regions=BRATS)
+    single = region_loss()
+    expected = sum(w * float(single(o, downsample_target(target, o.shape[2:])))
+                   for w, o in zip(deep_supervision_weights(3), outs))
+    assert float(ds(outs, target)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_region_and_label_losses_refuse_each_others_outputs():
+    with pytest.raises(ValueError, match="one region per output"):
+        build_loss(Loss("dice_bce"), 4, regions=BRATS)
+    with pytest.raises(ValueError, match="one region per output"):
+        build_loss(Loss("dice_bce"), 3)
+    with pytest.raises(ValueError, match="regions train with a region loss"):
+        build_loss(Loss("dice_ce"), 3, regions=BRATS)
+
+
+def test_region_loss_under_bf16_autocast_is_float32_and_finite():
+    conv = torch.nn.Conv3d(4, 3, 3, padding=1)
+    x, target = torch.randn(2, 4, 6, 6, 6), torch.randint(0, 4, (2, 6, 6, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = region_loss()(conv(x), target)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in conv.parameters())

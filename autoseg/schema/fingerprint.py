@@ -85,6 +85,7 @@ class Fingerprint:
     median_shape: list[int]
     median_cropped_shape: list[int]
     anisotropy_ratio: float  # coarsest / finest median spacing
+    regions_class_order: list[int] = field(default_factory=list)  # dataset.json's, for region datasets
     meta: dict = field(default_factory=dict)
 
     @property

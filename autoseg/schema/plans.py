@@ -15,7 +15,7 @@ from typing import Any
 
 from autoseg.artifacts import header, write_json
 from autoseg.errors import UserError
-from autoseg.schema.labels import foreground_classes, ignore_label_of
+from autoseg.schema.labels import ClassKey, foreground_classes, ignore_label_of, region_problems, regions_of, scored_classes
 from autoseg.schema.records import build_record
 
 FORMAT_VERSION = 1
@@ -23,7 +23,9 @@ FORMAT_VERSION = 1
 # The component names a plans file may use, each built by the function registered under it
 # (autoseg.nets, autoseg.losses, autoseg.normalize; see autoseg.schema.registry, which adds new ones).
 NETWORK_FAMILIES = {"unet", "resenc_unet", "fcn", "deeplabv3plus"}
-LOSS_NAMES = {"dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice", "dice_topk"}
+LOSS_NAMES = {"dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice", "dice_topk", "dice_bce"}
+# losses of sigmoid outputs, one per region (region datasets train with one of these, label maps never do)
+REGION_LOSSES = {"dice_bce"}
 NORMALIZATION_SCHEMES = {"ct", "zscore", "rescale", "none"}
 
 # Sizes no real model reaches (nnU-Net's patches are ~128^3 = 2M voxels, batches 2-12, a few input channels,
@@ -81,7 +83,7 @@ class Network:
 
 @dataclass
 class Loss:
-    name: str = "dice_ce"  # dice_ce, dice, jaccard, ce, focal, focal_dice, dice_topk
+    name: str = "dice_ce"  # dice_ce, dice, jaccard, ce, focal, focal_dice, dice_topk; regions: dice_bce
     batch_dice: bool = False
     ds_weights: str = "halving"  # deep-supervision weights: halving from full resolution, lowest dropped
 
@@ -179,6 +181,7 @@ class Plans:
     axis_order: list[int] = field(default_factory=list)  # transpose applied before everything: coarsest axis first
     channel_names: list[str] = field(default_factory=list)  # the input contract: channels in file order
     labels: dict[str, Any] = field(default_factory=dict)  # dataset.json labels (name -> value or region list)
+    regions_class_order: list[int] = field(default_factory=list)  # regions: the value each one paints, in order
     file_ending: str = ".nii.gz"
     folds: int = 5
     train_runs: list[dict[str, Any]] = field(default_factory=list)  # [{"configuration", "fold", "seconds"}]
@@ -198,17 +201,26 @@ class Plans:
         return ignore_label_of(self.labels)
 
     @property
+    def regions(self) -> list[tuple[int, ...]]:
+        """The regions' label values, in output order ([] for a plain label map: softmax outputs)."""
+        return list(regions_of(self.labels).values())
+
+    @property
     def num_classes(self) -> int:
-        """Network outputs: background plus each foreground value (regions: one output per region)."""
-        regions = [v for v in self.labels.values() if isinstance(v, list)]
-        if regions:
-            return len(regions) + 1
+        """Network outputs: background plus each foreground value, or one sigmoid output per region."""
+        if self.regions:
+            return len(self.regions)
         return len([v for k, v in self.labels.items() if isinstance(v, int) and k != "ignore"])
 
     @property
     def class_names(self) -> dict[int, str]:
         """Foreground class index -> name (plain label maps)."""
         return foreground_classes(self.labels)
+
+    @property
+    def scored_classes(self) -> dict[ClassKey, str]:
+        """What validation, selection and post-processing score: the foreground values, or the regions."""
+        return scored_classes(self.labels)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -260,6 +272,7 @@ def _parse_plans(d: Any, source: str) -> Plans:
     for name, c in configs.items():
         cfg = build(Configuration, c, f"{source}: configurations.{name}")
         _check_configuration(cfg, f"{source}: configurations.{name}", len(plans.channel_names))
+        _check_loss_kind(cfg, f"{source}: configurations.{name}", bool(plans.regions))
         plans.configurations[name] = cfg
     plans.meta = {"autoseg_version": d.get("autoseg_version")}
     return plans
@@ -276,6 +289,23 @@ def _check_plans(plans: Plans, source: str) -> None:
                         f"({MAX_CHANNELS})")
     if plans.num_classes > MAX_CLASSES:
         raise UserError(f"{source}: labels: {plans.num_classes} classes, more than a model has ({MAX_CLASSES})")
+    if plans.regions:
+        order = plans.regions_class_order
+        if len(order) != len(plans.regions):
+            raise UserError(f"{source}: regions_class_order: expected one value per region ({len(plans.regions)}), "
+                            f"got {order}")
+        problems = region_problems(plans.labels, order)
+        if problems:
+            raise UserError(f"{source}: {problems[0]}")
+
+
+def _check_loss_kind(c: Configuration, where: str, regions: bool) -> None:
+    """Region plans train sigmoid outputs with a region loss; label maps a softmax loss."""
+    if regions and c.loss.name not in REGION_LOSSES:
+        raise UserError(f"{where}.loss.name: the labels define regions, which train with "
+                        f"{' or '.join(sorted(REGION_LOSSES))}, not '{c.loss.name}'")
+    if not regions and c.loss.name in REGION_LOSSES:
+        raise UserError(f"{where}.loss.name: '{c.loss.name}' trains regions, and the labels define none")
 
 
 def _check_configuration(c: Configuration, where: str, channels: int = 0) -> None:
