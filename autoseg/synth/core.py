@@ -52,16 +52,22 @@ class TaskSpec:
     name: str
     description: str
     channel_names: tuple[str, ...]
-    labels: Mapping[str, int]
+    labels: Mapping[str, int | list[int]]  # a list of values: a region (their union)
     shapes: Mapping[str, tuple[int, ...]]
     make_case: CaseMaker = field(repr=False)
     file_ending: str = ".nii.gz"
     cases: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_CASES))
     test_cases: Mapping[str, int] = field(default_factory=lambda: dict(TEST_CASES))
+    regions_class_order: tuple[int, ...] = ()  # region tasks: the value each region paints, in order
 
     @property
     def prefix(self) -> str:
         return self.name.replace("-", "")
+
+    @property
+    def label_values(self) -> list[int]:
+        """The foreground values a label file holds (regions are unions of them)."""
+        return sorted({x for v in self.labels.values() for x in (v if isinstance(v, list) else [v])} - {0})
 
     def dataset_json(self, num_training: int, size: str, seed: int) -> dict:
         return {
@@ -69,6 +75,7 @@ class TaskSpec:
             "description": self.description,
             "channel_names": {str(i): c for i, c in enumerate(self.channel_names)},
             "labels": dict(self.labels),
+            **({"regions_class_order": list(self.regions_class_order)} if self.regions_class_order else {}),
             "numTraining": num_training,
             "file_ending": self.file_ending,
             "licence": "CC0 (synthetic)",
@@ -79,9 +86,10 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {}
 
 
-def register_task(name: str, *, description: str, channels: tuple[str, ...], labels: Mapping[str, int],
+def register_task(name: str, *, description: str, channels: tuple[str, ...], labels: Mapping[str, int | list[int]],
                   shapes: Mapping[str, tuple[int, ...]], file_ending: str = ".nii.gz",
-                  cases: Mapping[str, int] | None = None) -> Callable[[CaseMaker], CaseMaker]:
+                  cases: Mapping[str, int] | None = None,
+                  regions_class_order: tuple[int, ...] = ()) -> Callable[[CaseMaker], CaseMaker]:
     """Register the decorated case-drawing function as task ``name``; the keywords are its spec."""
     missing = set(SIZES) - set(shapes)
     if missing:
@@ -89,7 +97,7 @@ def register_task(name: str, *, description: str, channels: tuple[str, ...], lab
 
     def decorate(make_case: CaseMaker) -> CaseMaker:
         TASKS[name] = TaskSpec(name, description, tuple(channels), dict(labels), dict(shapes), make_case,
-                               file_ending, dict(cases or DEFAULT_CASES))
+                               file_ending, dict(cases or DEFAULT_CASES), regions_class_order=tuple(regions_class_order))
         return make_case
 
     return decorate

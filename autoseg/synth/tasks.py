@@ -413,3 +413,62 @@ def _at(dist: np.ndarray, point_mm: np.ndarray, spacing: tuple[float, ...]) -> f
     if np.any(idx < 0) or np.any(idx >= np.asarray(dist.shape)):
         return float("inf")
     return float(dist[tuple(idx)])
+
+
+BRATS_LOOKS = {  # mean intensity per channel (T1, T1ce, T2, FLAIR)
+    "white matter": (0.62, 0.6, 0.4, 0.48), "grey matter": (0.5, 0.5, 0.55, 0.56),
+    "csf": (0.22, 0.22, 0.9, 0.18),  # ventricles: bright in T2 like oedema, dark in FLAIR
+    "vessel": (0.55, 0.92, 0.45, 0.5),  # enhances like the rim, but is no ring around a core
+    "oedema": (0.5, 0.52, 0.82, 0.86), "enhancing": (0.56, 0.95, 0.62, 0.64), "necrosis": (0.32, 0.24, 0.86, 0.55),
+}
+
+
+@register_task("brats-like", channels=("T1", "T1ce", "T2", "FLAIR"),
+               labels={"background": 0, "whole tumour": [1, 2, 3], "tumour core": [2, 3], "enhancing tumour": [3]},
+               regions_class_order=(1, 2, 3), shapes=MRI_SHAPES,
+               description="3D four-channel brain MRI with nested tumours trained as regions (BraTS): oedema bright "
+                           "in T2/FLAIR, an enhancing rim bright in T1ce around a necrotic core dark in T1ce")
+def brats_like(rng: np.random.Generator, shape: tuple[int, ...], index: int) -> SynthCase:
+    """Label 1 oedema, 2 necrotic core, 3 enhancing rim, nested in that order inside a brain. Ventricles are
+    bright in T2 like oedema (FLAIR tells them apart) and vessels enhance like the rim (only the rim encloses a
+    core): each class needs more than one channel, and the regions (whole tumour, core, enhancing) overlap."""
+    shape = jitter_shape(rng, shape)
+    inplane = rng.uniform(0.9, 1.1)
+    spacing = (rng.uniform(0.9, 1.2), inplane, inplane)
+    fov = np.asarray(shape) * spacing
+    width, mid = fov.min(), fov / 2
+    looks = {k: np.add(v, rng.uniform(-0.03, 0.03, 4)) for k, v in BRATS_LOOKS.items()}
+    scene = Scene(rng, shape, spacing, background=[0.0] * 4)
+    head, rot = fov * rng.uniform(0.42, 0.47, 3), random_rotation(rng, 3, 8)
+    scene.paint(scene.ellipsoid(mid, head, rot, 0.03), mean=looks["grey matter"], texture=0.04)
+    scene.paint(scene.ellipsoid(mid, head * rng.uniform(0.7, 0.78), rot, 0.1), mean=looks["white matter"],
+                texture=0.04)
+    for side in (-1, 1):  # the lateral ventricles
+        c = mid + rot @ np.array([0.0, -0.05, side * 0.1]) * fov
+        scene.paint(scene.ellipsoid(c, width * np.array([0.1, 0.05, 0.03]), rot, 0.1), mean=looks["csf"], texture=0.03)
+
+    side = rng.choice([-1, 1])
+    centre = mid + rot @ (np.array([rng.uniform(-0.08, 0.08), rng.uniform(-0.12, 0.12), side * 0.15]) * fov)
+    radius = width * rng.uniform(0.17, 0.23)
+    oedema = scene.paint(scene.ellipsoid(centre, radius * rng.uniform(0.8, 1.2, 3), random_rotation(rng, 3), 0.2),
+                         mean=looks["oedema"], texture=0.05, label=1, keep=True)
+    core_centre = centre + in_ball(rng, 3) * 0.15 * radius
+    rim = scene.paint(scene.ellipsoid(core_centre, radius * rng.uniform(0.55, 0.7, 3), random_rotation(rng, 3), 0.15),
+                      mean=looks["enhancing"], texture=0.05, label=3, within=oedema, keep=True)
+    scene.paint(scene.ellipsoid(core_centre, radius * rng.uniform(0.35, 0.42, 3), random_rotation(rng, 3), 0.15),
+                mean=looks["necrosis"], texture=0.05, label=2, within=rim)
+    taken = [(centre, radius)]
+    for _ in range(rng.integers(1, 3)):  # enhancing vessels elsewhere in the brain
+        r = width * rng.uniform(0.03, 0.05)
+        c = place_apart(rng, lambda: mid + rng.uniform(-0.22, 0.22, 3) * fov, taken, r)
+        if c is not None:
+            taken.append((c, r))
+            scene.paint(scene.ellipsoid(c, r * rng.uniform(0.7, 1.3, 3), random_rotation(rng, 3), 0.2),
+                        mean=looks["vessel"], texture=0.04)
+
+    image = blur(scene.image, 0.6)
+    channels = []
+    for ch in image:
+        ch = rician(rng, ch * bias_field(rng, shape, spacing, 0.15, width * 0.6), 0.04)
+        channels.append(to_int16(ch * rng.uniform(300, 1500) + rng.uniform(0, 50)))
+    return SynthCase(tuple(channels), scene.label, iso_geometry(spacing))
