@@ -9,6 +9,10 @@ and the members meet in the one space they share, the original image's array (:f
     per class c: sum over members (in ensemble order) of the member's map c restored to the original array
                  -> running argmax (ties to the lower class)
 
+A region model (:mod:`autoseg.regions`) has a sigmoid per region instead of the softmax; its maps are summed
+the same way and each region, in ``regions_class_order``, paints its value where the sum exceeds 0.5 per
+member (later regions over earlier).
+
 That is exactly the averaging the selection scored: there, each member's out-of-fold probabilities (of the
 fold that held the case out, restored to the original array and stored as float16) were summed in ensemble
 order and the argmax taken; here each restored map is rounded to float16 the same way before it is added, and
@@ -28,6 +32,7 @@ import torch
 
 from autoseg.nets import build_network
 from autoseg.preprocess import restore_to_original
+from autoseg.regions import paint
 from autoseg.schema.plans import Configuration, Plans
 from autoseg.sliding_window import sliding_window
 
@@ -68,6 +73,7 @@ class MemberOutput:
     probabilities: torch.Tensor
     properties: dict[str, Any]
     cfg: Configuration
+    sigmoid: bool = False  # one independent probability per region (0 outside the crop for every map)
 
 
 def member_probabilities(member: Member, plans: Plans, data: np.ndarray, device: torch.device, *,
@@ -80,29 +86,34 @@ def member_probabilities(member: Member, plans: Plans, data: np.ndarray, device:
     for model in models:
         sliding_window(model, data, member.cfg.patch_size, plans.num_classes, member.cfg.ndim, device,
                        overlap=overlap, mirror_axes=mirror_axes, tile_batch=tile_batch, precision=precision,
-                       channels_last=member.cfg.channels_last, progress=progress, out=out, scale=1 / len(models))
+                       channels_last=member.cfg.channels_last, progress=progress, out=out, scale=1 / len(models),
+                       activation="sigmoid" if plans.regions else "softmax")
     return out
 
 
 def restore_class(output: MemberOutput, c: int) -> np.ndarray:
     """Class ``c`` of a member's probabilities in the original image's array (float32; outside the crop:
-    softmax background, 1 for class 0 and 0 for the others)."""
+    softmax background, 1 for class 0 and 0 for the others; every region 0)."""
     p = output.probabilities[c:c + 1].float().numpy()
-    return restore_to_original(p, output.properties, output.cfg, is_label=False, fill=1.0 if c == 0 else 0.0)[0]
+    fill = 1.0 if c == 0 and not output.sigmoid else 0.0
+    return restore_to_original(p, output.properties, output.cfg, is_label=False, fill=fill)[0]
 
 
-def combine(outputs: Sequence[MemberOutput], probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def combine(outputs: Sequence[MemberOutput], probabilities: bool = False,
+            regions_class_order: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray | None]:
     """The label map of the members' mean probabilities in the original array, restored one class at a
     time with a running argmax (the labels of restoring every map and taking the argmax, ties to the lower
     class, holding one class at the original size, not K); with ``probabilities`` also the mean maps
-    ``(K, *spatial)`` as float16.
+    ``(K, *spatial)`` as float16. With ``regions_class_order`` the maps are regions, each painted in turn
+    where present (:func:`autoseg.regions.paint`).
 
     Each member's restored map is rounded to float16 first, the precision the out-of-fold files keep: the
     label map is then exactly the argmax of those files (of their sum, for an ensemble), so the selection
     scores precisely the model ``autoseg predict`` runs."""
     classes = outputs[0].probabilities.shape[0]
     shape = outputs[0].properties["shape_original"]
-    seg = np.zeros(shape, np.uint8 if classes <= 256 else np.uint16)
+    top = max(regions_class_order) if regions_class_order else classes - 1
+    seg = np.zeros(shape, np.uint8 if top < 256 else np.uint16)
     maps = np.empty((classes, *shape), np.float16) if probabilities else None
     best = None
     for c in range(classes):
@@ -111,6 +122,9 @@ def combine(outputs: Sequence[MemberOutput], probabilities: bool = False) -> tup
             total += _as_stored(restore_class(other, c))
         if maps is not None:
             maps[c] = total / len(outputs) if len(outputs) > 1 else total
+        if regions_class_order:
+            paint(seg, total, regions_class_order[c], len(outputs))
+            continue
         if best is None:
             best = total
             continue

@@ -7,6 +7,7 @@ The model is one configuration or an ensemble of several (each with its trained 
 
     read channels -> per member: preprocess_case -> per fold: sliding-window probabilities -> mean over folds
     -> per class: the members' maps restored to the original array and summed, running argmax
+       (region models: a sigmoid per region, each painted in ``regions_class_order`` where above 0.5)
     -> post-processing rules (:mod:`autoseg.postprocess`, tuned on the model's out-of-fold labels)
     -> write with the input's geometry
 
@@ -125,8 +126,6 @@ class Predictor:
                                 f"(it has {', '.join(plans.configurations)})")
             if not weights.get(name):
                 raise UserError(f"no trained fold of configuration '{name}' to predict with")
-        if any(isinstance(v, list) for v in plans.labels.values()):
-            raise UserError("plans.json: region-based labels (sigmoid outputs) are not supported by predict yet")
         if mirror not in ("auto", "on", "off"):
             raise ValueError(f"mirror must be auto, on or off, not {mirror!r}")
         if not 0 <= overlap < 1:
@@ -264,12 +263,12 @@ class Predictor:
         outputs = []
         for member in self.members:
             data, props = cases.pop(0)
-            outputs.append(MemberOutput(self._probabilities(member, data), props, member.cfg))
+            outputs.append(MemberOutput(self._probabilities(member, data), props, member.cfg, bool(self.plans.regions)))
             del data
         return _Prepared(outputs, geometry)
 
     def _export(self, prep: _Prepared, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        seg, maps = combine(prep.outputs, probabilities)
+        seg, maps = combine(prep.outputs, probabilities, self.plans.regions_class_order if self.plans.regions else ())
         if self.postprocessing:
             seg = apply_postprocessing(seg, self.postprocessing, prep.geometry.spacing)
         return seg, maps

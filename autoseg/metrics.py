@@ -66,12 +66,15 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(p, r).sum()) / denom
 
 
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: list[int], ignore: int | None = None) -> dict[int, float]:
-    """Dice for each label value in ``classes``; voxels labelled ``ignore`` in the reference are left out."""
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int | tuple[int, ...]],
+                   ignore: int | None = None) -> dict:
+    """Dice for each label value in ``classes`` (a tuple of values: their union, a region); voxels labelled
+    ``ignore`` in the reference are left out."""
     if ignore is not None:
         keep = ref != ignore
         pred, ref = pred[keep], ref[keep]
-    return {c: dice(pred == c, ref == c) for c in classes}
+    return {c: dice(np.isin(pred, c), np.isin(ref, c)) if isinstance(c, tuple) else dice(pred == c, ref == c)
+            for c in classes}
 
 
 # --- surfaces --------------------------------------------------------------------------------------------

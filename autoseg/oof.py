@@ -7,8 +7,9 @@ the same label map, voxel for voxel, before post-processing.
 ``runs/<config>/fold_<k>/validation/``::
 
     <case>.npz          probabilities (float16, compressed) in the original geometry, (C, *spatial)
-    <case><ending>      the argmax label map, written with the original spacing/origin/direction
-    summary.json        Dice per case and class, and the mean per class (written last)
+    <case><ending>      the label map (argmax, or regions painted), with the original spacing/origin/direction
+    summary.json        Dice per case and class (region datasets: per region), and the mean per class
+                        (written last)
 """
 
 from __future__ import annotations
@@ -56,14 +57,14 @@ def predict_fold_validation(workdir: Workdir | Path | str, dataset: Path | str, 
     labels = {c.id: c.label for c in load_dataset(dataset).cases("Tr")}
     predictor = fold_predictor(run, plans, configuration, fold, device)
     run.validation.mkdir(parents=True, exist_ok=True)
-    classes = sorted(plans.class_names)
+    names = plans.scored_classes  # label values, or regions
     per_case = {}
     for cid in tqdm(case_ids, desc=f"validate fold {fold}", unit="case", disable=not progress):
         seg, maps, geometry = predict_cached(predictor, work.preprocessed(configuration), cid, probabilities=True)
         predictor.write(seg, maps, geometry, run.validation, cid, plans.file_ending)
         ref, _ = read_label(labels[cid])
-        per_case[cid] = {plans.class_names[c]: d for c, d in dice_per_class(seg, ref, classes, plans.ignore_label).items()}
-    means = {name: _nanmean([s[name] for s in per_case.values()]) for name in plans.class_names.values()}
+        per_case[cid] = {names[c]: d for c, d in dice_per_class(seg, ref, list(names), plans.ignore_label).items()}
+    means = {name: _nanmean([s[name] for s in per_case.values()]) for name in names.values()}
     summary = {**header("oof_summary"), "configuration": configuration, "fold": fold,
                "mean_dice": means, "foreground_mean_dice": _nanmean(list(means.values())), "cases": per_case}
     write_json(json_safe(summary), run.validation_summary)

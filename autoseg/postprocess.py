@@ -11,7 +11,11 @@ union (all classes as one mask) or for one class:
 - ``fill_holes``: background enclosed by one class becomes that class (other classes are left alone, so an
   inner structure is never overwritten by the one around it).
 
-Components use full connectivity (26 in 3D, 8 in 2D), as the fingerprint counts them. Rules are data,
+For a region dataset (:mod:`autoseg.schema.labels`) the classes scored and tuned are the regions: a rule's
+``classes`` are a region's values (its mask is their union; what a rule removes becomes background), the
+groups tried are each region's own (no foreground-union group: the largest region is that union), and the
+guard is per region. Components use full connectivity (26 in 3D, 8 in 2D), as the fingerprint counts them.
+Rules are data,
 kept in ``selection.json``, and run in order::
 
     [{"rule": "largest_component", "classes": [1, 2]}, {"rule": "remove_small", "classes": [2], "min_mm3": 40.0},
@@ -36,13 +40,14 @@ import numpy as np
 from scipy import ndimage
 
 from autoseg.errors import UserError
+from autoseg.schema.labels import ClassKey, key_values
 
 RULES = ("largest_component", "remove_small", "fill_holes")
 SIZE_FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5)  # of a class's typical smallest component: remove_small candidates
 MIN_GAIN = 1e-9  # mean Dice must rise by more than float noise
 
 Rule = dict
-Counts = dict[int, tuple[int, int, int]]  # class -> (tp, fp, fn) of one case
+Counts = dict[ClassKey, tuple[int, int, int]]  # class (a value, or a region's values) -> (tp, fp, fn) of one case
 
 
 # --- rules ---------------------------------------------------------------------------------------------
@@ -122,9 +127,10 @@ def apply_postprocessing(seg: np.ndarray, rules: Sequence[Rule], spacing: Sequen
     return seg
 
 
-def describe(rule: Rule, names: Mapping[int, str]) -> str:
-    """One readable line: ``remove_small tumour < 12.5 mm3``."""
-    who = "foreground" if len(rule["classes"]) > 1 else names.get(rule["classes"][0], str(rule["classes"][0]))
+def describe(rule: Rule, names: Mapping[ClassKey, str]) -> str:
+    """One readable line: ``remove_small tumour < 12.5 mm3`` (a region's rule by the region's name)."""
+    cs = rule["classes"]
+    who = names.get(tuple(cs)) or ("foreground" if len(cs) > 1 else names.get(cs[0], str(cs[0])))
     size = ""
     if rule["rule"] == "remove_small":
         size = f" < {rule['min_mm3']:.4g} mm3" if "min_mm3" in rule else f" < {rule['min_voxels']} voxels"
@@ -134,20 +140,27 @@ def describe(rule: Rule, names: Mapping[int, str]) -> str:
 # --- scores from counts ----------------------------------------------------------------------------------
 
 
-def case_counts(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int], ignore: int | None = None) -> Counts:
-    """(tp, fp, fn) per class from one confusion matrix; voxels labelled ``ignore`` in ``ref`` are left out."""
+def case_counts(pred: np.ndarray, ref: np.ndarray, classes: Sequence[ClassKey], ignore: int | None = None) -> Counts:
+    """(tp, fp, fn) per class (a region: the union of its values) from one confusion matrix; voxels labelled
+    ``ignore`` in ``ref`` are left out."""
     if ignore is not None:
         keep = ref != ignore
         pred, ref = pred[keep], ref[keep]
-    n = int(max(pred.max(initial=0), ref.max(initial=0), max(classes, default=0))) + 1
+    top = max((v for c in classes for v in key_values(c)), default=0)
+    n = int(max(pred.max(initial=0), ref.max(initial=0), top)) + 1
     conf = np.bincount(ref.ravel().astype(np.int64) * n + pred.ravel(), minlength=n * n).reshape(n, n)
-    return {c: (int(conf[c, c]), int(conf[:, c].sum() - conf[c, c]), int(conf[c].sum() - conf[c, c])) for c in classes}
+    out = {}
+    for c in classes:
+        v = list(key_values(c))
+        tp = int(conf[np.ix_(v, v)].sum())
+        out[c] = (tp, int(conf[:, v].sum()) - tp, int(conf[v].sum()) - tp)
+    return out
 
 
-def mean_dice(counts: Sequence[Counts], classes: Sequence[int]) -> tuple[dict[int, float | None], float | None]:
+def mean_dice(counts: Sequence[Counts], classes: Sequence[ClassKey]) -> tuple[dict, float | None]:
     """Mean Dice per class over cases (a class empty in both prediction and reference is left out, as in
     :mod:`autoseg.metrics`; None when it is empty everywhere), and their mean over the classes."""
-    per_class: dict[int, float | None] = {}
+    per_class: dict[ClassKey, float | None] = {}
     for c in classes:
         d = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in (k[c] for k in counts) if tp + fp + fn]
         per_class[c] = float(np.mean(d)) if d else None
@@ -190,25 +203,27 @@ class CaseLabels:
         return cls(id, pred[box].copy(), ref[box].copy(), tuple(float(s) for s in spacing))
 
 
-def size_bases(fingerprint: object | None, classes: Sequence[int]) -> dict[int, float]:
+def size_bases(fingerprint: object | None, classes: Sequence[ClassKey]) -> dict[ClassKey, float]:
     """Typical smallest component per class in mm3: the 5th-percentile class volume over the median number of
-    components per case, from the fingerprint's class statistics (classes it lacks get none)."""
+    components per case, from the fingerprint's class statistics (classes it lacks get none; it has label
+    values, so a region of several values gets none)."""
     if fingerprint is None:
         return {}
+    by_value = {key_values(c)[0]: c for c in classes if len(key_values(c)) == 1}
     out = {}
     for s in getattr(fingerprint, "classes", []):
-        if s.value in classes and s.cases_present and s.volume_mm3.get("p5", 0) > 0:
-            out[s.value] = float(s.volume_mm3["p5"]) / max(1.0, float(s.components_per_case.get("median", 1.0)))
+        if s.value in by_value and s.cases_present and s.volume_mm3.get("p5", 0) > 0:
+            out[by_value[s.value]] = float(s.volume_mm3["p5"]) / max(1.0, float(s.components_per_case.get("median", 1.0)))
     return out
 
 
-def size_bases_from_references(cases: Sequence[CaseLabels], classes: Sequence[int]) -> dict[int, float]:
-    """:func:`size_bases` measured on the references at hand, for a workdir without a fingerprint."""
-    volumes: dict[int, list[float]] = {c: [] for c in classes}
-    components: dict[int, list[int]] = {c: [] for c in classes}
+def size_bases_from_references(cases: Sequence[CaseLabels], classes: Sequence[ClassKey]) -> dict[ClassKey, float]:
+    """:func:`size_bases` measured on the references at hand (a workdir without a fingerprint, or a region)."""
+    volumes: dict[ClassKey, list[float]] = {c: [] for c in classes}
+    components: dict[ClassKey, list[int]] = {c: [] for c in classes}
     for case in cases:
         for c in classes:
-            mask = case.ref == c
+            mask = np.isin(case.ref, key_values(c))
             if mask.any():
                 volumes[c].append(int(mask.sum()) * float(np.prod(case.spacing)))
                 components[c].append(int(cc3d.connected_components(mask, connectivity=connectivity(mask.ndim),
@@ -217,27 +232,36 @@ def size_bases_from_references(cases: Sequence[CaseLabels], classes: Sequence[in
             for c in classes if volumes[c]}
 
 
-def candidate_groups(classes: Sequence[int], bases: Mapping[int, float]) -> list[list[Rule]]:
-    """The rules to try, in order; each group's alternatives compete and at most one of them is kept."""
+def _sizes(classes: list[int], base: float | None) -> list[Rule]:
+    """``remove_small`` alternatives: fractions of the typical smallest component (none without one)."""
+    if not base:
+        return []
+    return [{"rule": "remove_small", "classes": classes, "min_mm3": round(base * f, 6)} for f in SIZE_FRACTIONS]
+
+
+def candidate_groups(classes: Sequence[ClassKey], bases: Mapping[ClassKey, float]) -> list[list[Rule]]:
+    """The rules to try, in order; each group's alternatives compete and at most one of them is kept.
+    Label values: the foreground union first, then each class; regions: each region's own, in order (a hole
+    is filled only in a one-value region, whose value it gets)."""
     groups: list[list[Rule]] = []
+    if any(isinstance(c, tuple) for c in classes):
+        for r in classes:
+            values = list(key_values(r))
+            groups += [[{"rule": "largest_component", "classes": values}], _sizes(values, bases.get(r)),
+                       [{"rule": "fill_holes", "classes": values}] if len(values) == 1 else []]
+        return [g for g in groups if g]
     classes = sorted(classes)
-
-    def sizes(cs: list[int], base: float | None) -> list[Rule]:
-        if not base:
-            return []
-        return [{"rule": "remove_small", "classes": cs, "min_mm3": round(base * f, 6)} for f in SIZE_FRACTIONS]
-
     if len(classes) > 1:
         groups.append([{"rule": "largest_component", "classes": classes}])
-        groups.append(sizes(classes, min((bases[c] for c in classes if c in bases), default=None)))
+        groups.append(_sizes(classes, min((bases[c] for c in classes if c in bases), default=None)))
     for c in classes:
-        groups += [[{"rule": "largest_component", "classes": [c]}], sizes([c], bases.get(c)),
+        groups += [[{"rule": "largest_component", "classes": [c]}], _sizes([c], bases.get(c)),
                    [{"rule": "fill_holes", "classes": [c]}]]
     return [g for g in groups if g]
 
 
-def tune_postprocessing(cases: Sequence[CaseLabels], classes: Sequence[int], ignore: int | None = None,
-                        bases: Mapping[int, float] | None = None,
+def tune_postprocessing(cases: Sequence[CaseLabels], classes: Sequence[ClassKey], ignore: int | None = None,
+                        bases: Mapping[ClassKey, float] | None = None,
                         groups: Sequence[Sequence[Rule]] | None = None) -> tuple[list[Rule], list[dict]]:
     """Choose rules greedily on out-of-fold label maps; returns (kept rules, one log entry per candidate).
 

@@ -2,7 +2,8 @@
 
 Every case of a trained fold's held-out set was predicted and stored at its original geometry
 (:mod:`autoseg.oof`); scoring those against the raw reference labels is the cross-validation estimate
-this stage compares models by (mean foreground Dice: mean over classes of the mean over cases).
+this stage compares models by (mean foreground Dice: mean over classes of the mean over cases; for a region
+dataset the classes are the regions, e.g. whole tumour, tumour core, enhancing tumour).
 
 1. Each configuration is scored on the cases its folds predicted; the best single one is ranked on the
    cases every configuration predicted (when they share any), so a run with fewer folds is not compared
@@ -45,6 +46,8 @@ from autoseg.postprocess import (
     size_bases_from_references,
     tune_postprocessing,
 )
+from autoseg.regions import regions_to_labels
+from autoseg.schema.labels import ClassKey, key_values
 from autoseg.schema.selection import Selection, model_name
 from autoseg.workdir import RunDir, Workdir
 
@@ -78,9 +81,10 @@ def find_oof(workdir: Workdir | Path | str) -> dict[str, RunOutputs]:
 class _Scorer:
     """Per-case Dice counts of models (tuples of configurations), computed once and kept by case."""
 
-    def __init__(self, runs: dict[str, RunOutputs], refs: dict[str, Path], classes: list[int],
-                 ignore: int | None, ending: str):
+    def __init__(self, runs: dict[str, RunOutputs], refs: dict[str, Path], classes: list[ClassKey],
+                 ignore: int | None, ending: str, regions_class_order: list[int] | None = None):
         self.runs, self.refs, self.classes, self.ignore, self.ending = runs, refs, classes, ignore, ending
+        self.regions_class_order = regions_class_order or []  # set: the probabilities are regions'
         self.counts: dict[Members, dict[str, Counts]] = {}
 
     def cover(self, members: Iterable[str]) -> set[str]:
@@ -97,13 +101,16 @@ class _Scorer:
 
     def labels(self, members: Members, cid: str, total: np.ndarray | None = None) -> np.ndarray:
         """The model's label map: a single configuration's exported one, an ensemble's mean-probability argmax
-        (``total``: the members' summed probabilities when the caller has them)."""
+        or, for regions, its regions painted where their mean is above 0.5 (``total``: the members' summed
+        probabilities when the caller has them), as :func:`autoseg.ensemble.combine` makes it."""
         if len(members) == 1 and total is None:
             path = self.runs[members[0]].cases[cid].oof_labels(cid, self.ending)
             if path.is_file():
                 return read_label(path)[0]
         if total is None:
             total = sum(self.probabilities(m, cid) for m in members)
+        if self.regions_class_order:
+            return regions_to_labels(total, self.regions_class_order, len(members))
         return total.argmax(0).astype(np.uint8 if total.shape[0] <= 256 else np.uint16)
 
     def _store(self, members: Members, cid: str, pred: np.ndarray, ref: np.ndarray) -> None:
@@ -131,10 +138,10 @@ class _Scorer:
             for c in todo:
                 self._store((*ensemble, c), cid, self.labels((*ensemble, c), cid, base + self.probabilities(c, cid)), ref)
 
-    def score(self, members: Members, cases: Iterable[str]) -> tuple[dict[int, float | None], float | None]:
+    def score(self, members: Members, cases: Iterable[str]) -> tuple[dict[ClassKey, float | None], float | None]:
         return mean_dice([self.counts[members][c] for c in sorted(cases)], self.classes)
 
-    def record(self, members: Members, names: dict[int, str]) -> dict:
+    def record(self, members: Members, names: dict[ClassKey, str]) -> dict:
         cases = self.cover(members)
         per_class, mean = self.score(members, cases)
         folds = sorted({self.runs[m].fold_of[c] for m in members for c in cases})
@@ -169,13 +176,15 @@ def greedy_ensemble(scorer: _Scorer, names: list[str]) -> tuple[Members, list[di
     return ensemble, steps
 
 
-def _tune(scorer: _Scorer, members: Members, fingerprint: object | None, names: dict[int, str]) -> dict:
+def _tune(scorer: _Scorer, members: Members, fingerprint: object | None, names: dict[ClassKey, str]) -> dict:
     """Post-processing rules for one model, with the log of every candidate tried."""
     cases = []
     for cid in sorted(scorer.cover(members)):
         ref, spacing = scorer.reference(cid)
         cases.append(CaseLabels.cropped(cid, scorer.labels(members, cid), ref, spacing))
-    bases = size_bases(fingerprint, scorer.classes) or size_bases_from_references(cases, scorer.classes)
+    bases = size_bases(fingerprint, scorer.classes)
+    missing = [c for c in scorer.classes if c not in bases]  # no fingerprint, or a region of several values
+    bases.update(size_bases_from_references(cases, missing) if missing else {})
     rules, log = tune_postprocessing(cases, scorer.classes, scorer.ignore, bases)
     before = log[0]["before"] if log else None
     after = next((e["after"] for e in reversed(log) if e["kept"]), before)
@@ -197,8 +206,9 @@ def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postpro
         raise UserError(f"{work.runs_dir}: no out-of-fold predictions (no fold's validation has finished); "
                         "run `autoseg train` first")
     refs = {c.id: c.label for c in load_dataset(dataset_dir).cases("Tr") if c.label is not None and c.label.is_file()}
-    classes, names = sorted(plans.class_names), dict(plans.class_names)
-    scorer = _Scorer(runs, refs, classes, plans.ignore_label, plans.file_ending)
+    names = plans.scored_classes  # label values, or regions
+    scorer = _Scorer(runs, refs, list(names), plans.ignore_label, plans.file_ending,
+                     plans.regions_class_order if plans.regions else None)
     order = [r["configuration"] for r in plans.train_runs] + list(plans.configurations)
     scored = sorted((n for n in runs if scorer.cover([n])), key=order.index)
     if not scored:
@@ -207,7 +217,7 @@ def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postpro
     ensemble, steps = greedy_ensemble(scorer, scored)
     models = sorted(scorer.counts, key=lambda m: (len(m), [order.index(n) for n in m]))
     selection = Selection(configuration=ensemble[0], ensemble=list(ensemble),
-                          classes={str(c): n for c, n in names.items()},
+                          classes={",".join(map(str, key_values(c))): n for c, n in names.items()},
                           cv={model_name(m): scorer.record(m, names) for m in models}, greedy=steps,
                           postprocessing_by_model={model_name(m): [] for m in dict.fromkeys([ensemble, ensemble[:1]])})
     if postprocessing:

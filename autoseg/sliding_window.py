@@ -29,6 +29,7 @@ from torch import nn
 
 from autoseg.device import AUTOCAST
 
+ACTIVATIONS = ("softmax", "sigmoid")  # label maps; regions (one independent probability per output)
 SIGMA_SCALE = 1 / 8  # the Gaussian's sigma as a fraction of the patch, per axis (nnU-Net's value)
 
 
@@ -85,8 +86,9 @@ def sliding_window(model: nn.Module, data: np.ndarray | torch.Tensor, patch: Seq
                    ndim: int, device: str | torch.device = "cpu", overlap: float = 0.5,
                    mirror_axes: Sequence[int] = (), tile_batch: int = 4, precision: str = "fp32",
                    channels_last: bool = False, progress=None, out: torch.Tensor | None = None,
-                   scale: float = 1.0) -> torch.Tensor:
-    """Class probabilities ``(num_classes, Z, Y, X)`` (on CPU) of a preprocessed case ``(C, Z, Y, X)``.
+                   scale: float = 1.0, activation: str = "softmax") -> torch.Tensor:
+    """Class probabilities ``(num_classes, Z, Y, X)`` (on CPU) of a preprocessed case ``(C, Z, Y, X)``;
+    ``activation`` "sigmoid" gives each channel's own probability (region models) instead of the softmax.
 
     With ``out`` (a CPU tensor of that shape, float32 or float16), ``scale`` times the probabilities are
     added into it and it is returned: the folds of a model add ``1 / folds`` each into one buffer. Without
@@ -95,6 +97,8 @@ def sliding_window(model: nn.Module, data: np.ndarray | torch.Tensor, patch: Seq
 
     Memory: ``out`` and the tiles of one batch; ``data`` is read tile by tile (a memory map stays one).
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {activation!r}")
     dev = torch.device(device)
     model.eval()
     shape = list(data.shape[1:])
@@ -123,7 +127,7 @@ def sliding_window(model: nn.Module, data: np.ndarray | torch.Tensor, patch: Seq
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
                 y = model(torch.flip(tiles, dims) if dims else tiles)
             y = y[0] if isinstance(y, (list, tuple)) else y
-            y = torch.softmax(y.float(), 1)
+            y = torch.softmax(y.float(), 1) if activation == "softmax" else torch.sigmoid(y.float())
             y = torch.flip(y, dims) if dims else y
             probs = y if probs is None else probs.add_(y)
         probs = probs.cpu()

@@ -30,6 +30,7 @@ from autoseg.distributed import DistContext
 from autoseg.errors import UserError
 from autoseg.losses import build_loss
 from autoseg.nets import build_network, training_outputs
+from autoseg.regions import region_masks
 from autoseg.schema.plans import Augmentation, Configuration, Optimizer, Plans
 from autoseg.trainlog import TrainLog
 from autoseg.workdir import RunDir, Workdir
@@ -90,21 +91,26 @@ class RankBatches:
 
 
 class PatchDice:
-    """Global Dice per class over validation patches, from accumulated TP/FP/FN (nnU-Net's pseudo Dice)."""
+    """Global Dice per class over validation patches, from accumulated TP/FP/FN (nnU-Net's pseudo Dice).
+    With ``regions`` the classes are the regions: sigmoid above 0.5 against the region masks."""
 
-    def __init__(self, num_classes: int):
-        self.tp = np.zeros(num_classes - 1)
-        self.fp = np.zeros(num_classes - 1)
-        self.fn = np.zeros(num_classes - 1)
+    def __init__(self, num_classes: int, regions: list[tuple[int, ...]] | None = None):
+        n = len(regions) if regions else num_classes - 1
+        self.regions = regions
+        self.tp, self.fp, self.fn = np.zeros(n), np.zeros(n), np.zeros(n)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, ignore: int | None) -> None:
-        pred = logits.argmax(1)
         valid = (target != ignore) if ignore is not None else torch.ones_like(target, dtype=torch.bool)
-        for c in range(1, len(self.tp) + 1):
-            p, t = (pred == c) & valid, (target == c) & valid
-            self.tp[c - 1] += (p & t).sum().item()
-            self.fp[c - 1] += (p & ~t).sum().item()
-            self.fn[c - 1] += (~p & t).sum().item()
+        if self.regions:  # sigmoid above 0.5 against each region's mask
+            preds, truths = (logits > 0).unbind(1), region_masks(target, self.regions).unbind(1)
+        else:
+            pred, classes = logits.argmax(1), range(1, len(self.tp) + 1)
+            preds, truths = [pred == c for c in classes], [target == c for c in classes]
+        for k, (p, t) in enumerate(zip(preds, truths)):
+            p, t = p & valid, t & valid
+            self.tp[k] += (p & t).sum().item()
+            self.fp[k] += (p & ~t).sum().item()
+            self.fn[k] += (~p & t).sum().item()
 
     def dice(self) -> np.ndarray:
         denom = 2 * self.tp + self.fp + self.fn
@@ -189,7 +195,7 @@ class Trainer:
         optimizer = make_optimizer(cfg.optimizer, model)
         scaler = torch.amp.GradScaler(dev.type) if cfg.precision == "fp16" and dev.type == "cuda" else None
         n_outputs = training_outputs(cfg.network, plans.in_channels, plans.num_classes, cfg.ndim)
-        loss_fn = build_loss(cfg.loss, plans.num_classes, plans.ignore_label, n_outputs)
+        loss_fn = build_loss(cfg.loss, plans.num_classes, plans.ignore_label, n_outputs, plans.regions)
 
         state, start = self._resume(model, optimizer, scaler)
         if start == 0 and state.get("init_weights") and dist.is_main:
@@ -209,7 +215,7 @@ class Trainer:
             state.setdefault("extensions", []).append({"at_step": start, "steps": more, "seconds": self.extend_s})
         model = dist.wrap(model)
         self.folder.mkdir(parents=True, exist_ok=True)
-        log = TrainLog(self.run, plans.class_names)
+        log = TrainLog(self.run, plans.scored_classes)
         per_rank = replace(cfg, batch_size=max(1, math.ceil(cfg.batch_size / dist.world)))
         if dist.is_main:
             remove_stale_temp_files(self.folder)
@@ -387,10 +393,10 @@ class Trainer:
     @torch.inference_mode()
     def _validate(self, model, val_maker, dist) -> np.ndarray:
         if not dist.is_main:
-            return np.full(self.plans.num_classes - 1, np.nan)
+            return np.full(len(self.plans.scored_classes), np.nan)
         net = unwrap(model)
         net.eval()
-        scores = PatchDice(self.plans.num_classes)
+        scores = PatchDice(self.plans.num_classes, self.plans.regions)
         for k in range(VALIDATION_BATCHES):
             b = val_maker.make(k)
             data = torch.as_tensor(b["data"]).to(dist.device)
@@ -405,7 +411,7 @@ class Trainer:
 
     def _dice_row(self, dice: np.ndarray) -> dict:
         row = {"val_dice_mean": float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")}
-        for (_, name), d in zip(sorted(self.plans.class_names.items()), dice):
+        for name, d in zip(self.plans.scored_classes.values(), dice):
             row[f"val_dice_{name}"] = float(d)
         return row
 

@@ -4,6 +4,7 @@ what it tells afterwards: when each class was first learned (:func:`time_to_dice
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def time_to_dice(rows: list[dict[str, str]], classes: list[str], threshold: floa
 class TrainLog:
     """Rows of step, time, lr, loss and per-class validation Dice; tolerant of a resumed run."""
 
-    def __init__(self, run: RunDir, class_names: dict[int, str]):
+    def __init__(self, run: RunDir, class_names: Mapping[object, str]):
         self.run = run
         self.path = run.log
         self.class_names = class_names

@@ -73,7 +73,6 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     get_planner(planner)
     timings = {}
     t = time.perf_counter()
-    refuse_regions(dataset)
     problems = validate_dataset(dataset, jobs=jobs, progress=progress)
     if problems:
         raise DatasetError(problems)
@@ -107,20 +106,6 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     done = preprocess(dataset, work, plans, fp, configurations=names, jobs=jobs, progress=progress)
     timings["preprocess"] = time.perf_counter() - t
     return PlanResult(work, fp, plans, replanned, done, timings)
-
-
-def refuse_regions(dataset: Path | str) -> None:
-    """Region-based labels (nnU-Net's BraTS style: overlapping classes trained with one sigmoid output each)
-    need their own loss, validation Dice and label painting at prediction; until those exist such a dataset
-    is refused here rather than trained as if its classes were exclusive."""
-    from autoseg.dataset import load_dataset
-    from autoseg.errors import UserError
-
-    ds = load_dataset(dataset)
-    if ds.has_regions:
-        name, values = next((k, v) for k, v in ds.labels.items() if isinstance(v, list))
-        raise UserError(f"{Path(dataset) / 'dataset.json'}: region-based labels ('{name}': {values}) are not "
-                        f"supported for training yet; give each class one integer label value")
 
 
 def trained_configurations(plans: Plans) -> list[str]:

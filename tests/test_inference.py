@@ -83,3 +83,94 @@ def test_ensemble_labels_the_selection_scored_and_autoseg_predict_are_identical(
             expected = apply_postprocessing(scorer.labels(tuple(MEMBERS), case), rules, ref_spacing)
             seg, _ = predict_cli(work, ds / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / f"{case}", fold)
             assert len(np.unique(expected)) > 1 and np.array_equal(seg, expected), case
+
+
+# --- a region model (BraTS-like): sigmoid per region, painted in regions_class_order ----------------------
+
+REGION_HELD_OUT = {0: ["bratslike_000"], 1: ["bratslike_001", "bratslike_002"]}
+REGION_MEMBERS = ["3d_fullres", "2d"]
+
+
+def predict_region_case(ds: Path, case: str, tmp_path: Path, fold: int, *extra: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict_cli` of a four-channel case: its channel files in a folder of their own."""
+    images = tmp_path / f"{case}_in"
+    images.mkdir()
+    for f in (ds / "imagesTr").glob(f"{case}_000?.nii.gz"):
+        shutil.copy(f, images / f.name)
+    assert run(["-q", "predict", str(work_of(ds)), str(images), str(tmp_path / case), "--folds", str(fold),
+                "--mirror", "off", "--save-probabilities", *extra]) == 0
+    with np.load(tmp_path / case / f"{case}.npz") as f:
+        return read_label(tmp_path / case / f"{case}.nii.gz")[0], f["probabilities"]
+
+
+def work_of(ds: Path) -> Path:
+    return ds.parent / "work"
+
+
+@pytest.fixture(scope="module")
+def regions(tmp_path_factory) -> tuple[Path, Path]:
+    """brats-like with a 3D and a 2D configuration, two random folds each, their out-of-fold outputs from the
+    real validation code, and a selection forced to the ensemble of both with a region rule."""
+    import json
+    from dataclasses import replace
+
+    from test_predict import hand_plans, save_random_folds
+
+    from autoseg.select import select_model
+    from autoseg.synth import generate
+    from autoseg.workdir import SELECTION_FILE
+
+    root = tmp_path_factory.mktemp("regions")
+    ds = generate("brats-like", root / "ds", size="tiny", cases=3, seed=2)
+    fp = extract_fingerprint(ds, jobs=1)
+    full = hand_plans(fp, "3d_fullres", 3, [16, 16, 16], [1, 2])
+    flat = hand_plans(fp, "2d", 2, [16, 16], [0, 1]).configurations["2d"]
+    plans = replace(full, configurations={"3d_fullres": full.configurations["3d_fullres"], "2d": flat},
+                    train_runs=[{"configuration": c, "fold": k, "seconds": 1.0} for c in REGION_MEMBERS for k in (0, 1)])
+    work = root / "work"
+    plans.save(work / "plans.json")
+    fp.save(work / "fingerprint.json")
+    for c in REGION_MEMBERS:
+        save_random_folds(work, plans, c)
+    preprocess(ds, work, plans, fp, jobs=1)
+    for c in REGION_MEMBERS:
+        for k, cases in REGION_HELD_OUT.items():
+            predict_fold_validation(work, ds, plans, c, k, cases)
+    selection = select_model(work, ds, postprocessing=False).to_dict()
+    rule = [{"rule": "largest_component", "classes": [1, 2, 3]}]  # the whole tumour region's
+    selection.update(configuration=REGION_MEMBERS[0], ensemble=REGION_MEMBERS, postprocessing=rule,
+                     postprocessing_by_model={"+".join(REGION_MEMBERS): rule, REGION_MEMBERS[0]: []})
+    (work / SELECTION_FILE).write_text(json.dumps(selection))
+    return ds, work
+
+
+def test_region_out_of_fold_labels_and_autoseg_predict_of_the_same_fold_are_identical(regions, tmp_path):
+    from autoseg.regions import regions_to_labels
+
+    ds, work = regions
+    for fold, cases in REGION_HELD_OUT.items():
+        for case in cases:
+            oof_seg, oof_maps = oof_outputs(work, "3d_fullres", fold, case)
+            seg, maps = predict_region_case(ds, case, tmp_path, fold, "--config", "3d_fullres")
+            assert maps.shape[0] == 3  # one map per region, no background
+            assert np.array_equal(seg, oof_seg) and np.array_equal(maps, oof_maps), case
+            assert np.array_equal(oof_seg, regions_to_labels(oof_maps.astype(np.float32), [1, 2, 3]))
+            assert len(np.unique(oof_seg)) > 1
+
+
+def test_region_ensemble_the_selection_scored_and_autoseg_predict_are_identical(regions, tmp_path):
+    from autoseg.select import _Scorer
+
+    ds, work = regions
+    selection = Workdir(work).load_selection()
+    rules = selection.rules_for(REGION_MEMBERS)
+    assert selection.ensemble == REGION_MEMBERS and rules
+    assert list(selection.classes.values()) == ["whole tumour", "tumour core", "enhancing tumour"]
+    refs = {p.name.replace(".nii.gz", ""): p for p in (ds / "labelsTr").glob("*.nii.gz")}
+    scorer = _Scorer(find_oof(work), refs, [(1, 2, 3), (2, 3), (3,)], None, ".nii.gz", [1, 2, 3])
+    for fold, cases in REGION_HELD_OUT.items():
+        for case in cases:
+            expected = apply_postprocessing(scorer.labels(tuple(REGION_MEMBERS), case), rules,
+                                            scorer.reference(case)[1])
+            seg, _ = predict_region_case(ds, case, tmp_path, fold)
+            assert len(np.unique(expected)) > 1 and np.array_equal(seg, expected), case

@@ -652,7 +652,7 @@ def test_planner_errors_name_the_planner(tmp_path: Path):
 
 # --- `autoseg plan` end to end on the synthetic tasks ----------------------------------------------------
 
-TASKS = ("ct-aniso", "mri-nested", "mr-2ch", "png-2d")
+TASKS = ("ct-aniso", "mri-nested", "mr-2ch", "png-2d", "brats-like")
 CASES = 3
 PLAN_ARGS = ["--budget", "5m", "--device", "cpu", "-j", "1"]
 
@@ -791,18 +791,18 @@ def test_train_preprocesses_a_configuration_plan_left_for_later(planned, tmp_pat
     assert ensure_preprocessed(data, work, plans, ["2d", "3d_fullres"]) == {"2d": 0, "3d_fullres": 0}
 
 
-def test_region_labels_are_refused_with_one_clear_line(planned, tmp_path: Path, capsys):
-    data, _ = planned["mri-nested"]
-    regions = tmp_path / "regions"
-    shutil.copytree(data, regions)
-    meta = json.loads((regions / "dataset.json").read_text())
-    meta["labels"] = {"background": 0, "whole": [1, 2], "lesion": 2}
-    meta["regions_class_order"] = [1, 2]
-    (regions / "dataset.json").write_text(json.dumps(meta))
-    assert run(["plan", str(regions), "-w", str(tmp_path / "w"), *PLAN_ARGS]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "region-based labels ('whole': [1, 2])" in err[0] and "dataset.json" in err[0]
-    assert not (tmp_path / "w" / PLANS_FILE).exists()
+def test_a_region_dataset_plans_one_sigmoid_output_per_region(planned):
+    """dataset.json's regions decide, no flag: dice_bce, no background output, the paint order in plans.json,
+    oversampling weights for every label value (so the smallest region's voxels are centred on too)."""
+    plans = _plans(planned, "brats-like")
+    assert plans.regions == [(1, 2, 3), (2, 3), (3,)] and plans.num_classes == 3
+    assert plans.regions_class_order == [1, 2, 3]
+    assert list(plans.scored_classes.values()) == ["whole tumour", "tumour core", "enhancing tumour"]
+    for cfg in plans.configurations.values():
+        assert cfg.loss.name == "dice_bce" and cfg.optimizer.name == "sgd"  # sigmoid outputs: not AdamW
+        assert set(cfg.sampling.class_weights) == {"1", "2", "3"}
+    assert any(n.startswith("regions: one sigmoid output per region") for n in plans.notes)
+    assert Plans.load(planned["brats-like"][1] / PLANS_FILE) == plans  # it reads back
 
 
 @pytest.fixture(scope="module")

@@ -202,3 +202,39 @@ def test_crops_give_the_same_dice_as_the_full_arrays():
     case = _case(0, pred, ref)
     assert case.pred.size < pred.size
     assert case_counts(case.pred, case.ref, [1, 2]) == case_counts(pred, ref, [1, 2])
+
+
+# --- regions: rules and the guard per region --------------------------------------------------------------
+
+REGIONS = [(1, 2, 3), (2, 3), (3,)]
+
+
+def test_region_counts_are_those_of_the_union_of_their_values():
+    rng = np.random.default_rng(4)
+    pred, ref = rng.integers(0, 4, (6, 7, 8)), rng.integers(0, 5, (6, 7, 8))  # 4: ignored
+    counts = case_counts(pred, ref, REGIONS, ignore=4)
+    keep = ref != 4
+    for r in REGIONS:
+        p, t = np.isin(pred, r)[keep], np.isin(ref, r)[keep]
+        assert counts[r] == (int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum()))
+
+
+def test_region_candidates_are_each_regions_own_and_fill_holes_only_one_value_regions():
+    groups = candidate_groups(REGIONS, {(1, 2, 3): 100.0})
+    rules = [g[0]["rule"] + str(g[0]["classes"]) for g in groups]
+    assert rules == ["largest_component[1, 2, 3]", "remove_small[1, 2, 3]", "largest_component[2, 3]",
+                     "largest_component[3]", "fill_holes[3]"]
+
+
+def test_a_region_rule_that_would_lower_another_region_is_refused():
+    """A speck of enhancing tumour outside the tumour: largest_component of the core region removes it (the
+    core gains) but a second true whole-tumour component nearby is enhancing too: removing it costs the whole
+    tumour region, so the rule is refused."""
+    ref = np.zeros((1, 12, 12), np.uint8)
+    ref[0, 1:5, 1:5], ref[0, 2:4, 2:4] = 1, 3  # the tumour: oedema around an enhancing core
+    ref[0, 8:11, 8:11] = 1  # a second oedema component, no core
+    pred = ref.copy()
+    pred[0, 9, 9] = 3  # the network calls its centre enhancing: a false positive for core and enhancing
+    case = CaseLabels.cropped("c", pred, ref, (1.0, 1.0, 1.0))
+    rules, log = tune_postprocessing([case], REGIONS, groups=[[{"rule": "largest_component", "classes": [2, 3]}]])
+    assert rules == [] and log[0]["after"] > log[0]["before"] and not log[0]["acceptable"]

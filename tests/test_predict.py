@@ -23,7 +23,8 @@ from autoseg.inference import Predictor, mirror_rule
 from autoseg.io import read_image, read_label, write_image
 from autoseg.nets import build_network
 from autoseg.plan import rules
-from autoseg.schema.plans import Augmentation, Configuration, Network, Plans
+from autoseg.schema.labels import regions_of
+from autoseg.schema.plans import Augmentation, Configuration, Loss, Network, Plans
 from autoseg.synth import generate
 from autoseg.workdir import FINAL, Workdir
 
@@ -38,9 +39,11 @@ def hand_plans(fp, name: str, ndim: int, patch: list[int], mirror_axes: list[int
                         patch_size=patch, batch_size=2, normalization=rules.normalization(fp),
                         resampling=rules.resampling(spacing), network=net,
                         augmentation=Augmentation(mirror_axes=mirror_axes))
+    if regions_of(fp.labels):  # a region dataset: one sigmoid output per region
+        cfg = replace(cfg, loss=Loss("dice_bce"))
     return Plans(fp.dataset_name, fp.dataset_hash, "test", {"type": "cpu"}, 60.0, {name: cfg},
                  axis_order=list(range(fp.ndim)), channel_names=fp.channel_names, labels=fp.labels,
-                 file_ending=fp.file_ending, folds=2,
+                 regions_class_order=list(fp.regions_class_order), file_ending=fp.file_ending, folds=2,
                  train_runs=[{"configuration": name, "fold": 0, "seconds": 1.0}])
 
 

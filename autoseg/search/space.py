@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.plan.rules import ANISOTROPY_THRESHOLD, features_per_stage, topology
-from autoseg.schema.plans import Configuration, _check_configuration
+from autoseg.schema.plans import REGION_LOSSES, Configuration, _check_configuration
 
 FAMILIES = ("unet", "resenc_unet", "deeplabv3plus", "fcn")
 LOSSES = ("dice_ce", "dice", "jaccard", "focal_dice")
@@ -103,7 +103,10 @@ def patch_candidates(cfg: Configuration, memory_bytes: float) -> list[list[int]]
 def derive_space(cfg: Configuration, memory_bytes: float) -> SearchSpace:
     """The space around ``cfg`` (the rules' configuration); every rules' value is one of its choices."""
     families = list(FAMILIES) + ([cfg.network.family] if cfg.network.family not in FAMILIES else [])
-    losses = list(LOSSES) + ([cfg.loss.name] if cfg.loss.name not in LOSSES else [])
+    if cfg.loss.name in REGION_LOSSES:  # regions train sigmoid outputs: the label-map losses do not apply
+        losses = [cfg.loss.name]
+    else:
+        losses = list(LOSSES) + ([cfg.loss.name] if cfg.loss.name not in LOSSES else [])
     b = cfg.batch_size
     lr = cfg.optimizer.lr
     return SearchSpace(configuration=cfg.name, families=families, patches=[patch_key(p) for p in

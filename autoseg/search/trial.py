@@ -30,7 +30,7 @@ MAX_SCORE_CASES = 8  # held-out cases of fold 0 scored per trial
 
 def score_trial(run: RunDir, work: Workdir, dataset: Path | None, plans: Plans, configuration: str, fold: int,
                 case_ids: list[str], device: str) -> float:
-    """Mean foreground Dice of the trial's predictions of (up to :data:`MAX_SCORE_CASES` of) the fold's
+    """Mean foreground Dice (region datasets: mean region Dice) of the trial's predictions of (up to :data:`MAX_SCORE_CASES` of) the fold's
     held-out cases: the inference engine from the preprocessed cache to the original geometry, against the
     raw labels. The same measure for every trial, whatever its patch or spacing, and what the final model's
     cross-validation reports."""
@@ -44,8 +44,8 @@ def score_trial(run: RunDir, work: Workdir, dataset: Path | None, plans: Plans, 
                         "labels (pass --dataset to `autoseg search-worker`)")
     labels = {c.id: c.label for c in load_dataset(dataset).cases("Tr")}
     predictor = fold_predictor(run, plans, configuration, fold, device)
-    classes = sorted(plans.class_names)
-    per_class: dict[int, list[float]] = {c: [] for c in classes}
+    classes = list(plans.scored_classes)  # label values, or regions
+    per_class: dict = {c: [] for c in classes}
     for cid in case_ids[:MAX_SCORE_CASES]:
         seg, _, _ = predict_cached(predictor, work.preprocessed(configuration), cid)
         ref, _ = read_label(labels[cid])
