@@ -44,6 +44,30 @@ PIPELINE = [
     "maps in that order; argmax; apply the postprocessing.json rules of the model (key: configurations joined "
     "by '+')",
 ]
+# a region model (output "activation": "sigmoid"): the same steps with each output's own sigmoid for the softmax,
+# and the label map painted from the regions instead of the argmax
+REGION_STEPS = {
+    5: "sliding window with tiles of patch_size (overlap 0.5): each tile's sigmoid per output (one output per region; "
+       "mean over the optional flips of mirror_axes) times a Gaussian weight, divided per voxel by the sum of the "
+       "weights of the tiles over it; mean over the folds",
+    6: "undo resampling, cropping and transposition (0 outside the crop); with several configurations (manifest "
+       "ensemble) sum their maps in that order; for each region i in output order, where its summed map exceeds "
+       "0.5 times the number of configurations, write the label value regions_class_order[i] (later regions over "
+       "earlier); apply the postprocessing.json rules of the model (key: configurations joined by '+')",
+}
+
+
+def _regions(plans) -> dict:
+    """The region definition an exported region model needs: each output's name and values, the paint order."""
+    from autoseg.schema.labels import regions_of
+
+    return {"outputs": [{"name": n, "values": list(v)} for n, v in regions_of(plans.labels).items()],
+            "regions_class_order": list(plans.regions_class_order)}
+
+
+def pipeline(plans) -> list[str]:
+    """The steps that turn an exported network's logits into the model's label map, for this model's outputs."""
+    return [REGION_STEPS.get(i, step) for i, step in enumerate(PIPELINE)] if plans.regions else list(PIPELINE)
 
 
 def _missing(what: str) -> UserError:
@@ -132,7 +156,8 @@ def export_bundle(bundle: Path | str, onnx_dir: Path | str | None = None, torchs
                          "input": {"name": "image", "shape": ["batch", b.plans.in_channels, *[f"spatial_{i}" for i in
                                                                                              range(len(spatial))]],
                                    "dtype": "float32", "traced_shape": [1, b.plans.in_channels, *spatial]},
-                         "output": {"name": "logits", "classes": b.plans.num_classes}}
+                         "output": {"name": "logits", "classes": b.plans.num_classes,
+                                    "activation": "sigmoid" if b.plans.regions else "softmax"}}
                 line = f"wrote {path}"
                 if check:
                     x = torch.randn(2, b.plans.in_channels, *_parity_shape(spatial, cfg.network.strides), generator=gen)
@@ -152,7 +177,9 @@ def export_bundle(bundle: Path | str, onnx_dir: Path | str | None = None, torchs
         (out / CARD).write_text(b.card)
         info = {**header("export"), "format": kind, "source": str(bundle), "dataset": b.plans.dataset_name,
                 "configuration": b.configuration, "channels": b.plans.channel_names, "labels": b.plans.labels,
-                "ensemble": "mean of the folds' probabilities per configuration; sum over the manifest's ensemble", "pipeline": PIPELINE, "models": models}
+                **({"regions": _regions(b.plans)} if b.plans.regions else {}),
+                "ensemble": "mean of the folds' probabilities per configuration; sum over the manifest's ensemble",
+                "pipeline": pipeline(b.plans), "models": models}
         (out / "export.json").write_text(dumps_json(info))
         lines.append(f"wrote {out / 'export.json'}, {PLANS_MEMBER}, {POSTPROCESSING} and {CARD} beside the models")
     return lines

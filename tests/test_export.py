@@ -95,3 +95,17 @@ def test_export_needs_a_format(bundle, capsys):
 
 def test_parity_input_is_a_stride_multiple_other_than_the_patch():
     assert _parity_shape([8, 16, 16], [[1, 1, 1], [1, 2, 2], [2, 2, 2]]) == [10, 20, 20]
+
+
+def test_a_region_model_exports_its_regions_and_sigmoid_pipeline(tmp_path):
+    _, work, _ = make_workdir(tmp_path / "regions", "brats-like", "3d_fullres", 3, [16, 16, 16], [1, 2], cases=2)
+    out = tmp_path / "ts"
+    assert run(["-q", "export", str(pack_bundle(work)), "--torchscript", str(out)]) == 0
+    info = json.loads((out / "export.json").read_text())
+    assert info["regions"] == {"outputs": [{"name": "whole tumour", "values": [1, 2, 3]},
+                                           {"name": "tumour core", "values": [2, 3]},
+                                           {"name": "enhancing tumour", "values": [3]}],
+                               "regions_class_order": [1, 2, 3]}
+    assert all(m["output"] == {"name": "logits", "classes": 3, "activation": "sigmoid"} for m in info["models"])
+    assert "sigmoid" in " ".join(info["pipeline"]) and "regions_class_order" in " ".join(info["pipeline"])
+    assert "Regions: one sigmoid output per region" in (out / "README.md").read_text()

@@ -55,3 +55,48 @@ def test_a_region_is_present_above_half_of_the_members_summed_probability():
 ])
 def test_region_definitions_that_make_no_sense_are_named(labels, order, expected):
     assert any(p.startswith(expected) for p in region_problems(labels, order)), region_problems(labels, order)
+
+
+# --- end to end: plan -> train -> predict -> evaluate of a region dataset from the command line ------------
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_region_dataset_trains_predicts_and_is_scored_per_region_from_the_cli(tmp_path, capsys):
+    """brats-like, tiny: dataset.json's regions are trained as regions with no flag, predicted as a label map
+    painted in regions_class_order (probabilities: one map per region), scored and reported per region; a short
+    training must find the whole tumour (a random network scores ~0.1 there)."""
+    import json
+    import zipfile
+
+    from autoseg.cli import run
+    from autoseg.io import read_label
+    from autoseg.synth import generate
+
+    ds = generate("brats-like", tmp_path / "ds", size="tiny", cases=4, seed=3)
+    work, pred = tmp_path / "work", tmp_path / "pred"
+    assert run(["-q", "plan", str(ds), "-w", str(work), "--budget", "1m", "--device", "cpu", "--folds", "2",
+                "-j", "1"]) == 0
+    assert run(["-q", "train", str(ds), "-w", str(work), "--steps", "60", "--device", "cpu", "--workers", "0"]) == 0
+    selection = json.loads((work / "selection.json").read_text())
+    assert list(selection["classes"].values()) == ["whole tumour", "tumour core", "enhancing tumour"]
+    with zipfile.ZipFile(work / "model.autoseg") as z:
+        manifest = json.loads(z.read("manifest.json"))
+        card = z.read("README.md").decode()
+    assert manifest["input"]["regions_class_order"] == [1, 2, 3] and "Regions: one sigmoid output" in card
+    capsys.readouterr()
+    assert run(["-q", "predict", str(work / "model.autoseg"), str(ds / "imagesTs"), str(pred),
+                "--save-probabilities", "--mirror", "off"]) == 0
+    for label in sorted((ds / "labelsTs").iterdir()):
+        seg, _ = read_label(pred / label.name)
+        case = label.name.replace(".nii.gz", "")
+        with np.load(pred / f"{case}.npz") as f:
+            maps = f["probabilities"]
+        assert maps.shape == (3, *seg.shape) and set(np.unique(seg).tolist()) <= {0, 1, 2, 3}
+        # the whole tumour region is where a label was painted (up to what the post-processing rules changed)
+        assert np.mean((seg > 0) == (maps[0] > 0.5)) > 0.95
+    assert run(["-q", "evaluate", str(pred), str(ds / "labelsTs"), "--dataset-json", str(ds / "dataset.json"),
+                "--report"]) == 0
+    metrics = json.loads((pred / "metrics.json").read_text())["summary"]["per_class"]
+    assert list(metrics) == ["whole tumour", "tumour core", "enhancing tumour"]
+    assert metrics["whole tumour"]["dice"]["mean"] > 0.3, metrics["whole tumour"]["dice"]
+    assert "tumour core" in (pred / "report.html").read_text()

@@ -17,8 +17,8 @@ def model_card(manifest: dict[str, Any], plans: Plans) -> str:
 
     contract, name = manifest["input"], manifest["configuration"]
     cfg = plans.configurations[name]
-    names = plans.class_names
-    classes = ", ".join(names[c] for c in sorted(names)) or "no foreground class"
+    names = plans.scored_classes  # label values, or regions
+    classes = ", ".join(names.values()) or "no foreground class"
     channels = contract["channels"]
     folds = manifest["configurations"][name]["folds"]
     lines = [f"# autoseg model: {manifest['dataset']}", "",
@@ -30,6 +30,9 @@ def model_card(manifest: dict[str, Any], plans: Plans) -> str:
     lines += [f"| {c['index']} | {c['name']} | `{c['file']}` |" for c in channels]
     lines += ["", "## Labels", "", "| value | name |", "|---|---|"]
     lines += [f"| {v} | {k} |" for k, v in contract["labels"].items()]
+    if plans.regions:
+        lines += ["", f"Regions: one sigmoid output per region (a list of values is their union); the label map "
+                      f"paints them in regions_class_order {list(plans.regions_class_order)}, later over earlier."]
     rules = manifest["postprocessing"]
     lines += ["", "## Model", "",
               f"- configuration `{name}`: {cfg.network.family}, {cfg.ndim}D, patch "
@@ -42,7 +45,7 @@ def model_card(manifest: dict[str, Any], plans: Plans) -> str:
     lines += ["", "## Cross-validation (out-of-fold Dice)", ""]
     selected = manifest["cv"].get("selection", {}).get(name)
     per_fold = manifest["cv"].get("folds", {}).get(name, {})
-    class_names = [names[c] for c in sorted(names)]
+    class_names = list(names.values())
     if selected or per_fold:
         lines += ["| | " + " | ".join(class_names) + " | foreground mean | cases |",
                   "|---" * (len(class_names) + 3) + "|"]

@@ -27,13 +27,15 @@ __all__ = ["CARD", "PLANS_MEMBER", "POSTPROCESSING", "input_contract", "pack_bun
 
 
 def input_contract(plans: Plans) -> dict[str, Any]:
-    """What a case must look like: channels in file order, file ending, spatial dimensions, labels."""
+    """What a case must look like: channels in file order, file ending, spatial dimensions, labels (and, for a
+    region model, the order its regions paint the label map in)."""
     from autoseg.predict_inputs import expected_ndim
 
     return {"channels": [{"index": i, "name": n, "file": f"CASE_{i:04d}{plans.file_ending}"}
                          for i, n in enumerate(plans.channel_names)],
             "num_channels": plans.in_channels, "file_ending": plans.file_ending, "ndim": expected_ndim(plans),
-            "labels": dict(plans.labels)}
+            "labels": dict(plans.labels),
+            **({"regions_class_order": list(plans.regions_class_order)} if plans.regions else {})}
 
 
 def _fold_metrics(run: RunDir) -> dict | None:

@@ -31,7 +31,7 @@ def check_runnable(source: str, plans: Plans, folds: Mapping[str, list[int]],
     where = f"{source}: plans.json"
     if plans.in_channels < 1:
         raise UserError(f"{where}: no input channel (channel_names is empty)")
-    if plans.num_classes < 2:
+    if plans.num_classes < (1 if plans.regions else 2):
         raise UserError(f"{where}: {plans.num_classes} output class(es); labels need background and a class")
     for name in folds:
         cfg = plans.configurations[name]
