@@ -80,10 +80,31 @@ def test_missing_suite_file_is_one_line(tmp_path, capsys):
 
 
 def test_default_and_smoke_suites_parse():
-    for name in ("default", "smoke"):
+    for name in ("default", "smoke", "regions"):
         s = load_suite(REPO / "benchmarks" / "suites" / f"{name}.toml")
         assert s.datasets and s.methods
         assert {m.kind for m in s.methods} == {"autoseg", "command"}
+
+
+def test_the_regions_suites_plain_labels_planner_trains_the_region_values_as_exclusive_classes(tmp_path, monkeypatch):
+    """regions.toml's autoseg-labels: brats-like planned with its regions dropped (softmax over background and
+    the values 1-3, Dice + CE); the suite still scores it on the regions (dataset.json). Step times are the
+    FLOPs model's (test_plan.fake_measure), not measured."""
+    from test_plan import fake_measure
+
+    from autoseg.plan import compute
+    from autoseg.schema.plans import Plans
+    from autoseg.synth import generate
+
+    monkeypatch.setattr(compute, "measure_step", fake_measure())
+    ds = generate("brats-like", tmp_path / "ds", size="tiny", cases=2, seed=0)
+    planner = REPO / "benchmarks" / "suites" / "labels_planner.py"
+    assert run(["-q", "plan", str(ds), "-w", str(tmp_path / "w"), "--planner", str(planner), "--budget", "1m",
+                "--device", "cpu", "-j", "1", "--folds", "2"]) == 0
+    plans = Plans.load(tmp_path / "w" / "plans.json")
+    assert plans.labels == {"background": 0, "label_1": 1, "label_2": 2, "label_3": 3}
+    assert not plans.regions and not plans.regions_class_order and plans.num_classes == 4
+    assert {c.loss.name for c in plans.configurations.values()} == {"dice_ce"}
 
 
 # --- cells ------------------------------------------------------------------------------------------------
