@@ -15,7 +15,9 @@ Sampling is nnU-Net's: cases uniformly with replacement; a patch is cut from a r
 and zoom (:func:`autoseg.augment.region_size`), padded where the image is smaller (image 0, label -1); a
 share ``sampling.foreground_fraction`` of each batch is centred on a voxel of a class present in the case,
 the class drawn with probability proportional to ``sampling.class_weights`` (so rare classes are not
-starved). 2D configurations cut 2D patches from one slice (axis 0) of the 3D cache. The target has label
+starved). Classes are label values, also for a region dataset: every region is a union of values, so the
+smallest region's values are drawn by their own weights, and the target stays the integer label map (the
+loss makes the region masks). 2D configurations cut 2D patches from one slice (axis 0) of the 3D cache. The target has label
 -1 (outside the nonzero mask, padding) mapped to background 0; the ignore label passes through as is.
 """
 

@@ -186,3 +186,21 @@ def test_instance_norm_keeps_channels_last_and_equals_torchs(ndim, batch):
     assert torch.allclose(ours.weight.grad, ref.weight.grad, atol=1e-4)
     assert torch.allclose(ours.bias.grad, ref.bias.grad, atol=1e-4)
     assert torch.equal(ours(x), ref(x))  # NCDHW takes torch's own path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trains_region_outputs_with_the_region_loss(family):
+    """A region model is any family with one output per region (one region too): the loss reads the outputs
+    as sigmoids and the gradient reaches every parameter that makes the full-resolution output."""
+    from autoseg.losses import build_loss
+    from autoseg.schema.plans import Loss
+
+    patch = PLANS["3d"][0]
+    for regions in ([(1, 2, 3), (2, 3), (3,)], [(1, 2)]):
+        net = build_network(network(family, "3d"), IN_CH, len(regions), 3).train()
+        outs = run(net, patch)
+        n = len(outs) if isinstance(outs, list) else 1
+        loss = build_loss(Loss("dice_bce"), len(regions), None, n, regions)(outs, torch.randint(0, 4, (2, *patch)))
+        loss.backward()
+        assert torch.isfinite(loss) and loss.item() > 0
+        assert all(p.grad is not None for p in net.parameters() if p.requires_grad)

@@ -162,6 +162,17 @@ def _ct_geometry(rng: np.random.Generator, spacing: tuple[float, ...]) -> Geomet
                     tuple(float(d) for d in direction.ravel()))
 
 
+def mri_channels(rng: np.random.Generator, scene: Scene, spacing: tuple[float, ...], width: float
+                 ) -> tuple[np.ndarray, ...]:
+    """A multi-channel MRI acquisition of ``scene``: blur, then per channel a bias field, Rician noise and the
+    scanner's own scale and offset."""
+    channels = []
+    for ch in blur(scene.image, 0.6):
+        ch = rician(rng, ch * bias_field(rng, scene.shape, spacing, 0.15, width * 0.6), 0.04)
+        channels.append(to_int16(ch * rng.uniform(300, 1500) + rng.uniform(0, 50)))
+    return tuple(channels)
+
+
 @register_task("mr-2ch", channels=("T1", "T2"), labels={"background": 0, "edema": 1, "enhancing": 2},
                shapes=MRI_SHAPES,
                description="3D two-channel MRI (T1, T2): one class bright in T2 only, one in T1 only; "
@@ -196,12 +207,7 @@ def mr_2ch(rng: np.random.Generator, shape: tuple[int, ...], index: int) -> Synt
             scene.paint(scene.ellipsoid(c, radii, random_rotation(rng, 3), 0.2),
                         mean=np.add(mean, rng.uniform(-0.03, 0.03, 2)), texture=0.06, label=label)
 
-    image = blur(scene.image, 0.6)
-    channels = []
-    for ch in image:
-        ch = rician(rng, ch * bias_field(rng, shape, spacing, 0.15, width * 0.6), 0.04)
-        channels.append(to_int16(ch * rng.uniform(300, 1500) + rng.uniform(0, 50)))
-    return SynthCase(tuple(channels), scene.label, iso_geometry(spacing))
+    return SynthCase(mri_channels(rng, scene, spacing, width), scene.label, iso_geometry(spacing))
 
 
 @register_task("png-2d", channels=("microscopy",), labels={"background": 0, "round_cell": 1, "long_cell": 2},
@@ -466,9 +472,4 @@ def brats_like(rng: np.random.Generator, shape: tuple[int, ...], index: int) -> 
             scene.paint(scene.ellipsoid(c, r * rng.uniform(0.7, 1.3, 3), random_rotation(rng, 3), 0.2),
                         mean=looks["vessel"], texture=0.04)
 
-    image = blur(scene.image, 0.6)
-    channels = []
-    for ch in image:
-        ch = rician(rng, ch * bias_field(rng, shape, spacing, 0.15, width * 0.6), 0.04)
-        channels.append(to_int16(ch * rng.uniform(300, 1500) + rng.uniform(0, 50)))
-    return SynthCase(tuple(channels), scene.label, iso_geometry(spacing))
+    return SynthCase(mri_channels(rng, scene, spacing, width), scene.label, iso_geometry(spacing))
