@@ -174,3 +174,24 @@ def test_region_ensemble_the_selection_scored_and_autoseg_predict_are_identical(
                                             scorer.reference(case)[1])
             seg, _ = predict_region_case(ds, case, tmp_path, fold)
             assert len(np.unique(expected)) > 1 and np.array_equal(seg, expected), case
+
+
+def test_a_search_trial_of_a_region_model_scores_the_mean_region_dice(regions):
+    """The search's objective goes through the same engine and the same scored classes: for a region dataset,
+    the mean over regions of the held-out cases' Dice (here: of the out-of-fold label maps the engine wrote)."""
+    from autoseg.metrics import dice_per_class
+    from autoseg.search.trial import score_trial
+
+    ds, work = regions
+    w = Workdir(work)
+    plans = w.load_plans()
+    cases = REGION_HELD_OUT[1]
+    score = score_trial(w.run("3d_fullres", 1), w, ds, plans, "3d_fullres", 1, cases, "cpu")
+    per_region: dict = {r: [] for r in plans.scored_classes}
+    for case in cases:
+        seg, _ = oof_outputs(work, "3d_fullres", 1, case)
+        ref, _ = read_label(ds / "labelsTr" / f"{case}.nii.gz")
+        for r, d in dice_per_class(seg, ref, list(per_region)).items():
+            per_region[r].append(d)
+    assert list(per_region) == [(1, 2, 3), (2, 3), (3,)]
+    assert score == pytest.approx(np.mean([np.nanmean(v) for v in per_region.values()]))
