@@ -21,7 +21,13 @@ from pathlib import Path
 
 from autoseg.errors import DatasetError, Problem
 from autoseg.io import SUPPORTED_ENDINGS
-from autoseg.schema.labels import foreground_classes, has_regions, ignore_label_of, region_problems, regions_of
+from autoseg.schema.labels import (
+    foreground_classes,
+    has_regions,
+    ignore_label_of,
+    region_problems,
+    regions_of,
+)
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")

@@ -15,7 +15,14 @@ from typing import Any
 
 from autoseg.artifacts import header, write_json
 from autoseg.errors import UserError
-from autoseg.schema.labels import ClassKey, foreground_classes, ignore_label_of, region_problems, regions_of, scored_classes
+from autoseg.schema.labels import (
+    ClassKey,
+    foreground_classes,
+    ignore_label_of,
+    region_problems,
+    regions_of,
+    scored_classes,
+)
 from autoseg.schema.records import build_record
 
 FORMAT_VERSION = 1
