@@ -104,7 +104,9 @@ def test_extend_refits_its_steps_to_its_own_pace(workdir, tmp_path):
     pace = (extended.seconds - first.seconds) / added  # this machine's own pace in the extension
     if 3.0 / pace > 8:  # fast enough for more than the stale pace's 7 steps (a loaded CI machine may not be)
         assert added > 7
-    assert extended.seconds - first.seconds < 3.0 + 2.0  # within the extension (and a step or validation more)
+    # within the extension plus its closing validation and checkpoint, which a loaded machine slows (5.1 s for
+    # a 3 s extension, measured beside a benchmark)
+    assert extended.seconds - first.seconds < 2 * 3.0
 
 
 def test_resuming_with_another_seed_is_refused(workdir, tmp_path):
