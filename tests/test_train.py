@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def test_resume_with_workers_matches_in_process_batches(workdir, tmp_path):
 
 
 def test_finished_run_is_not_retrained_and_extend_continues_it(workdir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="autoseg")  # not only when a command-line test ran first in this worker
     w = fresh_copy(workdir, tmp_path / "w")
     first = Trainer(w, "3d_fullres", 0, steps=4, workers=0, progress=False, device="cpu").fit()
     assert first.finished
