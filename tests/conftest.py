@@ -52,6 +52,16 @@ def no_measurement_store(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOSEG_CACHE_DIR", "off")
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans in tests see a quiet machine: the parallel test workers load it, and whether a plan notes other
+    processes' load (autoseg.plan.measurements.OthersCpu) must not depend on them. Tests of that set their own."""
+    from autoseg.plan import measurements
+
+    monkeypatch.setattr(measurements, "_busy_seconds", lambda: 0.0)
+    monkeypatch.setattr(measurements, "_own_seconds", lambda: 0.0)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny tensors gain nothing from threads, and on a busy machine spinning threads cost seconds."""

@@ -225,9 +225,37 @@ def test_a_second_plan_on_this_machine_reuses_its_step_measurements(measured_cal
     assert make_plans(fp, budget="10m", device="cpu",
                       measurements_dir=tmp_path).measurements == {"reused": 0, "measured": n}
 
-    monkeypatch.setattr(make_module.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
-    make_plans(fp, budget="10m", device="cpu", measurements_dir=tmp_path / "busy")
+    # other processes busy while each setup is timed (Linux: /proc/stat less this process's own CPU time):
+    # used for this plan, not kept, said in the notes
+    busy = iter(range(0, 10**9, 1000))
+    monkeypatch.setattr(measurements, "_busy_seconds", lambda: float(next(busy)))
+    loaded = make_plans(fp, budget="10m", device="cpu", measurements_dir=tmp_path / "busy")
     assert not (tmp_path / "busy" / "measurements.json").exists()
+    assert loaded.notes[0].startswith("busy machine: other processes used")
+
+    # where that cannot be read, the load average before and after the plan decides
+    monkeypatch.setattr(measurements.os.path, "isfile", lambda path: False)
+    monkeypatch.setattr(make_module.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    make_plans(fp, budget="10m", device="cpu", measurements_dir=tmp_path / "loadavg")
+    assert not (tmp_path / "loadavg" / "measurements.json").exists()
+
+
+def test_others_cpu_is_the_busy_time_less_this_process_own(monkeypatch):
+    """2 CPUs, 1 s of wall clock: 1.5 CPU-seconds busy of which 1.2 this process's -> others used 15 %."""
+    from autoseg.plan import measurements
+
+    if not measurements.OthersCpu("cpu").on:
+        pytest.skip("no /proc/stat here")
+    clock = iter([10.0, 11.0])
+    busy, own = iter([100.0, 101.5]), iter([5.0, 6.2])
+    monkeypatch.setattr(measurements.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(measurements, "_busy_seconds", lambda: next(busy))
+    monkeypatch.setattr(measurements, "_own_seconds", lambda: next(own))
+    monkeypatch.setattr(measurements.os, "cpu_count", lambda: 2)
+    with measurements.OthersCpu("cpu") as probe:
+        pass
+    assert probe.share == pytest.approx(0.15)
+    assert measurements.OthersCpu("cuda").on is False  # a GPU step's time is not the CPUs' to judge
 
 
 def test_an_unreadable_measurement_store_only_means_measuring(measured_calls, monkeypatch, tmp_path):
@@ -381,9 +409,16 @@ def test_a_measurement_gives_up_after_a_warm_up_over_its_bound_and_is_not_stored
 
 
 def test_a_busy_machine_is_named_in_the_plan_notes(fake_compute, monkeypatch: pytest.MonkeyPatch):
+    from autoseg.plan import measurements
+
+    assert not any(n.startswith("busy") for n in make_plans(planar(), budget="10m", device="cpu").notes)
+    busy = iter(range(0, 10**9, 1000))  # other processes' CPU time piling up while each setup is timed
+    monkeypatch.setattr(measurements, "_busy_seconds", lambda: float(next(busy)))
+    assert make_plans(planar(), budget="10m", device="cpu").notes[0].startswith("busy machine: other processes")
+    monkeypatch.setattr(measurements.os.path, "isfile", lambda path: False)  # no /proc/stat: the load average
     monkeypatch.setattr(make_module.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
-    busy = make_plans(planar(), budget="10m", device="cpu")
-    assert any(n.startswith("busy machine: load average 64.0") for n in busy.notes)
+    notes = make_plans(planar(), budget="10m", device="cpu").notes
+    assert any(n.startswith("busy machine: load average 64.0") for n in notes)
     monkeypatch.setattr(make_module.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert not any(n.startswith("busy") for n in make_plans(planar(), budget="10m", device="cpu").notes)
 

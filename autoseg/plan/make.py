@@ -42,17 +42,22 @@ def make_plans(fingerprint: Fingerprint, planner: str = "default", budget: str |
     seconds, is_default = resolve_budget(budget, info.type)
     store = measurements.Store(info, measurements_dir, remeasure)
     ctx = PlanningContext(info, seconds, folds, planner, store)
-    load_before = busy_load(info.type)
+    probed = measurements.OthersCpu(info.type).on  # each measurement checked on its own (Linux)
+    load_before = 0.0 if probed else busy_load(info.type)
     t0 = time.perf_counter()
     try:
         plans = get_planner(planner)(fingerprint, ctx)
     finally:
-        if not (load_before or busy_load(info.type)):  # a busy machine's step times are not its own
+        if probed or not (load_before or busy_load(info.type)):  # a busy machine's step times are not its own
             store.save()
     plans.planning_time_s = round(time.perf_counter() - t0, 2)
     plans.measurements = {"reused": store.hits, "measured": store.misses}
-    load = max(load_before, busy_load(info.type))
-    if load:
+    if store.busy:
+        plans.notes.insert(0, f"busy machine: other processes used up to {max(store.busy):.0%} of the CPUs while "
+                              f"{len(store.busy)} setup(s) were timed, so those steps measured slower than they are "
+                              f"on a quiet machine and the plan may be smaller; they were not kept. "
+                              f"`autoseg plan` again when it is quiet")
+    elif not probed and (load := max(load_before, busy_load(info.type))):
         plans.notes.insert(0, f"busy machine: load average {load:.1f} on {os.cpu_count()} CPUs while measuring, so "
                               f"steps measured slower than they will be on a quiet machine and the plan is smaller; "
                               f"`autoseg plan --remeasure` when it is quiet")

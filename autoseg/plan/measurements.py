@@ -6,7 +6,11 @@ one is stored under a key of all of those (the software: torch's version, autose
 that builds and steps the networks), and a later plan that times the same setup on the same machine
 (a re-plan with another budget or fold count, the same data in another workdir, an interrupted plan run again)
 reads it back instead of running it. ``autoseg plan --remeasure`` times everything again and replaces what is
-stored; measurements taken while other work loaded the machine are not stored (they are too slow).
+stored. A measurement during which other processes used more than ``OTHERS_MAX`` of the machine's CPU time
+(Linux: ``/proc/stat`` less this process's own time; elsewhere the load average before and after the plan) is
+used for this plan but not stored: it is too slow, and a stored one would shape every later plan for
+``MAX_AGE_DAYS`` (found 2026-12-02: a 15-minute plan read back proxy steps timed beside a test run, 2.4x the quiet
+machine's, and chose fp32 and a network half as wide).
 
 The store is one JSON file, ``measurements.json`` in the cache folder the caller names (the command line's is
 ``$AUTOSEG_CACHE_DIR``, default ``~/.cache/autoseg``; ``off`` keeps nothing); without a folder a store still
@@ -35,9 +39,10 @@ from autoseg.plan.compute import StepMeasurement
 from autoseg.schema.plans import Network
 from autoseg.version import __version__
 
-FORMAT = 1
+FORMAT = 2  # 2: measurements checked for other processes' load before they are stored
 STORE_FILE = "measurements.json"
 MAX_AGE_DAYS = 30
+OTHERS_MAX = 0.15  # other processes' share of all CPUs' time during a measurement, above which it is not stored
 CLOSE_CALL = 1.2  # fp32 and bf16 are timed again when bf16's speed-up is within this factor of the deciding one
 _FIELDS = [f.name for f in fields(StepMeasurement)]
 
@@ -53,6 +58,7 @@ class Store:
         self.new: dict[str, dict] = {}
         self.read: dict[str, dict] = {}  # read back from the store in this plan
         self.hits = self.misses = 0  # read back from earlier plans / measured now
+        self.busy: list[float] = []  # others' CPU share during each measurement not stored for it
 
     def key(self, *what) -> str:
         machine = [FORMAT, __version__, _code_digest(), torch.__version__, self.device.type, self.device.name,
@@ -73,7 +79,11 @@ class Store:
             self.hits += 1  # counted: read back from an earlier plan
         return [StepMeasurement(**{k: m[k] for k in _FIELDS}) for m in entry["m"]]
 
-    def put(self, key: str, measured: list[StepMeasurement]) -> None:
+    def put(self, key: str, measured: list[StepMeasurement], others: float = 0.0) -> None:
+        """Keep ``measured`` unless other processes took more than ``OTHERS_MAX`` of the CPUs meanwhile."""
+        if others > OTHERS_MAX:
+            self.busy.append(others)
+            return
         self.new[key] = {"when": time.time(), "m": [asdict(m) for m in measured]}
 
     def save(self) -> None:
@@ -90,6 +100,45 @@ class Store:
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+
+
+class OthersCpu:
+    """The share of all CPUs' time that other processes used while the block ran (0 when not measurable:
+    not Linux, or not a CPU measurement): the busy counters of ``/proc/stat`` less this process's own time.
+    Why not the load average: it trails by a minute, so a plan of ten seconds right after, or beside, a burst of
+    other work reads it as quiet, or as busy after it ended."""
+
+    def __init__(self, device: str = "cpu"):
+        self.on = device == "cpu" and os.path.isfile("/proc/stat")
+        self.share = 0.0
+
+    def __enter__(self) -> OthersCpu:
+        if self.on:
+            self._start = (_busy_seconds(), _own_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.on or exc[0] is not None:
+            return
+        busy0, own0, t0 = self._start
+        wall = time.perf_counter() - t0
+        others = (_busy_seconds() - busy0) - (_own_seconds() - own0)
+        if wall > 0:
+            self.share = max(0.0, others / (wall * (os.cpu_count() or 1)))
+
+
+def _busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # guest time is already counted in user
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 @functools.lru_cache(maxsize=1)
@@ -121,10 +170,11 @@ def measure(store: Store | None, net: Network, in_ch: int, n_classes: int, ndim:
     key = store.key(*what) if store else None
     if store and (got := store.get(key)):
         return got[0]
-    m, _ = compute.measure_step(net, in_ch, n_classes, ndim, patch, batch, device, precision, channels_last,
-                                steps=steps, give_up_s=give_up_s)
+    with OthersCpu(device) as others:
+        m, _ = compute.measure_step(net, in_ch, n_classes, ndim, patch, batch, device, precision, channels_last,
+                                    steps=steps, give_up_s=give_up_s)
     if store and (give_up_s is None or m.step_time_s <= give_up_s):
-        store.put(key, [m])
+        store.put(key, [m], others.share)
     return m
 
 
@@ -152,11 +202,12 @@ def measure_precisions(store: Store | None, net: Network, in_ch: int, n_classes:
                                       steps=steps, reference_grad=grad)
         return m32, m16
 
-    m32, m16 = both(spread)
+    with OthersCpu(device if timed else "meta") as others:
+        m32, m16 = both(spread)
     if timed and decides_at and abs(math.log(m32.step_time_s / m16.step_time_s / decides_at)) < math.log(CLOSE_CALL):
         again32, again16 = both(False)
         m32.step_time_s = min(m32.step_time_s, again32.step_time_s)
         m16.step_time_s = min(m16.step_time_s, again16.step_time_s)
     if store:
-        store.put(key, [m32, m16])
+        store.put(key, [m32, m16], others.share)
     return m32, m16
