@@ -100,7 +100,8 @@ def restore_class(output: MemberOutput, c: int) -> np.ndarray:
 
 
 def combine(outputs: Sequence[MemberOutput], probabilities: bool = False,
-            regions_class_order: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray | None]:
+            regions_class_order: Sequence[int] = (), weights: Mapping[int, float] | None = None
+            ) -> tuple[np.ndarray, np.ndarray | None]:
     """The label map of the members' mean probabilities in the original array, restored one class at a
     time with a running argmax (the labels of restoring every map and taking the argmax, ties to the lower
     class, holding one class at the original size, not K); with ``probabilities`` also the mean maps
@@ -109,7 +110,9 @@ def combine(outputs: Sequence[MemberOutput], probabilities: bool = False,
 
     Each member's restored map is rounded to float16 first, the precision the out-of-fold files keep: the
     label map is then exactly the argmax of those files (of their sum, for an ensemble), so the selection
-    scores precisely the model ``autoseg predict`` runs."""
+    scores precisely the model ``autoseg predict`` runs. ``weights``: class -> factor on its summed map before
+    the argmax (a tuned ``class_weights`` rule, :func:`autoseg.postprocess.weighted_argmax`); the probabilities
+    returned stay unweighted."""
     classes = outputs[0].probabilities.shape[0]
     shape = outputs[0].properties["shape_original"]
     top = max(regions_class_order) if regions_class_order else classes - 1
@@ -125,6 +128,8 @@ def combine(outputs: Sequence[MemberOutput], probabilities: bool = False,
         if regions_class_order:
             paint(seg, total, regions_class_order[c], len(outputs))
             continue
+        if weights and c in weights:
+            total = total * np.float32(weights[c])
         if best is None:
             best = total
             continue

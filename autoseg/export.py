@@ -41,8 +41,9 @@ PIPELINE = [
     "mirror_axes) times a Gaussian weight, divided per voxel by the sum of the weights of the tiles over it; "
     "mean over the folds",
     "undo resampling, cropping and transposition; with several configurations (manifest ensemble) sum their "
-    "maps in that order; argmax; apply the postprocessing.json rules of the model (key: configurations joined "
-    "by '+')",
+    "maps in that order; if the model's postprocessing.json rules (key: configurations joined by '+') start with "
+    "a class_weights rule, multiply each of its classes' summed map by its factor; argmax; apply the other rules "
+    "in order",
 ]
 # a region model (output "activation": "sigmoid"): the same steps with each output's own sigmoid for the softmax,
 # and the label map painted from the regions instead of the argmax

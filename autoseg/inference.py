@@ -6,7 +6,8 @@ validation of a trained fold (:mod:`autoseg.oof`), the search's scoring of a tri
 The model is one configuration or an ensemble of several (each with its trained folds; :mod:`autoseg.ensemble`)::
 
     read channels -> per member: preprocess_case -> per fold: sliding-window probabilities -> mean over folds
-    -> per class: the members' maps restored to the original array and summed, running argmax
+    -> per class: the members' maps restored to the original array and summed (times the factor of a tuned
+       ``class_weights`` rule), running argmax
        (region models: a sigmoid per region, each painted in ``regions_class_order`` where above 0.5)
     -> post-processing rules (:mod:`autoseg.postprocess`, tuned on the model's out-of-fold labels)
     -> write with the input's geometry
@@ -53,7 +54,7 @@ from autoseg.ensemble import STORAGE, Member, MemberOutput, combine, member_prob
 from autoseg.errors import UserError
 from autoseg.io import Geometry, read_images, write_label
 from autoseg.normalize import resolve_plans
-from autoseg.postprocess import apply_postprocessing, parse_rules
+from autoseg.postprocess import apply_postprocessing, parse_rules, split_weights
 from autoseg.predict_inputs import (
     InputCase,
     check_images,
@@ -144,6 +145,7 @@ class Predictor:
         self._mirror_on: bool | None = {"on": True, "off": False}.get(mirror)
         self.mirror_note = "" if mirror == "auto" else f"mirroring {mirror} (--mirror {mirror})"
         self.postprocessing = parse_rules([dict(r) for r in postprocessing])  # applied to every label map
+        self.class_weights, self._label_rules = split_weights(self.postprocessing)  # the first at the argmax
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -268,9 +270,10 @@ class Predictor:
         return _Prepared(outputs, geometry)
 
     def _export(self, prep: _Prepared, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        seg, maps = combine(prep.outputs, probabilities, self.plans.regions_class_order if self.plans.regions else ())
-        if self.postprocessing:
-            seg = apply_postprocessing(seg, self.postprocessing, prep.geometry.spacing)
+        seg, maps = combine(prep.outputs, probabilities, self.plans.regions_class_order if self.plans.regions else (),
+                            self.class_weights)
+        if self._label_rules:
+            seg = apply_postprocessing(seg, self._label_rules, prep.geometry.spacing)
         return seg, maps
 
     # --- mirroring decision --------------------------------------------------------------------------

@@ -11,6 +11,13 @@ union (all classes as one mask) or for one class:
 - ``fill_holes``: background enclosed by one class becomes that class (other classes are left alone, so an
   inner structure is never overwritten by the one around it).
 
+One more rule acts before the label map exists: ``class_weights`` multiplies the (summed) probabilities of its
+``classes`` by its ``factors`` before the argmax. A small class that the network finds but is not yet sure of
+(probability 0.1-0.4 inside it, the background above it) is lost by a plain argmax; a factor tuned on the
+out-of-fold probabilities gives it back where that does not cost another class. It is the first rule when
+present; :class:`autoseg.inference.Predictor` applies it at the argmax, :func:`apply_postprocessing` (label maps
+only) passes over it. Not for region models (their regions are thresholds at 0.5, not an argmax).
+
 For a region dataset (:mod:`autoseg.schema.labels`) the classes scored and tuned are the regions: a rule's
 ``classes`` are a region's values (its mask is their union; what a rule removes becomes background), the
 groups tried are each region's own (no foreground-union group: the largest region is that union), and the
@@ -18,7 +25,8 @@ guard is per region. Components use full connectivity (26 in 3D, 8 in 2D), as th
 Rules are data,
 kept in ``selection.json``, and run in order::
 
-    [{"rule": "largest_component", "classes": [1, 2]}, {"rule": "remove_small", "classes": [2], "min_mm3": 40.0},
+    [{"rule": "class_weights", "classes": [2], "factors": [4.0]},
+     {"rule": "largest_component", "classes": [1, 2]}, {"rule": "remove_small", "classes": [2], "min_mm3": 40.0},
      {"rule": "fill_holes", "classes": [1]}]
 
 >>> seg = apply_postprocessing(seg, rules, spacing=(3.0, 0.8, 0.8))   # doctest: +SKIP
@@ -26,13 +34,14 @@ kept in ``selection.json``, and run in order::
 **Tuning** (:func:`tune_postprocessing`) is greedy on the out-of-fold label maps: the rules are tried one
 group at a time (the alternatives of a group are the candidate sizes), and a candidate is kept only if
 the mean foreground Dice improves *and no class's mean Dice gets worse*: a rule that trades one class for
-another is refused, however good the trade looks on average.
+another is refused, however good the trade looks on average. Class weights are tuned the same way, first, on
+the probabilities (:func:`tune_class_weights`), one class at a time over the factors ``WEIGHT_FACTORS``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import cc3d
@@ -42,7 +51,8 @@ from scipy import ndimage
 from autoseg.errors import UserError
 from autoseg.schema.labels import ClassKey, key_values
 
-RULES = ("largest_component", "remove_small", "fill_holes")
+RULES = ("class_weights", "largest_component", "remove_small", "fill_holes")
+WEIGHT_FACTORS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # class_weights candidates: a factor 8 lets p 0.12 beat p 0.88
 SIZE_FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5)  # of a class's typical smallest component: remove_small candidates
 MIN_GAIN = 1e-9  # mean Dice must rise by more than float noise
 
@@ -72,8 +82,38 @@ def parse_rules(rules: object, where: str = "post-processing rules") -> list[Rul
             raise UserError(f"{bad}: fill_holes takes one class (the label the holes get)")
         if r["rule"] == "remove_small" and not any(isinstance(r.get(k), (int, float)) for k in ("min_mm3", "min_voxels")):
             raise UserError(f"{bad}: remove_small needs 'min_mm3' or 'min_voxels'")
+        if r["rule"] == "class_weights":
+            factors = r.get("factors")
+            if not isinstance(factors, list) or len(factors) != len(classes) or not all(
+                    isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0 for f in factors):
+                raise UserError(f"{bad}: class_weights needs 'factors', one positive number per class")
+            if i != 0:
+                raise UserError(f"{bad}: class_weights acts on the probabilities, before the other rules: put it first")
         out.append(r)
     return out
+
+
+def split_weights(rules: Sequence[Rule]) -> tuple[dict[int, float], list[Rule]]:
+    """(class -> probability factor from a ``class_weights`` rule, the label-map rules)."""
+    weights: dict[int, float] = {}
+    rest = []
+    for r in rules:
+        if r["rule"] == "class_weights":
+            weights.update({int(c): float(f) for c, f in zip(r["classes"], r["factors"])})
+        else:
+            rest.append(r)
+    return weights, rest
+
+
+def weighted_argmax(total: np.ndarray, weights: Mapping[int, float]) -> np.ndarray:
+    """The label map of probabilities ``(K, *spatial)`` with class ``c``'s multiplied by ``weights[c]`` (ties to
+    the lower class, as :func:`numpy.argmax`)."""
+    if weights:
+        factors = np.ones(total.shape[0], np.float32)
+        for c, f in weights.items():
+            factors[c] = f
+        total = total * factors.reshape(-1, *([1] * (total.ndim - 1)))
+    return total.argmax(0).astype(np.uint8 if total.shape[0] <= 256 else np.uint16)
 
 
 def connectivity(ndim: int) -> int:
@@ -122,7 +162,7 @@ def apply_postprocessing(seg: np.ndarray, rules: Sequence[Rule], spacing: Sequen
     """Apply ``rules`` (checked by :func:`parse_rules`) in order to a label map; ``spacing`` follows the
     array's axes. Returns a new array."""
     seg = np.array(seg, copy=True)
-    for rule in parse_rules(list(rules)):
+    for rule in split_weights(parse_rules(list(rules)))[1]:  # class weights act on probabilities, not here
         apply_rule(seg, rule, spacing)
     return seg
 
@@ -130,6 +170,8 @@ def apply_postprocessing(seg: np.ndarray, rules: Sequence[Rule], spacing: Sequen
 def describe(rule: Rule, names: Mapping[ClassKey, str]) -> str:
     """One readable line: ``remove_small tumour < 12.5 mm3`` (a region's rule by the region's name)."""
     cs = rule["classes"]
+    if rule["rule"] == "class_weights":
+        return "class_weights " + ", ".join(f"{names.get(c, str(c))} x{f:g}" for c, f in zip(cs, rule["factors"]))
     who = names.get(tuple(cs)) or ("foreground" if len(cs) > 1 else names.get(cs[0], str(cs[0])))
     size = ""
     if rule["rule"] == "remove_small":
@@ -289,3 +331,40 @@ def tune_postprocessing(cases: Sequence[CaseLabels], classes: Sequence[ClassKey]
             entry["kept"] = True
             kept.append(entry["rule"])
     return kept, log
+
+
+def tune_class_weights(totals: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], classes: Sequence[int],
+                       ignore: int | None = None, factors: Sequence[float] = WEIGHT_FACTORS
+                       ) -> tuple[list[Rule], list[dict]]:
+    """A ``class_weights`` rule chosen greedily on out-of-fold probabilities, one class at a time (in value
+    order), each factor applied on top of those kept; a factor is kept under :func:`acceptable` (the mean rises,
+    no class falls). ``totals()`` yields each case's (summed probabilities ``(K, *spatial)``, reference) anew, so
+    the cases need not all be held in memory. Returns ([] or [the rule], one log entry per factor tried)."""
+    kept: dict[int, float] = {}
+    log: list[dict] = []
+    score = None
+    for c in classes:
+        trial_weights = [{**kept, c: f} for f in factors]
+        base, tried = [], [[] for _ in factors]
+        for total, ref in totals():
+            base.append(case_counts(weighted_argmax(total, kept), ref, classes, ignore))
+            for k, w in enumerate(trial_weights):
+                tried[k].append(case_counts(weighted_argmax(total, w), ref, classes, ignore))
+        score = mean_dice(base, classes)
+        best = None
+        for w, counts in zip(trial_weights, tried):
+            new = mean_dice(counts, classes)
+            ok = acceptable(new, score)
+            log.append({"rule": _weights_rule(w), "before": score[1], "after": new[1], "class_after": new[0],
+                        "acceptable": ok, "kept": False})
+            if ok and (best is None or new[1] > best[1][1]):
+                best = (log[-1], new, w)
+        if best is not None:
+            best[0]["kept"] = True
+            kept = best[2]
+    return ([_weights_rule(kept)] if kept else []), log
+
+
+def _weights_rule(weights: Mapping[int, float]) -> Rule:
+    cs = sorted(weights)
+    return {"rule": "class_weights", "classes": cs, "factors": [float(weights[c]) for c in cs]}

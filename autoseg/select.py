@@ -11,8 +11,9 @@ dataset the classes are the regions, e.g. whole tumour, tumour core, enhancing t
 2. Greedy forward selection: starting from the best single configuration, the configuration whose
    probabilities, averaged in, raise the mean Dice most is added, on the cases all members cover, as long
    as the mean rises and no class's mean falls (the same rule as for post-processing, DESIGN §5).
-3. Post-processing rules are tuned on the chosen model's out-of-fold label maps
-   (:func:`autoseg.postprocess.tune_postprocessing`).
+3. Post-processing is tuned for the chosen model: first a factor per class on the summed out-of-fold
+   probabilities before the argmax (:func:`autoseg.postprocess.tune_class_weights`; not for region models),
+   then the label-map rules on the label maps those give (:func:`autoseg.postprocess.tune_postprocessing`).
 
 The choice goes to ``WORKDIR/selection.json``: ``ensemble`` (the configurations, in the order they were
 added; ``configuration`` is the first) and ``postprocessing``, the rules tuned for that model.
@@ -44,7 +45,10 @@ from autoseg.postprocess import (
     mean_dice,
     size_bases,
     size_bases_from_references,
+    split_weights,
+    tune_class_weights,
     tune_postprocessing,
+    weighted_argmax,
 )
 from autoseg.regions import regions_to_labels
 from autoseg.schema.labels import ClassKey, key_values
@@ -99,19 +103,25 @@ class _Scorer:
         with np.load(self.runs[name].cases[cid].oof_probabilities(cid)) as f:
             return f["probabilities"].astype(np.float32)
 
-    def labels(self, members: Members, cid: str, total: np.ndarray | None = None) -> np.ndarray:
+    def labels(self, members: Members, cid: str, total: np.ndarray | None = None,
+               weights: dict[int, float] | None = None) -> np.ndarray:
         """The model's label map: a single configuration's exported one, an ensemble's mean-probability argmax
         or, for regions, its regions painted where their mean is above 0.5 (``total``: the members' summed
-        probabilities when the caller has them), as :func:`autoseg.ensemble.combine` makes it."""
-        if len(members) == 1 and total is None:
+        probabilities when the caller has them; ``weights``: a tuned ``class_weights`` rule's factors), as
+        :func:`autoseg.ensemble.combine` makes it."""
+        if len(members) == 1 and total is None and not weights:
             path = self.runs[members[0]].cases[cid].oof_labels(cid, self.ending)
             if path.is_file():
                 return read_label(path)[0]
         if total is None:
-            total = sum(self.probabilities(m, cid) for m in members)
+            total = self.total(members, cid)
         if self.regions_class_order:
             return regions_to_labels(total, self.regions_class_order, len(members))
-        return total.argmax(0).astype(np.uint8 if total.shape[0] <= 256 else np.uint16)
+        return weighted_argmax(total, weights or {})
+
+    def total(self, members: Members, cid: str) -> np.ndarray:
+        """The members' out-of-fold probabilities of ``cid``, summed in ensemble order."""
+        return sum(self.probabilities(m, cid) for m in members)
 
     def _store(self, members: Members, cid: str, pred: np.ndarray, ref: np.ndarray) -> None:
         if pred.shape != ref.shape:
@@ -177,15 +187,26 @@ def greedy_ensemble(scorer: _Scorer, names: list[str]) -> tuple[Members, list[di
 
 
 def _tune(scorer: _Scorer, members: Members, fingerprint: object | None, names: dict[ClassKey, str]) -> dict:
-    """Post-processing rules for one model, with the log of every candidate tried."""
+    """Post-processing rules for one model (class weights, then label-map rules), with the log of every
+    candidate tried."""
+    ids = sorted(scorer.cover(members))
+    weight_rules, weight_log = [], []
+    if not scorer.regions_class_order:
+        def totals():
+            for cid in ids:
+                yield scorer.total(members, cid), scorer.reference(cid)[0]
+
+        weight_rules, weight_log = tune_class_weights(totals, scorer.classes, scorer.ignore)
+    weights = split_weights(weight_rules)[0]
     cases = []
-    for cid in sorted(scorer.cover(members)):
+    for cid in ids:
         ref, spacing = scorer.reference(cid)
-        cases.append(CaseLabels.cropped(cid, scorer.labels(members, cid), ref, spacing))
+        cases.append(CaseLabels.cropped(cid, scorer.labels(members, cid, weights=weights), ref, spacing))
     bases = size_bases(fingerprint, scorer.classes)
     missing = [c for c in scorer.classes if c not in bases]  # no fingerprint, or a region of several values
     bases.update(size_bases_from_references(cases, missing) if missing else {})
     rules, log = tune_postprocessing(cases, scorer.classes, scorer.ignore, bases)
+    rules, log = weight_rules + rules, weight_log + log
     before = log[0]["before"] if log else None
     after = next((e["after"] for e in reversed(log) if e["kept"]), before)
     return {"model": list(members), "rules": rules, "cases": len(cases),

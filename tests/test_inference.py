@@ -85,6 +85,41 @@ def test_ensemble_labels_the_selection_scored_and_autoseg_predict_are_identical(
             assert len(np.unique(expected)) > 1 and np.array_equal(seg, expected), case
 
 
+def test_class_weights_the_selection_tuned_are_applied_by_autoseg_predict_as_scored(ensemble, tmp_path):  # noqa: F811
+    """A ``class_weights`` rule in front of the ensemble's rules: ``autoseg predict`` multiplies the class's summed
+    probabilities before the argmax exactly as the selection's scorer does on the out-of-fold files."""
+    import json
+
+    from autoseg.postprocess import split_weights
+    from autoseg.select import _Scorer
+
+    ds, work = ensemble
+    work = Path(shutil.copytree(work, tmp_path / "work"))
+    selection = json.loads((work / "selection.json").read_text())
+    rules = [{"rule": "class_weights", "classes": [2], "factors": [6.0]}] + selection["postprocessing_by_model"]["+".join(MEMBERS)]
+    selection["postprocessing"] = selection["postprocessing_by_model"]["+".join(MEMBERS)] = rules
+    (work / "selection.json").write_text(json.dumps(selection))
+    weights, label_rules = split_weights(rules)
+    refs = {p.name.replace(".nii.gz", ""): p for p in (ds / "labelsTr").glob("*.nii.gz")}
+    scorer = _Scorer(find_oof(work), refs, [1, 2], None, ".nii.gz")
+    changed = 0
+    for fold, cases in HELD_OUT.items():
+        for case in cases:
+            spacing = scorer.reference(case)[1]
+            plain = apply_postprocessing(scorer.labels(tuple(MEMBERS), case), label_rules, spacing)
+            expected = apply_postprocessing(scorer.labels(tuple(MEMBERS), case, weights=weights), label_rules, spacing)
+            seg, maps = predict_cli(work, ds / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / f"{case}", fold)
+            assert np.array_equal(seg, expected), case
+            if not changed:  # the bundle carries the rule: the same label map from model.autoseg
+                assert run(["-q", "bundle", str(work)]) == 0
+                from_bundle, _ = predict_cli(work / "model.autoseg", ds / "imagesTr" / f"{case}_0000.nii.gz",
+                                             tmp_path / f"{case}_bundle", fold)
+                assert np.array_equal(from_bundle, expected), case
+            changed += int((expected != plain).sum())
+            assert (seg == 2).sum() >= (plain == 2).sum()  # the factor only ever adds to its class
+    assert changed > 0  # the factor moved voxels: the test compares something
+
+
 # --- a region model (BraTS-like): sigmoid per region, painted in regions_class_order ----------------------
 
 REGION_HELD_OUT = {0: ["bratslike_000"], 1: ["bratslike_001", "bratslike_002"]}

@@ -17,7 +17,10 @@ from autoseg.postprocess import (
     mean_dice,
     parse_rules,
     size_bases,
+    split_weights,
+    tune_class_weights,
     tune_postprocessing,
+    weighted_argmax,
 )
 from autoseg.schema.fingerprint import ClassStats
 
@@ -238,3 +241,62 @@ def test_a_region_rule_that_would_lower_another_region_is_refused():
     case = CaseLabels.cropped("c", pred, ref, (1.0, 1.0, 1.0))
     rules, log = tune_postprocessing([case], REGIONS, groups=[[{"rule": "largest_component", "classes": [2, 3]}]])
     assert rules == [] and log[0]["after"] > log[0]["before"] and not log[0]["acceptable"]
+
+
+# --- class weights: a factor on a class's probabilities before the argmax ---------------------------------
+
+
+def test_class_weights_rules_are_checked_and_come_first():
+    rule = {"rule": "class_weights", "classes": [2], "factors": [4.0]}
+    assert parse_rules([rule, {"rule": "fill_holes", "classes": [1]}])[0] == rule
+    for bad in ([{**rule, "factors": [0.0]}], [{**rule, "factors": [2.0, 3.0]}], [{**rule, "factors": "x4"}],
+                [{"rule": "fill_holes", "classes": [1]}, rule]):
+        with pytest.raises(UserError, match="selection.json"):
+            parse_rules(bad, "selection.json")
+    seg = np.zeros((4, 4), np.uint8)
+    assert (apply_postprocessing(seg, [rule], (1.0, 1.0)) == seg).all()  # label maps: nothing to weigh
+
+
+def test_weighted_argmax_multiplies_the_class_and_ties_go_to_the_lower_class():
+    p = np.array([[0.7, 0.5, 0.2], [0.1, 0.25, 0.1], [0.2, 0.25, 0.7]], np.float32)[:, None, :]  # (K=3, 1, 3)
+    assert weighted_argmax(p, {}).ravel().tolist() == [0, 0, 2]
+    assert weighted_argmax(p, {1: 2.0}).ravel().tolist() == [0, 0, 2]  # 0.5 ties 0.5: the lower class
+    assert weighted_argmax(p, {1: 4.0}).ravel().tolist() == [0, 1, 2]
+
+
+def _unsure_case(present: bool, rng: np.random.Generator, noise_p: float = 0.0,
+                 small_p: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """A 3-class case: a large class 1 the network is sure of and, when ``present``, a small class 2 it finds at
+    ``small_p`` (the background keeps the rest); elsewhere class 2 at up to ``noise_p``."""
+    ref = np.zeros((12, 12, 12), np.uint8)
+    ref[1:7, 1:11, 1:11] = 1
+    p = np.zeros((3, *ref.shape), np.float32)
+    p[2] = noise_p * rng.uniform(0, 1, ref.shape)
+    p[1] = np.where(ref == 1, 0.9, 0.05)
+    if present:
+        ref[8:11, 4:7, 4:7] = 2
+        p[2][ref == 2] = small_p
+        p[1][ref == 2] = 0.0
+    p[0] = 1 - p[1] - p[2]
+    return p, ref
+
+
+def test_tuned_class_weights_give_back_an_unsure_small_class():
+    rng = np.random.default_rng(0)
+    cases = [_unsure_case(i % 2 == 0, rng) for i in range(4)]
+    rules, log = tune_class_weights(lambda: iter(cases), [1, 2])
+    assert len(rules) == 1 and rules[0]["classes"] == [2] and rules[0]["factors"][0] >= 3.0  # 0.3 x 3 > 0.7
+    assert any(e["kept"] for e in log) and not any(e["kept"] for e in log if e["rule"]["classes"] == [1])
+    before = mean_dice([case_counts(weighted_argmax(p, {}), r, [1, 2]) for p, r in cases], [1, 2])[0]
+    after = mean_dice([case_counts(weighted_argmax(p, split_weights(rules)[0]), r, [1, 2]) for p, r in cases], [1, 2])[0]
+    assert before[2] == 0.0 and after[2] == 1.0 and after[1] == before[1]
+
+
+def test_class_weights_that_would_paint_false_positives_are_refused():
+    """The small class already found (p 0.6 inside), background noise for it up to p 0.3: factors up to 2 change
+    nothing (no gain), larger ones paint the noise (0.3 x 3 > 0.65) and lower its Dice: nothing is kept."""
+    rng = np.random.default_rng(1)
+    cases = [_unsure_case(True, rng, noise_p=0.3, small_p=0.6) for _ in range(3)]
+    rules, log = tune_class_weights(lambda: iter(cases), [1, 2])
+    assert rules == [] and log and not any(e["kept"] for e in log)
+    assert any(e["after"] < e["before"] for e in log)  # some factor was tried and lost

@@ -152,6 +152,22 @@ def test_postprocessing_is_tuned_on_the_selected_model(tmp_path):
     assert tuning["foreground_mean_dice_after"] == 1.0 > tuning["foreground_mean_dice_before"]
 
 
+def test_a_class_the_network_is_unsure_of_gets_a_weight(tmp_path):
+    """The organ found at p 0.3 in every case (a plain argmax loses it all): the selection puts a class weight in
+    front of the rules and the table says so (``autoseg predict`` applying it: tests/test_inference.py)."""
+    ds = write_dataset(tmp_path / "Dataset001_Tiny")
+    work = tmp_path / "work"
+    work.mkdir()
+    write_plans(work, ["c"])
+    write_oof(work, "c", 0, {f"case{i}": _reference(i).astype(np.float32) * 0.3 for i in range(4)})
+    sel = select_model(work, ds)
+    rule = sel.postprocessing[0]
+    assert rule["rule"] == "class_weights" and rule["classes"] == [1] and rule["factors"][0] >= 3.0
+    assert sel.postprocessing_tuning["foreground_mean_dice_before"] == 0.0
+    assert sel.postprocessing_tuning["foreground_mean_dice_after"] == 1.0
+    assert "kept                   class_weights organ x" in selection_table(sel)
+
+
 def test_cli_select_prints_the_table(three_configs, capsys):
     ds, work = three_configs
     assert run(["select", str(ds), "-w", str(work)]) == 0
