@@ -360,10 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", parents=[common], help="choose the model and post-processing from the CV outputs",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Score every trained configuration's out-of-fold predictions against the labels,\n"
-                                   "build ensembles by greedy forward selection and tune post-processing (largest\n"
-                                   "component, small-component removal, hole filling), each kept only if the mean\n"
-                                   "Dice rises and no class falls. Writes WORKDIR/selection.json, which `autoseg\n"
-                                   "predict` follows. `autoseg train` runs this at its end.")
+                                   "build ensembles by greedy forward selection and tune post-processing (a factor\n"
+                                   "on an unsure class's probabilities before the argmax, largest component,\n"
+                                   "small-component removal, hole filling), each kept only if the mean Dice rises\n"
+                                   "and no class falls. Writes WORKDIR/selection.json, which `autoseg predict`\n"
+                                   "follows. `autoseg train` runs this at its end.")
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     _add_workdir(p)
     p.add_argument("--no-postprocessing", action="store_true", help="select the model only, no post-processing")

@@ -263,7 +263,7 @@ def _verdict(tried: dict) -> str:
     if tried["kept"]:
         return "kept"
     if tried["acceptable"]:
-        return "beaten by another size"
+        return "beaten by another " + ("factor" if tried["rule"].startswith("class_weights") else "size")
     rose = tried["after"] is not None and (tried["before"] is None or tried["after"] > tried["before"])
     return "refused: a class falls" if rose else "no gain"
 
