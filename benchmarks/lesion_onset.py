@@ -1,12 +1,12 @@
-"""When does a small class start to be learned, with SGD and with AdamW, at the same number of steps?
+"""When does a small class start to be learned, with SGD and with AdamW (two step sizes), at the same number of steps?
 
     python benchmarks/lesion_onset.py [--tasks ct-aniso vessels lung-nodules mr-2ch mri-nested] [--budget 5m]
 
 The evidence behind the planner's optimizer rule (autoseg.plan.rules.optimizer). For each synthetic task: the
 dataset (size small, seed 0) is planned once for ``--budget``; the planned run is then trained twice from the
-same plans.json, as the rules before the change (SGD, Nesterov, lr 1e-2) and as they are now for a small class
-(AdamW, lr 1e-3), for the plan's number of steps (``autoseg train --steps``: the same steps whatever the machine's
-load, so the two differ by the optimizer alone), then the test cases are predicted and scored. Reported per class:
+same plans.json, as the rules before the change (SGD, Nesterov, lr 1e-2), with AdamW at Adam's usual lr 1e-3, and as
+they are now for a small class (AdamW at ``autoseg.plan.rules.ADAMW_LR``), for the plan's number of steps (``autoseg train --steps``: the same steps whatever the machine's
+load, so the runs differ by the optimizer alone), then the test cases are predicted and scored. Reported per class:
 test Dice on the cases that hold the class, the first step at validation Dice 0.5, and what the network says
 inside the class (mean probability of the class there, and the share of its voxels where it wins the argmax).
 
@@ -30,10 +30,12 @@ sys.path.insert(0, str(BENCH.parent))
 
 from autoseg.benchmark.measure import machine  # noqa: E402
 from autoseg.oof import fold_predictor  # noqa: E402
+from autoseg.plan.rules import ADAMW_LR  # noqa: E402
 from autoseg.trainlog import TrainLog  # noqa: E402
 from autoseg.workdir import Workdir, load_case  # noqa: E402
 
-OPTIMIZERS = {"sgd": {"name": "sgd", "lr": 1e-2}, "adamw": {"name": "adamw", "lr": 1e-3}}
+OPTIMIZERS = {"SGD 1e-2": {"name": "sgd", "lr": 1e-2}, "AdamW 1e-3": {"name": "adamw", "lr": 1e-3},
+              f"AdamW {ADAMW_LR:g} (the rule)": {"name": "adamw", "lr": ADAMW_LR}}
 
 
 def autoseg(*args: str, env: dict | None = None) -> None:
@@ -70,7 +72,7 @@ def run_task(task: str, budget: str, work_root: Path) -> dict:
     labels = {k: v for k, v in plans["labels"].items() if k not in ("background", "ignore") and isinstance(v, int)}
     out = {"configuration": configuration, "steps": steps, "runs": {}}
     for opt, values in OPTIMIZERS.items():
-        w = work_root / "runs" / task / opt
+        w = work_root / "runs" / task / opt.split(" (")[0].replace(" ", "_")
         shutil.rmtree(w, ignore_errors=True)
         shutil.copytree(planned, w, ignore=shutil.ignore_patterns("runs", "selection.json", "model.autoseg"))
         edited = json.loads((w / "plans.json").read_text())
@@ -107,18 +109,17 @@ def main() -> None:
     def f(x: float | None, fmt: str = ".3f") -> str:
         return "-" if x is None or x != x else format(x, fmt)
 
+    names = list(OPTIMIZERS)
     lines = ["# Small classes: SGD against AdamW at the same step count (benchmarks/lesion_onset.py)", "",
              f"`python benchmarks/lesion_onset.py --tasks {' '.join(a.tasks)} --budget {a.budget}`: each task "
              f"planned for {a.budget}, then its planned run trained for the plan's steps with each optimizer.", "",
-             "| task | class | steps | SGD test Dice | AdamW test Dice | SGD onset step | AdamW onset step "
-             "| SGD p inside / wins | AdamW p inside / wins |", "|---|---|---|---|---|---|---|---|---|"]
+             "| task | class | steps | " + " | ".join(f"{n}: test Dice (onset step; p inside / wins)" for n in names)
+             + " |", "|---|---|---|" + "---|" * len(names)]
     for task, r in results.items():
-        for name in r["runs"]["sgd"]:
-            s, w = r["runs"]["sgd"][name], r["runs"]["adamw"][name]
-            lines.append(f"| {task} | {name} | {r['steps']} | {f(s['dice_present'])} | {f(w['dice_present'])} | "
-                         f"{s['onset_step'] or 'never'} | {w['onset_step'] or 'never'} | "
-                         f"{f(s['p_inside'], '.2f')} / {f(s['wins'], '.2f')} | {f(w['p_inside'], '.2f')} / "
-                         f"{f(w['wins'], '.2f')} |")
+        for name in r["runs"][names[0]]:
+            cells = [f"{f(x['dice_present'])} ({x['onset_step'] or 'never'}; {f(x['p_inside'], '.2f')} / "
+                     f"{f(x['wins'], '.2f')})" for x in (r["runs"][n][name] for n in names)]
+            lines.append(f"| {task} | {name} | {r['steps']} | " + " | ".join(cells) + " |")
     lines += ["", "Test Dice: mean over the test cases whose reference holds the class. Onset: the first validation "
               "(patches) at Dice 0.5. p inside / wins: on the training cases, the class's mean probability over its "
               "own voxels and the share of them where it wins the argmax (0.02 / 0.00 is a network that has not "
