@@ -473,3 +473,51 @@ def brats_like(rng: np.random.Generator, shape: tuple[int, ...], index: int) -> 
                         mean=looks["vessel"], texture=0.04)
 
     return SynthCase(mri_channels(rng, scene, spacing, width), scene.label, iso_geometry(spacing))
+
+
+@register_task("brain-mets", channels=("T1ce",), labels={"background": 0, "brain": 1, "metastasis": 2},
+               shapes=MRI_SHAPES,
+               description="3D contrast-enhanced brain MRI: several small metastases (2-5 mm radius, none in 40% of "
+                           "cases) among enhancing vessels and choroid plexus that look like them")
+def brain_mets(rng: np.random.Generator, shape: tuple[int, ...], index: int) -> SynthCase:
+    """A metastasis is a small sphere with an enhancing rim (a solid one when small) inside the brain. Vessels
+    enhance as brightly, so in one slice a vessel's cross-section looks like a small metastasis; the choroid
+    plexus is round and bright beside the dark ventricles. Only shape in 3D (round, not tubular) and place tell
+    them apart. Added after the small-class rules were chosen, to check them on a task they were not tuned on."""
+    shape = jitter_shape(rng, shape)
+    s = rng.uniform(0.9, 1.1)
+    spacing = (rng.uniform(1.0, 1.3), s, s)
+    fov = np.asarray(shape) * spacing
+    width, mid = fov.min(), fov / 2
+    scene = Scene(rng, shape, spacing, background=[0.0])
+    head, rot = fov * rng.uniform(0.42, 0.47, 3), random_rotation(rng, 3, 8)
+    scene.paint(scene.ellipsoid(mid, head, rot, 0.03), mean=0.3, texture=0.04, rim=0.3)  # scalp: bright fat rim
+    brain = scene.paint(scene.ellipsoid(mid, head * 0.88, rot, 0.06), mean=0.5, texture=0.05, label=1, keep=True)
+    scene.paint(scene.ellipsoid(mid, head * rng.uniform(0.62, 0.7), rot, 0.1), mean=0.56, texture=0.04,
+                label=1, within=brain)  # white matter: what is painted inside the brain stays brain
+    taken: list[tuple[np.ndarray, float]] = []
+    for side in (-1, 1):  # ventricles, each with a choroid plexus: round and enhancing, but no metastasis
+        c = mid + rot @ np.array([0.0, -0.05, side * 0.1]) * fov
+        scene.paint(scene.ellipsoid(c, width * np.array([0.1, 0.05, 0.03]), rot, 0.1), mean=0.15, texture=0.03,
+                    label=1, within=brain)
+        plexus = c + rot @ np.array([0.0, 0.02, 0.0]) * fov
+        scene.paint(scene.ellipsoid(plexus, [2.5, 2.0, 2.0], random_rotation(rng, 3), 0.2), mean=0.85, texture=0.05,
+                    label=1, within=brain)
+        taken.append((c, width * 0.1))
+    points, radii = vessel_tree(rng, fov, min(spacing), branches=int(rng.integers(6, 10)))
+    vessel = np.maximum(tubes(shape, spacing, points, radii * 0.6), brain)  # enhancing vessels inside the brain
+    scene.paint(((slice(None),) * 3, vessel), mean=rng.uniform(0.8, 0.9), texture=0.04, label=1)
+    for _ in range(rng.integers(1, 6)) if present_in(index) else ():
+        r = max(rng.uniform(2.0, 5.0) * min(1.0, width / 60), 2.0)  # the tiny size's small brain holds them too
+        c = place_apart(rng, lambda: mid + rot @ (in_ball(rng, 3) * 0.75 * head), taken, r + 2,
+                        ok=lambda c, r=r: _at(brain, c, spacing) < -1.5 * r and _at(vessel, c, spacing) > r + 1)
+        if c is None:
+            continue
+        taken.append((c, r))
+        solid = r < 2.5
+        scene.paint(scene.ellipsoid(c, r * rng.uniform(0.85, 1.15, 3), random_rotation(rng, 3), 0.15),
+                    mean=rng.uniform(0.75, 0.9) if solid else rng.uniform(0.4, 0.55), texture=0.05,
+                    rim=0.0 if solid else rng.uniform(0.3, 0.45), label=2, within=brain)
+    image = blur(scene.image, 0.6)[0] * bias_field(rng, shape, spacing, 0.15, width * 0.6)
+    image = rician(rng, image, 0.05) * rng.uniform(300, 1500) + rng.uniform(0, 50)
+    return SynthCase((to_int16(image),), scene.label, iso_geometry(spacing))
