@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module may import from its own layer and the layers below it, never above.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["autoseg.version", "autoseg.errors", "autoseg.artifacts"]),
+    ("foundation", ["autoseg.version", "autoseg.errors", "autoseg.artifacts", "autoseg.claims"]),
     ("schema", ["autoseg.schema"]),
     ("workdir", ["autoseg.workdir"]),
     ("building blocks", ["autoseg.io", "autoseg.dataset", "autoseg.parallel", "autoseg.device", "autoseg.distributed",

@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from autoseg.claims import alive, process_started
 from autoseg.errors import UserError
 from autoseg.workdir import Workdir
 
@@ -109,22 +110,13 @@ def claim(trial: optuna.Trial) -> None:
     trial.set_user_attr("pid_started", process_started(os.getpid()))
 
 
-def process_started(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, from Linux's /proc), None where unknown: with the
-    pid it names one process even after the pid is reused (a container runs each command under the same pid)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def fail_orphans(study: optuna.Study) -> list[int]:
     """Mark trials this machine left RUNNING in a process that no longer exists (killed, crashed) as failed,
     saying which; returns their numbers. The same command then resumes the study from there."""
     host, orphans = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or pid is None or _alive(int(pid), t.user_attrs.get("pid_started")):
+        if t.user_attrs.get("host") != host or pid is None or alive(int(pid), t.user_attrs.get("pid_started")):
             continue
         study._storage.set_trial_user_attr(t._trial_id, "orphaned", True)  # its time is capped in spent_seconds
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -134,18 +126,6 @@ def fail_orphans(study: optuna.Study) -> list[int]:
         logger.warning(f"search: trial {t.number}{label} was left running by process {pid} on {host}, which has "
                        f"ended (killed or crashed: see that run's output); marked failed, the search goes on")
     return orphans
-
-
-def _alive(pid: int, started: int | None = None) -> bool:
-    """Whether process ``pid`` exists and, when its start time is known, is the process that started then."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    now = process_started(pid)
-    return started is None or now is None or now == started
 
 
 def spent_seconds(study: optuna.Study) -> float:
