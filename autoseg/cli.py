@@ -339,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cases are predicted on full images and scored\n"
                                    f"({wd.RUNS_DIR}/<config>/fold_<k>/{wd.VALIDATION_DIR}).\n"
                                    "Checkpoints every 5 minutes (plans.json: schedule.checkpoint_every_s), or as\n"
-                                   "--checkpoint-every says.")
+                                   "--checkpoint-every says.\n\n"
+                                   "Start it several times on one workdir (one machine, or several sharing the disk)\n"
+                                   "and the processes divide the runs: each run is claimed before it trains\n"
+                                   f"(WORKDIR/{wd.CLAIMS_DIR}), a dead worker's run is taken over (at once on the same\n"
+                                   "machine, else after --claim-timeout without a heartbeat), and the last run to\n"
+                                   "finish selects and bundles, once. `autoseg status WORKDIR` shows who does what.")
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     _add_workdir(p)
     p.add_argument("--config", default=None, help="configuration to train (default: those in the plan's runs)")
@@ -355,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", default=None, metavar="T",
                    help="time between checkpoints, e.g. 2m or 30s (default: the plan's, 5m): a killed run resumes "
                         "from the last one")
+    p.add_argument("--claim-timeout", default="5m", metavar="T",
+                   help="a run claimed by this worker counts as abandoned after T without its heartbeat (a lost "
+                        "node; a dead process on the same machine is seen at once); default %(default)s")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("select", parents=[common], help="choose the model and post-processing from the CV outputs",

@@ -6,6 +6,8 @@
   and at the end, so a killed run resumes where its last checkpoint left it, bit for bit;
 - ``extend_s`` continues a finished run with more budget (a warm restart of the poly schedule), its steps
   re-fitted to its own pace like a fresh run's (the last pace may have been measured on a busier machine);
+- a run guarded by a :class:`~autoseg.claims.Claim` (several workers on one workdir) stops without writing
+  once another worker has taken it over;
 - AMP on CUDA, bf16 autocast on CPU when planned, channels-last when measured faster;
 - under ``torchrun`` it runs as DDP: the batch is split across ranks and only rank 0 writes.
 """
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from autoseg.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from autoseg.claims import Claim
 from autoseg.crossval import load_splits
 from autoseg.device import AUTOCAST
 from autoseg.distributed import DistContext
@@ -140,7 +143,7 @@ class Trainer:
                  checkpoint_every_s: float | None = None, splits_file: Path | str | None = None,
                  stop_after: int | None = None, folder: Path | str | None = None,
                  on_validation: Callable[[int, float], None] | None = None,
-                 init_weights: Path | str | None = None):
+                 init_weights: Path | str | None = None, claim: Claim | None = None):
         self.work = Workdir.of(workdir)
         self.plans = plans or self.work.load_plans()
         if configuration not in self.plans.configurations:
@@ -152,6 +155,7 @@ class Trainer:
         self.device, self.seed, self.workers, self.progress = device, seed, workers, progress
         # seconds between periodic checkpoints: the argument (``autoseg train --checkpoint-every``), else the plan's
         self.checkpoint_every_s = self.cfg.schedule.checkpoint_every_s if checkpoint_every_s is None else checkpoint_every_s
+        self.claim = claim
         if not (self.checkpoint_every_s > 0 and math.isfinite(self.checkpoint_every_s)):
             raise UserError(f"checkpoint interval {self.checkpoint_every_s!r}: expected a positive number of seconds")
         self.splits_file, self.stop_after = splits_file, stop_after
@@ -325,6 +329,8 @@ class Trainer:
                     optimizer.step()
                 losses.append(loss.detach())  # no .item(): a GPU sync per step
                 step += 1
+                if self.claim is not None:
+                    self.claim.check()  # taken over by another worker: stop here, write nothing
                 bar.update(1)
                 if step == start + 5:
                     t_adapt = time.perf_counter()  # after warm-up: kernel selection, worker start
@@ -417,6 +423,8 @@ class Trainer:
 
     def _save(self, path: Path, model, optimizer, scaler, step: int, state: dict, dist) -> None:
         if dist.is_main:
+            if self.claim is not None:
+                self.claim.verify()  # never write over the checkpoint of the worker that took the run over
             save_checkpoint(path, unwrap(model), optimizer, scaler, step, dict(state))
 
     def _result(self, state: dict, step: int | None = None) -> RunResult:
