@@ -338,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--extend continues finished runs with more budget. After each fold, its held-out\n"
                                    "cases are predicted on full images and scored\n"
                                    f"({wd.RUNS_DIR}/<config>/fold_<k>/{wd.VALIDATION_DIR}).\n"
-                                   "Checkpoints every 5 minutes (plans.json: schedule.checkpoint_every_s), or as\n"
-                                   "--checkpoint-every says.\n\n"
+                                   "Checkpoints every 5 % of a run (between 5 s and 5 minutes; plans.json:\n"
+                                   "schedule.checkpoint_every_s), or as --checkpoint-every says.\n\n"
                                    "Start it several times on one workdir (one machine, or several sharing the disk)\n"
                                    "and the processes divide the runs: each run is claimed before it trains\n"
                                    f"(WORKDIR/{wd.CLAIMS_DIR}), a dead worker's run is taken over (at once on the same\n"
@@ -358,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: from the CPU count)")
     p.add_argument("--splits", type=Path, default=None, help="a splits file (nnU-Net splits_final.json format)")
     p.add_argument("--checkpoint-every", default=None, metavar="T",
-                   help="time between checkpoints, e.g. 2m or 30s (default: the plan's, 5m): a killed run resumes "
-                        "from the last one")
+                   help="time between checkpoints, e.g. 2m or 30s, taken as given (default: the plan's, 5 %% of "
+                        "the run, stretched when writing one costs over 1 %% of it): a killed run resumes from the "
+                        "last one")
     p.add_argument("--claim-timeout", default="5m", metavar="T",
                    help="a run claimed by this worker counts as abandoned after T without its heartbeat (a lost "
                         "node; a dead process on the same machine is seen at once); default %(default)s")

@@ -277,12 +277,12 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
                   claim_timeout_s: float = claims.DEFAULT_STALE_AFTER_S) -> TrainResult:
     """Train the planned runs (or the ones asked for) inside the budget, predict and score each finished
     fold's held-out cases, then select the model and pack the bundle. ``budget`` overrides the plan's and is
-    split evenly over the runs; ``steps`` fixes each run's length
+    split evenly over the runs (the checkpoint interval re-derived from it); ``steps`` fixes each run's length
     instead (no adaptation to the measured speed: repeatable); ``checkpoint_every_s`` overrides the plan's
     checkpoint interval. Other workers may share the workdir (see the module's docstring); a claim this worker
     takes counts as abandoned after ``claim_timeout_s`` without a heartbeat."""
     from autoseg.distributed import DistContext
-    from autoseg.plan.budget import format_duration, parse_duration
+    from autoseg.plan.budget import checkpoint_interval, format_duration, parse_duration
 
     work = Workdir.for_dataset(dataset, workdir)
     plans = work.load_plans()
@@ -291,9 +291,11 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
         raise UserError(f"claim timeout {claim_timeout_s!r}: expected a positive number of seconds")
     ensure_preprocessed(dataset, work, plans, list(dict.fromkeys(c for c, _, _ in runs)), progress=progress,
                         stale_after_s=claim_timeout_s)
+    every = {}
     if budget is not None:
         total = float(budget) if isinstance(budget, (int, float)) else parse_duration(budget)
         runs = [(c, k, total / len(runs)) for c, k, _ in runs]
+        every = {(c, k): checkpoint_interval(s) for c, k, s in runs}
     extend_s = None if extend is None else (float(extend) if isinstance(extend, (int, float)) else parse_duration(extend))
     main = is_main_process()
     if main:
@@ -317,7 +319,8 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
         c, k, s = pending.pop(pick.index)
         run = _train_one(work, dataset, plans, c, k, s, pick, device=device, steps=steps, seed=seed,
                          workers=workers, progress=progress, extend_s=extend_s, splits_file=splits_file,
-                         checkpoint_every_s=checkpoint_every_s)
+                         checkpoint_every_s=checkpoint_every_s if checkpoint_every_s is not None
+                         else every.get((c, k)))
         result.runs.append(run)
     if main and all(r.finished for r in result.runs):
         _select_and_bundle(work, dataset, result, claim_timeout_s, progress)
