@@ -35,6 +35,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to start the run over") from e
 
 
+def read_progress(path: Path) -> tuple[int, int, bool]:
+    """(step, total steps, finished) of a checkpoint, its tensors memory-mapped rather than read (cheap on a
+    large checkpoint: ``autoseg status``)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = ck.get("state") or {}
+        return int(ck["step"]), int(state.get("total_steps", ck["step"])), bool(state.get("finished"))
+    except Exception as e:
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__})") from e
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare network inside DDP / compiled wrappers (whose state_dict keys are prefixed)."""
     return getattr(model, "module", model)

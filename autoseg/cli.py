@@ -134,6 +134,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(a: argparse.Namespace) -> int:
+    from autoseg.status import status_text, workdir_status
+
+    print(status_text(workdir_status(a.workdir, storage=a.storage)))
+    return 0
+
+
 def cmd_predict(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -365,6 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run claimed by this worker counts as abandoned after T without its heartbeat (a lost "
                         "node; a dead process on the same machine is seen at once); default %(default)s")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("status", parents=[common], help="progress of a workdir: runs, workers, search, bundle",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Print each planned run of WORKDIR (and any other a worker trained or claimed):\n"
+                                   "its state, the worker holding it (host, pid; live, stale past its timeout, or\n"
+                                   "dead), steps done of planned and the last validation Dice; the search's trials\n"
+                                   "(from its study, else the trial table); and whether the bundle is current.\n"
+                                   "Read only: safe while workers run.")
+    p.add_argument("workdir", type=Path, nargs="?", default=None, metavar="WORKDIR",
+                   help="the work directory (default: this folder if it has plans.json, else the only one under "
+                        "./autoseg_work)")
+    p.add_argument("--storage", default=None, metavar="URL|FILE.journal",
+                   help="the search's storage when plans.json cannot name it (a URL with a password)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("select", parents=[common], help="choose the model and post-processing from the CV outputs",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -199,6 +199,15 @@ class Workdir:
         """The claim folder of a (configuration, fold) run: the worker that trains it holds it."""
         return self.claims_dir / RUNS_DIR / configuration / f"fold_{fold}"
 
+    def claimed_runs(self) -> list[tuple[str, int]]:
+        """(configuration, fold) of every run a worker ever claimed."""
+        found = []
+        for folder in sorted(p for p in (self.claims_dir / RUNS_DIR).glob("*/fold_*") if p.is_dir()):
+            fold = folder.name[len("fold_"):]
+            if fold.isdigit():
+                found.append((folder.parent.name, int(fold)))
+        return found
+
     def preprocess_lock(self, configuration: str) -> Path:
         return self.claims_dir / LOCKS_DIR / PREPROCESS_LOCK.format(configuration)
 

@@ -21,6 +21,7 @@ from autoseg.checkpoint import load_checkpoint
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.plan import rules
 from autoseg.schema.plans import Configuration, Network, Plans, Schedule
+from autoseg.status import workdir_status
 from autoseg.train import Trainer
 from autoseg.workdir import Workdir
 from autoseg.workflow import Pick, next_run
@@ -89,6 +90,9 @@ def test_three_workers_train_every_fold_once_and_select_and_bundle_once(tmp_path
         rows = work.run(CONFIG, k).log.read_text().splitlines()[1:]
         assert [int(r.split(",")[0]) for r in rows] == [steps // 2, steps]  # each validation logged once
     assert work.bundle_staleness() is None
+    st = workdir_status(work.root)  # autoseg status
+    assert [r.state for r in st.runs] == ["finished"] * FOLDS and st.bundle == "current"
+    assert all("(released" in r.worker for r in st.runs)
     # a fourth worker finds everything done: nothing trained, nothing selected again
     again = finish([worker(ds, work, steps)])[0]
     assert trained_here([again]) == [] and "is current" in again
