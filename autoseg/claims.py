@@ -105,8 +105,10 @@ class Holder:
 
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
-        return (f"{self.host} pid {self.pid} ({self.state(now)}, heartbeat {max(0.0, now - self.heartbeat):.0f}s "
-                f"ago)")
+        ago = f"{max(0.0, now - self.heartbeat):.0f}s ago"
+        if self.released:
+            return f"{self.host} pid {self.pid} (released {ago})"
+        return f"{self.host} pid {self.pid} ({self.state(now)}, heartbeat {ago})"
 
 
 def _generation(path: Path) -> int | None:

@@ -90,46 +90,53 @@ RACER = textwrap.dedent("""
 
     root, seconds, me = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
     rng = random.Random(me)
-    got = doubled = 0
+    got = doubled = lost = 0
     end = time.time() + seconds
     while time.time() < end:
-        folder = root / f"run{rng.randrange(2)}"
-        claim = claims.try_claim(folder, stale_after_s=0.05)
+        folder = root / f"run{rng.randrange(3)}"
+        claim = claims.try_claim(folder, stale_after_s=0.5)
         if claim is None:
             time.sleep(rng.random() * 0.002)
             continue
         got += 1
         claim.start()
-        try:  # the guarded work: a file only one holder may create
-            fd = os.open(folder.parent / (folder.name + ".inside"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            doubled += 1
+        try:
+            claim.verify()  # as a trainer does before it writes
+        except claims.ClaimLost:
+            lost += 1
         else:
-            os.close(fd)
-            time.sleep(rng.random() * 0.003)
-            os.unlink(folder.parent / (folder.name + ".inside"))
-        if rng.random() < 0.1:  # gone without releasing, as if killed: taken over once it is stale
+            try:  # the guarded work: a file only one holder may create
+                fd = os.open(folder.parent / (folder.name + ".inside"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                doubled += 1
+            else:
+                os.close(fd)
+                time.sleep(rng.random() * 0.003)
+                os.unlink(folder.parent / (folder.name + ".inside"))
+        if rng.random() < 0.05:  # gone without releasing, as if killed: taken over once it is stale
             claim._stop.set()
             claim._thread.join()
         else:
             claim.release()
-    print(got, doubled)
+    print(got, doubled, lost)
 """)
 
 
 def test_processes_racing_on_claims_never_hold_one_twice_nor_damage_a_file(tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), "4", str(i)], stdout=subprocess.PIPE,
+    """Four processes claim three folders for 6 s, each time doing a piece of work only one holder may do; one claim
+    in twenty is abandoned without release (as by a killed process) and taken over, contested, once stale."""
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), "6", str(i)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(4)]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, err
         results.append([int(x) for x in out.split()])
-    assert sum(doubled for _, doubled in results) == 0
-    got = sum(n for n, _ in results)
+    assert sum(r[1] for r in results) == 0, results  # never two holders at once
+    got = sum(r[0] for r in results)
     assert got > 100, results  # the race did happen
     generations = 0
-    for folder in (tmp_path / "run0", tmp_path / "run1"):
+    for folder in (tmp_path / "run0", tmp_path / "run1", tmp_path / "run2"):
         names = sorted(p.name for p in folder.iterdir())
         assert len(names) == 1 and not any(n.startswith("~") for n in names), names  # no leftover, no temporary
         json.loads((folder / names[0]).read_text())  # whole
