@@ -16,6 +16,7 @@ writers of what lives there. No other module spells a workdir path.
         runs/<config>/fold_<k>/     a training run (``autoseg train``)
         locks/preprocess-<config>/  preprocessing a configuration
         locks/select-bundle/        the selection and the bundle
+        locks/search-finalize/      writing the search's outcome
 
 Paths are arguments everywhere; ``./autoseg_work/<dataset folder name>`` is only the default.
 """
@@ -50,6 +51,7 @@ LATEST, FINAL = "checkpoint_latest.pt", "checkpoint_final.pt"
 LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
 VALIDATION_DIR, VALIDATION_SUMMARY = "validation", "summary.json"
 CLAIMS_DIR, LOCKS_DIR, SELECT_LOCK, PREPROCESS_LOCK = "claims", "locks", "select-bundle", "preprocess-{}"
+SEARCH_LOCK = "search-finalize"
 
 
 def default_workdir(dataset_dir: Path | str) -> Path:
@@ -214,6 +216,11 @@ class Workdir:
     @property
     def select_lock(self) -> Path:
         return self.claims_dir / LOCKS_DIR / SELECT_LOCK
+
+    @property
+    def search_lock(self) -> Path:
+        """Writing the search's outcome (plans.json, the kept weights, the trial table): one worker at a time."""
+        return self.claims_dir / LOCKS_DIR / SEARCH_LOCK
 
     def run(self, configuration: str, fold: int) -> RunDir:
         return RunDir(self.runs_dir / configuration / f"fold_{fold}")

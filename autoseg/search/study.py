@@ -55,11 +55,30 @@ def open_storage(spec: str | None, workdir: Path) -> optuna.storages.BaseStorage
         raise UserError(f"--storage {spec}: expected a database URL (sqlite:///FILE, postgresql://..., "
                         "mysql://...) or a journal file ending in .journal or .log")
     try:
-        return optuna.storages.RDBStorage(spec, engine_kwargs={"connect_args": {"timeout": 60}}
+        return optuna.storages.RDBStorage(with_driver(spec), engine_kwargs={"connect_args": {"timeout": 60}}
                                           if spec.startswith("sqlite") else None)
     except Exception as e:  # bad URL, missing driver, unreachable server: the user's to fix
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if spec.startswith("postgresql") and "import" in reason:
+            reason += "; pip install 'autoseg[postgres]'"
         raise UserError(f"--storage {redact(spec)}: cannot open the study storage ({reason})") from None
+
+
+def with_driver(url: str) -> str:
+    """A ``postgresql://`` URL names no driver, and SQLAlchemy's default differs by version (psycopg2 before 2.1,
+    psycopg 3 from 2.1): name the one installed (``autoseg[postgres]`` installs psycopg 3)."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    import sqlalchemy
+
+    rest = url[len("postgresql://"):]
+    if importlib.util.find_spec("psycopg") is not None and int(sqlalchemy.__version__.split(".")[0]) >= 2:
+        return f"postgresql+psycopg://{rest}"
+    if importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return url
 
 
 def redact(url: str) -> str:
@@ -67,7 +86,8 @@ def redact(url: str) -> str:
     if "://" in url and "@" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+        if ":" in creds:
+            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
     return url
 
 
