@@ -296,17 +296,23 @@ class Workdir:
         return found
 
     def bundle_staleness(self) -> str | None:
-        """Why ``model.autoseg`` is not current (missing, older than ``selection.json`` or than a finished run's
-        final checkpoint or out-of-fold summary), None when it is."""
+        """Why ``model.autoseg`` is not current (missing, older than ``selection.json``, a finished run the
+        selection did not score, or one finished again since: ``--extend``), None when it is."""
         if not self.bundle_file.is_file():
             return f"no {BUNDLE_FILE} yet"
         made = self.bundle_file.stat().st_mtime
-        if not self.selection_file.is_file():
+        selection = self.load_selection()
+        if selection is None:
             return f"no {SELECTION_FILE}"
         if self.selection_file.stat().st_mtime > made:
             return f"{SELECTION_FILE} is newer"
         for configuration, fold, run in self.runs():
-            if any(f.is_file() and f.stat().st_mtime > made for f in (run.final, run.validation_summary)):
+            if not (run.final.is_file() and run.validation_summary.is_file()):
+                continue
+            scored = (selection.cv.get(configuration) or {}).get("folds") or []
+            if fold not in scored:  # finished while the selection ran, or after
+                return f"{configuration} fold {fold} finished and is not in the selection"
+            if any(f.stat().st_mtime > made for f in (run.final, run.validation_summary)):
                 return f"{configuration} fold {fold} finished after it"
         return None
 

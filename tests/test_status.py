@@ -79,3 +79,23 @@ def test_status_shows_the_search_table_and_finds_the_only_workdir(work, tmp_path
     assert run(["status"]) == 0 and "4 run(s)" in capsys.readouterr().out
     assert run(["status", str(tmp_path / "nowhere")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_bundle_is_stale_when_a_finished_fold_is_not_in_its_selection_even_if_older(tmp_path):
+    """A fold whose held-out cases were scored while another worker's selection ran is older than the bundle
+    that left it out: the selection's own list of folds says so (``train --fold K`` job arrays)."""
+    from autoseg.schema.selection import Selection
+
+    work = Workdir(tmp_path)
+    for k in (0, 1):
+        run = work.run("3d_fullres", k)
+        run.validation.mkdir(parents=True)
+        run.final.write_bytes(b"x")
+        run.validation_summary.write_text("{}")
+    work.save_selection(Selection("3d_fullres", cv={"3d_fullres": {"members": ["3d_fullres"], "folds": [0]}}))
+    work.bundle_file.write_bytes(b"zip")
+    assert work.bundle_staleness() == "3d_fullres fold 1 finished and is not in the selection"
+    work.save_selection(Selection("3d_fullres", cv={"3d_fullres": {"members": ["3d_fullres"], "folds": [0, 1]}}))
+    assert work.bundle_staleness() == "selection.json is newer"
+    work.bundle_file.write_bytes(b"zip")
+    assert work.bundle_staleness() is None
