@@ -35,13 +35,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to start the run over") from e
 
 
-def read_progress(path: Path) -> tuple[int, int, bool]:
-    """(step, total steps, finished) of a checkpoint, its tensors memory-mapped rather than read (cheap on a
-    large checkpoint: ``autoseg status``)."""
+def read_progress(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``step``, ``total_steps``, ``finished`` and ``elapsed_s``, its tensors memory-mapped rather
+    than read (cheap on a large checkpoint: ``autoseg status``, a finished run another worker trained)."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state = ck.get("state") or {}
-        return int(ck["step"]), int(state.get("total_steps", ck["step"])), bool(state.get("finished"))
+        return {"step": int(ck["step"]), "total_steps": int(state.get("total_steps", ck["step"])),
+                "finished": bool(state.get("finished")), "elapsed_s": float(state.get("elapsed_s", 0.0))}
     except Exception as e:
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__})") from e
 

@@ -95,7 +95,8 @@ def run_status(work: Workdir, configuration: str, fold: int, planned: int, now: 
     for path in (run.final, run.latest):
         if path.is_file():
             try:
-                steps, total, done = read_progress(path)
+                progress = read_progress(path)
+                steps, total, done = progress["step"], progress["total_steps"], progress["finished"]
             except UserError:  # being replaced as we read: the log below still says how far it got
                 continue
             break

@@ -1,13 +1,10 @@
 """Stages chained as the CLI runs them: ``plan_dataset`` = validate -> fingerprint -> plan -> preprocess;
 ``train_dataset`` = train the planned runs -> out-of-fold validation -> select -> bundle.
 
-Any number of ``autoseg train`` processes may share one workdir (one machine, or several on a shared disk):
-each (configuration, fold) run is claimed before it trains (:mod:`autoseg.claims`, under ``WORKDIR/claims/``),
-so the workers divide the runs between them and none is trained twice at once; a worker with nothing left to
-claim waits for the runs others hold and takes over one whose worker died (at once on the same machine, else
-after the claim's timeout). Preprocessing a configuration and the selection + bundle step are locks; the
-selection runs when every run a worker was asked for is finished, once: a worker that finds the bundle newer
-than every finished run and the selection leaves it.
+Any number of ``autoseg train`` processes may share one workdir (one machine, or several on a shared disk): they
+divide the runs through claims (:mod:`autoseg.workers`), and preprocessing a configuration and the selection +
+bundle step are locks; the selection runs when every run a worker was asked for is finished, once: a worker that
+finds the bundle current (:meth:`~autoseg.workdir.Workdir.bundle_staleness`) leaves it.
 
 These return what they did (the CLI and the demo print it); long work reports progress through ``logging``.
 """
@@ -15,7 +12,6 @@ These return what they did (the CLI and the demo print it); long work reports pr
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +24,7 @@ from autoseg.schema.fingerprint import Fingerprint
 from autoseg.schema.plans import Plans
 from autoseg.schema.selection import Selection
 from autoseg.workdir import Workdir
+from autoseg.workers import Pick, next_run, preprocess_locks
 
 logger = logging.getLogger(__name__)
 
@@ -126,25 +123,6 @@ def trained_configurations(plans: Plans) -> list[str]:
     return list(dict.fromkeys(r["configuration"] for r in plans.train_runs)) or list(plans.configurations)
 
 
-def preprocess_locks(work: Workdir, configurations: list[str], stale_after_s: float = claims.DEFAULT_STALE_AFTER_S,
-                     progress: bool = False) -> ExitStack:
-    """The locks of ``configurations``' preprocessing, taken in name order (no two workers wait on each other),
-    waiting while another worker preprocesses one; released when the returned stack closes."""
-    stack = ExitStack()
-
-    def say(holder: claims.Holder) -> None:
-        if progress:
-            logger.info(f"waiting: {holder.path.parent} is held by {holder.describe()}")
-
-    try:
-        for name in sorted(set(configurations)):
-            stack.enter_context(claims.wait_claim(work.preprocess_lock(name), stale_after_s, on_wait=say))
-    except BaseException:
-        stack.close()
-        raise
-    return stack
-
-
 def ensure_preprocessed(dataset: Path | str, work: Workdir | Path | str, plans: Plans, configurations: list[str],
                         jobs: int | None = None, progress: bool = False,
                         stale_after_s: float = claims.DEFAULT_STALE_AFTER_S) -> dict[str, int]:
@@ -226,15 +204,6 @@ class TrainedRun:
 
 
 @dataclass
-class Pick:
-    """The next run a worker does: ``claim`` it just took, or None for a run already finished (read only)."""
-
-    index: int
-    claim: claims.Claim | None = None
-    taken_from: str = ""
-
-
-@dataclass
 class TrainResult:
     """What ``train_dataset`` did: the runs, then the selection and the bundle made from them (or why not)."""
 
@@ -311,8 +280,8 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
             pick = next_run(work, pending, claim_timeout_s, extend_s is not None, wait=dist is None,
                             progress=progress)
         if dist is not None:
-            code = dist.broadcast_int(-1 if pick is None else 2 * pick.index + (pick.claim is not None))
-            pick = pick if main else (None if code < 0 else Pick(code // 2, None))
+            code = dist.broadcast_int(-1 if pick is None else 2 * pick.index + (not pick.done))
+            pick = pick if main else (None if code < 0 else Pick(code // 2, done=code % 2 == 0))
         if pick is None:  # the rest are held by live workers (torchrun does not wait for them)
             result.runs += [TrainedRun(c, k, 0.0, False, 0, note="held by another worker") for c, k, _ in pending]
             break
@@ -329,52 +298,21 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
     return result
 
 
-def run_is_done(work: Workdir, configuration: str, fold: int) -> bool:
-    """Trained and its held-out cases predicted and scored: nothing left for any worker to do."""
-    run = work.run(configuration, fold)
-    return run.final.is_file() and run.validation_summary.is_file()
-
-
-def next_run(work: Workdir, pending: list[tuple[str, int, float]], stale_after_s: float, extend: bool,
-             wait: bool = True, progress: bool = False, poll_s: float | None = None) -> Pick | None:
-    """The next of ``pending`` this worker does, in order: a finished run (read, nothing to claim), else the
-    first it can claim (free, released, or its worker dead or silent for longer than its claim's timeout).
-    While every one left is held by a live worker, wait (``wait``) or return None."""
-    poll = min(5.0, stale_after_s / claims.HEARTBEATS_PER_TIMEOUT) if poll_s is None else poll_s
-    told = set()
-    while True:
-        for i, (c, k, _) in enumerate(pending):
-            if not extend and run_is_done(work, c, k):
-                return Pick(i)
-            before = claims.holder(work.run_claim(c, k))
-            claim = claims.try_claim(work.run_claim(c, k), stale_after_s)
-            if claim is not None:
-                state = before.state() if before is not None else "released"
-                taken = f"taken over from {before.host} pid {before.pid} ({state})" \
-                    if before is not None and state in ("dead", "stale") else ""
-                if taken:
-                    logger.warning(f"{c} fold {k}: {taken}")
-                return Pick(i, claim, taken)
-            if progress and (c, k) not in told:
-                held = claims.holder(work.run_claim(c, k))
-                if held is not None:
-                    logger.info(f"{c} fold {k}: held by {held.describe()}")
-                told.add((c, k))
-        if not wait:
-            return None
-        time.sleep(poll)
-
-
 def _train_one(work: Workdir, dataset: Path | str, plans: Plans, c: str, k: int, seconds: float, pick: Pick, *,
                device, steps, seed, workers, progress, extend_s, splits_file, checkpoint_every_s) -> TrainedRun:
     """One run under its claim (held, with a heartbeat, until its held-out cases are scored), or a finished
     one read back."""
+    from autoseg.checkpoint import read_progress
     from autoseg.crossval import load_splits
     from autoseg.device import best_device
     from autoseg.oof import predict_fold_validation
     from autoseg.train import Trainer
 
     main = is_main_process()
+    if pick.done:  # trained and scored (by another worker, or before): read back, nothing built
+        done = read_progress(work.run(c, k).final)
+        return TrainedRun(c, k, done["elapsed_s"], True, done["step"], note="already finished",
+                          oof=work.run(c, k).read_validation_summary() if main else None)
     with ExitStack() as stack:
         if pick.claim is not None:
             stack.enter_context(pick.claim)
@@ -387,8 +325,7 @@ def _train_one(work: Workdir, dataset: Path | str, plans: Plans, c: str, k: int,
         except claims.ClaimLost as e:
             logger.warning(str(e))
             return TrainedRun(c, k, 0.0, False, 0, note="taken over by another worker")
-        run = TrainedRun(c, k, r.seconds, r.finished, r.steps,
-                         note=pick.taken_from if pick.claim is not None or not main else "already finished")
+        run = TrainedRun(c, k, r.seconds, r.finished, r.steps, note=pick.taken_from)
         if r.finished and main:
             summary = work.run(c, k).read_validation_summary()
             if summary is None or extend_s:

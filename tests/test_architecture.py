@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                 "autoseg.train", "autoseg.ensemble", "autoseg.predict_inputs", "autoseg.inference", "autoseg.oof",
                 "autoseg.select", "autoseg.predict", "autoseg.evaluate", "autoseg.report", "autoseg.bundle",
                 "autoseg.export", "autoseg.msd"]),
-    ("orchestration", ["autoseg.workflow", "autoseg.search", "autoseg.status", "autoseg.benchmark", "autoseg.demo"]),
+    ("orchestration", ["autoseg.workflow", "autoseg.workers", "autoseg.search", "autoseg.status", "autoseg.benchmark", "autoseg.demo"]),
     ("command line", ["autoseg.cli", "autoseg.__main__"]),
     ("public surface", ["autoseg"]),
 ]

@@ -24,7 +24,7 @@ from autoseg.schema.plans import Configuration, Network, Plans, Schedule
 from autoseg.status import workdir_status
 from autoseg.train import Trainer
 from autoseg.workdir import Workdir
-from autoseg.workflow import Pick, next_run
+from autoseg.workers import Pick, next_run
 
 CONFIG = "3d_fullres"
 FOLDS = 5
@@ -53,10 +53,10 @@ def make_task(root: Path, steps: int) -> tuple[Path, Workdir]:
     return ds, work
 
 
-def worker(ds: Path, work: Workdir, steps: int, *extra: str) -> subprocess.Popen:
-    """``autoseg train --fold all`` on the CPU, one thread, fixed steps (bit-exact comparisons)."""
+def worker(ds: Path, work: Workdir, steps: int, *extra: str, fold: str = "all") -> subprocess.Popen:
+    """``autoseg train --fold all`` (or ``fold``) on the CPU, one thread, fixed steps (bit-exact comparisons)."""
     cmd = [sys.executable, "-c", "from autoseg.cli import main; main()", "-q", "train", str(ds), "-w", str(work.root),
-           "--fold", "all", "--steps", str(steps), "--workers", "0", "--device", "cpu", *extra]
+           "--fold", fold, "--steps", str(steps), "--workers", "0", "--device", "cpu", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -96,6 +96,16 @@ def test_three_workers_train_every_fold_once_and_select_and_bundle_once(tmp_path
     # a fourth worker finds everything done: nothing trained, nothing selected again
     again = finish([worker(ds, work, steps)])[0]
     assert trained_here([again]) == [] and "is current" in again
+
+
+def test_job_array_tasks_of_one_fold_each_leave_a_bundle_of_every_fold(tmp_path):
+    """``train --fold K`` (a job array): each task selects and bundles from the folds finished when it ends, one
+    at a time; the bundle left at the end holds both folds, whichever task finished last."""
+    steps = 6
+    ds, work = make_task(tmp_path, steps)
+    finish([worker(ds, work, steps, fold=str(k)) for k in (0, 1)])  # as a job array's tasks are given their fold
+    assert work.bundle_staleness() is None
+    assert work.load_selection().cv["3d_fullres"]["folds"] == [0, 1]
 
 
 def test_a_worker_takes_the_first_free_run_and_waits_for_held_ones(tmp_path):
