@@ -30,6 +30,7 @@ from conftest import write_tiny_dataset
 
 from autoseg.cli import run
 from autoseg.fingerprint import extract_fingerprint
+from autoseg.status import workdir_status
 from autoseg.workdir import Workdir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -160,6 +161,8 @@ def test_plan_search_and_two_workers_on_postgresql_record_every_trial_once_and_t
     best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
     search = work.load_plans().search
     assert search["storage"] == postgres_url and search["best_trial"] == best.number
+    st = workdir_status(work.root)  # autoseg status reads the trials from the study on the server
+    assert st.trials_from == f"study {name}" and sorted(t["trial"] for t in st.trials) == list(range(TRIALS))
     checkpoint = work.root / search["warm_start"]["checkpoint"]
     assert checkpoint == work.trial(best.number).final and checkpoint.is_file()
     capsys.readouterr()
