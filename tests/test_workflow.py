@@ -25,6 +25,7 @@ from autoseg.status import workdir_status
 from autoseg.train import Trainer
 from autoseg.workdir import Workdir
 from autoseg.workers import Pick, next_run
+from autoseg.workflow import train_dataset
 
 CONFIG = "3d_fullres"
 FOLDS = 5
@@ -77,7 +78,7 @@ def trained_here(outputs: list[str]) -> list[int]:
 
 
 def test_three_workers_train_every_fold_once_and_select_and_bundle_once(tmp_path):
-    steps = 12
+    steps = 8
     ds, work = make_task(tmp_path, steps)
     outputs = finish([worker(ds, work, steps) for _ in range(3)])
     assert trained_here(outputs) == list(range(FOLDS)), outputs
@@ -94,8 +95,9 @@ def test_three_workers_train_every_fold_once_and_select_and_bundle_once(tmp_path
     assert [r.state for r in st.runs] == ["finished"] * FOLDS and st.bundle == "current"
     assert all("(released" in r.worker for r in st.runs)
     # a fourth worker finds everything done: nothing trained, nothing selected again
-    again = finish([worker(ds, work, steps)])[0]
-    assert trained_here([again]) == [] and "is current" in again
+    again = train_dataset(ds, work.root, fold="all", steps=steps, workers=0, device="cpu", progress=False)
+    assert [r.note for r in again.runs] == ["already finished"] * FOLDS and again.selection is None
+    assert "is current" in again.selection_note
 
 
 def test_job_array_tasks_of_one_fold_each_leave_a_bundle_of_every_fold(tmp_path):
