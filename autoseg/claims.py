@@ -207,8 +207,8 @@ def _create(path: Path, content: bytes) -> bool:
     try:
         os.link(tmp, path)
         return True
-    except FileExistsError:
-        return False
+    except FileExistsError:  # taken; unless NFS retried a link whose reply was lost: then ours has two names
+        return os.stat(tmp).st_nlink == 2
     except OSError:  # no hard links here (some FUSE / SMB mounts)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
