@@ -35,6 +35,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to start the run over") from e
 
 
+def read_progress(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``step``, ``total_steps``, ``finished`` and ``elapsed_s``, its tensors memory-mapped rather
+    than read (cheap on a large checkpoint: ``autoseg status``, a finished run another worker trained)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = ck.get("state") or {}
+        return {"step": int(ck["step"]), "total_steps": int(state.get("total_steps", ck["step"])),
+                "finished": bool(state.get("finished")), "elapsed_s": float(state.get("elapsed_s", 0.0))}
+    except Exception as e:
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__})") from e
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare network inside DDP / compiled wrappers (whose state_dict keys are prefixed)."""
     return getattr(model, "module", model)

@@ -134,6 +134,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(a: argparse.Namespace) -> int:
+    from autoseg.status import status_text, workdir_status
+
+    print(status_text(workdir_status(a.workdir, storage=a.storage)))
+    return 0
+
+
 def cmd_predict(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -338,8 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--extend continues finished runs with more budget. After each fold, its held-out\n"
                                    "cases are predicted on full images and scored\n"
                                    f"({wd.RUNS_DIR}/<config>/fold_<k>/{wd.VALIDATION_DIR}).\n"
-                                   "Checkpoints every 5 minutes (plans.json: schedule.checkpoint_every_s), or as\n"
-                                   "--checkpoint-every says.")
+                                   "Checkpoints every 5 % of a run (between 5 s and 5 minutes; plans.json:\n"
+                                   "schedule.checkpoint_every_s), or as --checkpoint-every says.\n\n"
+                                   "Start it several times on one workdir (one machine, or several sharing the disk)\n"
+                                   "and the processes divide the runs: each run is claimed before it trains\n"
+                                   f"(WORKDIR/{wd.CLAIMS_DIR}), a dead worker's run is taken over (at once on the same\n"
+                                   "machine, else after --claim-timeout without a heartbeat), and the last run to\n"
+                                   "finish selects and bundles, once. `autoseg status WORKDIR` shows who does what.")
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     _add_workdir(p)
     p.add_argument("--config", default=None, help="configuration to train (default: those in the plan's runs)")
@@ -353,9 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: from the CPU count)")
     p.add_argument("--splits", type=Path, default=None, help="a splits file (nnU-Net splits_final.json format)")
     p.add_argument("--checkpoint-every", default=None, metavar="T",
-                   help="time between checkpoints, e.g. 2m or 30s (default: the plan's, 5m): a killed run resumes "
-                        "from the last one")
+                   help="time between checkpoints, e.g. 2m or 30s, taken as given (default: the plan's, 5 %% of "
+                        "the run, stretched when writing one costs over 1 %% of it): a killed run resumes from the "
+                        "last one")
+    p.add_argument("--claim-timeout", default="5m", metavar="T",
+                   help="a run claimed by this worker counts as abandoned after T without its heartbeat (a lost "
+                        "node; a dead process on the same machine is seen at once); default %(default)s")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("status", parents=[common], help="progress of a workdir: runs, workers, search, bundle",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Print each planned run of WORKDIR (and any other a worker trained or claimed):\n"
+                                   "its state, the worker holding it (host, pid; live, stale past its timeout, or\n"
+                                   "dead), steps done of planned and the last validation Dice; the search's trials\n"
+                                   "(from its study, else the trial table); and whether the bundle is current.\n"
+                                   "Read only: safe while workers run.")
+    p.add_argument("workdir", type=Path, nargs="?", default=None, metavar="WORKDIR",
+                   help="the work directory (default: this folder if it has plans.json, else the only one under "
+                        "./autoseg_work)")
+    p.add_argument("--storage", default=None, metavar="URL|FILE.journal",
+                   help="the search's storage when plans.json cannot name it (a URL with a password)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("select", parents=[common], help="choose the model and post-processing from the CV outputs",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

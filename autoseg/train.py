@@ -6,6 +6,10 @@
   and at the end, so a killed run resumes where its last checkpoint left it, bit for bit;
 - ``extend_s`` continues a finished run with more budget (a warm restart of the poly schedule), its steps
   re-fitted to its own pace like a fresh run's (the last pace may have been measured on a busier machine);
+- the periodic checkpoint's interval is the plan's (a share of the run's budget: ``autoseg.plan.budget``), never
+  so short that writing checkpoints takes more than 1 % of the run (the write is timed), unless given explicitly;
+- a run guarded by a :class:`~autoseg.claims.Claim` (several workers on one workdir) stops without writing
+  once another worker has taken it over;
 - AMP on CUDA, bf16 autocast on CPU when planned, channels-last when measured faster;
 - under ``torchrun`` it runs as DDP: the batch is split across ranks and only rank 0 writes.
 """
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from autoseg.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from autoseg.claims import Claim
 from autoseg.crossval import load_splits
 from autoseg.device import AUTOCAST
 from autoseg.distributed import DistContext
@@ -38,6 +43,7 @@ from autoseg.workdir import RunDir, Workdir
 logger = logging.getLogger(__name__)
 VALIDATION_BATCHES = 4
 ADAPT_AFTER_STEPS = 30
+CHECKPOINT_COST_SHARE = 0.01  # the planned interval stretches so that writing checkpoints stays under this
 
 
 @dataclass
@@ -140,7 +146,7 @@ class Trainer:
                  checkpoint_every_s: float | None = None, splits_file: Path | str | None = None,
                  stop_after: int | None = None, folder: Path | str | None = None,
                  on_validation: Callable[[int, float], None] | None = None,
-                 init_weights: Path | str | None = None):
+                 init_weights: Path | str | None = None, claim: Claim | None = None):
         self.work = Workdir.of(workdir)
         self.plans = plans or self.work.load_plans()
         if configuration not in self.plans.configurations:
@@ -150,8 +156,11 @@ class Trainer:
         self.cfg = self.plans.configurations[configuration]
         self.seconds, self.steps, self.extend_s = seconds, steps, extend_s
         self.device, self.seed, self.workers, self.progress = device, seed, workers, progress
-        # seconds between periodic checkpoints: the argument (``autoseg train --checkpoint-every``), else the plan's
+        # seconds between periodic checkpoints: the argument (``autoseg train --checkpoint-every``), taken as given,
+        # else the plan's, stretched at run time when writing a checkpoint costs more than CHECKPOINT_COST_SHARE
         self.checkpoint_every_s = self.cfg.schedule.checkpoint_every_s if checkpoint_every_s is None else checkpoint_every_s
+        self.checkpoint_stretches = checkpoint_every_s is None
+        self.claim = claim
         if not (self.checkpoint_every_s > 0 and math.isfinite(self.checkpoint_every_s)):
             raise UserError(f"checkpoint interval {self.checkpoint_every_s!r}: expected a positive number of seconds")
         self.splits_file, self.stop_after = splits_file, stop_after
@@ -296,7 +305,7 @@ class Trainer:
         adapting = bool(state.get("adapt") and state.get("budget_s"))
         # the first re-fit: after ADAPT_AFTER_STEPS, or halfway through a shorter run (an extension)
         first_fit = start + min(ADAPT_AFTER_STEPS, max(6, (state["total_steps"] - start) // 2))
-        t_adapt = None
+        t_adapt, every = None, self.checkpoint_every_s
         try:
             while step < state["total_steps"]:
                 if self.stop_after is not None and step >= self.stop_after:
@@ -325,6 +334,8 @@ class Trainer:
                     optimizer.step()
                 losses.append(loss.detach())  # no .item(): a GPU sync per step
                 step += 1
+                if self.claim is not None:
+                    self.claim.check()  # taken over by another worker: stop here, write nothing
                 bar.update(1)
                 if step == start + 5:
                     t_adapt = time.perf_counter()  # after warm-up: kernel selection, worker start
@@ -350,11 +361,14 @@ class Trainer:
                         bar.set_postfix(loss=f"{row['loss']:.3f}", dice=f"{row['val_dice_mean']:.3f}")
                         if self.on_validation is not None:
                             self.on_validation(step, row["val_dice_mean"])
-                if time.perf_counter() - t_ckpt > self.checkpoint_every_s and step < state["total_steps"]:
+                if time.perf_counter() - t_ckpt > every and step < state["total_steps"]:
                     state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
+                    t_write = time.perf_counter()
                     self._save(self.run.latest, model, optimizer, scaler, step, _with_losses(state, losses, carried),
                                dist)
                     t_ckpt = time.perf_counter()
+                    if self.checkpoint_stretches:  # writing stays under CHECKPOINT_COST_SHARE of the time
+                        every = max(self.checkpoint_every_s, (t_ckpt - t_write) / CHECKPOINT_COST_SHARE)
         except KeyboardInterrupt:
             state["elapsed_s"] = elapsed0 + time.perf_counter() - t_run
             self._save(self.run.latest, model, optimizer, scaler, step, _with_losses(state, losses, carried), dist)
@@ -417,6 +431,8 @@ class Trainer:
 
     def _save(self, path: Path, model, optimizer, scaler, step: int, state: dict, dist) -> None:
         if dist.is_main:
+            if self.claim is not None:
+                self.claim.verify()  # never write over the checkpoint of the worker that took the run over
             save_checkpoint(path, unwrap(model), optimizer, scaler, step, dict(state))
 
     def _result(self, state: dict, step: int | None = None) -> RunResult:

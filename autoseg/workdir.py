@@ -12,6 +12,11 @@ writers of what lives there. No other module spells a workdir path.
       search/                       trial_<nnnn>/ (a run folder each), trials.csv, history.png, importances.png
       selection.json                Selection (autoseg.select)
       model.autoseg                 the bundle (autoseg.bundle)
+      claims/                       who holds what, when several workers share the workdir (autoseg.claims):
+        runs/<config>/fold_<k>/     a training run (``autoseg train``)
+        locks/preprocess-<config>/  preprocessing a configuration
+        locks/select-bundle/        the selection and the bundle
+        locks/search-finalize/      writing the search's outcome
 
 Paths are arguments everywhere; ``./autoseg_work/<dataset folder name>`` is only the default.
 """
@@ -45,6 +50,8 @@ SEARCH_TABLE, SEARCH_HISTORY, SEARCH_IMPORTANCES = "trials.csv", "history.png", 
 LATEST, FINAL = "checkpoint_latest.pt", "checkpoint_final.pt"
 LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
 VALIDATION_DIR, VALIDATION_SUMMARY = "validation", "summary.json"
+CLAIMS_DIR, LOCKS_DIR, SELECT_LOCK, PREPROCESS_LOCK = "claims", "locks", "select-bundle", "preprocess-{}"
+SEARCH_LOCK = "search-finalize"
 
 
 def default_workdir(dataset_dir: Path | str) -> Path:
@@ -185,6 +192,36 @@ class Workdir:
     def preprocessed(self, configuration: str) -> Path:
         return self.root / PREPROCESSED_DIR / configuration
 
+    # --- claims: several workers on one workdir (autoseg.claims) ----------------------------------------------
+    @property
+    def claims_dir(self) -> Path:
+        return self.root / CLAIMS_DIR
+
+    def run_claim(self, configuration: str, fold: int) -> Path:
+        """The claim folder of a (configuration, fold) run: the worker that trains it holds it."""
+        return self.claims_dir / RUNS_DIR / configuration / f"fold_{fold}"
+
+    def claimed_runs(self) -> list[tuple[str, int]]:
+        """(configuration, fold) of every run a worker ever claimed."""
+        found = []
+        for folder in sorted(p for p in (self.claims_dir / RUNS_DIR).glob("*/fold_*") if p.is_dir()):
+            fold = folder.name[len("fold_"):]
+            if fold.isdigit():
+                found.append((folder.parent.name, int(fold)))
+        return found
+
+    def preprocess_lock(self, configuration: str) -> Path:
+        return self.claims_dir / LOCKS_DIR / PREPROCESS_LOCK.format(configuration)
+
+    @property
+    def select_lock(self) -> Path:
+        return self.claims_dir / LOCKS_DIR / SELECT_LOCK
+
+    @property
+    def search_lock(self) -> Path:
+        """Writing the search's outcome (plans.json, the kept weights, the trial table): one worker at a time."""
+        return self.claims_dir / LOCKS_DIR / SEARCH_LOCK
+
     def run(self, configuration: str, fold: int) -> RunDir:
         return RunDir(self.runs_dir / configuration / f"fold_{fold}")
 
@@ -257,6 +294,27 @@ class Workdir:
             raise UserError(f"{self.runs_dir / configuration}: no trained fold (no fold_*/{FINAL}); "
                             "run `autoseg train` first")
         return found
+
+    def bundle_staleness(self) -> str | None:
+        """Why ``model.autoseg`` is not current (missing, older than ``selection.json``, a finished run the
+        selection did not score, or one finished again since: ``--extend``), None when it is."""
+        if not self.bundle_file.is_file():
+            return f"no {BUNDLE_FILE} yet"
+        made = self.bundle_file.stat().st_mtime
+        selection = self.load_selection()
+        if selection is None:
+            return f"no {SELECTION_FILE}"
+        if self.selection_file.stat().st_mtime > made:
+            return f"{SELECTION_FILE} is newer"
+        for configuration, fold, run in self.runs():
+            if not (run.final.is_file() and run.validation_summary.is_file()):
+                continue
+            scored = (selection.cv.get(configuration) or {}).get("folds") or []
+            if fold not in scored:  # finished while the selection ran, or after
+                return f"{configuration} fold {fold} finished and is not in the selection"
+            if any(f.stat().st_mtime > made for f in (run.final, run.validation_summary)):
+                return f"{configuration} fold {fold} finished after it"
+        return None
 
     def model(self, plans: Plans, configuration: str | None = None) -> list[str]:
         """The configurations ``autoseg predict`` averages, in order: ``configuration`` alone, else the model

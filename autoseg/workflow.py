@@ -1,15 +1,22 @@
 """Stages chained as the CLI runs them: ``plan_dataset`` = validate -> fingerprint -> plan -> preprocess;
 ``train_dataset`` = train the planned runs -> out-of-fold validation -> select -> bundle.
 
+Any number of ``autoseg train`` processes may share one workdir (one machine, or several on a shared disk): they
+divide the runs through claims (:mod:`autoseg.workers`), and preprocessing a configuration and the selection +
+bundle step are locks; the selection runs when every run a worker was asked for is finished, once: a worker that
+finds the bundle current (:meth:`~autoseg.workdir.Workdir.bundle_staleness`) leaves it.
+
 These return what they did (the CLI and the demo print it); long work reports progress through ``logging``.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autoseg import claims
 from autoseg.distributed import is_main_process, world_size
 from autoseg.errors import DatasetError, UserError
 from autoseg.fingerprint import extract_fingerprint
@@ -17,6 +24,7 @@ from autoseg.schema.fingerprint import Fingerprint
 from autoseg.schema.plans import Plans
 from autoseg.schema.selection import Selection
 from autoseg.workdir import Workdir
+from autoseg.workers import Pick, next_run, preprocess_locks
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +111,8 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     names = trained_configurations(plans)
     extra = list(plans.configurations) if preprocess_also == ["all"] else (preprocess_also or [])
     names += [n for n in extra if n not in names]
-    done = preprocess(dataset, work, plans, fp, configurations=names, jobs=jobs, progress=progress)
+    with preprocess_locks(wd, names, progress=progress):
+        done = preprocess(dataset, work, plans, fp, configurations=names, jobs=jobs, progress=progress)
     timings["preprocess"] = time.perf_counter() - t
     return PlanResult(work, fp, plans, replanned, done, timings)
 
@@ -115,8 +124,10 @@ def trained_configurations(plans: Plans) -> list[str]:
 
 
 def ensure_preprocessed(dataset: Path | str, work: Workdir | Path | str, plans: Plans, configurations: list[str],
-                        jobs: int | None = None, progress: bool = False) -> dict[str, int]:
-    """Bring the cache of ``configurations`` up to date (a no-op for cases already current)."""
+                        jobs: int | None = None, progress: bool = False,
+                        stale_after_s: float = claims.DEFAULT_STALE_AFTER_S) -> dict[str, int]:
+    """Bring the cache of ``configurations`` up to date (a no-op for cases already current), one worker at a
+    time per configuration."""
     from autoseg.preprocess import preprocess
 
     work = Workdir.of(work)
@@ -129,8 +140,9 @@ def ensure_preprocessed(dataset: Path | str, work: Workdir | Path | str, plans: 
                         f"{dataset} --preprocess {' '.join(missing)}` first, then torchrun again")
     if not work.fingerprint_file.is_file():
         raise UserError(f"{work.fingerprint_file}: missing; run `autoseg plan {dataset}` first")
-    return preprocess(dataset, work, plans, work.load_fingerprint(), configurations=configurations, jobs=jobs,
-                      progress=progress)
+    with preprocess_locks(work, configurations, stale_after_s, progress):
+        return preprocess(dataset, work, plans, work.load_fingerprint(), configurations=configurations, jobs=jobs,
+                          progress=progress)
 
 
 def summary(result: PlanResult) -> str:
@@ -188,6 +200,7 @@ class TrainedRun:
     finished: bool
     steps: int
     oof: dict | None = None
+    note: str = ""  # another worker's part in it: trained it, took it over, or this worker took it over
 
 
 @dataclass
@@ -200,6 +213,7 @@ class TrainResult:
     bundle: Path | None = None
     bundle_error: str | None = None
     workdir: Path | None = None
+    selection_note: str | None = None  # why this worker did not select (another does, or already current)
 
 
 def select_runs(plans: Plans, configuration: str | None, fold: str | int | None) -> list[tuple[str, int, float]]:
@@ -228,52 +242,121 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
                   fold: str | int | None = None, budget: str | float | None = None, device: str | None = None,
                   extend: str | float | None = None, seed: int = 0, workers: int | None = None,
                   progress: bool = True, splits_file: Path | str | None = None,
-                  steps: int | None = None, checkpoint_every_s: float | None = None) -> TrainResult:
+                  steps: int | None = None, checkpoint_every_s: float | None = None,
+                  claim_timeout_s: float = claims.DEFAULT_STALE_AFTER_S) -> TrainResult:
     """Train the planned runs (or the ones asked for) inside the budget, predict and score each finished
     fold's held-out cases, then select the model and pack the bundle. ``budget`` overrides the plan's and is
-    split evenly over the runs; ``steps`` fixes each run's length instead (no adaptation to the measured
-    speed: repeatable); ``checkpoint_every_s`` overrides the plan's checkpoint interval."""
-    from autoseg.bundle import pack_bundle
-    from autoseg.crossval import load_splits
-    from autoseg.device import best_device
-    from autoseg.oof import predict_fold_validation
-    from autoseg.plan.budget import format_duration, parse_duration
-    from autoseg.train import Trainer
+    split evenly over the runs (the checkpoint interval re-derived from it); ``steps`` fixes each run's length
+    instead (no adaptation to the measured speed: repeatable); ``checkpoint_every_s`` overrides the plan's
+    checkpoint interval. Other workers may share the workdir (see the module's docstring); a claim this worker
+    takes counts as abandoned after ``claim_timeout_s`` without a heartbeat."""
+    from autoseg.distributed import DistContext
+    from autoseg.plan.budget import checkpoint_interval, format_duration, parse_duration
 
     work = Workdir.for_dataset(dataset, workdir)
     plans = work.load_plans()
     runs = select_runs(plans, configuration, fold)
-    ensure_preprocessed(dataset, work, plans, list(dict.fromkeys(c for c, _, _ in runs)), progress=progress)
+    if not (claim_timeout_s > 0):
+        raise UserError(f"claim timeout {claim_timeout_s!r}: expected a positive number of seconds")
+    ensure_preprocessed(dataset, work, plans, list(dict.fromkeys(c for c, _, _ in runs)), progress=progress,
+                        stale_after_s=claim_timeout_s)
+    every = {}
     if budget is not None:
         total = float(budget) if isinstance(budget, (int, float)) else parse_duration(budget)
         runs = [(c, k, total / len(runs)) for c, k, _ in runs]
+        every = {(c, k): checkpoint_interval(s) for c, k, s in runs}
     extend_s = None if extend is None else (float(extend) if isinstance(extend, (int, float)) else parse_duration(extend))
     main = is_main_process()
     if main:
         logger.info(f"training {len(runs)} run(s): "
                     + ", ".join(f"{c} fold {k} ({format_duration(s)})" for c, k, s in runs))
-    oof_device = device or best_device()  # where the run trained: a GPU run's held-out cases are predicted on it
+    # under torchrun rank 0 claims and the others follow (one decision, broadcast)
+    dist = DistContext.start(device) if world_size() > 1 else None
     result = TrainResult(workdir=work.root)
-    for c, k, s in runs:
-        trainer = Trainer(work, c, k, plans=plans, seconds=s, steps=steps, device=device, seed=seed, workers=workers,
-                          progress=progress, extend_s=extend_s, splits_file=splits_file,
-                          checkpoint_every_s=checkpoint_every_s, init_weights=warm_start(work, plans, c, k, splits_file))
-        r = trainer.fit()
-        run = TrainedRun(c, k, r.seconds, r.finished, r.steps)
+    pending = list(runs)
+    while pending:
+        pick = None
+        if main:
+            pick = next_run(work, pending, claim_timeout_s, extend_s is not None, wait=dist is None,
+                            progress=progress)
+        if dist is not None:
+            code = dist.broadcast_int(-1 if pick is None else 2 * pick.index + (not pick.done))
+            pick = pick if main else (None if code < 0 else Pick(code // 2, done=code % 2 == 0))
+        if pick is None:  # the rest are held by live workers (torchrun does not wait for them)
+            result.runs += [TrainedRun(c, k, 0.0, False, 0, note="held by another worker") for c, k, _ in pending]
+            break
+        c, k, s = pending.pop(pick.index)
+        run = _train_one(work, dataset, plans, c, k, s, pick, device=device, steps=steps, seed=seed,
+                         workers=workers, progress=progress, extend_s=extend_s, splits_file=splits_file,
+                         checkpoint_every_s=checkpoint_every_s if checkpoint_every_s is not None
+                         else every.get((c, k)))
+        result.runs.append(run)
+    if main and all(r.finished for r in result.runs):
+        _select_and_bundle(work, dataset, result, claim_timeout_s, progress)
+    elif main:
+        result.selection_note = "not every run is finished: the worker that finishes the last one selects"
+    return result
+
+
+def _train_one(work: Workdir, dataset: Path | str, plans: Plans, c: str, k: int, seconds: float, pick: Pick, *,
+               device, steps, seed, workers, progress, extend_s, splits_file, checkpoint_every_s) -> TrainedRun:
+    """One run under its claim (held, with a heartbeat, until its held-out cases are scored), or a finished
+    one read back."""
+    from autoseg.checkpoint import read_progress
+    from autoseg.crossval import load_splits
+    from autoseg.device import best_device
+    from autoseg.oof import predict_fold_validation
+    from autoseg.train import Trainer
+
+    main = is_main_process()
+    if pick.done:  # trained and scored (by another worker, or before): read back, nothing built
+        done = read_progress(work.run(c, k).final)
+        return TrainedRun(c, k, done["elapsed_s"], True, done["step"], note="already finished",
+                          oof=work.run(c, k).read_validation_summary() if main else None)
+    with ExitStack() as stack:
+        if pick.claim is not None:
+            stack.enter_context(pick.claim)
+        trainer = Trainer(work, c, k, plans=plans, seconds=seconds, steps=steps, device=device, seed=seed,
+                          workers=workers, progress=progress, extend_s=extend_s, splits_file=splits_file,
+                          checkpoint_every_s=checkpoint_every_s, claim=pick.claim,
+                          init_weights=warm_start(work, plans, c, k, splits_file))
+        try:
+            r = trainer.fit()
+        except claims.ClaimLost as e:
+            logger.warning(str(e))
+            return TrainedRun(c, k, 0.0, False, 0, note="taken over by another worker")
+        run = TrainedRun(c, k, r.seconds, r.finished, r.steps, note=pick.taken_from)
         if r.finished and main:
             summary = work.run(c, k).read_validation_summary()
             if summary is None or extend_s:
                 val = load_splits(work, work.cached_cases(c), plans.folds, splits_file)[k]["val"]
-                summary = predict_fold_validation(work, dataset, plans, c, k, val, device=oof_device, progress=progress)
+                # where the run trained: a GPU run's held-out cases are predicted on it
+                summary = predict_fold_validation(work, dataset, plans, c, k, val, device=device or best_device(),
+                                                  progress=progress)
             run.oof = summary
-        result.runs.append(run)
-    if any(r.finished for r in result.runs) and main:
+        return run
+
+
+def _select_and_bundle(work: Workdir, dataset: Path | str, result: TrainResult, stale_after_s: float,
+                       progress: bool) -> None:
+    """Select and pack under the selection lock, unless the bundle is already newer than every finished run
+    and the selection (another worker made it)."""
+    from autoseg.bundle import pack_bundle
+
+    def say(holder: claims.Holder) -> None:
+        if progress:
+            logger.info(f"waiting: the selection is being made by {holder.describe()}")
+
+    with claims.wait_claim(work.select_lock, stale_after_s, on_wait=say):
+        stale = work.bundle_staleness()
+        if stale is None:
+            result.selection_note = f"{work.bundle_file} is current (newer than every finished run and the selection)"
+            return
         result.selection, result.selection_error = select_after_training(work, dataset)
         try:
             result.bundle = pack_bundle(work)  # -> the file to share
         except UserError as e:  # reported, not raised: the trained runs stand
             result.bundle_error = str(e)
-    return result
 
 
 def select_after_training(work: Workdir | Path | str, dataset: Path | str) -> tuple[Selection | None, str | None]:
@@ -308,6 +391,10 @@ def train_summary(result: TrainResult) -> str:
     for r in result.runs:
         status = "finished" if r.finished else "stopped"
         line = f"{r.configuration} fold {r.fold}: {status} after {r.steps} steps ({r.seconds:.0f}s)"
+        if r.note and not r.steps:
+            line = f"{r.configuration} fold {r.fold}: {r.note}"
+        elif r.note:
+            line += f" ({r.note})"
         if r.oof:
             dice = ", ".join(f"{k} {v:.3f}" for k, v in r.oof["mean_dice"].items() if v is not None)
             line += f"; held-out Dice: {dice}"
@@ -316,6 +403,8 @@ def train_summary(result: TrainResult) -> str:
         lines += [selection_table(result.selection), f"wrote {Workdir(result.workdir).selection_file}"]
     if result.selection_error:
         lines.append(f"model selection skipped: {result.selection_error}")
+    if result.selection_note:
+        lines.append(f"model selection left: {result.selection_note}")
     if result.bundle is not None:
         lines.append(f"wrote {result.bundle} (`autoseg predict {result.bundle} INPUT OUTPUT` works anywhere "
                      "autoseg is installed)")

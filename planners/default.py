@@ -76,7 +76,7 @@ def configure(name: str, ndim: int, spacing: list[float], median_shape: list[int
         name=name, ndim=ndim, spacing=[round(x, 6) for x in spacing], median_shape=median_shape,
         patch_size=r.patch_size, batch_size=r.batch_size, normalization=rules.normalization(fp),
         resampling=rules.resampling(spacing), network=r.network, loss=loss(fp), optimizer=opt,
-        schedule=Schedule(steps=r.steps, val_every=val_every),
+        schedule=Schedule(steps=r.steps, val_every=val_every, checkpoint_every_s=budget.checkpoint_interval(run_s)),
         augmentation=rules.augmentation(ndim, r.patch_size, spacing), sampling=rules.sampling(fp),
         precision=r.precision, channels_last=r.channels_last, measured=r.measured)
     return cfg, [f"{name}: {line}" for line in [*r.log, *([why] if why else [])]], r.precision_choice

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module may import from its own layer and the layers below it, never above.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["autoseg.version", "autoseg.errors", "autoseg.artifacts"]),
+    ("foundation", ["autoseg.version", "autoseg.errors", "autoseg.artifacts", "autoseg.claims"]),
     ("schema", ["autoseg.schema"]),
     ("workdir", ["autoseg.workdir"]),
     ("building blocks", ["autoseg.io", "autoseg.dataset", "autoseg.parallel", "autoseg.device", "autoseg.distributed",
@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                 "autoseg.train", "autoseg.ensemble", "autoseg.predict_inputs", "autoseg.inference", "autoseg.oof",
                 "autoseg.select", "autoseg.predict", "autoseg.evaluate", "autoseg.report", "autoseg.bundle",
                 "autoseg.export", "autoseg.msd"]),
-    ("orchestration", ["autoseg.workflow", "autoseg.search", "autoseg.benchmark", "autoseg.demo"]),
+    ("orchestration", ["autoseg.workflow", "autoseg.workers", "autoseg.search", "autoseg.status", "autoseg.benchmark", "autoseg.demo"]),
     ("command line", ["autoseg.cli", "autoseg.__main__"]),
     ("public surface", ["autoseg"]),
 ]

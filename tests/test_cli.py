@@ -16,7 +16,7 @@ from autoseg.errors import DatasetError, Problem, UserError
 from autoseg.version import __version__
 
 COMMANDS = ["demo", "validate", "fingerprint", "plan", "train", "select", "predict", "evaluate", "synth", "convert-msd",
-            "bundle", "info", "verify", "export", "benchmark", "search-worker"]
+            "bundle", "info", "verify", "export", "benchmark", "search-worker", "status"]
 
 
 def _raising(error: BaseException):

@@ -4,7 +4,8 @@ The launches are real ``python -m torch.distributed.run --standalone`` subproces
 (fold 0, stopped after 2 of 4 steps) and then the ``autoseg train`` workflow for both folds: it resumes
 fold 0, trains fold 1 in the same processes (one process group for both runs), validates on rank 0 only
 and predicts the held-out cases on rank 0 only. A small script, written next to the data, records
-the size of every batch each rank drew and prints it as one ``RANK_REPORT`` line per rank.
+the size of every batch each rank drew and prints it as one ``RANK_REPORT`` line per rank. A slow test meets
+through a c10d rendezvous on a localhost endpoint (as nodes do), kills one rank and resumes the run.
 """
 
 from __future__ import annotations
@@ -147,3 +148,78 @@ def test_two_cpu_processes_split_the_batch_only_rank_0_writes_and_a_stopped_run_
     fold1 = load_checkpoint(Workdir(work).run(CONFIG, 1).folder / FINAL)
     assert fold1["step"] == 4 and fold1["state"]["batch_per_rank"] == 1
     assert (Workdir(work).run(CONFIG, 1).folder / "validation" / "summary.json").is_file()
+
+
+def _rank_process(parent: int, rank: int) -> int | None:
+    """The pid of the worker process of ``rank`` that the torchrun agent ``parent`` started."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(stat.parent.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_rank_killed_under_a_c10d_rendezvous_resumes_to_the_uninterrupted_weights(task, tmp_path):
+    """Two CPU processes meet through a c10d rendezvous on a localhost endpoint (as nodes do on their head node);
+    rank 1 is killed with SIGKILL mid-run, torchrun ends the job, and the same command resumes the run from its
+    last checkpoint to the weights an uninterrupted two-process run reaches."""
+    import signal
+    import socket
+    import time
+
+    ds, base, plans = task
+    steps = 40
+
+    def workdir(name: str) -> Path:
+        work = tmp_path / name
+        work.mkdir()
+        p = tiny_plans(extract_fingerprint(ds, jobs=1), steps=steps)
+        p.configurations[CONFIG].schedule.val_every = 10
+        p.save(work / "plans.json")
+        os.symlink((base / "preprocessed").resolve(), work / "preprocessed")
+        return work
+
+    def launch(work: Path) -> subprocess.Popen:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "autoseg-test",
+               "--max-restarts", "0", "-m", "autoseg", "-q", "train", str(ds), "-w", str(work), "--fold", "0",
+               "--steps", str(steps), "--workers", "0", "--device", "cpu", "--checkpoint-every", "0.25"]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    work = workdir("killed")
+    latest = Workdir(work).run(CONFIG, 0).latest
+    job = launch(work)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not latest.is_file() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    rank1 = _rank_process(job.pid, 1)
+    assert rank1 is not None and latest.is_file(), job.communicate()[0] if job.poll() is not None else "timed out"
+    os.kill(rank1, signal.SIGKILL)
+    out = job.communicate(timeout=LAUNCH_TIMEOUT_S)[0]
+    assert job.returncode != 0, out
+    killed_at = load_checkpoint(latest)["step"]
+    assert 0 < killed_at < steps, killed_at
+
+    again = launch(work)
+    out = again.communicate(timeout=LAUNCH_TIMEOUT_S)[0]
+    assert again.returncode == 0, out
+    final = load_checkpoint(Workdir(work).run(CONFIG, 0).final)
+    assert final["step"] == steps and final["state"]["world"] == 2
+
+    reference = workdir("reference")
+    whole = launch(reference)
+    out = whole.communicate(timeout=LAUNCH_TIMEOUT_S)[0]
+    assert whole.returncode == 0, out
+    expected = load_checkpoint(Workdir(reference).run(CONFIG, 0).final)["model"]
+    assert all(torch.equal(expected[k], final["model"][k]) for k in expected)

@@ -123,6 +123,17 @@ def test_steps_times_step_time_fill_each_run(fake_compute):
         assert sum(r["seconds"] for r in plans.train_runs) < parse_duration(budget)
 
 
+def test_the_checkpoint_interval_is_a_share_of_each_run_within_bounds(fake_compute):
+    """A kill loses at most 5 % of a run (12 s of a 4-minute run, 45 s of 15 minutes), at least 5 s apart and
+    never more than 5 minutes (an 8-hour run)."""
+    assert [budget_module.checkpoint_interval(s) for s in (30, 240, 900, 3600, 8 * 3600)] == [5.0, 12.0, 45.0,
+                                                                                           180.0, 300.0]
+    for budget in ("10m", "8h"):
+        plans = make_plans(anisotropic(), budget=budget, device="cpu")
+        for name, cfg in plans.configurations.items():
+            assert cfg.schedule.checkpoint_every_s == budget_module.checkpoint_interval(run_seconds(plans, name))
+
+
 def test_the_device_memory_limit_is_respected(fake_compute):
     fp = isotropic((128, 128, 128))
     roomy = make_plans(fp, budget="8h", device="cpu")

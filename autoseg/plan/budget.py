@@ -13,6 +13,8 @@ RESERVE_FIXED_S = 20.0
 FOLDS_MIN_RUN_S = 30 * 60  # train all folds only when each run still gets half an hour
 ALL_CONFIGS_MIN_BUDGET_S = 2 * 3600  # below this, only the primary configuration trains by default
 MIN_STEPS = 800  # every run plans at least this many steps (see target_steps)
+CHECKPOINT_SHARE = 0.05  # a kill loses at most this share of a run (see checkpoint_interval)
+CHECKPOINT_MIN_S, CHECKPOINT_MAX_S = 5.0, 300.0
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -61,3 +63,12 @@ def target_steps(run_s: float) -> int:
     poly schedule learns late (the synthetic tasks' small classes stay at Dice 0 for their first few hundred
     steps): a run shorter than that misses them whatever its width (benchmarks/results/accuracy.md)."""
     return int(min(max(15 * math.sqrt(run_s), MIN_STEPS), 20000))
+
+
+def checkpoint_interval(run_s: float) -> float:
+    """Seconds between a run's periodic checkpoints: ``CHECKPOINT_SHARE`` of the run, so that a kill loses at
+    most that share whatever the budget (a 4-minute run: 12 s; 15 minutes: 45 s), at least ``CHECKPOINT_MIN_S``
+    and at most ``CHECKPOINT_MAX_S`` (an 8-hour run loses 5 minutes, not 24). The trainer stretches it when
+    writing one checkpoint costs more than 1 % of it (timed as it writes: a large network on a slow shared
+    disk), so checkpointing stays under 1 % of the run."""
+    return round(min(max(CHECKPOINT_SHARE * run_s, CHECKPOINT_MIN_S), CHECKPOINT_MAX_S), 1)

@@ -113,7 +113,9 @@ class Schedule:
     warmup_steps: int = 0
     poly_exponent: float = 0.9
     val_every: int = 250
-    checkpoint_every_s: float = 300.0  # a killed run resumes from its last periodic checkpoint
+    # a killed run resumes from its last periodic checkpoint; the planner sets 5 % of the run
+    # (autoseg.plan.budget.checkpoint_interval); 300 in plans made before that rule
+    checkpoint_every_s: float = 300.0
 
 
 @dataclass

@@ -276,7 +276,16 @@ def finalize(workdir: Path, study: optuna.Study, rules: Configuration,
     """Write the best trial's configuration into plans.json (its steps fitted to the training run's
     seconds), the rules' configuration beside it, and the trial table and plots under ``search/``. The best
     trial's weights are kept (the others' deleted) for the final training of its fold to start from: the
-    search's training of the chosen configuration is not thrown away."""
+    search's training of the chosen configuration is not thrown away. One worker at a time (a lock): two that
+    end together would otherwise each keep the best of what it saw and delete the other's best weights."""
+    from autoseg.claims import wait_claim
+
+    with wait_claim(Workdir.of(workdir).search_lock):
+        return _finalize(workdir, study, rules, storage)
+
+
+def _finalize(workdir: Path, study: optuna.Study, rules: Configuration,
+              storage: str | None) -> tuple[dict[str, Any], list[Path]]:
     from autoseg.search.report import write_outputs
 
     wd = Workdir.of(workdir)

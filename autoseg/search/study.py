@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from autoseg.claims import alive, process_started
 from autoseg.errors import UserError
 from autoseg.workdir import Workdir
 
@@ -54,11 +55,30 @@ def open_storage(spec: str | None, workdir: Path) -> optuna.storages.BaseStorage
         raise UserError(f"--storage {spec}: expected a database URL (sqlite:///FILE, postgresql://..., "
                         "mysql://...) or a journal file ending in .journal or .log")
     try:
-        return optuna.storages.RDBStorage(spec, engine_kwargs={"connect_args": {"timeout": 60}}
+        return optuna.storages.RDBStorage(with_driver(spec), engine_kwargs={"connect_args": {"timeout": 60}}
                                           if spec.startswith("sqlite") else None)
     except Exception as e:  # bad URL, missing driver, unreachable server: the user's to fix
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if spec.startswith("postgresql") and "import" in reason:
+            reason += "; pip install 'autoseg[postgres]'"
         raise UserError(f"--storage {redact(spec)}: cannot open the study storage ({reason})") from None
+
+
+def with_driver(url: str) -> str:
+    """A ``postgresql://`` URL names no driver, and SQLAlchemy's default differs by version (psycopg2 before 2.1,
+    psycopg 3 from 2.1): name the one installed (``autoseg[postgres]`` installs psycopg 3)."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    import sqlalchemy
+
+    rest = url[len("postgresql://"):]
+    if importlib.util.find_spec("psycopg") is not None and int(sqlalchemy.__version__.split(".")[0]) >= 2:
+        return f"postgresql+psycopg://{rest}"
+    if importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return url
 
 
 def redact(url: str) -> str:
@@ -66,7 +86,8 @@ def redact(url: str) -> str:
     if "://" in url and "@" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+        if ":" in creds:
+            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
     return url
 
 
@@ -109,22 +130,13 @@ def claim(trial: optuna.Trial) -> None:
     trial.set_user_attr("pid_started", process_started(os.getpid()))
 
 
-def process_started(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, from Linux's /proc), None where unknown: with the
-    pid it names one process even after the pid is reused (a container runs each command under the same pid)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def fail_orphans(study: optuna.Study) -> list[int]:
     """Mark trials this machine left RUNNING in a process that no longer exists (killed, crashed) as failed,
     saying which; returns their numbers. The same command then resumes the study from there."""
     host, orphans = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or pid is None or _alive(int(pid), t.user_attrs.get("pid_started")):
+        if t.user_attrs.get("host") != host or pid is None or alive(int(pid), t.user_attrs.get("pid_started")):
             continue
         study._storage.set_trial_user_attr(t._trial_id, "orphaned", True)  # its time is capped in spent_seconds
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -134,18 +146,6 @@ def fail_orphans(study: optuna.Study) -> list[int]:
         logger.warning(f"search: trial {t.number}{label} was left running by process {pid} on {host}, which has "
                        f"ended (killed or crashed: see that run's output); marked failed, the search goes on")
     return orphans
-
-
-def _alive(pid: int, started: int | None = None) -> bool:
-    """Whether process ``pid`` exists and, when its start time is known, is the process that started then."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    now = process_started(pid)
-    return started is None or now is None or now == started
 
 
 def spent_seconds(study: optuna.Study) -> float:
