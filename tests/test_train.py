@@ -107,8 +107,8 @@ def test_extend_refits_its_steps_to_its_own_pace(workdir, tmp_path):
     if 3.0 / pace > 8:  # fast enough for more than the stale pace's 7 steps (a loaded CI machine may not be)
         assert added > 7
     # within the extension plus its closing validation and checkpoint, which a loaded machine slows (5.1 s for
-    # a 3 s extension, measured beside a benchmark)
-    assert extended.seconds - first.seconds < 2 * 3.0
+    # a 3 s extension beside a benchmark; more at load 4-6): bounded by the run's own pace, not a fixed time
+    assert extended.seconds - first.seconds < 3.0 + max(3.0, 4 * pace)
 
 
 def test_resuming_with_another_seed_is_refused(workdir, tmp_path):
