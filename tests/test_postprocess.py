@@ -292,11 +292,19 @@ def test_tuned_class_weights_give_back_an_unsure_small_class():
     assert before[2] == 0.0 and after[2] == 1.0 and after[1] == before[1]
 
 
-def test_class_weights_that_would_paint_false_positives_are_refused():
-    """The small class already found (p 0.6 inside), background noise for it up to p 0.3: factors up to 2 change
-    nothing (no gain), larger ones paint the noise (0.3 x 3 > 0.65) and lower its Dice: nothing is kept."""
+def test_class_weights_that_would_take_another_class_are_refused_and_learned_classes_are_not_tried():
+    """Class 2 at p 0.3 inside (lost by the argmax); inside class 1, p 0.5 for it and 0.1-0.25 for class 2. Factors
+    up to 2 do not find class 2 (0.6 < 0.7) and gain nothing; 3 and more find it but paint some of class 1's voxels
+    (0.75 > 0.5): class 2 rises, class 1 falls, refused. Class 1 (Dice 1.0, learned) is not tried at all."""
     rng = np.random.default_rng(1)
-    cases = [_unsure_case(True, rng, noise_p=0.3, small_p=0.6) for _ in range(3)]
+    cases = []
+    for _ in range(3):
+        p, ref = _unsure_case(True, rng)
+        inside = ref == 1
+        p[1][inside], p[2][inside] = 0.5, rng.uniform(0.1, 0.25, int(inside.sum()))
+        p[0][inside] = 0.5 - p[2][inside]
+        cases.append((p, ref))
     rules, log = tune_class_weights(lambda: iter(cases), [1, 2])
     assert rules == [] and log and not any(e["kept"] for e in log)
-    assert any(e["after"] < e["before"] for e in log)  # some factor was tried and lost
+    assert all(e["rule"]["classes"] == [2] for e in log)  # class 1 was not tried
+    assert any(e["class_after"][2] > 0 and not e["acceptable"] for e in log)  # class 2 found, class 1 paid: refused
