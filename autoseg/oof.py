@@ -14,6 +14,7 @@ the same label map, voxel for voxel, before post-processing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,10 @@ def predict_cached(predictor: Predictor, folder: Path, case_id: str, probabiliti
 
 def predict_fold_validation(workdir: Workdir | Path | str, dataset: Path | str, plans: Plans, configuration: str,
                             fold: int, case_ids: list[str], device: str | torch.device | None = None,
-                            progress: bool = False) -> dict:
-    """Predict, write and score the held-out cases of one fold; returns the summary written to disk."""
+                            progress: bool = False, before_write: Callable[[], None] | None = None) -> dict:
+    """Predict, write and score the held-out cases of one fold; returns the summary written to disk.
+    ``before_write`` is called before each file is written (a claim's ``verify``: a worker whose run was taken
+    over stops there, so two workers never write one run's validation/)."""
     from tqdm import tqdm
 
     work = Workdir.of(workdir)
@@ -61,10 +64,14 @@ def predict_fold_validation(workdir: Workdir | Path | str, dataset: Path | str, 
     per_case = {}
     for cid in tqdm(case_ids, desc=f"validate fold {fold}", unit="case", disable=not progress):
         seg, maps, geometry = predict_cached(predictor, work.preprocessed(configuration), cid, probabilities=True)
+        if before_write is not None:
+            before_write()
         predictor.write(seg, maps, geometry, run.validation, cid, plans.file_ending)
         ref, _ = read_label(labels[cid])
         per_case[cid] = {names[c]: d for c, d in dice_per_class(seg, ref, list(names), plans.ignore_label).items()}
     means = {name: _nanmean([s[name] for s in per_case.values()]) for name in names.values()}
+    if before_write is not None:
+        before_write()
     summary = {**header("oof_summary"), "configuration": configuration, "fold": fold,
                "mean_dice": means, "foreground_mean_dice": _nanmean(list(means.values())), "cases": per_case}
     write_json(json_safe(summary), run.validation_summary)

@@ -331,8 +331,13 @@ def _train_one(work: Workdir, dataset: Path | str, plans: Plans, c: str, k: int,
             if summary is None or extend_s:
                 val = load_splits(work, work.cached_cases(c), plans.folds, splits_file)[k]["val"]
                 # where the run trained: a GPU run's held-out cases are predicted on it
-                summary = predict_fold_validation(work, dataset, plans, c, k, val, device=device or best_device(),
-                                                  progress=progress)
+                try:
+                    summary = predict_fold_validation(work, dataset, plans, c, k, val,
+                                                      device=device or best_device(), progress=progress,
+                                                      before_write=pick.claim.verify if pick.claim else None)
+                except claims.ClaimLost as e:
+                    logger.warning(str(e))
+                    return TrainedRun(c, k, 0.0, False, 0, note="taken over by another worker")
             run.oof = summary
         return run
 

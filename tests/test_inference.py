@@ -230,3 +230,27 @@ def test_a_search_trial_of_a_region_model_scores_the_mean_region_dice(regions):
             per_region[r].append(d)
     assert list(per_region) == [(1, 2, 3), (2, 3), (3,)]
     assert score == pytest.approx(np.mean([np.nanmean(v) for v in per_region.values()]))
+
+
+def test_scoring_held_out_cases_stops_before_writing_once_the_claim_is_lost(ct, tmp_path):  # noqa: F811
+    """A worker whose run was taken over while it scored the held-out cases writes nothing more (issue 23)."""
+    from autoseg.claims import ClaimLost
+
+    ds, work, plans = ct
+    work2 = Path(shutil.copytree(work, tmp_path / "work"))
+    preprocess(ds, work2, plans, extract_fingerprint(ds, jobs=1), jobs=1)
+    run_dir = Workdir(work2).run("3d_fullres", 0)
+    shutil.rmtree(run_dir.validation, ignore_errors=True)
+    calls = []
+
+    def verify() -> None:  # held for the first case, taken over before the second
+        calls.append(1)
+        if len(calls) > 1:
+            raise ClaimLost("taken over")
+
+    with pytest.raises(ClaimLost):
+        predict_fold_validation(work2, ds, plans, "3d_fullres", 0, ["ctaniso_000", "ctaniso_001"],
+                                before_write=verify)
+    assert run_dir.oof_probabilities("ctaniso_000").is_file()
+    assert not run_dir.oof_probabilities("ctaniso_001").is_file()
+    assert not run_dir.validation_summary.is_file()
