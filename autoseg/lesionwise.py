@@ -55,12 +55,15 @@ def components(mask: np.ndarray) -> np.ndarray:
     return cc3d.connected_components(np.ascontiguousarray(mask, dtype=bool), connectivity=connectivity).astype(np.int32)
 
 
-def class_instances(label: np.ndarray, value: int, instances: np.ndarray | None = None) -> np.ndarray:
-    """The instances of class ``value``: the instance map's ids on the class's voxels, else its components."""
-    mask = label == value
+def class_instances(label: np.ndarray, value: int | Sequence[int], instances: np.ndarray | None = None) -> np.ndarray:
+    """The instances of class ``value`` (a region: the union of its values): the instance map's ids on the
+    class's voxels, else its components. A class the instance map holds no id on (one that is not an instance
+    class of the dataset or the model, scored with ``--lesion-classes``) gets its components too."""
+    mask = label == value if isinstance(value, int) else np.isin(label, list(value))
     if instances is None:
         return components(mask)
-    return np.where(mask, instances, 0)
+    ids = np.where(mask, instances, 0)
+    return ids if ids.any() or not mask.any() else components(mask)
 
 
 def _structure(ndim: int) -> np.ndarray:
@@ -238,7 +241,7 @@ def match_instances(ref: np.ndarray, pred: np.ndarray, mode: str = "iou", dilati
 # --- a case, and over cases --------------------------------------------------------------------------------
 
 
-def case_lesionwise(ref_label: np.ndarray, pred_label: np.ndarray, classes: Mapping[str, int],
+def case_lesionwise(ref_label: np.ndarray, pred_label: np.ndarray, classes: Mapping[str, int | Sequence[int]],
                     ref_instances: np.ndarray | None = None, pred_instances: np.ndarray | None = None,
                     modes: Sequence[str] = MODES, dilation: int = BRATS_DILATION
                     ) -> dict[str, dict[str, Matching]]:
@@ -252,8 +255,9 @@ def case_lesionwise(ref_label: np.ndarray, pred_label: np.ndarray, classes: Mapp
         pred = class_instances(pred_label, value, pred_instances)
         ref = class_instances(ref_label, value, ref_instances)
         out[name] = {}
+        as_components = ref_instances is None or not np.any(np.where(ref > 0, ref_instances, 0))
         for mode in modes:
-            r = brats_reference(ref_label == value, dilation) if mode == "brats" and ref_instances is None else ref
+            r = brats_reference(ref > 0, dilation) if mode == "brats" and as_components else ref
             out[name][mode] = match_instances(r, pred, mode, dilation)
     return out
 
