@@ -114,3 +114,20 @@ def test_a_missing_or_misplaced_instance_map_exits_2_naming_it(data, capsys):
     write_label(np.zeros((24, 30), np.int32), GEOM, preds / "instances" / "c1.png")
     assert run(argv) == EXIT_BAD_INPUT
     assert "instances/c1.png: instance map not on the grid" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~20 s on a loaded machine (predicting 2D nuclei through a random-weights workdir)
+def test_what_autoseg_predict_writes_is_scored_lesion_by_lesion(tmp_path):
+    """A nuclei workdir (random weights): `autoseg predict` writes semantic maps only; `autoseg evaluate` scores
+    the instance classes on their connected components against instancesTs."""
+    from test_predict import make_workdir
+
+    ds, work, _ = make_workdir(tmp_path, "nuclei", "2d", 2, [32, 32], [0, 1], cases=2)
+    out = tmp_path / "out"
+    assert run(["-q", "predict", str(work), str(ds / "imagesTs"), str(out), "--folds", "0"]) == 0
+    assert not (out / "instances").exists()
+    r = evaluate_folder(out, ds / "labelsTs", ds / "dataset.json", jobs=1)
+    assert set(r["lesionwise"]["classes"]) == {"round_nucleus", "elongated_nucleus"}
+    assert r["lesionwise"]["prediction_instances"] == "connected components of each class"
+    pooled = r["lesionwise"]["summary"]["round_nucleus"]["iou"]["pooled"]
+    assert pooled["n_ref"] > 10 and pooled["tp"] + pooled["fn"] == pooled["n_ref"]
