@@ -171,8 +171,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     out = a.output or a.pred_dir / METRICS_FILE
     html = out.parent / REPORT_FILE
+    lesion_classes = [n.strip() for n in (a.lesion_classes or "").split(",") if n.strip()]
     result = evaluate_folder(a.pred_dir, a.ref_dir, a.dataset_json, parse_tolerance(a.nsd_tolerance),
-                             jobs=a.jobs, progress=not a.quiet, output=out, also_writing=[html] if a.report else [])
+                             jobs=a.jobs, progress=not a.quiet, output=out, also_writing=[html] if a.report else [],
+                             lesion_classes=lesion_classes, ref_instances=a.ref_instances,
+                             brats_dilation=a.brats_dilation)
     for w in result["warnings"]:
         print(f"autoseg evaluate: warning: {w}", file=sys.stderr)
     print("\n".join(summary_lines(result)))
@@ -436,7 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score each reference case against the prediction of the same file name: per class\n"
                                    "Dice, IoU, sensitivity, specificity, precision, HD95 (mm), NSD and volumes.\n"
                                    "A class empty in both scores NaN (left out of means); HD95 is NaN when either is\n"
-                                   "empty; such cases are counted per class. Writes metrics.json and metrics.csv.")
+                                   "empty; such cases are counted per class. Writes metrics.json and metrics.csv.\n"
+                                   "Lesion classes (dataset.json's instance_classes, --lesion-classes) also get\n"
+                                   "lesion-wise metrics: detection precision/recall/F1, lesion-wise Dice and panoptic\n"
+                                   "quality, matching by IoU > 0.5 and by BraTS 2023's dilated overlap. Instances\n"
+                                   "come from PRED_DIR/instances/ and the reference's sibling instancesTr/ or\n"
+                                   "instancesTs/ when present, else from connected components of each class.")
     p.add_argument("pred_dir", type=Path, metavar="PRED_DIR")
     p.add_argument("ref_dir", type=Path, metavar="REF_DIR")
     p.add_argument("--dataset-json", type=Path, default=None,
@@ -451,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cases' images (CASE_0000<ending>) for the report's overlays (default: label maps only)")
     p.add_argument("--workdir", type=Path, default=None, metavar="W",
                    help="a workdir whose runs' training curves go into the report")
+    p.add_argument("--lesion-classes", default=None, metavar="NAME,...",
+                   help="classes to score lesion by lesion besides dataset.json's instance_classes (label values "
+                        "without --dataset-json)")
+    p.add_argument("--ref-instances", type=Path, default=None, metavar="DIR",
+                   help="reference instance maps (default: REF_DIR's sibling instancesTr/ or instancesTs/ if present)")
+    p.add_argument("--brats-dilation", type=int, default=1, metavar="N",
+                   help="dilation steps of the BraTS-style matching (BraTS-MET 2023: 1, glioma: 3; default 1)")
     _add_jobs(p)
     p.set_defaults(func=cmd_evaluate)
 

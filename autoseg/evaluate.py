@@ -8,6 +8,13 @@ that module for the metrics and the empty-mask conventions), in worker processes
 class (mean, median, std over cases with NaN left out, and the counts of empty cases) and over classes
 (the foreground mean: the mean of the per-class means).
 
+Lesion-wise metrics (:mod:`autoseg.lesionwise`: detection F1, lesion-wise Dice, panoptic quality, under the
+IoU > 0.5 and the BraTS 2023 matching) are added for the lesion classes: dataset.json's ``instance_classes``
+and the classes named in ``lesion_classes``. Predicted instances come from ``PRED_DIR/instances/CASE<ending>``
+when that folder exists (what ``autoseg predict`` writes for an instance model), else from the connected
+components of each class; reference instances from the reference folder's sibling ``instancesTr``/
+``instancesTs`` (``labelsTr`` -> ``instancesTr``) or ``ref_instances`` when present, else from components.
+
 >>> result = evaluate_folder("preds/", "Dataset001/labelsTr", "Dataset001/dataset.json", jobs=4)  # doctest: +SKIP
 >>> write_metrics(result, "preds/metrics.json")  # also writes preds/metrics.csv              # doctest: +SKIP
 """
@@ -35,6 +42,8 @@ from autoseg.artifacts import (
 )
 from autoseg.errors import UserError
 from autoseg.io import SUPPORTED_ENDINGS, file_ending, read_label
+from autoseg.lesionwise import BRATS_DILATION, IOU_THRESHOLD, MODES, case_lesionwise
+from autoseg.lesionwise import summarize as summarize_lesions
 from autoseg.metrics import (
     COUNTS,
     SCORES,
@@ -46,7 +55,16 @@ from autoseg.metrics import (
 )
 
 METRICS_FILE = "metrics.json"
-CSV_COLUMNS = ("case", "class", *SCORES, "nsd_tolerance_mm", *VOLUMES, *COUNTS, "empty")
+PRED_INSTANCES = "instances"  # PRED_DIR/instances/CASE<ending>: the instance maps of an instance model
+LESION_COLUMNS = {  # metrics.csv column -> (matching, lesion-wise metric); empty for a class that is no lesion class
+    "lesion_n_ref": ("iou", "n_ref"), "lesion_n_pred": ("iou", "n_pred"), "lesion_tp": ("iou", "tp"),
+    "lesion_fp": ("iou", "fp"), "lesion_fn": ("iou", "fn"), "lesion_precision": ("iou", "precision"),
+    "lesion_recall": ("iou", "recall"), "lesion_f1": ("iou", "f1"), "lesion_dice": ("iou", "lesion_dice"),
+    "pq": ("iou", "pq"), "sq": ("iou", "sq"), "rq": ("iou", "rq"),
+    "brats_tp": ("brats", "tp"), "brats_fp": ("brats", "fp"), "brats_fn": ("brats", "fn"),
+    "brats_f1": ("brats", "f1"), "brats_lesion_dice": ("brats", "lesion_dice"),
+}
+CSV_COLUMNS = ("case", "class", *SCORES, "nsd_tolerance_mm", *VOLUMES, *COUNTS, "empty", *LESION_COLUMNS)
 EMPTY_KINDS = {"both": "both_empty", "ref": "ref_empty", "pred": "pred_empty"}
 
 
@@ -124,7 +142,8 @@ def _found_values(arr: np.ndarray) -> set[int]:
 
 def evaluate_case(task: tuple) -> dict:
     """Read and score one (case, prediction, reference, classes or None, tolerance, ignore) task."""
-    case, pred_path, ref_path, classes, tolerance, ignore = task
+    case, pred_path, ref_path, classes, tolerance, ignore = task[:6]
+    lesions = task[6] if len(task) > 6 else None
     declared = None if classes is None else (
         {0, *([ignore] if ignore is not None else [])}
         | {v for c in classes.values() for v in (c if isinstance(c, list) else [c])})
@@ -145,10 +164,102 @@ def evaluate_case(task: tuple) -> dict:
     result = {"case": case, "prediction": str(pred_path), "reference": str(ref_path),
               "spacing": list(ref_geom.spacing), "scored_voxels": n_scored,
               "classes": compute_metrics(pred, ref, classes, ref_geom.spacing, tolerance, ignore)}
+    if lesions:
+        result["lesionwise"] = _case_lesions(lesions, pred, ref, pred_path, ref_path, ref_geom)
     if declared is not None:  # values dataset.json does not name score in no class: say so
         result["undeclared"] = {str(path): found for path, arr in ((pred_path, pred), (ref_path, ref))
                                 if (found := sorted(_found_values(arr) - declared))}
     return result
+
+
+def _read_instances(path: Path | None, label: np.ndarray, label_path: Path, geometry) -> np.ndarray | None:
+    """An instance map that must lie on its label map's grid (None: use connected components)."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UserError(f"{path}: instance map missing for {label_path} (its folder holds the instance maps of "
+                        "the other cases)")
+    ids, geom = read_label(path)
+    if ids.shape != label.shape or geom.mismatch(geometry):
+        raise UserError(f"{path}: instance map not on the grid of {label_path} "
+                        f"({geom.mismatch(geometry) or f'shape {ids.shape} vs {label.shape}'})")
+    return ids
+
+
+def _case_lesions(lesions: dict, pred: np.ndarray, ref: np.ndarray, pred_path: Path, ref_path: Path,
+                  geometry) -> dict:
+    """Class -> matching -> lesion-wise counts and scores of one case."""
+    pred_ids = _read_instances(lesions["pred_instances"], pred, pred_path, geometry)
+    ref_ids = _read_instances(lesions["ref_instances"], ref, ref_path, geometry)
+    matchings = case_lesionwise(ref, pred, lesions["classes"], ref_ids, pred_ids, lesions["modes"],
+                                lesions["dilation"])
+    return {name: {mode: m.counts().as_dict() for mode, m in by_mode.items()} for name, by_mode in matchings.items()}
+
+
+def reference_instances_dir(ref_dir: Path) -> Path | None:
+    """``labelsTr`` -> its sibling ``instancesTr`` (``labelsTs`` -> ``instancesTs``) when that folder exists."""
+    if not ref_dir.name.startswith("labels"):
+        return None
+    sibling = ref_dir.parent / ("instances" + ref_dir.name[len("labels"):])
+    return sibling if sibling.is_dir() else None
+
+
+def lesion_classes_of(dataset_json: Path | str | None, classes: Mapping[str, int | list[int]] | None,
+                      named: Sequence[str] = ()) -> dict[str, int | list[int]]:
+    """The lesion classes: dataset.json's ``instance_classes`` and the ``named`` ones (class names, or label
+    values without a dataset.json), name -> value(s)."""
+    out: dict[str, int | list[int]] = {}
+    if dataset_json is not None:
+        from autoseg.schema.instances import instance_classes
+        path = Path(dataset_json)
+        raw = json.loads((path / "dataset.json" if path.is_dir() else path).read_text())
+        out.update({name: value for value, name in instance_classes(raw).items()})
+    for name in named:
+        if classes is not None:
+            if name not in classes:
+                raise UserError(f"--lesion-classes: '{name}' is not a class of {dataset_json} "
+                                f"(classes: {', '.join(classes)})")
+            out[name] = classes[name]
+        elif name.isdigit() and int(name) > 0:
+            out[name] = int(name)
+        else:
+            raise UserError(f"--lesion-classes: '{name}': without --dataset-json name classes by their label "
+                            "value (e.g. 2)")
+    return out
+
+
+def _lesion_setup(pred_dir: Path, ref_dir: Path, lesion_classes: dict, ref_instances: Path | None,
+                  modes: Sequence[str], dilation: int) -> dict | None:
+    if not lesion_classes:
+        return None
+    if dilation < 0:
+        raise UserError(f"--brats-dilation must be 0 or more, got {dilation}")
+    if ref_instances is not None and not Path(ref_instances).is_dir():
+        raise UserError(f"{ref_instances}: reference instance folder not found")
+    pred_inst = pred_dir / PRED_INSTANCES
+    return {"classes": lesion_classes, "modes": tuple(modes), "dilation": int(dilation),
+            "pred_dir": pred_inst if pred_inst.is_dir() else None,
+            "ref_dir": Path(ref_instances) if ref_instances is not None else reference_instances_dir(ref_dir)}
+
+
+def _lesion_task(setup: dict | None, case: str, ending: str) -> dict | None:
+    if setup is None:
+        return None
+    return {"classes": setup["classes"], "modes": setup["modes"], "dilation": setup["dilation"],
+            "pred_instances": setup["pred_dir"] / f"{case}{ending}" if setup["pred_dir"] else None,
+            "ref_instances": setup["ref_dir"] / f"{case}{ending}" if setup["ref_dir"] else None}
+
+
+def _lesion_record(setup: dict, cases: Mapping[str, dict]) -> dict:
+    """What metrics.json says about the lesion-wise metrics: their set-up and the summary per class and matching."""
+    summary = {name: {mode: summarize_lesions([c["lesionwise"][name][mode] for c in cases.values()], mode)
+                      for mode in setup["modes"]} for name in setup["classes"]}
+    source = "connected components of each class"
+    return {"classes": setup["classes"], "modes": list(setup["modes"]), "iou_threshold": IOU_THRESHOLD,
+            "brats_dilation": setup["dilation"],
+            "prediction_instances": str(setup["pred_dir"]) if setup["pred_dir"] else source,
+            "reference_instances": str(setup["ref_dir"]) if setup["ref_dir"] else source,
+            "summary": summary}
 
 
 # --- the folder ------------------------------------------------------------------------------------------
@@ -156,7 +267,9 @@ def evaluate_case(task: tuple) -> dict:
 
 def evaluate_folder(pred_dir: Path | str, ref_dir: Path | str, dataset_json: Path | str | None = None,
                     nsd_tolerance: Tolerance = None, jobs: int | None = None, progress: bool = False,
-                    output: Path | str | None = None, also_writing: Sequence[Path | str] = ()) -> dict:
+                    output: Path | str | None = None, also_writing: Sequence[Path | str] = (),
+                    lesion_classes: Sequence[str] = (), ref_instances: Path | str | None = None,
+                    lesion_modes: Sequence[str] = MODES, brats_dilation: int = BRATS_DILATION) -> dict:
     """Score every reference case against the prediction of the same name; return (and with ``output``,
     write) the metrics: ``{"classes", "cases": {case: {"classes": {name: metrics}}}, "summary", ...}``.
     ``output`` and the CSV beside it, and ``also_writing`` (files the caller writes afterwards: the report),
@@ -167,6 +280,9 @@ def evaluate_folder(pred_dir: Path | str, ref_dir: Path | str, dataset_json: Pat
     values; the ignore label is left out of every metric), else the union of the values found in all
     files, named by value. ``nsd_tolerance`` is mm for all classes or ``{name: mm, "default": mm}``;
     unset, each case uses its largest voxel spacing (recorded per case and class).
+
+    Lesion classes (dataset.json's ``instance_classes`` and ``lesion_classes``) also get lesion-wise metrics,
+    per case under ``cases[case]["lesionwise"]`` and summarized under ``"lesionwise"`` (see the module).
     """
     from autoseg.fingerprint import map_cases  # the project's worker pool (ordered, fails fast, progress bar)
 
@@ -190,7 +306,9 @@ def evaluate_folder(pred_dir: Path | str, ref_dir: Path | str, dataset_json: Pat
         if bad:
             raise UserError(f"NSD tolerance for unknown class '{bad[0]}': without --dataset-json classes are "
                             "named by their label value (e.g. 1=2.0)")
-    tasks = [(c, p, r, classes, nsd_tolerance, ignore) for c, (p, r) in pairs.items()]
+    lesions = _lesion_setup(pred_dir, ref_dir, lesion_classes_of(dataset_json, classes, lesion_classes),
+                            Path(ref_instances) if ref_instances is not None else None, lesion_modes, brats_dilation)
+    tasks = [(c, p, r, classes, nsd_tolerance, ignore, _lesion_task(lesions, c, ending)) for c, (p, r) in pairs.items()]
     jobs = min(jobs or os.cpu_count() or 1, len(tasks))
     results = map_cases(evaluate_case, tasks, jobs, progress=progress, desc="evaluate")
     names = list(classes) if classes is not None else _fill_found_classes(results, nsd_tolerance, warnings)
@@ -205,6 +323,8 @@ def evaluate_folder(pred_dir: Path | str, ref_dir: Path | str, dataset_json: Pat
               "nsd_tolerance_mm": _tolerance_record(nsd_tolerance),
               "summary": summarize(cases, names), "cases": cases,
               "extra_predictions": extra, "warnings": warnings}
+    if lesions is not None:
+        result["lesionwise"] = _lesion_record(lesions, cases)
     if output is not None:
         write_metrics(result, output)
     return result
@@ -280,8 +400,15 @@ def summarize(cases: Mapping[str, dict], names: list[str]) -> dict:
 
 def metrics_rows(result: dict) -> list[dict]:
     """One row per case and class, the columns of ``CSV_COLUMNS``."""
-    return [{"case": case, "class": name, **{k: m[k] for k in CSV_COLUMNS[2:]}}
-            for case, c in result["cases"].items() for name, m in c["classes"].items()]
+    rows = []
+    for case, c in result["cases"].items():
+        lesions = c.get("lesionwise", {})
+        for name, m in c["classes"].items():
+            row = {"case": case, "class": name, **{k: m[k] for k in CSV_COLUMNS[2:] if k not in LESION_COLUMNS}}
+            by_mode = lesions.get(name, {})
+            row.update({col: by_mode[mode][key] if mode in by_mode else "" for col, (mode, key) in LESION_COLUMNS.items()})
+            rows.append(row)
+    return rows
 
 
 def write_metrics(result: dict, path: Path | str) -> tuple[Path, Path]:
@@ -311,6 +438,15 @@ def summary_lines(result: dict) -> list[str]:
     fg = s["foreground_mean"]
     lines.append(f"{'foreground mean':<20} {f(fg['dice'], '.4f'):>6} {f(fg['iou'], '.4f'):>6} "
                  f"{f(fg['hd95_mm'], '.2f'):>8} {f(fg['nsd'], '.4f'):>6}  ({s['cases']} cases)")
+    lesions = result.get("lesionwise")
+    if lesions:
+        lines.append(f"{'lesion-wise (pooled)':<20} {'match':>6} {'ref':>5} {'found':>5} {'false':>5} "
+                     f"{'F1':>6} {'lesDice':>7} {'PQ':>6}")
+        for name, by_mode in lesions["summary"].items():
+            for mode, e in by_mode.items():
+                p = e["pooled"]
+                lines.append(f"{name[:20]:<20} {mode:>6} {p['n_ref']:>5} {p['tp']:>5} {p['fp']:>5} "
+                             f"{f(p['f1'], '.4f'):>6} {f(p['lesion_dice'], '.4f'):>7} {f(p['pq'], '.4f'):>6}")
     return lines
 
 

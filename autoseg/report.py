@@ -3,8 +3,11 @@
 ``report.html`` holds the per-class summary, the per-case table (best case first), the training curves of
 a workdir's runs, and overlays of the best, median and worst cases (by mean foreground Dice): the image
 (first channel, windowed to its 1st-99th percentile; the reference label map in grey when no image is
-found) with the reference and prediction contours of each class. Every picture is an embedded PNG, so the
-file can be mailed or attached to a ticket as it is; it needs no JavaScript.
+found) with the reference and prediction contours of each class. With lesion-wise metrics (see
+:mod:`autoseg.evaluate`), a lesion table and, for the same cases, each lesion class's reference and predicted
+instances outlined and numbered: matched ones in green, missed reference lesions in yellow ("M"), false
+positives in red ("FP"). Every picture is an embedded PNG, so the file can be mailed or attached to a ticket
+as it is; it needs no JavaScript.
 
 >>> result = evaluate_folder("preds/", "labelsTr", output="preds/metrics.json")  # doctest: +SKIP
 >>> write_report(result, "preds/", "labelsTr", "preds/report.html", images_dir="imagesTr")  # doctest: +SKIP
@@ -23,6 +26,8 @@ import numpy as np
 
 from autoseg.artifacts import atomic_write_bytes
 from autoseg.io import SUPPORTED_ENDINGS, Geometry, read_image, read_label
+from autoseg.lesionwise import SCORES as LESION_SCORES
+from autoseg.lesionwise import Matching, case_lesionwise, class_instances
 from autoseg.workdir import Workdir
 
 REPORT_FILE = "report.html"
@@ -156,6 +161,109 @@ def overlay_png(ref: np.ndarray, pred: np.ndarray, geometry: Geometry, classes: 
     return buf.getvalue()
 
 
+MATCHED, MISSED, FALSE = (0.2, 0.9, 0.2, 1.0), (1.0, 0.9, 0.0, 1.0), (1.0, 0.15, 0.15, 1.0)
+MAX_NUMBERS = 120  # instance numbers drawn per panel; more would cover the picture
+
+
+def _outline(ids: np.ndarray) -> np.ndarray:
+    """Boundary pixels of every instance of a 2D map (touching instances each keep their own outline)."""
+    edge = np.zeros(ids.shape, bool)
+    for axis in (0, 1):
+        for shift in (1, -1):
+            edge |= ids != np.roll(ids, shift, axis=axis)
+    return edge & (ids > 0)
+
+
+def _lesion_view(ref_ids: np.ndarray, pred_ids: np.ndarray) -> tuple[str, tuple, int, int]:
+    """The 2D map itself, or for 3D the axial slice holding the most reference and predicted instances."""
+    if ref_ids.ndim == 2:
+        return "", (slice(None), slice(None)), 0, 1
+    both = np.stack([ref_ids, pred_ids])
+    counts = [len(np.unique(both[:, z][both[:, z] > 0])) for z in range(ref_ids.shape[0])]
+    z = int(np.argmax(counts)) if max(counts, default=0) else ref_ids.shape[0] // 2
+    return f"axial z={z}", (z, slice(None), slice(None)), 1, 2
+
+
+def lesion_overlay_png(ref_ids: np.ndarray, pred_ids: np.ndarray, matching: Matching, geometry: Geometry,
+                       title: str, image: np.ndarray | None = None) -> bytes:
+    """PNG bytes: reference and predicted instances side by side, outlined and numbered by match status."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    label, index, ra, ca = _lesion_view(ref_ids, pred_ids)
+    partner = {p: m.ref for m in matching.matches for p in m.preds}
+    missed, false = set(matching.missed), set(matching.false_positives)
+    bg = (image if image is not None else (ref_ids > 0).astype(np.float32))[index]
+    lo, hi = np.percentile(bg, (1, 99)) if bg.size else (0.0, 1.0)
+    sy, sx = geometry.spacing[ra], geometry.spacing[ca]
+    h, w = bg.shape
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.4), squeeze=False)
+    for ax, ids, side in zip(axes[0], (ref_ids[index], pred_ids[index]), ("reference", "prediction")):
+        ax.imshow(bg, cmap="gray", vmin=float(lo), vmax=float(hi) if hi > lo else float(lo) + 1.0,
+                  extent=(0, w * sx, h * sy, 0), interpolation="nearest")
+        rgba = np.zeros((h, w, 4), np.float32)
+        edge = _outline(ids)
+        present = [int(i) for i in np.unique(ids[ids > 0])]
+        for i in present:
+            bad = i in missed if side == "reference" else i in false
+            rgba[edge & (ids == i)] = (MISSED if side == "reference" else FALSE) if bad else MATCHED
+        ax.imshow(rgba, extent=(0, w * sx, h * sy, 0), interpolation="nearest")
+        for i in present[:MAX_NUMBERS]:
+            ys, xs = np.nonzero(ids == i)
+            if side == "reference":
+                text = f"M{i}" if i in missed else str(i)
+            else:
+                text = "FP" if i in false else str(partner.get(i, i))
+            ax.text((xs.mean() + 0.5) * sx, (ys.mean() + 0.5) * sy, text, color="white", fontsize=6,
+                    ha="center", va="center", bbox={"boxstyle": "round,pad=0.1", "fc": "black", "alpha": 0.45, "lw": 0})
+        ax.set_title(f"{side} instances {label}".strip(), fontsize=9)
+        ax.set_xlabel("mm")
+    handles = [Line2D([], [], color=MATCHED, label="matched (number: reference lesion)"),
+               Line2D([], [], color=MISSED, label="missed reference lesion (M)"),
+               Line2D([], [], color=FALSE, label="false positive (FP)")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _instances_file(where: object, case: str, ending: str) -> Path | None:
+    folder = Path(str(where)) if where else None
+    path = folder / f"{case}{ending}" if folder is not None and folder.is_dir() else None
+    return path if path is not None and path.is_file() else None
+
+
+def _lesion_overlays(metrics: dict, case: str, ref: np.ndarray, pred: np.ndarray, geometry: Geometry,
+                     image: np.ndarray | None) -> str:
+    """One figure per lesion class of a case: its instances outlined, numbered and marked (IoU matching)."""
+    setup, ending = metrics.get("lesionwise"), metrics.get("file_ending") or ""
+    if not setup:
+        return ""
+    try:
+        paths = [_instances_file(setup.get(k), case, ending) for k in ("prediction_instances", "reference_instances")]
+        pred_ids, ref_ids = (read_label(p)[0] if p is not None else None for p in paths)
+        matchings = case_lesionwise(ref, pred, setup["classes"], ref_ids, pred_ids, modes=("iou",))
+    except Exception as e:  # a report must not fail on one unreadable case
+        return f"<p>{html.escape(case)}: no lesion overlay ({html.escape(str(e))})</p>"
+    parts = []
+    for name, value in setup["classes"].items():
+        m = matchings[name]["iou"]
+        c = m.counts()
+        title = (f"{case} - {name}: {c.n_ref} reference, {c.n_pred} predicted, {c.tp} matched (IoU > 0.5), "
+                 f"{c.fn} missed, {c.fp} false positive(s)")
+        png = lesion_overlay_png(class_instances(ref, value, ref_ids), class_instances(pred, value, pred_ids), m,
+                                 geometry, title, image)
+        parts.append(f'<figure><img alt="lesions {html.escape(name)} {html.escape(case)}" src="{_data_uri(png)}">'
+                     f"<figcaption>{html.escape(name)} instances</figcaption></figure>")
+    return "".join(parts)
+
+
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -188,7 +296,8 @@ def _case_overlay(metrics: dict, role: str, case: str, dice: float, pred_dir: Pa
     title = f"{role}: {case} - mean Dice {_fmt(dice, '.3f')} ({per_class})"
     png = overlay_png(ref, pred, geometry, classes, title, image)
     return (f'<figure><img alt="{html.escape(role)} {html.escape(case)}" src="{_data_uri(png)}">'
-            f"<figcaption>{html.escape(note)}; solid: reference, dashed: prediction</figcaption></figure>")
+            f"<figcaption>{html.escape(note)}; solid: reference, dashed: prediction</figcaption></figure>"
+            + _lesion_overlays(metrics, case, ref, pred, geometry, image))
 
 
 # --- tables and curves -----------------------------------------------------------------------------------
@@ -213,6 +322,26 @@ def summary_table(metrics: dict) -> str:
     rows.append(["foreground mean"] + [c for m, _, f in SUMMARY_METRICS for c in (_fmt(fg.get(m), f), "", "")]
                 + [str(s["cases"])] + [str(s["empty_counts"].get(k, "")) for k in ("both_empty", "ref_empty", "pred_empty")])
     return _table(header, rows)
+
+
+def lesion_table(metrics: dict) -> str:
+    """Per lesion class and matching: pooled counts and scores over all cases, and the case means."""
+    setup = metrics.get("lesionwise")
+    if not setup:
+        return ""
+    header = ["class", "matching", "reference", "predicted", "found", "missed", "false"]
+    header += [f"{s} pooled" for s in LESION_SCORES] + [f"{s} case mean" for s in ("f1", "lesion_dice", "pq")]
+    rows = []
+    for name, by_mode in setup["summary"].items():
+        for mode, e in by_mode.items():
+            p = e["pooled"]
+            rows.append([name, mode, *(str(p[k]) for k in ("n_ref", "n_pred", "tp", "fn", "fp")),
+                         *(_fmt(p[s]) for s in LESION_SCORES), *(_fmt(e["case_mean"][s]) for s in ("f1", "lesion_dice", "pq"))])
+    note = (f"<p>predicted instances: {html.escape(setup['prediction_instances'])}; reference instances: "
+            f"{html.escape(setup['reference_instances'])}. IoU matching: one-to-one at IoU &gt; "
+            f"{setup['iou_threshold']}; BraTS matching: reference lesions dilated {setup['brats_dilation']} step(s) "
+            "match every prediction they touch (no panoptic quality).</p>")
+    return note + _table(header, rows)
 
 
 def case_table(metrics: dict) -> str:
@@ -268,7 +397,10 @@ def write_report(metrics: dict, pred_dir: Path | str, ref_dir: Path | str, out_h
     if images is not None and not images.is_dir():
         parts.append(f"<p>images folder {html.escape(str(images))} not found: overlays show the label map</p>")
     parts += [f"<p>warning: {html.escape(w)}</p>" for w in metrics.get("warnings", [])]
-    parts += ["<h2>Summary per class</h2>", summary_table(metrics), "<h2>Best, median and worst cases</h2>"]
+    parts += ["<h2>Summary per class</h2>", summary_table(metrics)]
+    if metrics.get("lesionwise"):
+        parts += ["<h2>Lesion-wise</h2>", lesion_table(metrics)]
+    parts += ["<h2>Best, median and worst cases</h2>"]
     parts += [_case_overlay(metrics, role, case, d, pred_dir, ref_dir, images) for role, case, d in pick_cases(metrics)]
     if workdir is not None:
         parts += ["<h2>Training curves</h2>", curves_section(Path(workdir))]

@@ -189,3 +189,25 @@ def test_a_lesion_class_is_also_scored_on_the_cases_that_hold_it_and_its_onset_i
     by = {("d", "m"): {"onsets": {"lesion": {"step": 300, "seconds": 42.0, "share": 0.25},
                                   "organ": {"step": None, "seconds": None, "share": None}}}}
     assert "| m | 300 / 42s / 25% | - |" in _onset_lines("d", ["m"], by)
+
+
+def test_lesion_classes_are_scored_lesion_by_lesion_and_added_to_finished_cells_from_their_predictions(tmp_path):
+    """ct-aniso's tumour is a small class in the fingerprint: the leaderboard gets its lesion-wise Dice and F1;
+    a cell finished before lesion-wise metrics existed gets them from its stored predictions, not a re-run."""
+    suite = write_suite(tmp_path, TINY + PERFECT)
+    out = tmp_path / "out"
+    (record,) = run_benchmark(suite, out, progress=False)
+    lesions = record["metrics"]["lesions"]
+    assert set(lesions) == {"tumour"}
+    assert lesions["tumour"]["lesion_dice"] == 1.0 and lesions["tumour"]["f1"] == 1.0
+    md = (out / "leaderboard.md").read_text()
+    assert "lesion-wise Dice (BraTS)" in md and "| perfect | tumour |" in md
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert next(r for r in rows if r["class"] == "tumour")["lesion_dice"] == "1.0"
+
+    cell = out / "cells" / "ct__perfect.json"
+    old = json.loads(cell.read_text())
+    del old["metrics"]["lesions"]
+    cell.write_text(json.dumps(old))
+    (again,) = run_benchmark(suite, out, progress=False)
+    assert again["started"] == record["started"] and again["metrics"]["lesions"]["tumour"]["f1"] == 1.0

@@ -85,8 +85,9 @@ class CellRunner:
     """Runs the stages of one cell, recording each; raises :class:`CellFailed` at the first failure."""
 
     def __init__(self, suite: Suite, dataset: DatasetSpec, method: MethodSpec, data: Path, out: Path,
-                 progress: bool = True):
+                 progress: bool = True, lesion_classes: list[str] | None = None):
         self.suite, self.dataset, self.method, self.data = suite, dataset, method, data
+        self.lesion_classes = lesion_classes or []
         self.work = out / "work" / cell_id(dataset, method)
         self.logs = self.work / "logs"
         self.predictions = self.work / "predictions"
@@ -121,7 +122,8 @@ class CellRunner:
             extra = self._command()
         self.stage("evaluate", [*autoseg_bin(), "-q", "evaluate", str(self.predictions), str(self.data / "labelsTs"),
                                 "--dataset-json", str(self.data / "dataset.json"), "-o", str(self.metrics_file),
-                                "-j", str(self.suite.jobs)])
+                                "-j", str(self.suite.jobs)]
+                   + (["--lesion-classes", ",".join(self.lesion_classes)] if self.lesion_classes else []))
         if self.method.kind == "autoseg":
             extra["onsets"] = training_onsets(self.work / "autoseg")
         return {"stages": self.stages, "metrics": summarize_metrics(json.loads(self.metrics_file.read_text())),
@@ -179,8 +181,58 @@ def summarize_metrics(result: dict) -> dict:
                    if (c.get("classes", {}).get(name, {}).get("volume_ref_mm3") or 0) > 0]
         entry["dice_present"] = sum(present) / len(present) if present else None
         entry["cases_present"] = len(present)
-    return {"per_class": per_class, "foreground": {k: s["foreground_mean"].get(k) for k in keys},
-            "cases": s["cases"], "nsd_tolerance_mm": result.get("nsd_tolerance_mm")}
+    out = {"per_class": per_class, "foreground": {k: s["foreground_mean"].get(k) for k in keys},
+           "cases": s["cases"], "nsd_tolerance_mm": result.get("nsd_tolerance_mm")}
+    summary = (result.get("lesionwise") or {}).get("summary", {})  # pooled: every test-case lesion weighs the same
+    out["lesions"] = {name: _lesion_entry(by_mode) for name, by_mode in summary.items()}
+    return out
+
+
+def _lesion_entry(by_mode: dict) -> dict:
+    """The leaderboard's lesion-wise numbers of one class: BraTS lesion-wise Dice and F1, IoU F1 and PQ."""
+    brats, iou = (by_mode.get(m, {}).get("pooled", {}) for m in ("brats", "iou"))
+    return {"lesion_dice": brats.get("lesion_dice"), "brats_f1": brats.get("f1"), "f1": iou.get("f1"),
+            "pq": iou.get("pq"), "n_ref": iou.get("n_ref")}
+
+
+def lesion_classes_of(data: Path, jobs: int = 1) -> list[str]:
+    """The classes the leaderboard scores lesion by lesion: dataset.json's ``instance_classes`` and the classes
+    the fingerprint calls small (:func:`autoseg.plan.rules.small_classes`, a median object under 1 % of the
+    median image rather than of a plan's patch, so every method of a dataset is scored on the same classes)."""
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.plan.rules import small_classes
+    from autoseg.schema.instances import instance_classes
+
+    raw = json.loads((data / "dataset.json").read_text())
+    names = list(instance_classes(raw).values())
+    fp = extract_fingerprint(data, jobs=jobs)
+    names += [n for n in small_classes(fp, fp.median_shape, fp.median_spacing) if n not in names]
+    return names
+
+
+def rescore_lesions(record: dict, out: Path, dataset: DatasetSpec, method: MethodSpec, data: Path,
+                    lesion_classes: list[str], jobs: int = 1) -> bool:
+    """Add lesion-wise metrics to a finished cell from its stored predictions (no retraining): evaluate them
+    again with the lesion classes and rewrite the cell's metrics and record. False when nothing was stored."""
+    from autoseg.errors import UserError
+    from autoseg.evaluate import evaluate_folder
+
+    predictions = out / "work" / cell_id(dataset, method) / "predictions"
+    metrics = record.get("metrics") or {}
+    if "lesions" in metrics or not predictions.is_dir():
+        return False
+    if lesion_classes:
+        metrics_file = out / "cells" / f"{cell_id(dataset, method)}.metrics.json"
+        try:
+            result = evaluate_folder(predictions, data / "labelsTs", data / "dataset.json", jobs=jobs,
+                                     output=metrics_file, lesion_classes=lesion_classes)
+        except UserError:  # the stored predictions no longer match the data: leave the cell as it was
+            return False
+        record["metrics"] = summarize_metrics(result)
+    else:
+        metrics["lesions"] = {}  # scored, and no class to score lesion by lesion
+    write_record(cell_file(out, dataset, method), record)
+    return bool(lesion_classes)
 
 
 def training_onsets(work: Path) -> dict[str, dict]:
@@ -210,7 +262,8 @@ def skip_reason(method: MethodSpec) -> str | None:
 
 
 def run_cell(suite: Suite, dataset: DatasetSpec, method: MethodSpec, data: Path | None, out: Path,
-             note: str = "", data_error: str | None = None, progress: bool = True) -> dict:
+             note: str = "", data_error: str | None = None, progress: bool = True,
+             lesion_classes: list[str] | None = None) -> dict:
     """Run one cell and write its record; a failure is recorded (status, one-line reason, log) and returned."""
     record = {"dataset": dataset.name, "method": method.name, "signature": signature(suite, dataset, method),
               "dataset_source": dataset.source, "method_description": method.describe(), "note": note,
@@ -224,7 +277,7 @@ def run_cell(suite: Suite, dataset: DatasetSpec, method: MethodSpec, data: Path 
     elif data_error:
         record.update(status=FAILED, reason=data_error)
     else:
-        runner = CellRunner(suite, dataset, method, data, out, progress)
+        runner = CellRunner(suite, dataset, method, data, out, progress, lesion_classes)
         try:
             record.update(status=DONE, **runner.run())
         except CellFailed as e:

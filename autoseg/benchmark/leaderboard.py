@@ -13,8 +13,10 @@ from autoseg.benchmark.suite import Suite
 from autoseg.plan.budget import format_duration
 
 STAGES = ("plan", "train", "predict", "evaluate")
+LESION_COLUMNS = ("lesion_dice", "brats_f1", "f1", "pq")  # metrics["lesions"][class] keys; CSV column "lesion_<key>"
 CSV_COLUMNS = ("dataset", "method", "status", "class", "dice", "nsd", "hd95_mm", "test_cases", "budget_s",
-               *(f"{s}_s" for s in STAGES), "total_s", "cpu_s", "peak_pss_mb", "reason")
+               *(f"{s}_s" for s in STAGES), "total_s", "cpu_s", "peak_pss_mb", "reason",
+               *("lesion_dice" if k == "lesion_dice" else f"lesion_{k}" for k in LESION_COLUMNS))
 MD_FILE, CSV_FILE, PLOT_FILE = "leaderboard.md", "leaderboard.csv", "leaderboard.png"
 
 
@@ -78,14 +80,35 @@ def csv_rows(records: list[dict]) -> list[dict]:
             rows.append({**base, "class": ""})
             continue
         classes = [*metrics["per_class"].items(), ("foreground_mean", metrics["foreground"])]
+        lesions = metrics.get("lesions") or {}
         for name, m in classes:
+            les = lesions.get(name, {})
             rows.append({**base, "class": name, "test_cases": metrics["cases"],
-                         **{k: _round(m.get(k), 4) for k in ("dice", "nsd", "hd95_mm")}})
+                         **{k: _round(m.get(k), 4) for k in ("dice", "nsd", "hd95_mm")},
+                         **{("lesion_dice" if k == "lesion_dice" else f"lesion_{k}"): _round(les.get(k), 4)
+                            for k in LESION_COLUMNS}})
     return rows
 
 
 def _round(x: float | None, digits: int = 1) -> float | None:
     return None if x is None else round(x, digits)
+
+
+def _lesion_lines(dataset: str, methods: list[str], by: dict) -> list[str]:
+    """Per done cell and lesion class: lesion-wise Dice and detection F1 (BraTS 2023 matching), F1 and PQ under
+    one-to-one IoU > 0.5 matching, pooled over the test cases' lesions."""
+    rows = [(m, c, v) for m in methods if by.get((dataset, m), {}).get("status") == DONE
+            for c, v in ((by[dataset, m].get("metrics") or {}).get("lesions") or {}).items()]
+    if not rows:
+        return []
+    out = ["", "Lesion-wise, pooled over the test cases' lesions (`autoseg evaluate`; lesion classes: dataset.json's "
+           "instance classes and the fingerprint's small classes):", "",
+           "| method | class | reference lesions | lesion-wise Dice (BraTS) | F1 (BraTS) | F1 (IoU > 0.5) | PQ |",
+           "|---|---|---|---|---|---|---|"]
+    for m, c, v in rows:
+        out.append(f"| {m} | {c} | {v.get('n_ref', '-')} | {_f(v.get('lesion_dice'))} | {_f(v.get('brats_f1'))} "
+                   f"| {_f(v.get('f1'))} | {_f(v.get('pq'))} |")
+    return out
 
 
 def _onset_lines(dataset: str, methods: list[str], by: dict) -> list[str]:
@@ -168,6 +191,7 @@ def render_markdown(suite: Suite, records: list[dict], machine: dict[str, str],
             else:
                 lines.append(f"| {m} | {r['status']} | - | - | - | {r.get('reason', '')} | {stage_cols} "
                              f"| {_sec(r.get('total_s'))} | {_f(cpu_seconds(r), '.0f')} | {_f(peak_mb(r), '.0f')} |")
+        lines += _lesion_lines(d, methods, by)
         lines += _onset_lines(d, methods, by)
         lines.append("")
     lines += ["## Methods", ""]

@@ -13,7 +13,16 @@ import json
 import sys
 from pathlib import Path
 
-from autoseg.benchmark.cells import DONE, cell_file, finished, load_record, run_cell, signature
+from autoseg.benchmark.cells import (
+    DONE,
+    cell_file,
+    finished,
+    lesion_classes_of,
+    load_record,
+    rescore_lesions,
+    run_cell,
+    signature,
+)
 from autoseg.benchmark.datasets import prepare_dataset
 from autoseg.benchmark.leaderboard import write_leaderboard
 from autoseg.benchmark.measure import machine
@@ -60,11 +69,13 @@ def run_benchmark(suite_file: Path | str, out: Path | str, budget: str | None = 
         f"{format_duration(suite.budget_s)} per run, into {out}")
     k = 0
     for dataset in suite.datasets:
-        data, note, error = None, "", None
+        data, note, error, lesions = None, "", None, []
         todo = [m for m in suite.methods if not finished(cell_file(out, dataset, m), signature(suite, dataset, m))]
-        if todo:
+        unscored = [m for m in suite.methods if m not in todo and _lacks_lesions(out, dataset, m)]
+        if todo or unscored:
             try:
                 data, note = prepare_dataset(dataset, out, cache)
+                lesions = lesion_classes_of(data, suite.jobs)
             except UserError as e:
                 error = f"dataset: {e}"
         for method in suite.methods:
@@ -72,17 +83,27 @@ def run_benchmark(suite_file: Path | str, out: Path | str, budget: str | None = 
             head = f"[{k}/{total}] {dataset.name} / {method.name}"
             done = finished(cell_file(out, dataset, method), signature(suite, dataset, method))
             if done:
+                if data is not None and method in unscored and rescore_lesions(done, out, dataset, method, data,
+                                                                               lesions, suite.jobs):
+                    say(f"{head}: lesion-wise metrics added from its stored predictions")
                 say(f"{head}: finished earlier, skipped ({_result(done)})")
                 records.append(done)
                 continue
             say(f"{head}: running")
-            record = run_cell(suite, dataset, method, data, out, note=note, data_error=error, progress=progress)
+            record = run_cell(suite, dataset, method, data, out, note=note, data_error=error, progress=progress,
+                              lesion_classes=lesions)
             say(f"{head}: {_result(record)}")
             records.append(record)
             write_leaderboard(everything, _all_records(everything, out), out, machine(), header)
     paths = write_leaderboard(everything, _all_records(everything, out), out, machine(), header)
     say("wrote " + ", ".join(str(p) for p in paths))
     return records
+
+
+def _lacks_lesions(out: Path, dataset, method) -> bool:
+    """A finished cell scored before lesion-wise metrics existed (its predictions may still be there)."""
+    record = load_record(cell_file(out, dataset, method)) or {}
+    return record.get("status") == DONE and "lesions" not in (record.get("metrics") or {})
 
 
 def _all_records(suite: Suite, out: Path) -> list[dict]:
