@@ -16,7 +16,11 @@ What is checked:
   read: :func:`autoseg.io.read_sitk`), 2D or 3D, one channel per file, finite; channels and label of a case sharing shape and
   geometry (spacing, origin, direction, within :meth:`Geometry.mismatch`'s tolerance); label values
   integer and declared in ``dataset.json``;
-- across cases: not a mix of 2D and 3D cases.
+- across cases: not a mix of 2D and 3D cases;
+- instance datasets (:mod:`autoseg.schema.instances`): ``instance_classes`` naming single foreground labels;
+  with ``instancesTr/``, each training case's instance map present, on the label's grid, integer and
+  non-negative, with no id on background or on a class that is not an instance class, no id spanning two
+  classes, and an id on every instance-class voxel.
 
 Use::
 
@@ -45,6 +49,12 @@ from autoseg.dataset import _CHANNEL_RE, Case, Dataset, list_cases, parse_datase
 from autoseg.errors import Problem, UserError
 from autoseg.io import SUPPORTED_ENDINGS, Geometry, file_ending, is_natural, read_image, read_label
 from autoseg.parallel import is_small, map_cases
+from autoseg.schema.instances import (
+    INSTANCE_CLASSES_KEY,
+    INSTANCE_FOLDERS,
+    instance_class_problems,
+    instance_classes,
+)
 
 __all__ = ["validate_dataset"]
 
@@ -64,6 +74,8 @@ class _Layout:
     file_ending: str
     label_values: tuple[int, ...] | None  # None: labels unusable, values are not checked
     num_training: int | None  # None: numTraining unusable, the count is not checked
+    instance_values: tuple[tuple[int, str], ...] = ()  # the instance classes (value, name)
+    instances: Path | None = None  # instancesTr/ when the dataset has it and declares instance classes
 
 
 @dataclass
@@ -87,6 +99,8 @@ def validate_dataset(root: Path | str, jobs: int | None = None, progress: bool =
     layout = _layout_of(ds) if ds is not None else _layout_despite_problems(root)
     if layout is None:
         return problems
+    instance_problems, layout = _instance_layout(layout)
+    problems += instance_problems
     train = list_cases(root / "imagesTr", layout.file_ending, len(layout.channel_names), root / "labelsTr")
     test = list_cases(root / "imagesTs", layout.file_ending, len(layout.channel_names), None)
     problems += _check_layout(layout, len(train))
@@ -164,6 +178,8 @@ def _check_layout(layout: _Layout, num_cases: int) -> list[Problem]:
     file_problems += _check_image_files(root / "imagesTs", layout)[0]
     if images.is_dir():  # without imagesTr every label would be an orphan: the missing folder says it
         file_problems += _check_label_files(labels, layout, image_ids)
+    if layout.instances is not None and images.is_dir():
+        file_problems += _check_label_files(layout.instances, layout, image_ids, kind="instance map")
     return problems + sorted(file_problems, key=lambda p: p.where)
 
 
@@ -211,16 +227,16 @@ def _check_image_files(folder: Path, layout: _Layout) -> tuple[list[Problem], se
     return problems, ids
 
 
-def _check_label_files(folder: Path, layout: _Layout, image_ids: set[str]) -> list[Problem]:
-    """Endings in labelsTr, and labels whose case has no image file in imagesTr."""
+def _check_label_files(folder: Path, layout: _Layout, image_ids: set[str], kind: str = "label") -> list[Problem]:
+    """Endings in labelsTr (or instancesTr), and files whose case has no image file in imagesTr."""
     problems = []
     for path, stem, end in _entries(folder):
         bad_ending = _ending_problem(path, end, layout)
         if bad_ending is not None:
             problems.append(bad_ending)
         elif end == layout.file_ending and stem not in image_ids:
-            problems.append(_at(path, f"label without images: no {stem}_0000{layout.file_ending} in "
-                                      "imagesTr; add the images or remove the label"))
+            problems.append(_at(path, f"{kind} without images: no {stem}_0000{layout.file_ending} in "
+                                      f"imagesTr; add the images or remove the {kind}"))
     return problems
 
 
@@ -393,6 +409,80 @@ def _check_label(case: Case, ref: _Reference | None, layout: _Layout) -> list[Pr
         if undeclared:
             problems.append(_at(path, f"holds label value(s) {_list(undeclared)} not declared in dataset.json "
                                       f"'labels' (declared: {_list(layout.label_values)})"))
+    if layout.instances is not None and seg.ndim in (2, 3):
+        problems += _check_instances(case, seg, geometry, layout)
+    return problems
+
+
+# --- instances -----------------------------------------------------------------------------------------
+
+
+def _instance_layout(layout: _Layout) -> tuple[list[Problem], _Layout]:
+    """The ``instance_classes`` problems of dataset.json, and the layout with the instance classes and folder."""
+    where = layout.root / "dataset.json"
+    try:
+        raw = json.loads(where.read_text())
+    except (OSError, ValueError):  # reported by parse_dataset_json
+        return [], layout
+    if not isinstance(raw, dict):
+        return [], layout
+    folder = layout.root / INSTANCE_FOLDERS["Tr"]
+    if INSTANCE_CLASSES_KEY not in raw:
+        if folder.is_dir():
+            return [_at(folder, f"instance maps but dataset.json has no '{INSTANCE_CLASSES_KEY}'; name the "
+                                "classes whose objects are instances there")], layout
+        return [], layout
+    labels = raw.get("labels") if isinstance(raw.get("labels"), dict) else {}
+    problems = [_at(where, m) for m in instance_class_problems(labels, raw[INSTANCE_CLASSES_KEY])]
+    values = tuple(sorted(instance_classes(raw).items()))
+    return problems, replace(layout, instance_values=values, instances=folder if folder.is_dir() else None)
+
+
+def _check_instances(case: Case, seg: np.ndarray, geometry: Geometry, layout: _Layout) -> list[Problem]:
+    """One case's instance map against its label map: the rules of :mod:`autoseg.schema.instances`."""
+    assert layout.instances is not None and case.label is not None
+    path = layout.instances / case.label.name
+    if not path.is_file():
+        return [_at(path, f"missing: instance map of case {case.id} (instancesTr/ must hold one per label)"
+                          f"{_sibling_hint(path)}")]
+    problems: list[Problem] = []
+    loaded = _read(path, read_label, problems)
+    if loaded is None:
+        return problems
+    ids, inst_geometry = loaded
+    if ids.shape != seg.shape:
+        return [_at(path, f"shape {_shape(ids.shape)} differs from {_shape(seg.shape)} of its label "
+                          f"{case.label.name}")]
+    detail = inst_geometry.mismatch(geometry)
+    if detail is not None:
+        return [_at(path, f"geometry differs from its label {case.label.name} beyond tolerance: {detail}")]
+    if ids.min(initial=0) < 0:
+        return [_at(path, "holds negative instance ids; ids are 0 (none) or 1..N")]
+    names = dict(layout.instance_values)
+    on = ids > 0
+    labelled = seg[on].astype(np.int64)
+    background = np.unique(ids[on][labelled == 0])
+    if background.size:
+        problems.append(_at(path, f"instance id(s) {_list(background.tolist())} lie on background voxels "
+                                  f"(label 0) of {case.label.name}"))
+    other = on & (seg != 0) & ~np.isin(seg, list(names))
+    if other.any():
+        values = np.unique(seg[other]).tolist()
+        problems.append(_at(path, f"instance id(s) {_list(np.unique(ids[other]).tolist())} lie on label(s) "
+                                  f"{_list(values)}, which dataset.json does not list in '{INSTANCE_CLASSES_KEY}'"))
+    base = int(seg.max(initial=0)) + 1
+    keys = np.unique(ids[on].astype(np.int64) * base + labelled)  # one key per (id, label) pair present
+    pairs = np.stack([keys // base, keys % base])
+    pairs = pairs[:, pairs[1] != 0]
+    ids_seen, counts = np.unique(pairs[0], return_counts=True)
+    for i in ids_seen[counts > 1][:_MAX_LISTED_VALUES]:
+        spanned = pairs[1, pairs[0] == i].tolist()
+        problems.append(_at(path, f"instance {int(i)} spans labels {_list(spanned)}; one instance has one class"))
+    missing = np.isin(seg, list(names)) & ~on
+    if missing.any():
+        classes = ", ".join(f"'{names[int(v)]}'" for v in np.unique(seg[missing]))
+        problems.append(_at(path, f"{int(missing.sum())} voxel(s) of instance class(es) {classes} have no "
+                                  "instance id"))
     return problems
 
 
