@@ -23,6 +23,7 @@ from pathlib import Path
 
 from autoseg.errors import DatasetError, Problem
 from autoseg.io import SUPPORTED_ENDINGS
+from autoseg.schema.instances import INSTANCE_FOLDERS, instance_classes
 from autoseg.schema.labels import (
     foreground_classes,
     has_regions,
@@ -96,21 +97,18 @@ class Dataset:
     def instance_classes(self) -> dict[int, str]:
         """Label value -> name of the classes dataset.json's ``instance_classes`` names ({} for none;
         names that are not plain labels are left to ``validate`` to report)."""
-        names = self.raw.get("instance_classes") or []
-        if not isinstance(names, list):
-            return {}
-        return dict(sorted((v, k) for k, v in self.labels.items() if k in names and _is_int(v) and v > 0))
+        return dict(sorted(instance_classes(self.raw).items()))
 
     @property
     def has_instances(self) -> bool:
         """Whether the dataset has instances: instance classes named, or an ``instancesTr/`` folder."""
-        return bool(self.instance_classes) or (self.root / "instancesTr").is_dir()
+        return bool(self.instance_classes) or (self.root / INSTANCE_FOLDERS["Tr"]).is_dir()
 
     def cases(self, split: str = "Tr") -> list[Case]:
         """Cases found on disk, sorted by id. ``split`` is 'Tr' or 'Ts'."""
         return list_cases(self.root / f"images{split}", self.file_ending, self.num_channels,
                           self.root / "labelsTr" if split == "Tr" else None,
-                          self.root / "instancesTr" if split == "Tr" else None)
+                          self.root / INSTANCE_FOLDERS["Tr"] if split == "Tr" else None)
 
 
 def _ending_ok(ending: object) -> bool:

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                          "autoseg.nets", "autoseg.losses", "autoseg.regions", "autoseg.instances", "autoseg.normalize",
                          "autoseg.resample",
                          "autoseg.augment",
-                         "autoseg.loader", "autoseg.sliding_window", "autoseg.metrics", "autoseg.postprocess",
+                         "autoseg.loader", "autoseg.sliding_window", "autoseg.metrics", "autoseg.lesionwise", "autoseg.postprocess",
                          "autoseg.checkpoint", "autoseg.trainlog", "autoseg.crossval", "autoseg.synth"]),
     ("stages", ["autoseg.validate", "autoseg.fingerprint", "autoseg.plan", "autoseg.planners", "autoseg.preprocess",
                 "autoseg.train", "autoseg.ensemble", "autoseg.predict_inputs", "autoseg.inference", "autoseg.oof",
