@@ -491,7 +491,7 @@ class Predictor:
         if result.instances is not None:
             path = out / INSTANCES_FOLDER / f"{case.id}{case.ending}"
             path.parent.mkdir(exist_ok=True)
-            write_label(result.instances, prep.geometry, path)
+            write_label(result.instances, prep.geometry, path, ids=True)
             written.append(path)
             table[case.id] = result.table
         return written

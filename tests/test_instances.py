@@ -327,3 +327,16 @@ def test_plan_train_predict_on_touching_nuclei_writes_instance_maps_in_the_input
     for r in rows:
         assert int(r["voxels"]) == int((sitk.GetArrayFromImage(inst) == int(r["instance"])).sum())
         assert 0.0 <= float(r["mean_probability"]) <= 1.0 and float(r["volume_mm3"]) == int(r["voxels"])
+
+
+def test_instance_maps_of_more_than_255_objects_are_written_to_png_in_16_bits(tmp_path):
+    from autoseg.errors import UserError
+    from autoseg.io import read_label, write_label
+
+    ids = np.arange(600, dtype=np.int32).reshape(20, 30)
+    geom = Geometry((1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    write_label(ids, geom, tmp_path / "inst.png", ids=True)
+    back, _ = read_label(tmp_path / "inst.png")
+    assert np.array_equal(back, ids)
+    with pytest.raises(UserError, match="labels above 255"):  # a semantic label map stays 8-bit
+        write_label(ids, geom, tmp_path / "seg.png")
