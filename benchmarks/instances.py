@@ -1,11 +1,11 @@
 """Instances on touching nuclei: U-Net + connected components vs U-Net + the touching-object formulation
 (interior output + seeded watershed), at an equal budget; a column for Mask R-CNN.
 
-    python benchmarks/instances.py [--size small] [--budget 5m] [--steps 300] [--work /tmp/instances_bench]
+    python benchmarks/instances.py [--size small] [--budget 3m] [--steps 250] [--work /tmp/instances_bench]
 
 ``autoseg synth nuclei`` (seed 0) is planned once for ``--budget`` (the planner chooses the touching-object
 formulation: most nuclei touch another); the planned 2d configuration's fold 0 is then trained twice from the
-same plans.json, for the same number of steps (the plan's, at most ``--steps``; the same steps whatever the
+same plans.json, for the same number of steps (``--steps``, else the plan's; the same steps whatever the
 machine's load): as planned (``watershed``), and with the interior output removed (``components``: connected
 components of each class). The test cases (imagesTs) are predicted through ``autoseg predict``'s engine with
 instances, and scored against instancesTs with :mod:`autoseg.lesionwise` (one-to-one matching at IoU > 0.5):
@@ -97,7 +97,8 @@ def report(results: dict[str, dict], args: argparse.Namespace, plan_note: str, o
     lines = [
         "# Instances on touching nuclei: connected components vs the touching-object formulation",
         "",
-        f"`python benchmarks/instances.py --size {args.size} --budget {args.budget} --steps {args.steps}` "
+        f"`python benchmarks/instances.py --size {args.size} --budget {args.budget}"
+        f"{f' --steps {args.steps}' if args.steps else ''}` "
         f"on {', '.join(f'{k} {v}' for k, v in machine().items())}. **The machine was shared and loaded** (2 CPU cores, 8 agents and a background "
         "benchmark): times are indicative, the comparison is at equal steps.",
         "",
@@ -127,8 +128,9 @@ def report(results: dict[str, dict], args: argparse.Namespace, plan_note: str, o
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small")
-    ap.add_argument("--budget", default="5m")
-    ap.add_argument("--steps", type=int, default=300, help="at most this many training steps per method")
+    ap.add_argument("--budget", default="3m")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps per method (default: the plan's for --budget)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/instances_bench"))
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "instances.md")
     args = ap.parse_args()
@@ -137,7 +139,7 @@ def main() -> None:
     base = args.work / "plan"
     result = plan_dataset(ds, base, budget=args.budget, device="cpu", jobs=min(2, os.cpu_count() or 1))
     cfg = result.plans.configurations[CONFIG]
-    steps = min(args.steps, cfg.schedule.steps)
+    steps = args.steps or cfg.schedule.steps
     notes = [n for n in result.plans.notes if n.startswith("instances:")]
     plan_note = (f"{notes[0] if notes else 'no instance note'}; 2d patch {cfg.patch_size}, batch {cfg.batch_size}, "
                  f"features {cfg.network.features}; planned {cfg.schedule.steps} steps for {args.budget}, "

@@ -276,7 +276,10 @@ def test_instances_on_request_for_a_model_without_instance_classes_are_component
     from autoseg.io import read_images
 
     ds, work = trained_workdir(tmp_path, "components")
-    assert not Predictor.from_workdir(work, folds=[0], device="cpu", mirror="off").instances
+    plain = Predictor.from_workdir(work, folds=[0], device="cpu", mirror="off")
+    assert not plain.instances
+    plain.predict_files(ds / "imagesTs", tmp_path / "plain")  # a semantic model writes what it always wrote
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["cell04.png"]
     predictor = Predictor.from_workdir(work, folds=[0], device="cpu", mirror="off", instances=True)
     images, geometry = read_images([ds / "imagesTs" / "cell04_0000.png"])
     result = predictor.predict(images, geometry)
