@@ -332,12 +332,15 @@ def _atomic_write(img: sitk.Image, path: Path, compress: bool = True) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def write_label(array: np.ndarray, geometry: Geometry, path: Path | str) -> None:
-    """Write a label map with the given geometry in the smallest unsigned type that holds it."""
+def write_label(array: np.ndarray, geometry: Geometry, path: Path | str, *, ids: bool = False) -> None:
+    """Write a label map with the given geometry in the smallest unsigned type that holds it. ``ids``: an
+    instance map (one id per object, often more than 255), which a PNG holds in 16 bits."""
     path = Path(path)
-    if array.max(initial=0) > 255 and is_natural(path) and file_ending(path) != ".tif" and file_ending(path) != ".tiff":
-        raise UserError(f"{path}: labels above 255 cannot be stored in {file_ending(path)}")
     top = int(array.max(initial=0))
+    wide = ids and file_ending(path) == ".png" and top < 2**16
+    if top > 255 and is_natural(path) and file_ending(path) not in (".tif", ".tiff") and not wide:
+        limit = 2**16 - 1 if ids and file_ending(path) == ".png" else 255
+        raise UserError(f"{path}: labels above {limit} cannot be stored in {file_ending(path)}")
     dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32
     _atomic_write(_to_sitk(np.ascontiguousarray(array, dtype=dtype), geometry), path)
 
