@@ -133,7 +133,8 @@ def _with_losses(state: dict, losses: list[torch.Tensor], carried: tuple[float, 
 def _forward_loss(model, loss_fn, data, target, dev, precision):
     amp = AUTOCAST.get(precision)
     with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-        out = model(data)
+        # a network that computes its own losses (Mask R-CNN) takes the target and returns its loss terms
+        out = model(data, target) if getattr(unwrap(model), "trains_on_targets", False) else model(data)
     return out, loss_fn(out, target)
 
 

@@ -29,8 +29,8 @@ FORMAT_VERSION = 1
 
 # The component names a plans file may use, each built by the function registered under it
 # (autoseg.nets, autoseg.losses, autoseg.normalize; see autoseg.schema.registry, which adds new ones).
-NETWORK_FAMILIES = {"unet", "resenc_unet", "fcn", "deeplabv3plus"}
-LOSS_NAMES = {"dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice", "dice_topk", "dice_bce"}
+NETWORK_FAMILIES = {"unet", "resenc_unet", "fcn", "deeplabv3plus", "maskrcnn"}
+LOSS_NAMES = {"dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice", "dice_topk", "dice_bce", "maskrcnn"}
 # losses of sigmoid outputs, one per region (region datasets train with one of these, label maps never do)
 REGION_LOSSES = {"dice_bce"}
 NORMALIZATION_SCHEMES = {"ct", "zscore", "rescale", "none"}
@@ -82,6 +82,11 @@ class Network:
     norm: str = "instance"
     nonlin: str = "leaky_relu"
     deep_supervision: bool = True
+    # Mask R-CNN (family maskrcnn): feature pyramid width, anchor size (pixels) per pyramid level and the
+    # pooled one, detections kept per image
+    fpn_channels: int = 0
+    anchor_sizes: list[int] = field(default_factory=list)
+    max_instances: int = 0
 
     @property
     def n_stages(self) -> int:
