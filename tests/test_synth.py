@@ -194,3 +194,46 @@ def test_cli_synth_writes_the_dataset(tmp_path, capsys):
 def test_validate_accepts_every_task(tiny):
     for task, root in tiny.items():
         assert validate_dataset(root, jobs=1) == [], task
+
+
+@pytest.mark.parametrize("task", ["nuclei", "brain-mets", "lung-nodules"])
+def test_instance_tasks_write_instance_maps_that_follow_the_labels(tiny, task):
+    """instancesTr/instancesTs beside the labels; every instance-class voxel has an id, every id one class."""
+    root, spec = tiny[task], TASKS[task]
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["instance_classes"] == list(spec.instance_classes) and spec.instance_classes
+    values = {spec.labels[name] for name in spec.instance_classes}
+    counts = []
+    for split in ("Tr", "Ts"):
+        for path in sorted((root / f"labels{split}").iterdir()):
+            label, geometry = read_label(path)
+            instances, inst_geometry = read_label(root / f"instances{split}" / path.name)
+            assert inst_geometry.mismatch(geometry) is None and instances.shape == label.shape
+            assert np.array_equal(instances > 0, np.isin(label, list(values))), path.name
+            ids = instances.ravel()
+            pairs = np.unique(np.stack([ids[ids > 0], label.ravel()[ids > 0]]), axis=1)
+            assert len(np.unique(pairs[0])) == pairs.shape[1], f"{path.name}: an id spans two classes"
+            counts.append(len(np.unique(ids[ids > 0])))
+    assert max(counts) >= (10 if task == "nuclei" else 2), counts
+
+
+def test_nuclei_touch_in_clusters():
+    """The point of the task: many nuclei touch another one, so one connected component holds several."""
+    from scipy import ndimage
+    objects = touching = components = 0
+    for i in range(3):
+        case = draw_case("nuclei", "small", i)
+        inst = case.instances
+        ids = np.unique(inst[inst > 0])
+        objects += len(ids)
+        components += sum(ndimage.label(case.label == v, np.ones((3, 3)))[1] for v in (1, 2))
+        touching += sum(bool((ndimage.binary_dilation(inst == k) & (inst != k) & (inst > 0)).any()) for k in ids)
+        assert len(case.channels) == 3 and all(ch.dtype == np.uint8 for ch in case.channels)
+    assert objects >= 60 and touching >= 0.4 * objects and components < 0.85 * objects, (objects, touching, components)
+
+
+def test_the_instances_suite_names_registered_instance_tasks():
+    from autoseg.benchmark.suite import load_suite
+    suite = load_suite(Path(__file__).parent.parent / "benchmarks" / "suites" / "instances.toml")
+    assert {d.name for d in suite.datasets} == {"nuclei", "brain-mets", "lung-nodules"}
+    assert all(TASKS[d.name].instance_classes for d in suite.datasets)

@@ -29,16 +29,18 @@ DEFAULT_CASES = {"tiny": 5, "small": 16, "bench": 32}
 TEST_CASES = {"tiny": 2, "small": 4, "bench": 8}
 PROVENANCE_KEY = "autoseg_synth"
 """dataset.json key that marks a folder as written by :func:`generate` (so it may be overwritten)."""
-_OWN_ENTRIES = {"dataset.json", "imagesTr", "labelsTr", "imagesTs", "labelsTs"}
+_OWN_ENTRIES = {"dataset.json", "imagesTr", "labelsTr", "instancesTr", "imagesTs", "labelsTs", "instancesTs"}
 
 
 @dataclass(frozen=True)
 class SynthCase:
-    """One drawn case: its channel arrays (all the same shape), label map and geometry."""
+    """One drawn case: its channel arrays (all the same shape), label map and geometry, and for instance
+    tasks the instance map (0 none, 1..N one object each)."""
 
     channels: tuple[np.ndarray, ...]
     label: np.ndarray
     geometry: Geometry
+    instances: np.ndarray | None = None
 
 
 CaseMaker = Callable[[np.random.Generator, tuple[int, ...], int], SynthCase]
@@ -59,6 +61,7 @@ class TaskSpec:
     cases: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_CASES))
     test_cases: Mapping[str, int] = field(default_factory=lambda: dict(TEST_CASES))
     regions_class_order: tuple[int, ...] = ()  # region tasks: the value each region paints, in order
+    instance_classes: tuple[str, ...] = ()  # classes whose objects are instances (written to instancesTr)
 
     @property
     def prefix(self) -> str:
@@ -76,6 +79,7 @@ class TaskSpec:
             "channel_names": {str(i): c for i, c in enumerate(self.channel_names)},
             "labels": dict(self.labels),
             **({"regions_class_order": list(self.regions_class_order)} if self.regions_class_order else {}),
+            **({"instance_classes": list(self.instance_classes)} if self.instance_classes else {}),
             "numTraining": num_training,
             "file_ending": self.file_ending,
             "licence": "CC0 (synthetic)",
@@ -89,7 +93,8 @@ TASKS: dict[str, TaskSpec] = {}
 def register_task(name: str, *, description: str, channels: tuple[str, ...], labels: Mapping[str, int | list[int]],
                   shapes: Mapping[str, tuple[int, ...]], file_ending: str = ".nii.gz",
                   cases: Mapping[str, int] | None = None,
-                  regions_class_order: tuple[int, ...] = ()) -> Callable[[CaseMaker], CaseMaker]:
+                  regions_class_order: tuple[int, ...] = (),
+                  instance_classes: tuple[str, ...] = ()) -> Callable[[CaseMaker], CaseMaker]:
     """Register the decorated case-drawing function as task ``name``; the keywords are its spec."""
     missing = set(SIZES) - set(shapes)
     if missing:
@@ -97,7 +102,8 @@ def register_task(name: str, *, description: str, channels: tuple[str, ...], lab
 
     def decorate(make_case: CaseMaker) -> CaseMaker:
         TASKS[name] = TaskSpec(name, description, tuple(channels), dict(labels), dict(shapes), make_case,
-                               file_ending, dict(cases or DEFAULT_CASES), regions_class_order=tuple(regions_class_order))
+                               file_ending, dict(cases or DEFAULT_CASES), regions_class_order=tuple(regions_class_order),
+                               instance_classes=tuple(instance_classes))
         return make_case
 
     return decorate
@@ -163,6 +169,9 @@ def _write_case(spec: TaskSpec, root: Path, size: str, seed: int, split: str, in
     for c, channel in enumerate(case.channels):
         write_image(channel, case.geometry, root / f"images{split}" / f"{case_id}_{c:04d}{spec.file_ending}")
     write_label(case.label, case.geometry, root / f"labels{split}" / f"{case_id}{spec.file_ending}")
+    if spec.instance_classes:
+        assert case.instances is not None, f"task {spec.name} declares instance classes but drew no instance map"
+        write_label(case.instances, case.geometry, root / f"instances{split}" / f"{case_id}{spec.file_ending}")
 
 
 def is_own_output(path: Path) -> bool:

@@ -148,6 +148,8 @@ class Scene:
         for c, value in enumerate(background):
             self.image[c] = value
         self.label = np.zeros(self.shape, np.uint8)
+        self.instances = np.zeros(self.shape, np.int32)  # objects painted with instance=True, 1..N
+        self._last_instance = 0
         self.edge = min(self.spacing)
         self._textures: dict[float, np.ndarray] = {}
 
@@ -164,8 +166,11 @@ class Scene:
 
     def paint(self, region: Region, mean: float | Sequence[float], texture: float | Sequence[float] = 0.0,
               label: int | None = None, rim: float | Sequence[float] = 0.0, grain: float = 1.5,
-              within: np.ndarray | None = None, keep: bool = False) -> np.ndarray | None:
+              within: np.ndarray | None = None, keep: bool = False, instance: bool = False) -> np.ndarray | None:
         """Paint one object; ``within`` clips it to a kept parent's distance map (nested structures).
+
+        ``instance`` gives the object its own id in :attr:`instances`; any other object painted over it
+        clears the id where it covers it, so ids always follow the label map.
 
         ``texture`` scales a smooth random pattern of ``grain`` voxels; ``rim`` brightens a thin shell
         at the surface. Returns the object's distance map over the whole image when ``keep``.
@@ -182,7 +187,11 @@ class Scene:
             value = mean[c] + texture[c] * pattern + rim[c] * shell
             view = self.image[c][slices]
             view += alpha * (value - view)
-        self.label[slices][dist < 0] = 0 if label is None else label
+        inside = dist < 0
+        self.label[slices][inside] = 0 if label is None else label
+        if instance:
+            self._last_instance += 1
+        self.instances[slices][inside] = self._last_instance if instance else 0
         if not keep:
             return None
         full = np.full(self.shape, FAR, np.float32)

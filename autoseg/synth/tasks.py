@@ -362,6 +362,7 @@ def kidneys_lr(rng: np.random.Generator, shape: tuple[int, ...], index: int) -> 
 
 
 @register_task("lung-nodules", channels=("CT",), labels={"background": 0, "lung": 1, "nodule": 2},
+               instance_classes=("nodule",),
                shapes={"tiny": (20, 40, 40), "small": (40, 72, 72), "bench": (64, 112, 112)},
                description="3D chest CT-like in HU (hard): two lungs with vessel trees and a few solid nodules "
                            "a few voxels across (absent in 40% of cases); vessel cross-sections and calcified "
@@ -400,7 +401,7 @@ def lung_nodules(rng: np.random.Generator, shape: tuple[int, ...], index: int) -
         if c is not None:
             taken.append((c, r))
             scene.paint(scene.ellipsoid(c, r * rng.uniform(0.85, 1.15, 3), random_rotation(rng, 3), 0.15),
-                        mean=rng.uniform(0, 60), texture=8, label=2)
+                        mean=rng.uniform(0, 60), texture=8, label=2, instance=True)
     for _ in range(rng.integers(0, 3)):  # calcified granulomas: round and small, but brighter than any nodule
         r = rng.uniform(0.8, 1.8)
         c = place_apart(rng, lambda: rng.uniform(0.1, 0.9, 3) * fov, taken, r, ok=inside(r))
@@ -410,7 +411,8 @@ def lung_nodules(rng: np.random.Generator, shape: tuple[int, ...], index: int) -
     image = blur(scene.image, (0.4, 0.6, 0.6))[0]
     noise = blur(rng.standard_normal((1, *shape), dtype=np.float32), (0, 0.5, 0.5))[0]
     image += noise * (rng.uniform(15, 35) / max(float(noise.std()), 1e-6))
-    return SynthCase((to_int16(np.clip(image, -1024, 3071)),), scene.label, _ct_geometry(rng, spacing))
+    return SynthCase((to_int16(np.clip(image, -1024, 3071)),), scene.label, _ct_geometry(rng, spacing),
+                     scene.instances)
 
 
 def _at(dist: np.ndarray, point_mm: np.ndarray, spacing: tuple[float, ...]) -> float:
@@ -476,6 +478,7 @@ def brats_like(rng: np.random.Generator, shape: tuple[int, ...], index: int) -> 
 
 
 @register_task("brain-mets", channels=("T1ce",), labels={"background": 0, "brain": 1, "metastasis": 2},
+               instance_classes=("metastasis",),
                shapes=MRI_SHAPES,
                description="3D contrast-enhanced brain MRI: several small metastases (2-5 mm radius, none in 40% of "
                            "cases) among enhancing vessels and choroid plexus that look like them")
@@ -517,7 +520,7 @@ def brain_mets(rng: np.random.Generator, shape: tuple[int, ...], index: int) -> 
         solid = r < 2.5
         scene.paint(scene.ellipsoid(c, r * rng.uniform(0.85, 1.15, 3), random_rotation(rng, 3), 0.15),
                     mean=rng.uniform(0.75, 0.9) if solid else rng.uniform(0.4, 0.55), texture=0.05,
-                    rim=0.0 if solid else rng.uniform(0.3, 0.45), label=2, within=brain)
+                    rim=0.0 if solid else rng.uniform(0.3, 0.45), label=2, within=brain, instance=True)
     image = blur(scene.image, 0.6)[0] * bias_field(rng, shape, spacing, 0.15, width * 0.6)
     image = rician(rng, image, 0.05) * rng.uniform(300, 1500) + rng.uniform(0, 50)
-    return SynthCase((to_int16(image),), scene.label, iso_geometry(spacing))
+    return SynthCase((to_int16(image),), scene.label, iso_geometry(spacing), scene.instances)
