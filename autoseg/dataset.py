@@ -6,10 +6,12 @@
     DATASET/imagesTr/CASE_0000.nii.gz   one file per channel (_0000, _0001, ...)
     DATASET/labelsTr/CASE.nii.gz
     DATASET/imagesTs/CASE_0000.nii.gz   optional
+    DATASET/instancesTr/CASE.nii.gz     optional: instance ids (0 none, 1..N one object each)
 
 ``dataset.json`` holds ``channel_names`` (index -> name; the name says the modality, e.g. "CT"),
 ``labels`` (name -> value, or name -> list of values for regions), ``numTraining`` and ``file_ending``;
-optionally ``regions_class_order`` and an ``ignore`` label (the highest value).
+optionally ``regions_class_order``, an ``ignore`` label (the highest value) and ``instance_classes`` (the
+names of the classes whose objects are instances; docs/instances.md).
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 @dataclass(frozen=True)
 class Case:
-    """One case: its channel files in channel order and its label file (None for test cases)."""
+    """One case: its channel files in channel order, its label file (None for test cases) and its instance
+    map (``instancesTr/CASE<ending>``; None where the dataset has none: the instances are then the
+    connected components of the instance classes)."""
 
     id: str
     images: tuple[Path, ...]
     label: Path | None = None
+    instances: Path | None = None
 
 
 @dataclass
@@ -87,10 +92,25 @@ class Dataset:
     def classes(self) -> dict[int, str]:
         return foreground_classes(self.labels)
 
+    @property
+    def instance_classes(self) -> dict[int, str]:
+        """Label value -> name of the classes dataset.json's ``instance_classes`` names ({} for none;
+        names that are not plain labels are left to ``validate`` to report)."""
+        names = self.raw.get("instance_classes") or []
+        if not isinstance(names, list):
+            return {}
+        return dict(sorted((v, k) for k, v in self.labels.items() if k in names and _is_int(v) and v > 0))
+
+    @property
+    def has_instances(self) -> bool:
+        """Whether the dataset has instances: instance classes named, or an ``instancesTr/`` folder."""
+        return bool(self.instance_classes) or (self.root / "instancesTr").is_dir()
+
     def cases(self, split: str = "Tr") -> list[Case]:
         """Cases found on disk, sorted by id. ``split`` is 'Tr' or 'Ts'."""
         return list_cases(self.root / f"images{split}", self.file_ending, self.num_channels,
-                          self.root / "labelsTr" if split == "Tr" else None)
+                          self.root / "labelsTr" if split == "Tr" else None,
+                          self.root / "instancesTr" if split == "Tr" else None)
 
 
 def _ending_ok(ending: object) -> bool:
@@ -212,8 +232,10 @@ def load_dataset(root: Path | str) -> Dataset:
     return ds
 
 
-def list_cases(images_dir: Path, file_ending: str, num_channels: int, labels_dir: Path | None) -> list[Case]:
-    """Group ``CASE_XXXX<ending>`` files into cases; channels missing here are left for ``validate`` to name."""
+def list_cases(images_dir: Path, file_ending: str, num_channels: int, labels_dir: Path | None,
+               instances_dir: Path | None = None) -> list[Case]:
+    """Group ``CASE_XXXX<ending>`` files into cases; channels missing here are left for ``validate`` to name.
+    With an existing ``instances_dir`` every case names its instance file there (missing ones too)."""
     if not images_dir.is_dir():
         return []
     found: dict[str, dict[int, Path]] = {}
@@ -227,5 +249,6 @@ def list_cases(images_dir: Path, file_ending: str, num_channels: int, labels_dir
     for cid in sorted(found):
         images = tuple(images_dir / f"{cid}_{c:04d}{file_ending}" for c in range(num_channels))
         label = labels_dir / f"{cid}{file_ending}" if labels_dir is not None else None
-        cases.append(Case(cid, images, label))
+        has_instances = instances_dir is not None and instances_dir.is_dir()
+        cases.append(Case(cid, images, label, instances_dir / f"{cid}{file_ending}" if has_instances else None))
     return cases

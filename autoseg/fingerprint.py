@@ -25,6 +25,7 @@ import numpy as np
 from autoseg.artifacts import hash_files
 from autoseg.dataset import Case, Dataset, load_dataset
 from autoseg.errors import DatasetError, Problem, UserError
+from autoseg.instances import instance_stats, instances_from_labels
 from autoseg.io import read_images, read_label
 from autoseg.parallel import is_small, map_cases
 from autoseg.schema.fingerprint import CaseFingerprint, ChannelStats, ClassStats, Fingerprint
@@ -136,9 +137,30 @@ def class_stats(label: np.ndarray, spacing: Sequence[float], ignore_label: int |
     return voxels, components, extents, centers
 
 
-def analyze_case(case: Case, ignore_label: int | None = None, samples: int = SAMPLES_PER_CASE
-                 ) -> tuple[CaseFingerprint, np.ndarray]:
-    """Fingerprint one case and draw its foreground intensity sample; the images are dropped on return."""
+def case_instances(case: Case, label: np.ndarray, instance_classes: Sequence[int]) -> np.ndarray:
+    """A training case's instance map: its ``instancesTr`` file, or the connected components of the instance
+    classes in its label map (int32, the label's shape; a mismatch is a user error naming the file)."""
+    if case.instances is None:
+        return instances_from_labels(label, instance_classes)
+    if not case.instances.is_file():
+        raise UserError(f"{case.instances}: missing: instancesTr needs one instance map per training case; "
+                        "run `autoseg validate` for details")
+    inst, _ = read_label(case.instances)
+    if inst.shape != label.shape:
+        raise UserError(f"{case.instances}: instance map shape {inst.shape} differs from the label shape "
+                        f"{label.shape}; run `autoseg validate` for details")
+    return inst.astype(np.int32, copy=False)
+
+
+def case_files(case: Case) -> list:
+    """The files a training case is made of (hashed: a change in any of them recomputes the case)."""
+    return [*case.images, case.label, *([case.instances] if case.instances is not None else [])]
+
+
+def analyze_case(case: Case, ignore_label: int | None = None, samples: int = SAMPLES_PER_CASE,
+                 instance_classes: Sequence[int] = ()) -> tuple[CaseFingerprint, np.ndarray]:
+    """Fingerprint one case and draw its foreground intensity sample; the images are dropped on return.
+    With ``instance_classes`` (or an instance file) also the sizes of its instances and how many touch."""
     if case.label is None:
         raise UserError(f"{case.images[0]}: training case {case.id} has no label file")
     images, geometry = read_images(case.images)
@@ -150,14 +172,20 @@ def analyze_case(case: Case, ignore_label: int | None = None, samples: int = SAM
     sample = foreground_sample(images, label, ignore_label, samples, case_seed(case.id))
     del images
     voxels, components, extents, centers = class_stats(label, geometry.spacing, ignore_label)
+    sizes, touching = {}, {}
+    if instance_classes or case.instances is not None:
+        stats = instance_stats(case_instances(case, label, instance_classes), label, instance_classes)
+        sizes = {str(v): s.sizes for v, s in stats.items() if s.sizes}
+        touching = {str(v): s.touching for v, s in stats.items() if s.sizes}
     fp = CaseFingerprint(id=case.id, spacing=[float(s) for s in geometry.spacing], shape=list(label.shape),
                          cropped_shape=[b - a for a, b in crop], crop_box=crop,
-                         source_hash=hash_files([*case.images, case.label]), class_voxels=voxels,
-                         class_components=components, class_extent_mm=extents, class_center=centers)
+                         source_hash=hash_files(case_files(case)), class_voxels=voxels,
+                         class_components=components, class_extent_mm=extents, class_center=centers,
+                         instance_voxels=sizes, instance_touching=touching)
     return fp, sample
 
 
-def _analyze_job(job: tuple[Case, int | None, int]) -> tuple[CaseFingerprint, np.ndarray]:
+def _analyze_job(job: tuple[Case, int | None, int, tuple[int, ...]]) -> tuple[CaseFingerprint, np.ndarray]:
     return analyze_case(*job)
 
 
@@ -189,6 +217,21 @@ def _per_axis(extents: np.ndarray, q: float) -> list[float]:
     return [round(float(v), 6) for v in np.percentile(extents, q, axis=0)]
 
 
+def instance_summary(key: str, cases: Sequence[CaseFingerprint]) -> dict:
+    """An instance class over the dataset: instances per case (where present), their sizes (pooled over the
+    cases) and the share of them touching another instance; {} for a class that is not an instance class."""
+    holding = [c for c in cases if key in c.instance_voxels]
+    if not holding:
+        return {}
+    sizes = [s for c in holding for s in c.instance_voxels[key]]
+    mm3 = [s * float(np.prod(c.spacing)) for c in holding for s in c.instance_voxels[key]]
+    counts = [len(c.instance_voxels[key]) for c in holding]
+    touching = sum(c.instance_touching.get(key, 0) for c in holding)
+    return {"per_case": {"median": float(np.median(counts)), "max": float(max(counts))},
+            "voxels": _spread(sizes), "volume_mm3": _spread(mm3),
+            "touching_share": round(touching / len(sizes), 4) if sizes else 0.0}
+
+
 def class_summary(value: int, name: str, cases: Sequence[CaseFingerprint], ndim: int) -> ClassStats:
     """One class over the dataset; volume, components and extent are taken over the cases where it is present."""
     key = str(value)
@@ -205,6 +248,7 @@ def class_summary(value: int, name: str, cases: Sequence[CaseFingerprint], ndim:
                              "max": float(max(comps, default=0))},
         extent_mm={"median": _per_axis(extents, 50.0), "p95": _per_axis(extents, 95.0)},
         center={"p10": _per_axis(centers, 10.0), "p90": _per_axis(centers, 90.0)} if len(centers) else {},
+        instances=instance_summary(key, cases),
     )
 
 
@@ -257,8 +301,9 @@ def extract_fingerprint(dataset: Path | str, jobs: int | None = None, progress: 
         raise DatasetError([Problem(str(ds.root / "imagesTr"), "no training cases found (expected CASE_0000"
                                                                f"{ds.file_ending} files)")])
     jobs = 1 if is_small(cases) else jobs or os.cpu_count() or 1
-    results = map_cases(_analyze_job, [(c, ds.ignore_label, SAMPLES_PER_CASE) for c in cases], jobs, progress,
-                        desc="fingerprint")
+    instance_classes = tuple(ds.instance_classes)
+    results = map_cases(_analyze_job, [(c, ds.ignore_label, SAMPLES_PER_CASE, instance_classes) for c in cases],
+                        jobs, progress, desc="fingerprint")
     fps = [fp for fp, _ in results]
     samples = [s for _, s in results]
     _check_consistent(fps, samples, ds)
@@ -276,4 +321,5 @@ def extract_fingerprint(dataset: Path | str, jobs: int | None = None, progress: 
         median_cropped_shape=_median_int(np.array([c.cropped_shape for c in fps])),
         anisotropy_ratio=round(max(median_spacing) / min(median_spacing), 6),
         regions_class_order=list(ds.regions_class_order or []) if ds.has_regions else [],
+        instance_classes=list(ds.instance_classes.values()),
     )

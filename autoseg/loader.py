@@ -19,6 +19,10 @@ starved). Classes are label values, also for a region dataset: every region is a
 smallest region's values are drawn by their own weights, and the target stays the integer label map (the
 loss makes the region masks). 2D configurations cut 2D patches from one slice (axis 0) of the 3D cache. The target has label
 -1 (outside the nonzero mask, padding) mapped to background 0; the ignore label passes through as is.
+
+A cache with instance maps (``<case>_inst.npy``, datasets with instances) adds ``"instances"`` (B, *patch) int32
+to each batch: cut from the same region and carried through the same spatial transform as the label (a second
+label channel, nearest neighbour), so ids stay on the objects the label shows.
 """
 
 from __future__ import annotations
@@ -56,13 +60,16 @@ class CaseIndex:
     seg_path: Path
     shape: tuple[int, int, int]  # (Z, Y, X)
     locations: dict[int, np.ndarray]  # foreground label -> (N, 3) voxel coordinates
+    instance_path: Path | None = None  # the cached instance map, where the dataset has instances
 
 
 def read_case_index(folder: Path, case_id: str, ignore_label: int | None = None) -> CaseIndex:
     """A case's shape and class locations from its JSON (the ignore label is never a class to oversample)."""
-    from autoseg.workdir import case_paths  # here: workers need not import image I/O (SimpleITK
+    # here: workers need not import image I/O (SimpleITK
+    from autoseg.workdir import case_paths, instance_path
 
     data_path, seg_path, json_path = case_paths(folder, case_id)
+    inst_path = instance_path(folder, case_id)
     try:
         record = json.loads(json_path.read_text())
         shape = tuple(int(s) for s in record["shape_after_resampling"])
@@ -71,7 +78,8 @@ def read_case_index(folder: Path, case_id: str, ignore_label: int | None = None)
         raise UserError(f"{json_path}: not a readable preprocessed case ({e}); run `autoseg plan` again") from e
     locations = {int(k): np.asarray(v, np.int32).reshape(-1, 3) for k, v in raw.items()
                  if len(v) and int(k) != ignore_label}
-    return CaseIndex(case_id, data_path, seg_path, shape, locations)  # type: ignore[arg-type]
+    return CaseIndex(case_id, data_path, seg_path, shape, locations,  # type: ignore[arg-type]
+                     inst_path if inst_path.is_file() else None)
 
 
 def derive_seeds(seed: int, step: int) -> tuple[np.random.Generator, int]:
@@ -165,19 +173,23 @@ class BatchMaker:
         labels = [label for case in self.cases for label in case.locations] + [ignore_label or 0]
         small = max(labels) <= np.iinfo(np.int16).max
         self.target_dtype, self._seg_dtype = (np.int16, np.int16) if small else (np.int64, np.int32)
+        self.instances = all(case.instance_path is not None for case in self.cases)
+        if self.instances:
+            self._seg_dtype = np.int32  # the label and the instance ids travel as one array
         self.channels = int(np.load(self.cases[0].data_path, mmap_mode="r").shape[0])
-        self._maps: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._maps: OrderedDict[str, tuple[np.ndarray, ...]] = OrderedDict()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_maps": OrderedDict()}  # each process maps the files itself
 
-    def _open(self, case: CaseIndex) -> tuple[np.ndarray, np.ndarray]:
-        """The case's memory maps, from a small per-process cache (opening costs ~0.3 ms per file)."""
+    def _open(self, case: CaseIndex) -> tuple[np.ndarray, ...]:
+        """The case's memory maps (data, label[, instances]), from a small per-process cache (opening costs
+        ~0.3 ms per file)."""
         if case.case_id in self._maps:
             self._maps.move_to_end(case.case_id)
         else:
-            self._maps[case.case_id] = (np.load(case.data_path, mmap_mode="r"),
-                                        np.load(case.seg_path, mmap_mode="r"))
+            paths = [case.data_path, case.seg_path, *([case.instance_path] if self.instances else [])]
+            self._maps[case.case_id] = tuple(np.load(p, mmap_mode="r") for p in paths)
             if len(self._maps) > OPEN_CASES:
                 self._maps.popitem(last=False)
         return self._maps[case.case_id]
@@ -189,17 +201,21 @@ class BatchMaker:
         picks = rng.integers(len(self.cases), size=self.batch_size)
         forced = forced_foreground(self.batch_size, self.sampling.foreground_fraction, rng)
         data = np.zeros((self.batch_size, self.channels, *self.region), np.float32)
-        seg = np.full((self.batch_size, 1, *self.region), -1, self._seg_dtype)
+        seg = np.full((self.batch_size, 2 if self.instances else 1, *self.region), -1, self._seg_dtype)
         for b, (pick, fg) in enumerate(zip(picks, forced)):
-            self._cut(self.cases[pick], bool(fg), rng, data[b], seg[b, 0])
+            self._cut(self.cases[pick], bool(fg), rng, data[b], seg[b])
         with seeded_global_random(legacy_seed):
             batch = self.transforms(data=data, seg=seg)
-        return {"data": np.ascontiguousarray(batch["data"], np.float32),
-                "target": np.ascontiguousarray(batch["seg"][:, 0]).astype(self.target_dtype)}
+        out = {"data": np.ascontiguousarray(batch["data"], np.float32),
+               "target": np.ascontiguousarray(batch["seg"][:, 0]).astype(self.target_dtype)}
+        if self.instances:
+            out["instances"] = np.ascontiguousarray(batch["seg"][:, 1]).astype(np.int32)
+        return out
 
     def _cut(self, case: CaseIndex, foreground: bool, rng: np.random.Generator,
              data_out: np.ndarray, seg_out: np.ndarray) -> None:
-        """Read one region of a case into the batch arrays (already filled with the padding values)."""
+        """Read one region of a case into the batch arrays (already filled with the padding values); ``seg_out``
+        is (1 or 2, *region): the label and, with instances, the instance map."""
         centre = self._foreground_voxel(case, rng) if foreground else None
         spatial = case.shape[-self.ndim:]
         low, high = lower_bounds(spatial, self.region, self.patch_size)
@@ -208,12 +224,13 @@ class BatchMaker:
         else:
             half = np.asarray(self.region) // 2
             lower = np.clip(np.asarray(centre[-self.ndim:]) - half, low, high).tolist()
-        data, seg = self._open(case)
+        data, *labels = self._open(case)
         if self.ndim == 2:  # one slice of the 3D cache: the foreground voxel's, or a random one
             z = int(centre[0]) if centre is not None else int(rng.integers(case.shape[0]))
-            data, seg = data[:, z], seg[z]
+            data, labels = data[:, z], [a[z] for a in labels]
         read_region(data, lower, data_out)
-        read_region(seg, lower, seg_out)
+        for array, out in zip(labels, seg_out):
+            read_region(array, lower, out)
 
     def _foreground_voxel(self, case: CaseIndex, rng: np.random.Generator) -> np.ndarray | None:
         """A voxel of a class present in the case, the class drawn by ``sampling.class_weights`` (label

@@ -17,6 +17,8 @@ The cache, per configuration, in ``WORKDIR/preprocessed/<configuration>/``::
 
     <case>.npy      float32 (C, Z, Y, X), memory-mappable: np.load(path, mmap_mode="r")
     <case>_seg.npy  int8 (int16/int32 when labels need it) (Z, Y, X); -1 = outside the nonzero mask
+    <case>_inst.npy int32 (Z, Y, X) instance ids, only for datasets with instances (instancesTr or
+                    ``instance_classes``): the label's transpose and crop, resampled with nearest neighbour
     <case>.json     written last, so its presence means the case is complete: crop box, shapes, spacing,
                     original geometry, class_locations, source_hash, config_hash
 
@@ -49,18 +51,19 @@ from autoseg import normalize as norm
 from autoseg.artifacts import atomic_write_bytes, hash_files, header
 from autoseg.dataset import Case, load_dataset
 from autoseg.errors import UserError
-from autoseg.fingerprint import case_seed, map_cases
+from autoseg.fingerprint import case_files, case_instances, case_seed, map_cases
 from autoseg.io import Geometry, read_images, read_label
 from autoseg.resample import (
     present_values,
     resample_image,
     resample_label,
     resample_probabilities,
+    resize,
     target_shape,
 )
 from autoseg.schema.fingerprint import ChannelStats, Fingerprint
 from autoseg.schema.plans import Configuration, Plans
-from autoseg.workdir import Workdir, case_paths
+from autoseg.workdir import Workdir, case_paths, instance_path
 
 CASE_ARTIFACT = "preprocessed_case"
 FORMAT_VERSION = 1  # bump when the output of the same inputs changes: every cached case is recomputed
@@ -170,6 +173,20 @@ def preprocess_case(images: np.ndarray, geometry: Geometry, configuration: Confi
     return data, seg, properties
 
 
+def preprocess_instances(instances: np.ndarray, properties: dict[str, Any], configuration: Configuration
+                         ) -> np.ndarray:
+    """A case's instance map (*spatial) brought to its preprocessed label's space: the same axis order and
+    crop as the label (``properties`` from :func:`preprocess_case`), resampled with nearest neighbour (ids
+    are not ordered, so no interpolation between them); int32."""
+    inst = instances[None] if instances.ndim == 2 else instances
+    inst = inst.transpose(properties["axis_order"])
+    inst = inst[bounding_box_to_slice(properties["crop_box"])]
+    shape = properties["shape_after_resampling"]
+    if list(inst.shape) == list(shape):
+        return np.ascontiguousarray(inst, np.int32)
+    return resize(inst[None].astype(np.float32), shape, (0, 0, 0))[0].astype(np.int32)  # float32: ids < 2**24 exact
+
+
 def restore_to_original(array: np.ndarray, properties: dict[str, Any], configuration: Configuration,
                         is_label: bool, fill: float | Sequence[float] | None = None) -> np.ndarray:
     """Bring a label map (Z, Y, X) or per-class maps (K, Z, Y, X) from preprocessed space to the original
@@ -212,8 +229,10 @@ def _fill_values(fill: float | Sequence[float] | None, is_label: bool, channels:
 # --- the cache ----------------------------------------------------------------------------------------
 
 
-def config_hash(configuration: Configuration, plans: Plans, ignore_label: int | None = None) -> str:
+def config_hash(configuration: Configuration, plans: Plans, ignore_label: int | None = None,
+                instance_classes: Sequence[int] | None = None) -> str:
     """Hash of what changes a configuration's preprocessed output; another value recomputes every case.
+    ``instance_classes`` (datasets with instances) enters only when given: other datasets keep their hash.
 
     ``configuration.normalization`` should be resolved (:func:`autoseg.normalize.resolve`) first, so a
     changed dataset statistic counts too.
@@ -222,6 +241,8 @@ def config_hash(configuration: Configuration, plans: Plans, ignore_label: int | 
                 "normalization": [asdict(n) for n in configuration.normalization],
                 "resampling": asdict(configuration.resampling), "axis_order": plans.axis_order,
                 "ignore_label": ignore_label, "max_class_locations": MAX_CLASS_LOCATIONS}
+    if instance_classes is not None:
+        relevant["instance_classes"] = list(instance_classes)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -247,22 +268,27 @@ def write_properties(record: dict, path: Path) -> None:
     atomic_write_bytes(_compact_json(record), path)
 
 
-def write_case(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray, record: dict) -> None:
+def write_case(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray, record: dict,
+               instances: np.ndarray | None = None) -> None:
     """Write a case's arrays, then its JSON last; an old JSON goes first so no stale one survives a crash."""
     data_path, seg_path, json_path = case_paths(folder, case_id)
     json_path.unlink(missing_ok=True)
     _save_npy(data.astype(np.float32, copy=False), data_path)
     _save_npy(seg, seg_path)
+    if instances is not None:
+        _save_npy(instances, instance_path(folder, case_id))
     write_properties(record, json_path)
 
 
-def is_current(folder: Path, case_id: str, source_hash: str, chash: str) -> bool:
-    """Whether the cached case was made from these files with this configuration and is whole."""
+def is_current(folder: Path, case_id: str, source_hash: str, chash: str, instances: bool = False) -> bool:
+    """Whether the cached case was made from these files with this configuration and is whole (with its
+    instance map when ``instances``)."""
     data_path, seg_path, json_path = case_paths(folder, case_id)
     try:
         record = json.loads(json_path.read_text())
         return (record.get("artifact") == CASE_ARTIFACT and record.get("source_hash") == source_hash
                 and record.get("config_hash") == chash and seg_path.is_file()
+                and (not instances or instance_path(folder, case_id).is_file())
                 and list(np.load(data_path, mmap_mode="r").shape[1:]) == record["shape_after_resampling"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -270,7 +296,7 @@ def is_current(folder: Path, case_id: str, source_hash: str, chash: str) -> bool
 
 def remove_stale(folder: Path, case_ids: set[str]) -> None:
     """Delete files of cases no longer in the dataset, and temporary files a killed run left behind."""
-    keep = {p.name for cid in case_ids for p in case_paths(folder, cid)}
+    keep = {p.name for cid in case_ids for p in (*case_paths(folder, cid), instance_path(folder, cid))}
     for p in folder.iterdir():
         temporary = p.name.startswith(".") and p.name.endswith(".tmp")
         ours = p.name.endswith((".npy", ".json"))
@@ -290,6 +316,7 @@ class _Job:
     config_hash: str
     ignore_label: int | None
     threads: int | None  # torch threads in a worker; None when running in the caller's process
+    instance_classes: tuple[int, ...] | None = None  # None: the dataset has no instances (nothing cached)
 
 
 def _run_job(job: _Job) -> str:
@@ -304,11 +331,16 @@ def _run_job(job: _Job) -> str:
     if label.shape != images.shape[1:]:
         raise UserError(f"{job.case.label}: label shape {label.shape} differs from the image shape "
                         f"{images.shape[1:]}; run `autoseg validate` for details")
+    instances = None
+    if job.instance_classes is not None:
+        instances = case_instances(job.case, label, job.instance_classes)
     data, seg, properties = preprocess_case(images, geometry, job.configuration, job.plans, label=label,
                                             case_id=job.case.id, ignore_label=job.ignore_label)
+    if instances is not None:
+        instances = preprocess_instances(instances, properties, job.configuration)
     record = {**header(CASE_ARTIFACT), "case": job.case.id, "configuration": job.configuration.name,
               "source_hash": job.source_hash, "config_hash": job.config_hash, **properties}
-    write_case(job.folder, job.case.id, data, seg, record)
+    write_case(job.folder, job.case.id, data, seg, record, instances)
     return job.configuration.name
 
 
@@ -333,7 +365,8 @@ def preprocess(dataset_dir: Path | str, workdir: Path | str, plans: Plans, finge
                         f"(it has {', '.join(plans.configurations)})")
     jobs = jobs or os.cpu_count() or 1
     known = {c.id: c.source_hash for c in fingerprint.cases}
-    hashes = {c.id: known.get(c.id) or hash_files([*c.images, *([c.label] if c.label else [])]) for c in cases}
+    hashes = {c.id: known.get(c.id) or hash_files([f for f in case_files(c) if f is not None]) for c in cases}
+    instance_classes = tuple(ds.instance_classes) if ds.has_instances else None
     stale, counts = [], {}
     for name in names:
         folder = Workdir.of(workdir).preprocessed(name)
@@ -341,13 +374,13 @@ def preprocess(dataset_dir: Path | str, workdir: Path | str, plans: Plans, finge
         remove_stale(folder, {c.id for c in cases})
         configuration = replace(plans.configurations[name], name=name, normalization=norm.resolve(
             plans.configurations[name].normalization, fingerprint.channels))
-        chash = config_hash(configuration, plans, ds.ignore_label)
-        todo = [c for c in cases if not is_current(folder, c.id, hashes[c.id], chash)]
+        chash = config_hash(configuration, plans, ds.ignore_label, instance_classes)
+        todo = [c for c in cases if not is_current(folder, c.id, hashes[c.id], chash, instance_classes is not None)]
         counts[name] = len(todo)
         stale += [(c, folder, configuration, chash) for c in todo]
     workers = min(jobs, len(stale))
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None  # no oversubscription
-    work = [_Job(c, folder, cfg, plans, hashes[c.id], chash, ds.ignore_label, threads)
+    work = [_Job(c, folder, cfg, plans, hashes[c.id], chash, ds.ignore_label, threads, instance_classes)
             for c, folder, cfg, chash in stale]
     map_cases(_run_job, work, jobs, progress, desc="preprocess")
     return counts

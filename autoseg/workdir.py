@@ -6,6 +6,7 @@ writers of what lives there. No other module spells a workdir path.
       plans.json                    Plans (autoseg.plan; human-editable)
       splits.json                   the generated cross-validation folds; splits_final.json: the user's
       preprocessed/<config>/        <case>.npy, <case>_seg.npy, <case>.json (autoseg.preprocess)
+                                    [<case>_inst.npy: instance datasets]
       runs/<config>/fold_<k>/       checkpoint_latest.pt, checkpoint_final.pt, log.csv, curves.png (autoseg.train)
         validation/                 <case>.npz, <case><ending>, summary.json: out-of-fold outputs (autoseg.oof)
       search.db                     the search's study (autoseg.search; SQLite by default)
@@ -341,6 +342,11 @@ class Workdir:
 def case_paths(folder: Path, case_id: str) -> tuple[Path, Path, Path]:
     """(data .npy, label .npy, properties .json) of a case in a configuration's cache folder."""
     return folder / f"{case_id}.npy", folder / f"{case_id}_seg.npy", folder / f"{case_id}.json"
+
+
+def instance_path(folder: Path, case_id: str) -> Path:
+    """A cached case's instance map (``<case>_inst.npy``): only datasets with instances have one."""
+    return Path(folder) / f"{case_id}_inst.npy"
 
 
 def load_case(folder: Path | str, case_id: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -128,7 +128,8 @@ def plan_with(fp: Fingerprint, ctx: PlanningContext, s: Settings = DEFAULT) -> P
                  device=ctx.device.to_dict(), budget_s=ctx.budget_s, configurations=configs,
                  axis_order=order if fp.ndim == 3 else list(range(fp.ndim)), channel_names=list(fp.channel_names),
                  labels=dict(fp.labels), regions_class_order=list(fp.regions_class_order), file_ending=fp.file_ending,
-                 folds=ctx.folds, train_runs=runs, notes=notes + region_notes(fp))
+                 folds=ctx.folds, train_runs=runs, notes=notes + region_notes(fp),
+                 instance_classes=list(fp.instance_classes))
 
 
 def region_notes(fp: Fingerprint) -> list[str]:

@@ -17,8 +17,9 @@ NETWORKS: Registry[NetworkBuilder] = Registry("network family", NETWORK_FAMILIES
 
 
 def build_network(cfg: Network, in_channels: int, num_classes: int, ndim: int) -> nn.Module:
-    """Build the network a plan describes; ``num_classes`` counts background."""
-    return NETWORKS[cfg.family](cfg, in_channels, num_classes, ndim)
+    """Build the network a plan describes; ``num_classes`` counts background. Its outputs are the classes
+    and then ``cfg.instance_outputs`` channels (the interior of each object, for the touching-object split)."""
+    return NETWORKS[cfg.family](cfg, in_channels, num_classes + cfg.instance_outputs, ndim)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -13,10 +13,19 @@ import numpy as np
 
 from autoseg.schema.fingerprint import Fingerprint
 from autoseg.schema.labels import regions_of
-from autoseg.schema.plans import Augmentation, Network, Normalization, Optimizer, Resampling, Sampling
+from autoseg.schema.plans import (
+    Augmentation,
+    Instances,
+    Network,
+    Normalization,
+    Optimizer,
+    Resampling,
+    Sampling,
+)
 
 ANISOTROPY_THRESHOLD = 3.0
 SMALL_CLASS_SHARE = 0.01  # a class whose typical object fills less than this share of a patch is small
+TOUCHING_SHARE = 0.05  # instances touching another at least this often: the touching-object formulation
 ADAMW_LR = 3e-3  # 3x Adam's usual 1e-3: a small class learned from ~half the steps (lesions.md); 3e-4 never
 
 
@@ -260,3 +269,23 @@ def lowres_spacing(spacing: list[float], median_shape: list[int], patch_voxels: 
         fine = cur < cur.max() / 2 if cur.max() / cur.min() > 2 else np.ones_like(cur, bool)
         cur = np.where(fine, cur * 1.03, cur)
     return [float(s) for s in cur]
+
+
+# --- instances ------------------------------------------------------------------------------------------
+
+def instances(fp: Fingerprint) -> tuple[Instances, str | None]:
+    """How instances are made, from how often the training instances touch (the fingerprint's largest
+    ``touching_share`` over the instance classes): from :data:`TOUCHING_SHARE` on, connected components
+    would merge objects often enough to matter, so the network learns each object's interior as an extra
+    output and a seeded watershed parts them; below it, connected components. A note for plans.json when
+    the dataset has instances, else None."""
+    if not fp.instance_classes:
+        return Instances(), None
+    share = fp.touching_share()
+    if share >= TOUCHING_SHARE:
+        return Instances(method="watershed"), (
+            f"instances: {share:.0%} of the training instances touch another (>= {TOUCHING_SHARE:.0%}): an "
+            f"interior output and a seeded watershed part them ({', '.join(fp.instance_classes)})")
+    return Instances(method="components"), (
+        f"instances: {share:.0%} of the training instances touch another (< {TOUCHING_SHARE:.0%}): connected "
+        f"components per class ({', '.join(fp.instance_classes)})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from autoseg.artifacts import header, write_json
 from autoseg.errors import UserError
@@ -30,6 +31,10 @@ class CaseFingerprint:
     class_components: dict[str, int] = field(default_factory=dict)  # label value -> connected components
     class_extent_mm: dict[str, list[float]] = field(default_factory=dict)  # label value -> bbox size per axis
     class_center: dict[str, list[float]] = field(default_factory=dict)  # label value -> bbox centre / shape per axis
+    # instance classes only (datasets with instances): label value -> sizes of its instances in voxels
+    # (ascending), and how many of them touch another instance
+    instance_voxels: dict[str, list[int]] = field(default_factory=dict)
+    instance_touching: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +65,9 @@ class ClassStats:
     extent_mm: dict[str, list[float]]  # {"median": [...], "p95": [...]} per axis
     # {"p10": [...], "p90": [...]} per axis: where its bounding box's centre lies, as a share of the image (0..1)
     center: dict[str, list[float]] = field(default_factory=dict)
+    # instance classes only: {"per_case": {"median", "max"}, "voxels": {"median", "p5", "p95"},
+    # "volume_mm3": {...}, "touching_share": share of its instances touching another instance (any class)}
+    instances: dict[str, Any] = field(default_factory=dict)
 
     def sided_axes(self) -> list[int]:
         """Axes along which the class lies on one side of the image's middle in 9 of 10 cases (its centre
@@ -86,6 +94,7 @@ class Fingerprint:
     median_cropped_shape: list[int]
     anisotropy_ratio: float  # coarsest / finest median spacing
     regions_class_order: list[int] = field(default_factory=list)  # dataset.json's, for region datasets
+    instance_classes: list[str] = field(default_factory=list)  # dataset.json's (names), for instance datasets
     meta: dict = field(default_factory=dict)
 
     @property
@@ -95,6 +104,11 @@ class Fingerprint:
     @property
     def modalities(self) -> list[str]:
         return [c.modality for c in self.channels]
+
+    def touching_share(self) -> float:
+        """The largest share, over the instance classes, of instances touching another instance (0 without
+        instances): what the planner reads to choose the touching-object formulation."""
+        return max((float(c.instances.get("touching_share", 0.0)) for c in self.classes if c.instances), default=0.0)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -82,6 +82,9 @@ class Network:
     norm: str = "instance"
     nonlin: str = "leaky_relu"
     deep_supervision: bool = True
+    # output channels after the classes: 1 = each object's interior, the touching-object formulation
+    # (Configuration.instances.method "watershed"); every builder gets num_classes + instance_outputs
+    instance_outputs: int = 0
     # Mask R-CNN (family maskrcnn): feature pyramid width, anchor size (pixels) per pyramid level and the
     # pooled one, detections kept per image
     fpn_channels: int = 0
@@ -147,6 +150,20 @@ class Sampling:
 
 
 @dataclass
+class Instances:
+    """How a configuration's label maps become instances of the plan's instance classes: ``components``
+    (connected components per class) or ``watershed`` (the network's interior output seeds a watershed that
+    parts touching objects; :mod:`autoseg.instances`). Datasets without instances keep the default."""
+
+    method: str = "components"  # components | watershed
+    interior_weight: float = 1.0  # weight of the interior output's loss beside the segmentation loss
+    threshold: float = 0.5  # interior probability above which a voxel belongs to an object's seed
+
+
+INSTANCE_METHODS = {"components", "watershed"}
+
+
+@dataclass
 class Measurement:
     """What the planner measured for the chosen setup on the target device."""
 
@@ -179,6 +196,7 @@ class Configuration:
     precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (CUDA AMP)
     channels_last: bool = False
     measured: Measurement = field(default_factory=Measurement)
+    instances: Instances = field(default_factory=Instances)
     lowres_of: str | None = None  # set on 3d_lowres: the configuration it is a coarser version of
 
 
@@ -196,6 +214,7 @@ class Plans:
     channel_names: list[str] = field(default_factory=list)  # the input contract: channels in file order
     labels: dict[str, Any] = field(default_factory=dict)  # dataset.json labels (name -> value or region list)
     regions_class_order: list[int] = field(default_factory=list)  # regions: the value each one paints, in order
+    instance_classes: list[str] = field(default_factory=list)  # dataset.json's: names of the classes of instances
     file_ending: str = ".nii.gz"
     folds: int = 5
     train_runs: list[dict[str, Any]] = field(default_factory=list)  # [{"configuration", "fold", "seconds"}]
@@ -232,6 +251,11 @@ class Plans:
         return foreground_classes(self.labels)
 
     @property
+    def instance_values(self) -> list[int]:
+        """The label values of the instance classes, ascending ([] for a plan without instances)."""
+        return sorted(v for v, name in self.class_names.items() if name in self.instance_classes)
+
+    @property
     def scored_classes(self) -> dict[ClassKey, str]:
         """What validation, selection and post-processing score: the foreground values, or the regions."""
         return scored_classes(self.labels)
@@ -262,7 +286,7 @@ class Plans:
 
 _NESTED = {"normalization": Normalization, "resampling": Resampling, "network": Network, "loss": Loss,
            "optimizer": Optimizer, "schedule": Schedule, "augmentation": Augmentation,
-           "sampling": Sampling, "measured": Measurement}
+           "sampling": Sampling, "measured": Measurement, "instances": Instances}
 
 
 def build(cls: type, d: Any, where: str) -> Any:
@@ -359,6 +383,13 @@ def _check_configuration(c: Configuration, where: str, channels: int = 0) -> Non
         divisor = [a * b for a, b in zip(divisor, s)]
     if any(p % d for p, d in zip(c.patch_size, divisor)):
         raise UserError(f"{where}.patch_size: {c.patch_size} must be divisible by {divisor} (the network's total stride)")
+    if c.instances.method not in INSTANCE_METHODS:
+        raise UserError(f"{where}.instances.method: unknown '{c.instances.method}' "
+                        f"(known: {', '.join(sorted(INSTANCE_METHODS))})")
+    wants = 1 if c.instances.method == "watershed" else 0
+    if net.instance_outputs != wants:
+        raise UserError(f"{where}.network.instance_outputs: instances.method '{c.instances.method}' needs "
+                        f"{wants} (the interior output), got {net.instance_outputs}")
     if c.precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"{where}.precision: expected fp32, bf16 or fp16, got '{c.precision}'")
     if c.schedule.steps < 1:

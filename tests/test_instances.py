@@ -1,0 +1,216 @@
+"""Instances: the fingerprint's instance statistics, the cached instance maps, the loader's instance patches,
+the touching-object split, the per-case table and predict's instance outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoseg.instances import (
+    components,
+    instance_stats,
+    instances_from_labels,
+    interior_map,
+    split_touching,
+    touching_ids,
+)
+from autoseg.io import Geometry, write_image, write_label
+
+
+def disk(shape, centre, radius) -> np.ndarray:
+    yy, xx = np.indices(shape)
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
+
+
+def touching_pair(shape=(32, 32)) -> tuple[np.ndarray, np.ndarray]:
+    """Two disks of radius 6 whose centres are 11 apart (they overlap a little: one blob of class 1), and a
+    lone disk of class 2; the label map and the true instance map."""
+    inst = np.zeros(shape, np.int32)
+    inst[disk(shape, (10, 8), 6)] = 1
+    inst[disk(shape, (10, 19), 6) & (inst == 0)] = 2
+    inst[disk(shape, (25, 24), 4)] = 3
+    label = np.where(inst == 3, 2, (inst > 0).astype(np.int32))
+    return label.astype(np.uint8), inst
+
+
+def write_instance_dataset(root: Path, cases: int = 4, shape=(32, 32), seed: int = 0,
+                           instance_files: bool = True) -> Path:
+    """A 2D PNG dataset of touching nuclei-like disks: class 1 in touching pairs, class 2 alone; instancesTr
+    and ``instance_classes`` (without ``instance_files`` the instances are the components)."""
+    rng = np.random.default_rng(seed)
+    for sub in ("imagesTr", "labelsTr", "imagesTs", *(["instancesTr"] if instance_files else [])):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    geom = Geometry((1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    for i in range(cases + 1):
+        inst = np.zeros(shape, np.int32)
+        label = np.zeros(shape, np.uint8)
+        n = 0
+        for row in (8, 23):
+            c = int(rng.integers(6, 9))
+            for dx in (0, 10):
+                n += 1
+                m = disk(shape, (row + int(rng.integers(-1, 2)), c + dx), 5) & (inst == 0)
+                inst[m], label[m] = n, 1
+        n += 1
+        m = disk(shape, (int(rng.integers(14, 18)), 27), 3) & (inst == 0)
+        inst[m], label[m] = n, 2
+        image = 40 + 150 * (label > 0) + 30 * (label == 2) + rng.normal(0, 8, shape)
+        image[interior_map(inst) < 0.25] -= 60 * (label[interior_map(inst) < 0.25] > 0)  # darker rims
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        split = "Tr" if i < cases else "Ts"
+        write_image(image, geom, root / f"images{split}" / f"cell{i:02d}_0000.png")
+        if split == "Tr":
+            write_label(label, geom, root / "labelsTr" / f"cell{i:02d}.png")
+            if instance_files:
+                write_label(inst, geom, root / "instancesTr" / f"cell{i:02d}.png")
+    meta = {"name": root.name, "channel_names": {"0": "microscopy"},
+            "labels": {"background": 0, "nucleus": 1, "small": 2}, "numTraining": cases, "file_ending": ".png",
+            "instance_classes": ["nucleus", "small"]}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return root
+
+
+# --- building blocks -----------------------------------------------------------------------------------
+
+
+def test_components_of_a_class_become_instances_numbered_across_classes():
+    label, _ = touching_pair()
+    inst = instances_from_labels(label, [1, 2])
+    assert sorted(np.unique(inst).tolist()) == [0, 1, 2]  # the touching pair is one component
+    assert set(np.unique(label[inst == 2]).tolist()) == {2}
+
+
+def test_touching_instances_are_found_and_a_lone_one_is_not():
+    _, inst = touching_pair()
+    assert touching_ids(inst).tolist() == [1, 2]
+    diagonal = np.zeros((4, 4), np.int32)
+    diagonal[0, 0], diagonal[1, 1], diagonal[3, 3] = 1, 2, 3
+    assert touching_ids(diagonal).tolist() == [1, 2]  # full connectivity: diagonal neighbours touch
+    stats = instance_stats(inst, np.where(inst == 3, 2, inst > 0).astype(np.uint8), [1, 2])
+    assert stats[1].touching == 2 and len(stats[1].sizes) == 2
+    assert stats[2].touching == 0 and stats[2].sizes == [int((inst == 3).sum())]
+
+
+def test_interior_map_is_one_at_each_centre_and_has_a_valley_between_touching_objects():
+    _, inst = touching_pair()
+    interior = interior_map(inst)
+    assert interior[10, 8] == pytest.approx(1.0) and interior[10, 19] > 0.95  # (disk 2 lost a cap to disk 1)
+    assert interior[inst == 0].max() == 0.0
+    assert interior[10, 13] < 0.35  # the seam between the two disks
+
+
+def test_watershed_splits_hand_made_touching_disks_that_components_merge():
+    label, inst = touching_pair()
+    assert components(label == 1)[1] == 1
+    parted = split_touching(label, interior_map(inst), [1, 2])
+    assert len(np.unique(parted)) - 1 == 3
+    for true_id in (1, 2, 3):  # each true disk is (almost) exactly one predicted instance
+        ids, counts = np.unique(parted[inst == true_id], return_counts=True)
+        assert counts.max() / counts.sum() > 0.95 and ids[counts.argmax()] > 0
+    assert np.array_equal(parted > 0, label > 0)  # the semantic mask is kept
+
+
+def test_watershed_without_seeds_keeps_each_component_as_one_instance():
+    label, _ = touching_pair()
+    parted = split_touching(label, np.zeros(label.shape, np.float32), [1, 2])
+    assert np.array_equal(parted, instances_from_labels(label, [1, 2]))
+
+
+# --- fingerprint, preprocessing and loader ---------------------------------------------------------------
+
+
+def test_fingerprint_records_instance_counts_sizes_and_touching(tmp_path):
+    from autoseg.fingerprint import extract_fingerprint
+
+    ds = write_instance_dataset(tmp_path / "Dataset900_Cells", cases=3)
+    fp = extract_fingerprint(ds, jobs=1)
+    assert fp.instance_classes == ["nucleus", "small"]
+    nucleus, small = fp.classes
+    assert nucleus.instances["per_case"]["median"] == 4
+    assert nucleus.instances["touching_share"] == 1.0  # every nucleus touches its neighbour
+    assert small.instances["touching_share"] == 0.0 and small.instances["voxels"]["median"] > 10
+    assert fp.touching_share() == 1.0
+    # without instance files the instances are the components: the touching pairs merge, nothing touches
+    plain = write_instance_dataset(tmp_path / "Dataset901_Cells", cases=3, instance_files=False)
+    fp2 = extract_fingerprint(plain, jobs=1)
+    assert fp2.classes[0].instances["per_case"]["median"] == 2 and fp2.touching_share() == 0.0
+
+
+def test_datasets_without_instances_have_no_instance_statistics(tiny_dataset):
+    from autoseg.fingerprint import extract_fingerprint
+
+    fp = extract_fingerprint(tiny_dataset, jobs=1)
+    assert fp.instance_classes == [] and all(c.instances == {} for c in fp.classes)
+    assert all(c.instance_voxels == {} for c in fp.cases) and fp.touching_share() == 0.0
+
+
+def hand_plans(fp, patch=(16, 16), mirror_axes=(0, 1)):
+    from autoseg.plan import rules
+    from autoseg.schema.plans import Augmentation, Configuration, Network, Plans
+
+    spacing = [0.5, 0.5]  # half the image spacing: the instance map is resampled (nearest) with the label
+    net = Network("unet", [4, 8], [[3, 3], [3, 3]], [[1, 1], [2, 2]], [1, 1], decoder_convs=1)
+    cfg = Configuration(name="2d", ndim=2, spacing=spacing, median_shape=[64, 64], patch_size=list(patch),
+                        batch_size=2, normalization=rules.normalization(fp), resampling=rules.resampling(spacing),
+                        network=net, augmentation=Augmentation(mirror_axes=list(mirror_axes)))
+    return Plans(fp.dataset_name, fp.dataset_hash, "test", {"type": "cpu"}, 60.0, {"2d": cfg},
+                 axis_order=[0, 1], channel_names=fp.channel_names, labels=fp.labels, file_ending=fp.file_ending,
+                 folds=2, train_runs=[{"configuration": "2d", "fold": 0, "seconds": 1.0}])
+
+
+def test_preprocessing_caches_the_instance_map_and_the_loader_cuts_it_with_the_label(tmp_path):
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.loader import BatchMaker
+    from autoseg.preprocess import preprocess
+    from autoseg.workdir import Workdir, instance_path
+
+    ds = write_instance_dataset(tmp_path / "Dataset902_Cells", cases=2)
+    fp = extract_fingerprint(ds, jobs=1)
+    plans = hand_plans(fp)
+    work = tmp_path / "work"
+    assert preprocess(ds, work, plans, fp, jobs=1) == {"2d": 2}
+    folder = Workdir(work).preprocessed("2d")
+    seg = np.load(folder / "cell00_seg.npy")
+    inst = np.load(instance_path(folder, "cell00"))
+    assert inst.dtype == np.int32 and inst.shape == seg.shape == (1, 64, 64)
+    assert np.array_equal(inst > 0, seg > 0)  # same crop, same nearest resampling as the label
+    assert len(np.unique(inst)) - 1 == 5
+    assert preprocess(ds, work, plans, fp, jobs=1) == {"2d": 0}  # current, instance map included
+    instance_path(folder, "cell01").unlink()
+    assert preprocess(ds, work, plans, fp, jobs=1) == {"2d": 1}  # a missing instance map recomputes the case
+
+    cfg = plans.configurations["2d"]
+    maker = BatchMaker(folder, ["cell00", "cell01"], cfg, seed=0)
+    for step in range(6):
+        batch = maker.make(step)
+        assert batch["instances"].shape == batch["target"].shape == (2, 16, 16)
+        assert np.array_equal(batch["instances"] > 0, batch["target"] > 0)  # same spatial transform
+        for b in range(2):  # each instance keeps one class
+            for i in np.unique(batch["instances"][b])[1:]:
+                assert len(np.unique(batch["target"][b][batch["instances"][b] == i])) == 1
+
+
+def test_datasets_without_instances_cache_and_load_exactly_as_before(tiny_dataset, tmp_path):
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.loader import BatchMaker
+    from autoseg.plan import rules
+    from autoseg.preprocess import config_hash, preprocess
+    from autoseg.schema.plans import Configuration, Network, Plans
+    from autoseg.workdir import Workdir
+
+    fp = extract_fingerprint(tiny_dataset, jobs=1)
+    net = Network("unet", [4, 8], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2]], [1, 1], decoder_convs=1)
+    cfg = Configuration(name="3d_fullres", ndim=3, spacing=[2.0, 1.0, 1.0], median_shape=[8, 8, 8],
+                        patch_size=[8, 8, 8], batch_size=2, normalization=rules.normalization(fp),
+                        resampling=rules.resampling([2.0, 1.0, 1.0]), network=net)
+    plans = Plans(fp.dataset_name, fp.dataset_hash, "test", {}, 60.0, {"3d_fullres": cfg}, axis_order=[0, 1, 2],
+                  channel_names=fp.channel_names, labels=fp.labels, file_ending=fp.file_ending)
+    preprocess(tiny_dataset, tmp_path / "work", plans, fp, jobs=1)
+    folder = Workdir(tmp_path / "work").preprocessed("3d_fullres")
+    assert not list(folder.glob("*_inst.npy"))
+    assert config_hash(cfg, plans, None, (1,)) != config_hash(cfg, plans, None)  # instances enter only when there
+    batch = BatchMaker(folder, ["case000", "case001"], cfg, seed=0).make(0)
+    assert set(batch) == {"data", "target"} and batch["target"].dtype == np.int16
