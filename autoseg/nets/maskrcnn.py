@@ -136,9 +136,9 @@ class InstanceSegmenter(nn.Module):
             rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=500)
         self.detector.transform.resize = _keep_size  # the plan sized the images; torchvision would rescale them
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor | None = None):
+    def forward(self, images: torch.Tensor, target: torch.Tensor | None = None, instances: torch.Tensor | None = None):
         if self.training and target is not None:
-            return self.detector(list(images), targets_from_labels(target, self.num_classes))
+            return self.detector(list(images), targets_from_labels(target, self.num_classes, instances))
         return semantic_log_probabilities(self.detect(images), self.num_classes, images.shape[-2:])
 
     def detect(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -176,11 +176,33 @@ def objects_of(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.nda
     return np.stack(masks).astype(np.uint8), np.asarray(classes, np.int64)
 
 
-def targets_from_labels(target: torch.Tensor, num_classes: int) -> list[dict[str, torch.Tensor]]:
-    """torchvision's targets (boxes, labels, masks per image) from a batch of semantic patches ``(B, Y, X)``."""
+def objects_of_instances(labels: np.ndarray, instances: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The objects of a 2D instance map: one per id, its class the label most of its pixels carry (one label, in
+    a valid dataset); ids on background or out-of-range labels are no object."""
+    masks, classes = [], []
+    for i in np.unique(instances[instances > 0]):
+        mask = instances == i
+        values, counts = np.unique(labels[mask], return_counts=True)
+        c = int(values[np.argmax(counts)])
+        if 0 < c < num_classes:
+            masks.append(mask)
+            classes.append(c)
+    if not masks:
+        return np.zeros((0, *labels.shape), np.uint8), np.zeros(0, np.int64)
+    return np.stack(masks).astype(np.uint8), np.asarray(classes, np.int64)
+
+
+def targets_from_labels(target: torch.Tensor, num_classes: int, instances: torch.Tensor | None = None
+                        ) -> list[dict[str, torch.Tensor]]:
+    """torchvision's targets (boxes, labels, masks per image) from a batch of semantic patches ``(B, Y, X)``: the
+    instance map's objects where the dataset has one (touching objects stay apart), else connected components."""
+    labels_batch = target.reshape(target.shape[0], *target.shape[-2:]).cpu().numpy()
+    inst_batch = (instances.reshape(instances.shape[0], *instances.shape[-2:]).cpu().numpy()
+                  if instances is not None else [None] * len(labels_batch))
     out = []
-    for labels in target.reshape(target.shape[0], *target.shape[-2:]).cpu().numpy():
-        masks, classes = objects_of(labels, num_classes)
+    for labels, inst in zip(labels_batch, inst_batch):
+        masks, classes = (objects_of(labels, num_classes) if inst is None
+                          else objects_of_instances(labels, inst, num_classes))
         boxes = np.zeros((len(masks), 4), np.float32)
         for i, m in enumerate(masks):
             ys, xs = np.nonzero(m)
