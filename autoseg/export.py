@@ -31,6 +31,12 @@ from autoseg.artifacts import dumps_json, header
 from autoseg.errors import UserError
 
 PARITY_TOL = 1e-4
+# families whose networks are not exported, and why (said by `autoseg export` and in the model card)
+NOT_EXPORTABLE = {
+    "maskrcnn": ("autoseg export does not export it yet: its eval output paints the detections into class maps "
+                 "in Python and the mask voting over folds is Python too, so there is no single traced graph with a "
+                 "parity check; predict with the bundle"),
+}
 PIPELINE = [
     "read the channels as (C, *spatial) in the order of plans.json channel_names",
     "transpose the spatial axes by plans.json axis_order",
@@ -131,6 +137,9 @@ def export_bundle(bundle: Path | str, onnx_dir: Path | str | None = None, torchs
     from autoseg.nets import build_network
 
     b = load_bundle(bundle)
+    detectors = [n for n in b.weights if b.plans.configurations[n].network.family in NOT_EXPORTABLE]
+    if detectors:
+        raise UserError(f"{bundle}: configuration {detectors[0]} is a Mask R-CNN; {NOT_EXPORTABLE['maskrcnn']}")
     targets = {k: Path(d) for k, d in (("onnx", onnx_dir), ("torchscript", torchscript_dir)) if d is not None}
     if "onnx" in targets and check:
         try:

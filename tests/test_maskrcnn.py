@@ -175,3 +175,53 @@ def test_mask_voting_keeps_objects_most_folds_found():
     assert instance_map[3, 3] == 1 and instance_map[2, 2] == 0  # pixels two of three folds cover
     instance_map, objects = vote_instances(folds, min_score=0.4)
     assert [o["label"] for o in objects] == [1, 2]
+
+
+def test_an_object_keeps_only_the_pixels_the_label_map_gives_its_class():
+    from autoseg.detected_instances import agree_with_labels
+
+    instances = np.zeros((6, 6), np.int32)
+    instances[0:3, 0:3], instances[3:6, 3:6], instances[0:2, 4:6] = 1, 2, 3
+    seg = np.zeros((6, 6), np.uint8)
+    seg[0:3, 0:2] = 1  # object 1 (class 1) keeps two columns
+    seg[3:6, 3:6] = 1  # object 2 is class 2: none of its pixels are
+    seg[0:2, 4:6] = 2
+    out, kept = agree_with_labels(instances, [{"label": 1, "score": 0.9}, {"label": 2, "score": 0.8},
+                                              {"label": 2, "score": 0.7}], seg)
+    assert [o["score"] for o in kept] == [0.9, 0.7]
+    assert (out == 1).sum() == 6 and (out == 2).sum() == 4 and out.max() == 2
+
+
+def test_anchors_start_at_the_smallest_typical_object_and_double_per_level():
+    from autoseg.plan.maskrcnn import anchor_sizes, network_for
+
+    assert anchor_sizes([6.3, 10.3], 4) == [8, 16, 32, 64]
+    assert anchor_sizes([2.0], 3) == [4, 8, 16]  # never below 4 pixels
+    assert anchor_sizes([40.0, 90.0], 4) == [32, 64, 128, 256]
+    net = network_for([128, 128], 16, 32, [12.0, 40.0], 200)
+    assert net.family == "maskrcnn" and len(net.anchor_sizes) == len(net.features)
+    assert net.strides[0] == [1, 1] and all(s == [2, 2] for s in net.strides[1:])
+    assert len(net.features) - 1 == 5  # objects of 40 px: stages until the coarsest stride (32) reaches them
+
+
+def test_a_plan_pairs_the_maskrcnn_family_with_its_loss_and_detections():
+    from dataclasses import replace
+
+    from autoseg.errors import UserError
+    from autoseg.schema.plans import (
+        Configuration,
+        Instances,
+        Loss,
+        Normalization,
+        Resampling,
+        _check_configuration,
+    )
+
+    cfg = Configuration(name="2d_maskrcnn", ndim=2, spacing=[1.0, 1.0], median_shape=[32, 32], patch_size=[32, 32],
+                        batch_size=2, normalization=[Normalization()], resampling=Resampling(), network=tiny_network(), loss=Loss(name="maskrcnn"),
+                        instances=Instances(method="detections"))
+    _check_configuration(cfg, "c", 1)
+    with pytest.raises(UserError, match="loss"):
+        _check_configuration(replace(cfg, loss=Loss()), "c", 1)
+    with pytest.raises(UserError, match="detections"):
+        _check_configuration(replace(cfg, instances=Instances()), "c", 1)

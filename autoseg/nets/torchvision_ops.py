@@ -76,9 +76,12 @@ def _define_fallbacks() -> None:
 def _route_to_fallbacks(torchvision: ModuleType) -> None:
     """torchvision decided at import that it has no ops (``_has_ops`` is False) and would refuse ``nms`` and
     reach for a compiled ``roi_align``; the ops exist now, so say so where it asks."""
-    has_ops = lambda: True  # noqa: E731
-    torchvision.extension._has_ops = has_ops
-    importlib.import_module("torchvision.ops.roi_align")._has_ops = has_ops
+    torchvision.extension._has_ops = _has_ops
+    importlib.import_module("torchvision.ops.roi_align")._has_ops = _has_ops
+
+
+def _has_ops() -> bool:
+    return True
 
 
 def nms_reference(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
