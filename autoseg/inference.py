@@ -49,6 +49,7 @@ import torch
 
 from autoseg.artifacts import write_probabilities
 from autoseg.checkpoint import load_weights
+from autoseg.detected_instances import agree_with_labels, detected_instances, is_detector
 from autoseg.device import AUTOCAST, precision_on, resolve_device, sync
 from autoseg.ensemble import STORAGE, Member, MemberOutput, combine, member_probabilities
 from autoseg.errors import UserError
@@ -94,6 +95,8 @@ class _Prepared:
 
     outputs: list[MemberOutput]
     geometry: Geometry
+    # a Mask R-CNN member's preprocessed image (2D: small), kept for its detections (:meth:`Predictor.detected`)
+    detector_input: tuple[Member, np.ndarray, dict] | None = None
 
 
 class Predictor:
@@ -262,12 +265,23 @@ class Predictor:
         """Each member's probabilities of one case; ``cases`` is emptied as it goes, so each preprocessed image
         is freed after its member's sliding window."""
         self._decide_mirror([data.shape[1:] for data, _ in cases])
-        outputs = []
+        outputs, detector = [], None
         for member in self.members:
             data, props = cases.pop(0)
             outputs.append(MemberOutput(self._probabilities(member, data), props, member.cfg, bool(self.plans.regions)))
+            if is_detector(member) and detector is None:
+                detector = (member, data, props)
             del data
-        return _Prepared(outputs, geometry)
+        return _Prepared(outputs, geometry, detector)
+
+    def detected(self, prep: _Prepared, seg: np.ndarray) -> tuple[np.ndarray, list[dict]] | None:
+        """The instance map of a model with a Mask R-CNN member (its first): the folds' detections mask-voted,
+        in the input's array, each object on the pixels ``seg`` (the case's label map) gives its class; with
+        per id its class and score. None for other models."""
+        if prep.detector_input is None:
+            return None
+        member, data, props = prep.detector_input
+        return agree_with_labels(*detected_instances(member, self.plans, data, props, self.device), seg)
 
     def _export(self, prep: _Prepared, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         seg, maps = combine(prep.outputs, probabilities, self.plans.regions_class_order if self.plans.regions else (),

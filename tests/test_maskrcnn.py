@@ -4,6 +4,7 @@ folds' mask voting."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -225,3 +226,37 @@ def test_a_plan_pairs_the_maskrcnn_family_with_its_loss_and_detections():
         _check_configuration(replace(cfg, loss=Loss()), "c", 1)
     with pytest.raises(UserError, match="detections"):
         _check_configuration(replace(cfg, instances=Instances()), "c", 1)
+
+
+@pytest.mark.slow
+def test_plan_train_predict_a_maskrcnn_on_touching_nuclei_from_the_cli(tmp_path, torchvision):
+    """2.5 CPU-minutes (15 wall minutes on the shared, loaded 2-core machine): plan offers 2d_maskrcnn, a few dozen steps train it, predict writes
+    the label map, the instance map comes back in the input's geometry, and the ONNX export passes parity."""
+    import json
+
+    from autoseg.cli import run
+    from autoseg.inference import Predictor
+    from autoseg.io import read_images
+    from autoseg.synth.core import generate
+
+    ds = generate("nuclei", tmp_path / "nuclei", cases=4, size="tiny")
+    work, out = tmp_path / "work", tmp_path / "out"
+    assert run(["plan", str(ds), "--workdir", str(work), "--budget", "1m", "-q"]) == 0
+    cfg = json.loads((work / "plans.json").read_text())["configurations"]["2d_maskrcnn"]
+    assert cfg["network"]["family"] == "maskrcnn" and cfg["loss"]["name"] == "maskrcnn"
+    assert run(["train", str(ds), "--workdir", str(work), "--config", "2d_maskrcnn", "--fold", "0", "--steps", "12",
+                "--workers", "0", "-q"]) == 0
+    assert (work / "model.autoseg").is_file()
+    assert run(["predict", str(work / "model.autoseg"), str(ds / "imagesTs"), str(out), "--mirror", "off", "-q"]) == 0
+    images, geometry = read_images(sorted((ds / "imagesTs").glob("*_0000.png"))[0:1] +
+                                   sorted((ds / "imagesTs").glob("*_000[12].png"))[0:2])
+    predictor = Predictor.from_workdir(work, mirror="off")
+    prep = predictor._run(predictor._preprocess(images, geometry, "test"), geometry)
+    seg, _ = predictor._export(prep, False)
+    instance_map, objects = predictor.detected(prep, seg)
+    assert instance_map.shape == seg.shape == images.shape[1:]
+    assert instance_map.max() == len(objects)
+    for i, obj in enumerate(objects, start=1):
+        assert (seg[instance_map == i] == obj["label"]).all()
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert run(["export", str(work / "model.autoseg"), "--onnx", str(tmp_path / "onnx")]) == 0
