@@ -153,12 +153,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
     s = predict(a.model, a.input, a.output, configuration=a.config, folds=parse_folds(a.folds), device=a.device,
                 mirror=a.mirror, overlap=a.overlap, tile_batch=a.tile_batch,
                 save_probabilities=a.save_probabilities, jobs=a.jobs, progress=not a.quiet, report=report,
-                allow_large=a.allow_large,
+                allow_large=a.allow_large, instances=True if a.instances else None,
                 report_model=lambda line: print(f"autoseg predict: {line}", file=sys.stderr))
     if s.mirror:
         print(f"autoseg predict: {s.mirror}", file=sys.stderr)
-    cases = len(s.written) // (2 if a.save_probabilities else 1)
-    print(f"wrote {cases} prediction(s) to {a.output} in {s.seconds:.1f}s")
+    instances = f", {s.instances} instance(s) in {a.output / 'instances.csv'}" if s.instances or a.instances else ""
+    print(f"wrote {s.cases} prediction(s) to {a.output} in {s.seconds:.1f}s{instances}")
     if s.failed:
         print(f"autoseg predict: {len(s.failed)} case(s) not predicted (see the errors above)", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -407,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the trained folds of its configuration(s), probabilities averaged. Each case is\n"
                                    "written as OUTPUT/CASE<ending> with the input's "
                                    "spacing, origin and direction. A case that does not fit the model gets one error\n"
-                                   "line and the others are still predicted (exit code 2 at the end).")
+                                   "line and the others are still predicted (exit code 2 at the end). A model whose\n"
+                                   "dataset has instance classes (or --instances) also writes OUTPUT/instances/CASE<ending>\n"
+                                   "(one id per object) and OUTPUT/instances.csv (one row per object).")
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("input", type=Path, metavar="INPUT")
     p.add_argument("output", type=Path, metavar="OUTPUT")
@@ -429,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-large", action="store_true",
                    help="predict a case even when its resampling to the model's spacing needs more memory than "
                         "this machine has available (refused by default, with the size it would need)")
+    p.add_argument("--instances", action="store_true",
+                   help="also write instance maps (OUTPUT/instances/) and OUTPUT/instances.csv for a model "
+                        "without instance classes: the connected components of each class (on by default for "
+                        "a model whose dataset has instance classes)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", parents=[common], help="score predictions against reference labels",

@@ -11,7 +11,7 @@
 ``dataset.json`` holds ``channel_names`` (index -> name; the name says the modality, e.g. "CT"),
 ``labels`` (name -> value, or name -> list of values for regions), ``numTraining`` and ``file_ending``;
 optionally ``regions_class_order``, an ``ignore`` label (the highest value) and ``instance_classes`` (the
-names of the classes whose objects are instances; docs/instances.md).
+names of the classes whose objects are instances; docs/architecture.md, "Instances").
 """
 
 from __future__ import annotations

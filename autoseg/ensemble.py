@@ -68,27 +68,39 @@ class Member:
 
 @dataclass
 class MemberOutput:
-    """A member's mean probabilities ``(K, Z, Y, X)`` in its preprocessed space, and how to go back."""
+    """A member's mean probabilities ``(K, Z, Y, X)`` in its preprocessed space, and how to go back; with the
+    touching-object formulation also its mean interior map ``(1, Z, Y, X)`` (not a class: kept apart)."""
 
     probabilities: torch.Tensor
     properties: dict[str, Any]
     cfg: Configuration
     sigmoid: bool = False  # one independent probability per region (0 outside the crop for every map)
+    interior: torch.Tensor | None = None
 
 
 def member_probabilities(member: Member, plans: Plans, data: np.ndarray, device: torch.device, *,
                          mirror_axes: Sequence[int], overlap: float, tile_batch: int, precision: str,
                          storage: str = "float16", progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """The mean over ``member``'s folds of the sliding-window probabilities of a preprocessed case
-    ``(C, Z, Y, X)``: every fold adds ``1 / folds`` into one ``storage`` buffer (no second volume)."""
+    ``(C, Z, Y, X)``: every fold adds ``1 / folds`` into one ``storage`` buffer (no second volume). A member
+    with the touching-object formulation returns ``K + 1`` maps, the interior last (:func:`split_interior`)."""
     models = member.models(plans, device)
-    out = torch.zeros((plans.num_classes, *data.shape[1:]), dtype=STORAGE[storage])
+    extra = member.cfg.network.instance_outputs
+    channels = plans.num_classes + extra
+    out = torch.zeros((channels, *data.shape[1:]), dtype=STORAGE[storage])
     for model in models:
-        sliding_window(model, data, member.cfg.patch_size, plans.num_classes, member.cfg.ndim, device,
+        sliding_window(model, data, member.cfg.patch_size, channels, member.cfg.ndim, device,
                        overlap=overlap, mirror_axes=mirror_axes, tile_batch=tile_batch, precision=precision,
                        channels_last=member.cfg.channels_last, progress=progress, out=out, scale=1 / len(models),
-                       activation="sigmoid" if plans.regions else "softmax")
+                       activation="sigmoid" if plans.regions else "softmax", extra=extra)
     return out
+
+
+def split_interior(probabilities: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The class maps and the interior map (None without one) of :func:`member_probabilities`' output."""
+    if probabilities.shape[0] == num_classes:
+        return probabilities, None
+    return probabilities[:num_classes], probabilities[num_classes:num_classes + 1]
 
 
 def restore_class(output: MemberOutput, c: int) -> np.ndarray:
@@ -137,6 +149,14 @@ def combine(outputs: Sequence[MemberOutput], probabilities: bool = False,
         seg[better] = c
         np.maximum(best, total, out=best)
     return seg, maps
+
+
+def combine_interior(outputs: Sequence[MemberOutput]) -> np.ndarray | None:
+    """The mean interior map of the members that have one, in the original array (0 outside the crop);
+    None when no member learned one."""
+    maps = [restore_to_original(o.interior.float().numpy(), o.properties, o.cfg, is_label=False, fill=0.0)[0]
+            for o in outputs if o.interior is not None]
+    return sum(maps[1:], maps[0]) / len(maps) if maps else None
 
 
 def _as_stored(a: np.ndarray) -> np.ndarray:

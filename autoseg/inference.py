@@ -47,12 +47,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoseg.artifacts import write_probabilities
+from autoseg.artifacts import atomic_write_bytes, write_probabilities
 from autoseg.checkpoint import load_weights
 from autoseg.detected_instances import agree_with_labels, detected_instances, is_detector
 from autoseg.device import AUTOCAST, precision_on, resolve_device, sync
-from autoseg.ensemble import STORAGE, Member, MemberOutput, combine, member_probabilities
+from autoseg.ensemble import (
+    STORAGE,
+    Member,
+    MemberOutput,
+    combine,
+    combine_interior,
+    member_probabilities,
+    split_interior,
+)
 from autoseg.errors import UserError
+from autoseg.instances import InstanceRow, instance_table, instances_from_labels, rows_to_csv, split_touching
 from autoseg.io import Geometry, read_images, write_label
 from autoseg.normalize import resolve_plans
 from autoseg.postprocess import apply_postprocessing, parse_rules, split_weights
@@ -73,6 +82,8 @@ from autoseg.workdir import Workdir
 logger = logging.getLogger(__name__)
 MIRROR_AUTO_MAX_S = 20.0  # network seconds per case, with mirroring, below which ``auto`` turns it on
 TILE_BAR_MIN = 64  # network passes in a case from which a progress bar over its tiles is shown
+INSTANCES_FOLDER = "instances"  # OUT/instances/CASE<ending>: the instance maps beside the label maps
+INSTANCES_TABLE = "instances.csv"  # OUT/instances.csv: one row per instance of every case
 
 
 @dataclass
@@ -87,6 +98,20 @@ class PredictionSummary:
     mirror: str = ""
     seconds: float = 0.0
     model: str = ""
+    instances: int = 0  # instances written to OUT/instances.csv (instance models, or --instances)
+    cases: int = 0  # cases predicted and written
+
+
+@dataclass
+class CasePrediction:
+    """One case predicted (:meth:`Predictor.predict`): the label map in the input's array, and for an instance
+    model (or when asked) the instance map there too (0 none, 1..N) with its table; the probabilities when
+    asked."""
+
+    labels: np.ndarray
+    instances: np.ndarray | None = None
+    table: list[InstanceRow] = field(default_factory=list)
+    probabilities: np.ndarray | None = None
 
 
 @dataclass
@@ -110,6 +135,8 @@ class Predictor:
     ``tile_batch`` tiles go through the network at once (default: the training batch, at least 4);
     ``storage`` is the dtype of the probabilities in preprocessed space (``"float16"`` or ``"float32"``).
     A case whose resampling would need more memory than is available is refused unless ``allow_large``.
+    ``instances`` (None: when the plan has instance classes) also makes instance maps and their table: the
+    touching-object split for members that learned an interior, else connected components per class.
     """
 
     def __init__(self, plans: Plans, configuration: str | Sequence[str],
@@ -118,7 +145,7 @@ class Predictor:
                  folds: Sequence[int] | Mapping[str, Sequence[int]] | None = None, mirror: str = "auto",
                  overlap: float = 0.5, tile_batch: int | None = None, progress: bool = False,
                  postprocessing: Sequence[Mapping[str, Any]] = (), storage: str = "float16",
-                 allow_large: bool = False):
+                 allow_large: bool = False, instances: bool | None = None):
         names = [configuration] if isinstance(configuration, str) else list(configuration)
         if isinstance(configuration, str):
             weights, folds = {configuration: weights}, None if folds is None else {configuration: folds}
@@ -149,6 +176,7 @@ class Predictor:
         self.mirror_note = "" if mirror == "auto" else f"mirroring {mirror} (--mirror {mirror})"
         self.postprocessing = parse_rules([dict(r) for r in postprocessing])  # applied to every label map
         self.class_weights, self._label_rules = split_weights(self.postprocessing)  # the first at the argmax
+        self.instances = bool(plans.instance_classes) if instances is None else bool(instances)
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -209,6 +237,43 @@ class Predictor:
         ``probabilities`` the per-class maps ``(K, *spatial)`` (float16) there too."""
         return self._export(self._run(self._preprocess(images, geometry, where), geometry), probabilities)
 
+    def predict(self, images: np.ndarray, geometry: Geometry, *, probabilities: bool = False,
+                instances: bool | None = None, case_id: str = "image", where: str = "image") -> CasePrediction:
+        """Segment one case ``(C, *spatial)``; with ``instances`` (None: the predictor's setting, on for a model
+        whose plan has instance classes) also its instance map and table (``case_id`` names it there)."""
+        prep = self._run(self._preprocess(images, geometry, where), geometry)
+        return self._case(prep, case_id, probabilities, self.instances if instances is None else instances)
+
+    @property
+    def instance_classes(self) -> dict[int, str]:
+        """Label value -> name of the classes made into instances: the plan's instance classes, else (when
+        asked for a model without them) every class the label map paints."""
+        names = self.plans.class_names
+        if self.plans.instance_classes:
+            return {v: names[v] for v in self.plans.instance_values}
+        if self.plans.regions:
+            return {v: name for v, name in zip(self.plans.regions_class_order, self.plans.scored_classes.values())}
+        return dict(names)
+
+    def _case(self, prep: _Prepared, case_id: str, probabilities: bool, instances: bool) -> CasePrediction:
+        seg, maps = self._export(prep, probabilities or instances)
+        if not instances:
+            return CasePrediction(seg, probabilities=maps)
+        inst = self.instance_map(seg, prep)
+        rows = instance_table(case_id, inst, seg, prep.geometry, self.instance_classes,
+                              maps if not self.plans.regions else None)
+        return CasePrediction(seg, inst, rows, maps if probabilities else None)
+
+    def instance_map(self, seg: np.ndarray, prep: _Prepared) -> np.ndarray:
+        """Instances of a case's label map: the touching-object split where members learned an interior
+        (their mean interior map seeds a watershed), else the connected components of each class."""
+        interior = combine_interior(prep.outputs)
+        classes = list(self.instance_classes)
+        if interior is None:
+            return instances_from_labels(seg, classes)
+        threshold = next(m.cfg.instances.threshold for m in self.members if m.cfg.network.instance_outputs)
+        return split_touching(seg, interior, classes, threshold)
+
     def predict_preprocessed(self, cases: list[tuple[np.ndarray, dict]], probabilities: bool = False
                              ) -> tuple[np.ndarray, np.ndarray | None]:
         """:meth:`predict_case` of a case already preprocessed for each member (``(data, properties)`` in
@@ -231,7 +296,7 @@ class Predictor:
     @torch.inference_mode()
     def preprocessed_probabilities(self, data: np.ndarray, member: int = 0) -> torch.Tensor:
         """Probabilities ``(K, Z, Y, X)`` of a case preprocessed for ``members[member]``, the mean over its folds."""
-        return self._probabilities(self.members[member], data)
+        return split_interior(self._probabilities(self.members[member], data), self.plans.num_classes)[0]
 
     def _probabilities(self, member: Member, data: np.ndarray) -> torch.Tensor:
         axes = member.mirror_axes if self._mirror_on else ()
@@ -268,7 +333,8 @@ class Predictor:
         outputs, detector = [], None
         for member in self.members:
             data, props = cases.pop(0)
-            outputs.append(MemberOutput(self._probabilities(member, data), props, member.cfg, bool(self.plans.regions)))
+            classes, interior = split_interior(self._probabilities(member, data), self.plans.num_classes)
+            outputs.append(MemberOutput(classes, props, member.cfg, bool(self.plans.regions), interior))
             if is_detector(member) and detector is None:
                 detector = (member, data, props)
             del data
@@ -355,6 +421,8 @@ class Predictor:
         predicted with warnings (logged, and in the summary's ``warnings``).
         ``report_model`` is given :meth:`describe` before the first case.
         ``jobs`` > 1 exports (restore + write) in ``jobs - 1`` threads while the network runs the next case.
+        With :attr:`instances` also ``output/instances/CASE<ending>`` (the instance map, the input's geometry)
+        and ``output/instances.csv`` (every case's instances, written when all cases are done).
         """
         from tqdm import tqdm
 
@@ -363,7 +431,7 @@ class Predictor:
         cases = find_cases(Path(input), self.plans)
         if not cases:
             raise UserError(f"{input}: no images to predict (expected CASE_XXXX{self.plans.file_ending} files)")
-        check_outputs(cases, out, save_probabilities)  # nothing written yet: a folder we cannot fill, an input
+        check_outputs(cases, out, save_probabilities, self.instances)  # nothing written: a folder we cannot fill, an input
         created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if nothing is written
         out.mkdir(parents=True, exist_ok=True)
         summary = PredictionSummary(model=self.describe())
@@ -371,6 +439,7 @@ class Predictor:
             report_model(summary.model)
         pool = ThreadPoolExecutor(jobs - 1) if jobs > 1 else None
         pending: deque[tuple[InputCase, Future]] = deque()
+        table: dict[str, list[InstanceRow]] = {}
 
         def fail(case: InputCase, message: str) -> None:
             summary.failed[case.id] = message
@@ -380,6 +449,7 @@ class Predictor:
         def finish(case: InputCase, job: Callable[[], list[Path]]) -> None:
             try:
                 summary.written += job()
+                summary.cases += 1
             except UserError as e:
                 fail(case, str(e))
 
@@ -401,7 +471,7 @@ class Predictor:
                     continue
 
                 def job(prep: _Prepared = prep, case: InputCase = case) -> list[Path]:
-                    return self._write(prep, case, out, save_probabilities)
+                    return self._write(prep, case, out, save_probabilities, table)
 
                 if pool is None:
                     finish(case, job)
@@ -419,13 +489,26 @@ class Predictor:
                 pool.shutdown(wait=True, cancel_futures=True)
             if not summary.written:
                 _remove_empty(created)
+        if self.instances and summary.written:
+            rows = [row for cid in sorted(table) for row in table[cid]]
+            atomic_write_bytes(rows_to_csv(rows).encode(), out / INSTANCES_TABLE)
+            summary.written.append(out / INSTANCES_TABLE)
+            summary.instances = len(rows)
         summary.mirror = self.mirror_note
         summary.seconds = time.perf_counter() - t0
         return summary
 
-    def _write(self, prep: _Prepared, case: InputCase, out: Path, save_probabilities: bool) -> list[Path]:
-        seg, maps = self._export(prep, save_probabilities)
-        return self.write(seg, maps, prep.geometry, out, case.id, case.ending)
+    def _write(self, prep: _Prepared, case: InputCase, out: Path, save_probabilities: bool,
+               table: dict[str, list[InstanceRow]]) -> list[Path]:
+        result = self._case(prep, case.id, save_probabilities, self.instances)
+        written = self.write(result.labels, result.probabilities, prep.geometry, out, case.id, case.ending)
+        if result.instances is not None:
+            path = out / INSTANCES_FOLDER / f"{case.id}{case.ending}"
+            path.parent.mkdir(exist_ok=True)
+            write_label(result.instances, prep.geometry, path)
+            written.append(path)
+            table[case.id] = result.table
+        return written
 
 
 def _remove_empty(created: list[Path]) -> None:

@@ -1,7 +1,7 @@
 """Instances: objects one by one, from a semantic label map or from a dataset's instance map.
 
-An instance map holds 0 where there is no object and one id per object (docs/instances.md). Where a dataset
-gives none, or a semantic network predicts, the instances of a class are its connected components (full
+An instance map holds 0 where there is no object and one id per object (docs/architecture.md, "Instances").
+Where a dataset gives none, or a semantic network predicts, the instances of a class are its connected components (full
 connectivity: 26 neighbours in 3D, 8 in 2D). Touching objects of one class merge into one component there;
 the touching-object formulation separates them: the network learns an extra output, each object's interior
 (:func:`interior_map`: 1 at its centre, falling to 0 at its border), and :func:`split_touching` grows one

@@ -22,7 +22,9 @@ loss makes the region masks). 2D configurations cut 2D patches from one slice (a
 
 A cache with instance maps (``<case>_inst.npy``, datasets with instances) adds ``"instances"`` (B, *patch) int32
 to each batch: cut from the same region and carried through the same spatial transform as the label (a second
-label channel, nearest neighbour), so ids stay on the objects the label shows.
+label channel, nearest neighbour), so ids stay on the objects the label shows. A configuration with the
+touching-object formulation (``instances.method`` "watershed") also gets ``"interior"`` (B, *patch) float32, the
+target of its extra output (:func:`autoseg.instances.interior_map` of the augmented instance patch).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from autoseg.augment import build_transforms, region_size
 from autoseg.errors import UserError
+from autoseg.instances import interior_map
 from autoseg.schema.plans import Configuration
 
 OPEN_CASES = 64  # memory-mapped cases kept open per process
@@ -176,6 +179,11 @@ class BatchMaker:
         self.instances = all(case.instance_path is not None for case in self.cases)
         if self.instances:
             self._seg_dtype = np.int32  # the label and the instance ids travel as one array
+        self.interior = configuration.instances.method == "watershed"
+        if self.interior and not self.instances:
+            raise UserError(f"{self.folder}: the plan trains an interior output (instances.method 'watershed') but "
+                            "the cache holds no instance maps; run `autoseg plan` again on the dataset with instances")
+        self.spacing = [float(s) for s in configuration.spacing]
         self.channels = int(np.load(self.cases[0].data_path, mmap_mode="r").shape[0])
         self._maps: OrderedDict[str, tuple[np.ndarray, ...]] = OrderedDict()
 
@@ -210,6 +218,8 @@ class BatchMaker:
                "target": np.ascontiguousarray(batch["seg"][:, 0]).astype(self.target_dtype)}
         if self.instances:
             out["instances"] = np.ascontiguousarray(batch["seg"][:, 1]).astype(np.int32)
+        if self.interior:
+            out["interior"] = np.stack([interior_map(i, self.spacing) for i in out["instances"]])
         return out
 
     def _cut(self, case: CaseIndex, foreground: bool, rng: np.random.Generator,

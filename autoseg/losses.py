@@ -62,6 +62,29 @@ def build_loss(cfg: Loss, num_classes: int, ignore_label: int | None = None,
     return SegmentationLoss(builder(cfg), num_classes, ignore_label, weights, regions)
 
 
+class InteriorLoss(nn.Module):
+    """The touching-object formulation's loss: the segmentation loss on the class outputs (every
+    deep-supervision scale) plus ``weight`` times binary cross-entropy of the extra output, at full
+    resolution, against each object's interior (:func:`autoseg.instances.interior_map`: 1 at an object's
+    centre, falling to 0 at its border and outside). The network's outputs are the ``num_classes`` class
+    logits and then the interior logit."""
+
+    def __init__(self, segmentation: nn.Module, num_classes: int, weight: float = 1.0):
+        super().__init__()
+        self.segmentation, self.num_classes, self.weight = segmentation, num_classes, float(weight)
+
+    def forward(self, logits: Tensor | Sequence[Tensor], target: Tensor, interior: Tensor) -> Tensor:
+        outputs = [logits] if isinstance(logits, Tensor) else list(logits)
+        if outputs[0].shape[1] != self.num_classes + 1:
+            raise ValueError(f"logits have {outputs[0].shape[1]} channels, expected {self.num_classes} classes "
+                             "and the interior")
+        classes = [o[:, :self.num_classes] for o in outputs]
+        seg = self.segmentation(classes[0] if isinstance(logits, Tensor) else classes, target)
+        with torch.autocast(device_type=outputs[0].device.type, enabled=False):
+            extra = F.binary_cross_entropy_with_logits(outputs[0][:, self.num_classes].float(), interior.float())
+        return seg + self.weight * extra
+
+
 def deep_supervision_weights(n: int, scheme: str = "halving") -> list[float]:
     """Weights of ``n`` outputs, full resolution first: 1, 1/2, 1/4, ... normalized to sum 1. With more than
     two outputs the coarsest gets 0, as in nnU-Net: it is too coarse to say anything about thin structures."""

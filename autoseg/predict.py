@@ -22,17 +22,18 @@ def predict(model: Path | str, input: Path | str, output: Path | str, *, configu
             overlap: float = 0.5, tile_batch: int | None = None, save_probabilities: bool = False,
             jobs: int = 1, progress: bool = True, report: Callable[[str], None] | None = None,
             report_model: Callable[[str], None] | None = None, storage: str = "float16",
-            allow_large: bool = False) -> PredictionSummary:
+            allow_large: bool = False, instances: bool | None = None) -> PredictionSummary:
     """Segment the cases of ``input`` into ``output`` with the selected model of ``model`` (a workdir: plans.json
     and runs/; or a bundle file, :mod:`autoseg.bundle`); see :meth:`Predictor.predict_files` for INPUT and
     OUTPUT. The model is the selected one (an ensemble when selection chose one) unless ``configuration``
     forces one. A case whose resampling would need more memory than this machine has available is refused
     (one line) unless ``allow_large``; inputs unlike anything the model saw are predicted with a warning,
-    logged and kept in the summary's ``warnings``."""
+    logged and kept in the summary's ``warnings``. ``instances`` (None: on for a model whose dataset has
+    instance classes) also writes ``output/instances/`` and ``output/instances.csv``."""
     model = Path(model)
     check_writable(output, folder=True, what="predictions")  # before the model loads (inputs: once cases are known)
     options = dict(mirror=mirror, overlap=overlap, tile_batch=tile_batch, progress=progress, storage=storage,
-                   allow_large=allow_large)
+                   allow_large=allow_large, instances=instances)
     if model.is_file():
         predictor = load_bundle(model).predictor(configuration, folds, device, **options)
     elif not Workdir(model).plans_file.is_file():

@@ -129,11 +129,13 @@ def output_files(case: InputCase, output: Path, save_probabilities: bool) -> lis
     return files + [Path(output) / f"{case.id}.npz"] if save_probabilities else files
 
 
-def check_outputs(cases: list[InputCase], output: Path, save_probabilities: bool) -> None:
+def check_outputs(cases: list[InputCase], output: Path, save_probabilities: bool, instances: bool = False) -> None:
     """Refuse, before the first case is predicted, an OUTPUT folder that cannot be written or a prediction
-    that would replace one of the input images (``scan.nii.gz`` predicted into its own folder)."""
+    that would replace one of the input images (``scan.nii.gz`` predicted into its own folder); with
+    ``instances`` the instance maps (``OUTPUT/instances/CASE<ending>``) count too."""
     check_writable(output, folder=True, what="predictions")
-    check_not_inputs([f for case in cases for f in output_files(case, output, save_probabilities)],
+    extra = [output / "instances" / f"{case.id}{case.ending}" for case in cases] if instances else []
+    check_not_inputs([f for case in cases for f in output_files(case, output, save_probabilities)] + extra,
                      [p for case in cases for p in case.images], "give another OUTPUT folder")
 
 

@@ -86,9 +86,11 @@ def sliding_window(model: nn.Module, data: np.ndarray | torch.Tensor, patch: Seq
                    ndim: int, device: str | torch.device = "cpu", overlap: float = 0.5,
                    mirror_axes: Sequence[int] = (), tile_batch: int = 4, precision: str = "fp32",
                    channels_last: bool = False, progress=None, out: torch.Tensor | None = None,
-                   scale: float = 1.0, activation: str = "softmax") -> torch.Tensor:
+                   scale: float = 1.0, activation: str = "softmax", extra: int = 0) -> torch.Tensor:
     """Class probabilities ``(num_classes, Z, Y, X)`` (on CPU) of a preprocessed case ``(C, Z, Y, X)``;
     ``activation`` "sigmoid" gives each channel's own probability (region models) instead of the softmax.
+    The last ``extra`` of the ``num_classes`` channels are outputs of their own (the interior of each object,
+    :mod:`autoseg.instances`): each through a sigmoid, outside the classes' softmax.
 
     With ``out`` (a CPU tensor of that shape, float32 or float16), ``scale`` times the probabilities are
     added into it and it is returned: the folds of a model add ``1 / folds`` each into one buffer. Without
@@ -127,7 +129,7 @@ def sliding_window(model: nn.Module, data: np.ndarray | torch.Tensor, patch: Seq
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
                 y = model(torch.flip(tiles, dims) if dims else tiles)
             y = y[0] if isinstance(y, (list, tuple)) else y
-            y = torch.softmax(y.float(), 1) if activation == "softmax" else torch.sigmoid(y.float())
+            y = _activate(y.float(), activation, extra)
             y = torch.flip(y, dims) if dims else y
             probs = y if probs is None else probs.add_(y)
         probs = probs.cpu()
@@ -141,6 +143,12 @@ def sliding_window(model: nn.Module, data: np.ndarray | torch.Tensor, patch: Seq
         if progress is not None:
             progress(len(group))
     return out
+
+
+def _activate(y: torch.Tensor, activation: str, extra: int) -> torch.Tensor:
+    classes = y[:, :y.shape[1] - extra]
+    classes = torch.softmax(classes, 1) if activation == "softmax" else torch.sigmoid(classes)
+    return torch.cat([classes, torch.sigmoid(y[:, y.shape[1] - extra:])], 1) if extra else classes
 
 
 def _read_tile(data: np.ndarray | torch.Tensor, start: Sequence[int], patch: Sequence[int],

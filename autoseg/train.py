@@ -33,7 +33,7 @@ from autoseg.crossval import load_splits
 from autoseg.device import AUTOCAST
 from autoseg.distributed import DistContext
 from autoseg.errors import UserError
-from autoseg.losses import build_loss
+from autoseg.losses import InteriorLoss, build_loss
 from autoseg.nets import build_network, training_outputs
 from autoseg.regions import region_masks
 from autoseg.schema.plans import Augmentation, Configuration, Optimizer, Plans
@@ -130,14 +130,14 @@ def _with_losses(state: dict, losses: list[torch.Tensor], carried: tuple[float, 
     return {**state, "loss_sum": total, "loss_steps": len(losses) + carried[1]}
 
 
-def _forward_loss(model, loss_fn, data, target, dev, precision, instances=None):
+def _forward_loss(model, loss_fn, data, target, dev, precision, interior=None, instances=None):
     amp = AUTOCAST.get(precision)
     with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
         # a network that computes its own losses (Mask R-CNN) takes the target (and the instance map, where the
         # dataset has one) and returns its loss terms
         out = (model(data, target, instances) if getattr(unwrap(model), "trains_on_targets", False)
                else model(data))
-    return out, loss_fn(out, target)
+    return out, loss_fn(out, target) if interior is None else loss_fn(out, target, interior)
 
 
 class Trainer:
@@ -208,6 +208,8 @@ class Trainer:
         scaler = torch.amp.GradScaler(dev.type) if cfg.precision == "fp16" and dev.type == "cuda" else None
         n_outputs = training_outputs(cfg.network, plans.in_channels, plans.num_classes, cfg.ndim)
         loss_fn = build_loss(cfg.loss, plans.num_classes, plans.ignore_label, n_outputs, plans.regions)
+        if cfg.network.instance_outputs:  # the touching-object formulation: the interior output trains too
+            loss_fn = InteriorLoss(loss_fn, plans.num_classes, cfg.instances.interior_weight)
 
         state, start = self._resume(model, optimizer, scaler)
         if start == 0 and state.get("init_weights") and dist.is_main:
@@ -320,10 +322,11 @@ class Trainer:
                 batch = next(it)
                 data = batch["data"].to(dev, non_blocking=True)
                 target = batch["target"].to(dev, non_blocking=True).long()
+                interior = batch["interior"].to(dev, non_blocking=True) if "interior" in batch else None
                 if fmt is not None:
                     data = data.contiguous(memory_format=fmt)
                 instances = batch["instances"].to(dev, non_blocking=True) if "instances" in batch else None
-                _, loss = _forward_loss(model, loss_fn, data, target, dev, cfg.precision, instances)
+                _, loss = _forward_loss(model, loss_fn, data, target, dev, cfg.precision, interior, instances)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -423,7 +426,7 @@ class Trainer:
             with torch.autocast(dist.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 out = net(data)
             out = out[0] if isinstance(out, (list, tuple)) else out
-            scores.update(out.float(), target, self.plans.ignore_label)
+            scores.update(out[:, :self.plans.num_classes].float(), target, self.plans.ignore_label)
         net.train()
         return scores.dice()
 

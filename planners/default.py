@@ -76,13 +76,15 @@ def configure(name: str, ndim: int, spacing: list[float], median_shape: list[int
     val_every = max(50, min(r.steps // 10, 1000))
     slice_mm = rules.permute(fp.median_spacing, order)[0] if ndim == 2 and fp.ndim == 3 else 1.0
     opt, why = rules.optimizer(fp, r.patch_size, spacing, slice_mm)
+    instances, _ = rules.instances(fp)
+    network = replace(r.network, instance_outputs=1 if instances.method == "watershed" else 0)
     cfg = Configuration(
         name=name, ndim=ndim, spacing=[round(x, 6) for x in spacing], median_shape=median_shape,
         patch_size=r.patch_size, batch_size=r.batch_size, normalization=rules.normalization(fp),
-        resampling=rules.resampling(spacing), network=r.network, loss=loss(fp), optimizer=opt,
+        resampling=rules.resampling(spacing), network=network, loss=loss(fp), optimizer=opt,
         schedule=Schedule(steps=r.steps, val_every=val_every, checkpoint_every_s=budget.checkpoint_interval(run_s)),
         augmentation=rules.augmentation(ndim, r.patch_size, spacing), sampling=rules.sampling(fp),
-        precision=r.precision, channels_last=r.channels_last, measured=r.measured)
+        precision=r.precision, channels_last=r.channels_last, measured=r.measured, instances=instances)
     return cfg, [f"{name}: {line}" for line in [*r.log, *([why] if why else [])]], r.precision_choice
 
 
@@ -137,7 +139,7 @@ def plan_with(fp: Fingerprint, ctx: PlanningContext, s: Settings = DEFAULT) -> P
                  device=ctx.device.to_dict(), budget_s=ctx.budget_s, configurations=configs,
                  axis_order=order if fp.ndim == 3 else list(range(fp.ndim)), channel_names=list(fp.channel_names),
                  labels=dict(fp.labels), regions_class_order=list(fp.regions_class_order), file_ending=fp.file_ending,
-                 folds=ctx.folds, train_runs=runs, notes=notes + region_notes(fp),
+                 folds=ctx.folds, train_runs=runs, notes=notes + region_notes(fp) + instance_notes(fp),
                  instance_classes=list(fp.instance_classes))
 
 
@@ -148,6 +150,11 @@ def region_notes(fp: Fingerprint) -> list[str]:
     named = ", ".join(f"{n} {list(v)}" for n, v in regions.items())
     return [f"regions: one sigmoid output per region ({named}), loss dice_bce, label map painted in "
             f"regions_class_order {fp.regions_class_order}"]
+
+
+def instance_notes(fp: Fingerprint) -> list[str]:
+    _, note = rules.instances(fp)
+    return [note] if note else []
 
 
 @register_planner("default")

@@ -214,3 +214,116 @@ def test_datasets_without_instances_cache_and_load_exactly_as_before(tiny_datase
     assert config_hash(cfg, plans, None, (1,)) != config_hash(cfg, plans, None)  # instances enter only when there
     batch = BatchMaker(folder, ["case000", "case001"], cfg, seed=0).make(0)
     assert set(batch) == {"data", "target"} and batch["target"].dtype == np.int16
+
+
+# --- training and prediction -------------------------------------------------------------------------------
+
+
+def trained_workdir(root: Path, method: str, steps: int = 12) -> tuple[Path, Path]:
+    """The cell dataset, a hand plan with ``method``, preprocessed, fold 0 trained for ``steps`` steps."""
+    from dataclasses import replace
+
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.preprocess import preprocess
+    from autoseg.schema.plans import Instances, Schedule
+    from autoseg.train import Trainer
+    from autoseg.workdir import Workdir
+
+    ds = write_instance_dataset(root / "Dataset904_Cells", cases=4)
+    fp = extract_fingerprint(ds, jobs=1)
+    plans = hand_plans(fp)
+    cfg = plans.configurations["2d"]
+    plans.configurations["2d"] = replace(
+        cfg, spacing=[1.0, 1.0], instances=Instances(method=method), schedule=Schedule(steps=steps, val_every=steps),
+        network=replace(cfg.network, instance_outputs=int(method == "watershed")))
+    if method == "components":  # a plan without instance classes: instances only when asked for
+        plans.instance_classes = []
+    else:
+        plans.instance_classes = list(fp.instance_classes)
+    work = Workdir(root / "work")
+    work.save_plans(plans)
+    work.save_fingerprint(fp)
+    preprocess(ds, work.root, plans, fp, jobs=1)
+    Trainer(work.root, "2d", 0, steps=steps, workers=0, device="cpu", progress=False).fit()
+    return ds, work.root
+
+
+def test_the_interior_output_trains_and_predict_returns_labels_instances_and_their_table(tmp_path):
+    from autoseg.inference import Predictor
+    from autoseg.io import read_images
+
+    ds, work = trained_workdir(tmp_path, "watershed")
+    predictor = Predictor.from_workdir(work, folds=[0], device="cpu", mirror="off")
+    assert predictor.instances  # the plan has instance classes: on by default
+    images, geometry = read_images([ds / "imagesTs" / "cell04_0000.png"])
+    result = predictor.predict(images, geometry, case_id="cell04")
+    assert result.labels.shape == result.instances.shape == images.shape[1:]
+    assert result.instances.dtype == np.int32
+    assert np.array_equal(result.instances > 0, np.isin(result.labels, [1, 2]))  # every object voxel has an id
+    assert [r.instance for r in result.table] == np.unique(result.instances)[1:].tolist()
+    seg, _ = predictor.predict_case(images, geometry)  # the semantic path is unchanged
+    assert np.array_equal(seg, result.labels)
+
+    from autoseg.bundle import load_bundle, pack_bundle
+
+    bundle = load_bundle(pack_bundle(work, tmp_path / "cells.autoseg", configuration="2d"))
+    labels, geom, objects = bundle.predict(images, geometry, device="cpu", mirror="off")
+    assert np.array_equal(labels, result.labels) and np.array_equal(objects, result.instances)
+
+
+def test_instances_on_request_for_a_model_without_instance_classes_are_components(tmp_path):
+    from autoseg.inference import Predictor
+    from autoseg.io import read_images
+
+    ds, work = trained_workdir(tmp_path, "components")
+    assert not Predictor.from_workdir(work, folds=[0], device="cpu", mirror="off").instances
+    predictor = Predictor.from_workdir(work, folds=[0], device="cpu", mirror="off", instances=True)
+    images, geometry = read_images([ds / "imagesTs" / "cell04_0000.png"])
+    result = predictor.predict(images, geometry)
+    assert np.array_equal(result.instances, instances_from_labels(result.labels, [1, 2]))
+    out = tmp_path / "pred"
+    summary = predictor.predict_files(ds / "imagesTs", out)
+    assert summary.cases == 1 and (out / "instances" / "cell04.png").is_file()
+    assert (out / "instances.csv").read_text().splitlines()[0] == (
+        "case,instance,class,voxels,volume_mm3,centroid_x,centroid_y,centroid_z,bbox,mean_probability")
+
+
+# --- end to end -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_plan_train_predict_on_touching_nuclei_writes_instance_maps_in_the_input_geometry(tmp_path, capsys):
+    """From the CLI: the plan chooses the touching-object formulation (every training nucleus touches one),
+    a few dozen steps train it, and predict writes the label map, the instance map (the input's size and
+    geometry) and instances.csv."""
+    import csv
+
+    import SimpleITK as sitk
+
+    from autoseg.cli import run as main
+    from autoseg.schema.plans import Plans
+
+    ds = write_instance_dataset(tmp_path / "Dataset903_Cells", cases=4)
+    work, out = tmp_path / "work", tmp_path / "pred"
+    assert main(["-q", "plan", str(ds), "-w", str(work), "-j", "1", "--budget", "1m", "--device", "cpu"]) == 0
+    plans = Plans.load(work / "plans.json")
+    cfg = plans.configurations["2d"]
+    assert plans.instance_classes == ["nucleus", "small"]
+    assert cfg.instances.method == "watershed" and cfg.network.instance_outputs == 1
+    assert any(note.startswith("instances: 100% of the training instances touch") for note in plans.notes)
+    assert main(["-q", "train", str(ds), "-w", str(work), "--fold", "0", "--steps", "30", "--workers", "0",
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "predict", str(work), str(ds / "imagesTs"), str(out), "--device", "cpu"]) == 0
+    assert "instance(s) in" in capsys.readouterr().out
+    image = sitk.ReadImage(str(ds / "imagesTs" / "cell04_0000.png"))
+    inst = sitk.ReadImage(str(out / "instances" / "cell04.png"))
+    assert inst.GetSize() == image.GetSize() and inst.GetSpacing() == image.GetSpacing()
+    assert (out / "cell04.png").is_file()
+    rows = list(csv.DictReader((out / "instances.csv").open()))
+    ids = np.unique(sitk.GetArrayFromImage(inst))[1:]
+    assert [int(r["instance"]) for r in rows] == ids.tolist()
+    assert {r["class"] for r in rows} <= {"nucleus", "small"}
+    for r in rows:
+        assert int(r["voxels"]) == int((sitk.GetArrayFromImage(inst) == int(r["instance"])).sum())
+        assert 0.0 <= float(r["mean_probability"]) <= 1.0 and float(r["volume_mm3"]) == int(r["voxels"])

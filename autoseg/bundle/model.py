@@ -65,12 +65,15 @@ class Bundle:
         return Predictor(self.plans, names, weights, device, folds=chosen, **options)
 
     def predict(self, image: np.ndarray | Path | str | Sequence[Path | str], geometry: Geometry | None = None, *,
-                device: str | None = None, mirror: str = "auto") -> tuple[np.ndarray, Geometry]:
+                device: str | None = None, mirror: str = "auto", instances: bool | None = None) -> tuple:
         """Segment one case: an array ``(C, *spatial)`` (with its :class:`~autoseg.io.Geometry`; without it,
         the spacing the model was trained at is assumed) or an image file / one file per channel.
-        Returns the label map ``(*spatial)`` and the geometry it is in (the input's).
+        Returns the label map ``(*spatial)`` and the geometry it is in (the input's); for an instance model
+        (its dataset has instance classes) or with ``instances=True`` also the instance map ``(*spatial)``
+        (0 none, 1..N one object each) as a third element.
 
         >>> seg, geometry = load_bundle("model.autoseg").predict("case_0000.nii.gz")   # doctest: +SKIP
+        >>> seg, geometry, objects = load_bundle("nuclei.autoseg").predict("cell_0000.png")   # doctest: +SKIP
         """
         from autoseg.io import read_images
 
@@ -85,8 +88,11 @@ class Bundle:
         key = (device, mirror)
         if key not in self._predictors:
             self._predictors[key] = self.predictor(device=device, mirror=mirror)
-        seg, _ = self._predictors[key].predict_case(image, geometry, where=where)
-        return seg, geometry
+        predictor = self._predictors[key]
+        result = predictor.predict(image, geometry, instances=instances, where=where)
+        if result.instances is None:
+            return result.labels, geometry
+        return result.labels, geometry, result.instances
 
     def default_geometry(self, ndim: int) -> Geometry:
         """The identity geometry at the selected configuration's spacing, in the files' axis order."""
