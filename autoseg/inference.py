@@ -265,8 +265,12 @@ class Predictor:
         return CasePrediction(seg, inst, rows, maps if probabilities else None)
 
     def instance_map(self, seg: np.ndarray, prep: _Prepared) -> np.ndarray:
-        """Instances of a case's label map: the touching-object split where members learned an interior
-        (their mean interior map seeds a watershed), else the connected components of each class."""
+        """Instances of a case's label map: a Mask R-CNN member's detections (:meth:`detected`), else the
+        touching-object split where members learned an interior (their mean interior map seeds a watershed),
+        else the connected components of each class."""
+        detected = self.detected(prep, seg)
+        if detected is not None:  # a Mask R-CNN member: its own objects, mask-voted over its folds
+            return detected[0]
         interior = combine_interior(prep.outputs)
         classes = list(self.instance_classes)
         if interior is None:

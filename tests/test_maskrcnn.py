@@ -236,7 +236,7 @@ def test_plan_train_predict_a_maskrcnn_on_touching_nuclei_from_the_cli(tmp_path,
 
     from autoseg.cli import run
     from autoseg.inference import Predictor
-    from autoseg.io import read_images
+    from autoseg.io import read_images, read_label
     from autoseg.synth.core import generate
 
     ds = generate("nuclei", tmp_path / "nuclei", cases=4, size="tiny")
@@ -248,15 +248,16 @@ def test_plan_train_predict_a_maskrcnn_on_touching_nuclei_from_the_cli(tmp_path,
                 "--workers", "0", "-q"]) == 0
     assert (work / "model.autoseg").is_file()
     assert run(["predict", str(work / "model.autoseg"), str(ds / "imagesTs"), str(out), "--mirror", "off", "-q"]) == 0
-    images, geometry = read_images(sorted((ds / "imagesTs").glob("*_0000.png"))[0:1] +
-                                   sorted((ds / "imagesTs").glob("*_000[12].png"))[0:2])
+    case = sorted((ds / "imagesTs").glob("*_0000.png"))[0].name.removesuffix("_0000.png")
+    images, geometry = read_images([ds / "imagesTs" / f"{case}_000{c}.png" for c in range(3)])
+    written = read_label(out / "instances" / f"{case}.png")[0]
+    assert written.shape == images.shape[1:]
+    assert (out / "instances.csv").is_file()
     predictor = Predictor.from_workdir(work, mirror="off")
-    prep = predictor._run(predictor._preprocess(images, geometry, "test"), geometry)
-    seg, _ = predictor._export(prep, False)
-    instance_map, objects = predictor.detected(prep, seg)
-    assert instance_map.shape == seg.shape == images.shape[1:]
-    assert instance_map.max() == len(objects)
-    for i, obj in enumerate(objects, start=1):
-        assert (seg[instance_map == i] == obj["label"]).all()
+    got = predictor.predict(images, geometry, instances=True, case_id=case)
+    np.testing.assert_array_equal(got.instances, written)
+    seg = got.labels
+    for i in range(1, int(got.instances.max()) + 1):  # one class per object, the label map's
+        assert len(np.unique(seg[got.instances == i])) == 1 and seg[got.instances == i][0] > 0
     if importlib.util.find_spec("onnxruntime") is not None:
         assert run(["export", str(work / "model.autoseg"), "--onnx", str(tmp_path / "onnx")]) == 0
