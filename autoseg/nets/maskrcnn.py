@@ -113,7 +113,10 @@ class InstanceSegmenter(nn.Module):
         check_config(cfg, 2)
         from autoseg.nets.torchvision_ops import import_torchvision
 
-        import_torchvision()
+        try:
+            import_torchvision()
+        except ModuleNotFoundError as e:  # a bundle or plan with a Mask R-CNN on a machine without the extra
+            raise UserError(f"network family maskrcnn: {e}") from None
         from torchvision.models.detection import MaskRCNN
         from torchvision.models.detection.anchor_utils import AnchorGenerator
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -256,11 +259,13 @@ def vote_instances(per_fold: list[list[Detection]], min_score: float = 0.5) -> t
     everything = sorted((d for dets in per_fold for d in dets), key=lambda d: -d.score)
     for d in everything:
         binary = d.mask > MASK_THRESHOLD
+        box = _box(binary)
         for c in clusters:
-            if c["label"] != d.label or d.fold in c["folds"]:
+            if c["label"] != d.label or d.fold in c["folds"] or not _overlap(box, c["box"]):
                 continue
-            inter = np.logical_and(binary, c["binary"]).sum()
-            union = np.logical_or(binary, c["binary"]).sum()
+            crop = tuple(slice(min(a, b), max(e, f)) for a, e, b, f in zip(box[0], box[1], c["box"][0], c["box"][1]))
+            inter = np.logical_and(binary[crop], c["binary"][crop]).sum()
+            union = np.logical_or(binary[crop], c["binary"][crop]).sum()
             if union and inter / union > VOTE_IOU:
                 c["folds"].add(d.fold)
                 c["score"] += d.score
@@ -268,7 +273,7 @@ def vote_instances(per_fold: list[list[Detection]], min_score: float = 0.5) -> t
                 break
         else:
             clusters.append({"label": d.label, "folds": {d.fold}, "score": d.score, "mask": d.mask.astype(np.float32),
-                             "binary": binary})
+                             "binary": binary, "box": box})
     shape = everything[0].mask.shape if everything else (0, 0)
     instance_map = np.zeros(shape, np.int32)
     objects: list[dict] = []
@@ -282,6 +287,18 @@ def vote_instances(per_fold: list[list[Detection]], min_score: float = 0.5) -> t
         objects.append({"label": c["label"], "score": float(score)})
         instance_map[pixels] = len(objects)
     return instance_map, objects
+
+
+def _box(binary: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Lower and upper (exclusive) corner of a mask's pixels; an empty box for an empty mask."""
+    if not binary.any():
+        return (0,) * binary.ndim, (0,) * binary.ndim
+    where = [np.nonzero(binary.any(axis=tuple(a for a in range(binary.ndim) if a != k)))[0] for k in range(binary.ndim)]
+    return tuple(int(w[0]) for w in where), tuple(int(w[-1]) + 1 for w in where)
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    return all(lo1 < hi2 and lo2 < hi1 for lo1, hi1, lo2, hi2 in zip(a[0], a[1], b[0], b[1]))
 
 
 def detections_of(model: InstanceSegmenter, image: torch.Tensor, fold: int) -> list[Detection]:
