@@ -2,7 +2,8 @@
 
 Each fold's network becomes one file that maps a preprocessed batch ``(N, C, *spatial)`` (float32,
 normalized, at the configuration's spacing; spatial sizes are dynamic, multiples of the network's
-stride, e.g. the patch size) to logits ``(N, K, *spatial)``. What surrounds the network in
+stride, e.g. the patch size) to logits ``(N, K, *spatial)``. A Mask R-CNN fold (family ``maskrcnn``, ONNX only) maps one
+preprocessed 2D image ``(C, Y, X)`` to its detections (boxes, labels, scores, masks) instead. What surrounds the network in
 :mod:`autoseg.predict` goes beside it as JSON, for the deployment to reproduce::
 
     DIR/plans.json           axis order, the configuration's spacing, normalization (ct statistics filled),
@@ -31,6 +32,16 @@ from autoseg.artifacts import dumps_json, header
 from autoseg.errors import UserError
 
 PARITY_TOL = 1e-4
+DETECTION_OUTPUTS = ["boxes", "labels", "scores", "masks"]
+DETECTION_STEPS = [
+    "per fold, the detector on one preprocessed 2D image (C, Y, X) (its own padding to the network's stride): boxes "
+    "(N, 4) x1 y1 x2 y2 in pixels, labels (N,), scores (N,), masks (N, 1, Y, X) soft",
+    "label map: per class the highest score x mask of its detections, background 1 minus the highest; the sliding "
+    "window, fold mean, restore and argmax as for the other families (steps above)",
+    "instance map: the folds' detections merged by mask voting (autoseg.nets.maskrcnn.vote_instances: IoU > 0.5 "
+    "within a class, summed score / folds >= 0.5, mean mask > 0.5), painted by descending score, restored with "
+    "nearest neighbour, each object kept where the label map has its class",
+]
 PIPELINE = [
     "read the channels as (C, *spatial) in the order of plans.json channel_names",
     "transpose the spatial axes by plans.json axis_order",
@@ -104,6 +115,52 @@ def _onnx_diff(path: Path, x: torch.Tensor, reference: np.ndarray) -> float:
     return float(np.abs(out - reference).max())
 
 
+def _export_detector(net: torch.nn.Module, cfg, in_channels: int, path: Path, check: bool,
+                     gen: torch.Generator) -> tuple[dict, str]:
+    """A Mask R-CNN fold's detector to ONNX (legacy exporter: torchvision's nms and roi_align map to ONNX's
+    NonMaxSuppression and a GridSample), checked on an image of another size than the traced one: same number of
+    detections, boxes, scores and masks within :data:`PARITY_TOL` (times the image size for boxes)."""
+    detector = net.detector
+    spatial = list(cfg.patch_size)
+    example = torch.randn(in_channels, *spatial, generator=gen)
+    dynamic = {"image": {1: "y", 2: "x"}, "boxes": {0: "n"}, "labels": {0: "n"}, "scores": {0: "n"},
+               "masks": {0: "n", 2: "y", 3: "x"}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(detector, ([example],), str(path), input_names=["image"],
+                              output_names=DETECTION_OUTPUTS, dynamic_axes=dynamic, opset_version=17, dynamo=False)
+    except ImportError as e:
+        raise _missing(f"a package torch.onnx needs ({e.name or e})") from e
+    entry = {"file": path.name, "input": {"name": "image", "shape": [in_channels, "y", "x"], "dtype": "float32",
+                                          "traced_shape": [in_channels, *spatial]},
+             "output": {"names": DETECTION_OUTPUTS, "kind": "detections"}}
+    line = f"wrote {path}"
+    if not check:
+        return entry, line
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise _missing("onnxruntime") from e
+    x = torch.randn(in_channels, *_parity_shape(spatial, cfg.network.strides), generator=gen)
+    with torch.no_grad():
+        ref = detector([x])[0]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(DETECTION_OUTPUTS,
+                                                                                  {"image": x.numpy()})
+    if got[0].shape[0] != ref["boxes"].shape[0]:
+        raise UserError(f"{path}: parity check failed: {got[0].shape[0]} detections, PyTorch {ref['boxes'].shape[0]} "
+                        f"on random input {list(x.shape)}; do not deploy this file")
+    d = max([float(np.abs(got[0] - ref["boxes"].numpy()).max(initial=0.0)) / max(x.shape[1:])]
+            + [float(np.abs(g - ref[k].numpy()).max(initial=0.0)) for g, k in zip(got[2:], ("scores", "masks"))])
+    entry["parity"] = {"input_shape": list(x.shape), "max_abs_diff": d, "tolerance": PARITY_TOL,
+                       "detections": int(got[0].shape[0])}
+    if not d <= PARITY_TOL or not np.array_equal(got[1], ref["labels"].numpy()):
+        raise UserError(f"{path}: parity check failed: max |onnx - PyTorch| = {d:.3g} > {PARITY_TOL:g} (or other "
+                        f"labels) on random input {list(x.shape)}; do not deploy this file")
+    return entry, line + (f" (parity with PyTorch on {list(x.shape)}: {int(got[0].shape[0])} detections, max |diff| "
+                          f"{d:.2g} <= {PARITY_TOL:g})")
+
+
 def _export_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -137,6 +194,10 @@ def export_bundle(bundle: Path | str, onnx_dir: Path | str | None = None, torchs
             import onnxruntime  # noqa: F401  (fail before any work)
         except ImportError as e:
             raise _missing("onnxruntime") from e
+    detectors = [n for n in b.weights if b.plans.configurations[n].network.family == "maskrcnn"]
+    if detectors and "torchscript" in targets:
+        raise UserError(f"{bundle}: configuration {detectors[0]} is a Mask R-CNN, which TorchScript does not trace "
+                        "(its detections vary in number); export it with --onnx DIR")
     lines = []
     gen = torch.Generator().manual_seed(seed)
     for kind, out in targets.items():
@@ -149,6 +210,12 @@ def export_bundle(bundle: Path | str, onnx_dir: Path | str | None = None, torchs
                 net = build_network(cfg.network, b.plans.in_channels, b.plans.num_classes, cfg.ndim)
                 net.load_state_dict(state)
                 net.eval()
+                if cfg.network.family == "maskrcnn":
+                    entry, line = _export_detector(net, cfg, b.plans.in_channels, out / f"{name}_fold_{fold}{suffix}",
+                                                   check, gen)
+                    models.append({"configuration": name, "fold": fold, **entry})
+                    lines.append(line)
+                    continue
                 spatial = list(cfg.patch_size)
                 example = torch.randn(1, b.plans.in_channels, *spatial, generator=gen)
                 path = out / f"{name}_fold_{fold}{suffix}"
@@ -180,7 +247,7 @@ def export_bundle(bundle: Path | str, onnx_dir: Path | str | None = None, torchs
                 "configuration": b.configuration, "channels": b.plans.channel_names, "labels": b.plans.labels,
                 **({"regions": _regions(b.plans)} if b.plans.regions else {}),
                 "ensemble": "mean of the folds' probabilities per configuration; sum over the manifest's ensemble",
-                "pipeline": pipeline(b.plans), "models": models}
+                "pipeline": pipeline(b.plans) + (DETECTION_STEPS if detectors else []), "models": models}
         (out / "export.json").write_text(dumps_json(info))
         lines.append(f"wrote {out / 'export.json'}, {PLANS_MEMBER}, {POSTPROCESSING} and {CARD} beside the models")
     return lines

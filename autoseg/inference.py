@@ -49,6 +49,7 @@ import torch
 
 from autoseg.artifacts import atomic_write_bytes, write_probabilities
 from autoseg.checkpoint import load_weights
+from autoseg.detected_instances import agree_with_labels, detected_instances, is_detector
 from autoseg.device import AUTOCAST, precision_on, resolve_device, sync
 from autoseg.ensemble import (
     STORAGE,
@@ -119,6 +120,8 @@ class _Prepared:
 
     outputs: list[MemberOutput]
     geometry: Geometry
+    # a Mask R-CNN member's preprocessed image (2D: small), kept for its detections (:meth:`Predictor.detected`)
+    detector_input: tuple[Member, np.ndarray, dict] | None = None
 
 
 class Predictor:
@@ -262,8 +265,12 @@ class Predictor:
         return CasePrediction(seg, inst, rows, maps if probabilities else None)
 
     def instance_map(self, seg: np.ndarray, prep: _Prepared) -> np.ndarray:
-        """Instances of a case's label map: the touching-object split where members learned an interior
-        (their mean interior map seeds a watershed), else the connected components of each class."""
+        """Instances of a case's label map: a Mask R-CNN member's detections (:meth:`detected`), else the
+        touching-object split where members learned an interior (their mean interior map seeds a watershed),
+        else the connected components of each class."""
+        detected = self.detected(prep, seg)
+        if detected is not None:  # a Mask R-CNN member: its own objects, mask-voted over its folds
+            return detected[0]
         interior = combine_interior(prep.outputs)
         classes = list(self.instance_classes)
         if interior is None:
@@ -327,13 +334,24 @@ class Predictor:
         """Each member's probabilities of one case; ``cases`` is emptied as it goes, so each preprocessed image
         is freed after its member's sliding window."""
         self._decide_mirror([data.shape[1:] for data, _ in cases])
-        outputs = []
+        outputs, detector = [], None
         for member in self.members:
             data, props = cases.pop(0)
             classes, interior = split_interior(self._probabilities(member, data), self.plans.num_classes)
             outputs.append(MemberOutput(classes, props, member.cfg, bool(self.plans.regions), interior))
+            if is_detector(member) and detector is None:
+                detector = (member, data, props)
             del data
-        return _Prepared(outputs, geometry)
+        return _Prepared(outputs, geometry, detector)
+
+    def detected(self, prep: _Prepared, seg: np.ndarray) -> tuple[np.ndarray, list[dict]] | None:
+        """The instance map of a model with a Mask R-CNN member (its first): the folds' detections mask-voted,
+        in the input's array, each object on the pixels ``seg`` (the case's label map) gives its class; with
+        per id its class and score. None for other models."""
+        if prep.detector_input is None:
+            return None
+        member, data, props = prep.detector_input
+        return agree_with_labels(*detected_instances(member, self.plans, data, props, self.device), seg)
 
     def _export(self, prep: _Prepared, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         seg, maps = combine(prep.outputs, probabilities, self.plans.regions_class_order if self.plans.regions else (),

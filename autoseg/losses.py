@@ -40,6 +40,7 @@ LOSSES: Registry[LossBuilder] = Registry("loss", LOSS_NAMES)
 SMOOTH = 1e-5
 TOPK_SHARE = 0.1  # the TopK loss averages cross-entropy over the hardest 10 % of voxels (nnU-Net's k)
 FOCAL_GAMMA = 2.0
+MODEL_LOSSES = {"maskrcnn"}  # networks that return their own loss terms (``model(images, target)``)
 
 
 def build_loss(cfg: Loss, num_classes: int, ignore_label: int | None = None,
@@ -55,6 +56,8 @@ def build_loss(cfg: Loss, num_classes: int, ignore_label: int | None = None,
     elif num_classes < 2:
         raise ValueError(f"num_classes counts background and must be >= 2, got {num_classes}")
     builder = LOSSES[cfg.name]
+    if cfg.name in MODEL_LOSSES:  # the network computes its own losses from the target
+        return builder(cfg)
     weights = deep_supervision_weights(deep_supervision_scales, cfg.ds_weights)
     return SegmentationLoss(builder(cfg), num_classes, ignore_label, weights, regions)
 
@@ -296,3 +299,15 @@ def _dice_topk(cfg: Loss) -> nn.Module:
 @LOSSES.register("dice_bce")
 def _dice_bce(cfg: Loss) -> nn.Module:
     return RegionDiceBCELoss(cfg.batch_dice)
+
+
+class LossDictSum(nn.Module):
+    """The sum of the loss terms a network returns itself (Mask R-CNN: RPN objectness and boxes, class, box, mask)."""
+
+    def forward(self, terms: dict[str, Tensor], target: Tensor | None = None) -> Tensor:
+        return sum(terms.values(), next(iter(terms.values())).new_zeros(()))
+
+
+@LOSSES.register("maskrcnn")
+def _maskrcnn(cfg: Loss) -> nn.Module:
+    return LossDictSum()

@@ -130,10 +130,13 @@ def _with_losses(state: dict, losses: list[torch.Tensor], carried: tuple[float, 
     return {**state, "loss_sum": total, "loss_steps": len(losses) + carried[1]}
 
 
-def _forward_loss(model, loss_fn, data, target, dev, precision, interior=None):
+def _forward_loss(model, loss_fn, data, target, dev, precision, interior=None, instances=None):
     amp = AUTOCAST.get(precision)
     with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-        out = model(data)
+        # a network that computes its own losses (Mask R-CNN) takes the target (and the instance map, where the
+        # dataset has one) and returns its loss terms
+        out = (model(data, target, instances) if getattr(unwrap(model), "trains_on_targets", False)
+               else model(data))
     return out, loss_fn(out, target) if interior is None else loss_fn(out, target, interior)
 
 
@@ -322,7 +325,8 @@ class Trainer:
                 interior = batch["interior"].to(dev, non_blocking=True) if "interior" in batch else None
                 if fmt is not None:
                     data = data.contiguous(memory_format=fmt)
-                _, loss = _forward_loss(model, loss_fn, data, target, dev, cfg.precision, interior)
+                instances = batch["instances"].to(dev, non_blocking=True) if "instances" in batch else None
+                _, loss = _forward_loss(model, loss_fn, data, target, dev, cfg.precision, interior, instances)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()

@@ -8,6 +8,9 @@
 - patch: from a mm-cube of the image, not below what holds the 95th-percentile object when the
   device allows; then width and batch fitted to measured step time and memory (autoseg.plan.fit)
 - normalization, resampling, sampling and augmentation from the fingerprint (autoseg.plan.rules)
+- 2D data with instance classes: a 2d_maskrcnn configuration beside 2d, when torchvision is installed
+  (autoseg.plan.maskrcnn: anchors from the instances' sizes, width and patch from measured steps); it is
+  offered, not trained by default (autoseg train --config 2d_maskrcnn)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from autoseg.plan import budget, rules
 from autoseg.plan.fit import FitRequest, fit
+from autoseg.plan.maskrcnn import configure_maskrcnn, maskrcnn_available
 from autoseg.plan.registry import PlanningContext, register_planner
 from autoseg.schema.fingerprint import Fingerprint
 from autoseg.schema.labels import regions_of
@@ -126,6 +130,11 @@ def plan_with(fp: Fingerprint, ctx: PlanningContext, s: Settings = DEFAULT) -> P
     configs["2d"], log, _ = configure("2d", 2, in_plane, shape2d, fp, order, run_s.get("2d", default_run_s), ctx, s,
                                       prec2d, trained="2d" in run_s)
     notes += log
+    if not is_3d and fp.instance_classes and maskrcnn_available():  # objects of their own: offer Mask R-CNN
+        values = [v for n, v in fp.labels.items() if n in fp.instance_classes and isinstance(v, int)]
+        configs["2d_maskrcnn"], log = configure_maskrcnn(configs["2d"], fp, values, ctx.device,
+                                                         run_s.get("2d_maskrcnn", default_run_s), num_classes(fp))
+        notes += log
     return Plans(dataset_name=fp.dataset_name, fingerprint_hash=fp.dataset_hash, planner=ctx.planner_name,
                  device=ctx.device.to_dict(), budget_s=ctx.budget_s, configurations=configs,
                  axis_order=order if fp.ndim == 3 else list(range(fp.ndim)), channel_names=list(fp.channel_names),

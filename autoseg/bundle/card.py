@@ -39,6 +39,11 @@ def model_card(manifest: dict[str, Any], plans: Plans) -> str:
               f"{'x'.join(map(str, cfg.patch_size))}, spacing {', '.join(f'{s:.3g}' for s in cfg.spacing)} mm",
               f"- folds {', '.join(map(str, folds))} (probabilities averaged)",
               "- post-processing: " + ("; ".join(describe(r, names) for r in rules) if rules else "none")]
+    if cfg.network.family == "maskrcnn":
+        lines.append("- Mask R-CNN (torchvision, `pip install 'autoseg[instances]'`): the label map from its detections "
+                     "painted as class probabilities; the instance map from the folds' detections, mask-voted")
+        lines.append("- export: `autoseg export --onnx DIR` writes each fold's detector (boxes, labels, scores, "
+                     "masks) with a parity check; TorchScript is not offered (the detections vary in number)")
     if len(manifest.get("ensemble", [])) > 1:
         lines.append(f"- ensemble: {' + '.join(manifest['ensemble'])}, probabilities averaged "
                      f"(`autoseg predict --config {name}` runs the first alone)")

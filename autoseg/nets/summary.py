@@ -53,6 +53,8 @@ def training_outputs(cfg: Network, in_channels: int, num_classes: int, ndim: int
     for s in cfg.strides:
         divisor = [a * b for a, b in zip(divisor, s)]
     with torch.device("meta"):
-        out = build_network(cfg, in_channels, num_classes, ndim).train()(
-            torch.empty(1, in_channels, *(2 * d for d in divisor)))  # > 1 voxel at the bottleneck for norms
+        model = build_network(cfg, in_channels, num_classes, ndim)
+        if getattr(model, "trains_on_targets", False):  # returns its own loss terms (Mask R-CNN)
+            return 1
+        out = model.train()(torch.empty(1, in_channels, *(2 * d for d in divisor)))  # > 1 voxel at the bottleneck
     return len(out) if isinstance(out, (list, tuple)) else 1

@@ -29,8 +29,8 @@ FORMAT_VERSION = 1
 
 # The component names a plans file may use, each built by the function registered under it
 # (autoseg.nets, autoseg.losses, autoseg.normalize; see autoseg.schema.registry, which adds new ones).
-NETWORK_FAMILIES = {"unet", "resenc_unet", "fcn", "deeplabv3plus"}
-LOSS_NAMES = {"dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice", "dice_topk", "dice_bce"}
+NETWORK_FAMILIES = {"unet", "resenc_unet", "fcn", "deeplabv3plus", "maskrcnn"}
+LOSS_NAMES = {"dice_ce", "dice", "jaccard", "ce", "focal", "focal_dice", "dice_topk", "dice_bce", "maskrcnn"}
 # losses of sigmoid outputs, one per region (region datasets train with one of these, label maps never do)
 REGION_LOSSES = {"dice_bce"}
 NORMALIZATION_SCHEMES = {"ct", "zscore", "rescale", "none"}
@@ -85,6 +85,11 @@ class Network:
     # output channels after the classes: 1 = each object's interior, the touching-object formulation
     # (Configuration.instances.method "watershed"); every builder gets num_classes + instance_outputs
     instance_outputs: int = 0
+    # Mask R-CNN (family maskrcnn): feature pyramid width, anchor size (pixels) per pyramid level and the
+    # pooled one, detections kept per image
+    fpn_channels: int = 0
+    anchor_sizes: list[int] = field(default_factory=list)
+    max_instances: int = 0
 
     @property
     def n_stages(self) -> int:
@@ -150,12 +155,12 @@ class Instances:
     (connected components per class) or ``watershed`` (the network's interior output seeds a watershed that
     parts touching objects; :mod:`autoseg.instances`). Datasets without instances keep the default."""
 
-    method: str = "components"  # components | watershed
+    method: str = "components"  # components | watershed | detections (Mask R-CNN's objects, folds mask-voted)
     interior_weight: float = 1.0  # weight of the interior output's loss beside the segmentation loss
     threshold: float = 0.5  # interior probability above which a voxel belongs to an object's seed
 
 
-INSTANCE_METHODS = {"components", "watershed"}
+INSTANCE_METHODS = {"components", "watershed", "detections"}  # detections: the maskrcnn family's own objects
 
 
 @dataclass
@@ -385,6 +390,12 @@ def _check_configuration(c: Configuration, where: str, channels: int = 0) -> Non
     if net.instance_outputs != wants:
         raise UserError(f"{where}.network.instance_outputs: instances.method '{c.instances.method}' needs "
                         f"{wants} (the interior output), got {net.instance_outputs}")
+    if (net.family == "maskrcnn") != (c.loss.name == "maskrcnn"):
+        raise UserError(f"{where}: network family {net.family} with loss {c.loss.name}: the maskrcnn family "
+                        "trains on its own loss, named maskrcnn, and no other family can")
+    if net.family == "maskrcnn" and c.instances.method != "detections":
+        raise UserError(f"{where}.instances.method: a maskrcnn network's instances are its detections "
+                        f"(method 'detections'), not '{c.instances.method}'")
     if c.precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"{where}.precision: expected fp32, bf16 or fp16, got '{c.precision}'")
     if c.schedule.steps < 1:
