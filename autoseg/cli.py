@@ -153,7 +153,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
     s = predict(a.model, a.input, a.output, configuration=a.config, folds=parse_folds(a.folds), device=a.device,
                 mirror=a.mirror, overlap=a.overlap, tile_batch=a.tile_batch,
                 save_probabilities=a.save_probabilities, jobs=a.jobs, progress=not a.quiet, report=report,
-                allow_large=a.allow_large,
+                allow_large=a.allow_large, series=a.series, output_format=a.output_format,
+                segment_codes=a.segment_codes,
                 report_model=lambda line: print(f"autoseg predict: {line}", file=sys.stderr))
     if s.mirror:
         print(f"autoseg predict: {s.mirror}", file=sys.stderr)
@@ -407,7 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the trained folds of its configuration(s), probabilities averaged. Each case is\n"
                                    "written as OUTPUT/CASE<ending> with the input's "
                                    "spacing, origin and direction. A case that does not fit the model gets one error\n"
-                                   "line and the others are still predicted (exit code 2 at the end).")
+                                   "line and the others are still predicted (exit code 2 at the end).\n\n"
+                                   "INPUT may be a folder of DICOM files (needs `pip install 'autoseg[dicom]'`): one\n"
+                                   "case, the only image series in it or the one --series names (one per channel for\n"
+                                   "a model of several); --output-format seg or rtstruct writes a DICOM object that\n"
+                                   "references that series, OUTPUT/<folder name>.seg.dcm or .rtstruct.dcm.")
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("input", type=Path, metavar="INPUT")
     p.add_argument("output", type=Path, metavar="OUTPUT")
@@ -429,6 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-large", action="store_true",
                    help="predict a case even when its resampling to the model's spacing needs more memory than "
                         "this machine has available (refused by default, with the size it would need)")
+    p.add_argument("--series", action="append", default=[], metavar="UID|DESCRIPTION|K=UID",
+                   help="DICOM input: the series to segment, by SeriesInstanceUID or SeriesDescription (needed when "
+                        "the folder holds several); a model of several channels takes one per channel: "
+                        "--series 0=UID --series 1=UID")
+    p.add_argument("--output-format", default=None,
+                   choices=("nii.gz", "nii", "nrrd", "mha", "mhd", "png", "bmp", "tif", "tiff", "seg", "rtstruct"),
+                   help="how predictions are written (default: the input's file format; for DICOM input the "
+                        "model's, else nii.gz); seg: a DICOM Segmentation, rtstruct: an RT Structure Set, both "
+                        "referencing the DICOM input series")
+    p.add_argument("--segment-codes", type=Path, default=None, metavar="FILE.json",
+                   help="coded category and type per class for DICOM output: {\"liver\": {\"category\": "
+                        "\"SCT:91723000:Anatomical Structure\", \"type\": \"SCT:10200004:Liver\"}} (default: a "
+                        "generic Tissue code, the class name as the segment label)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", parents=[common], help="score predictions against reference labels",

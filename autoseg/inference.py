@@ -52,7 +52,7 @@ from autoseg.checkpoint import load_weights
 from autoseg.device import AUTOCAST, precision_on, resolve_device, sync
 from autoseg.ensemble import STORAGE, Member, MemberOutput, combine, member_probabilities
 from autoseg.errors import UserError
-from autoseg.io import Geometry, read_images, write_label
+from autoseg.io import Geometry, write_label
 from autoseg.normalize import resolve_plans
 from autoseg.postprocess import apply_postprocessing, parse_rules, split_weights
 from autoseg.predict_inputs import (
@@ -61,6 +61,7 @@ from autoseg.predict_inputs import (
     check_outputs,
     check_size,
     find_cases,
+    read_case,
     unusual_input,
 )
 from autoseg.preprocess import preprocess_case
@@ -327,10 +328,17 @@ class Predictor:
     # --- files ---------------------------------------------------------------------------------------
     def predict_files(self, input: Path | str, output: Path | str, save_probabilities: bool = False,
                       jobs: int = 1, report: Callable[[str], None] | None = None,
-                      report_model: Callable[[str], None] | None = None) -> PredictionSummary:
+                      report_model: Callable[[str], None] | None = None, series: Sequence[str] = (),
+                      output_format: str | None = None, segment_codes: Mapping | None = None
+                      ) -> PredictionSummary:
         """Predict every case of ``input`` (a folder in the ``CASE_XXXX<ending>`` naming, or one file) into
         ``output/CASE<ending>`` with the input's spacing, origin and direction; with ``save_probabilities``
         also ``output/CASE.npz`` (``probabilities``: float16, ``(K, *spatial)``).
+
+        A folder of DICOM files is one case, named after the folder: the series ``series`` chooses
+        (:func:`autoseg.dicom.choose.choose_series`). ``output_format`` replaces the input's ending (``nii.gz``,
+        ``nrrd``, ...) or writes a DICOM object referencing the series (``seg``, ``rtstruct``; its segments
+        coded from ``segment_codes``, :func:`autoseg.dicom.seg.read_segment_codes`).
 
         OUTPUT is checked before the first case: a folder that cannot be written, or a prediction that would
         replace one of the input images (``case.nii.gz`` predicted into its own folder), is one
@@ -346,7 +354,7 @@ class Predictor:
 
         t0 = time.perf_counter()
         out = Path(output)
-        cases = find_cases(Path(input), self.plans)
+        cases = find_cases(Path(input), self.plans, series, output_format)
         if not cases:
             raise UserError(f"{input}: no images to predict (expected CASE_XXXX{self.plans.file_ending} files)")
         check_outputs(cases, out, save_probabilities)  # nothing written yet: a folder we cannot fill, an input
@@ -376,7 +384,7 @@ class Predictor:
                     fail(case, case.problem)
                     continue
                 try:
-                    images, geometry = read_images(case.images)
+                    images, geometry = read_case(case)
                     cases = self._preprocess(images, geometry, case.where, case.images)
                     if self.last_warnings:
                         summary.warnings[case.id] = list(self.last_warnings)
@@ -387,7 +395,7 @@ class Predictor:
                     continue
 
                 def job(prep: _Prepared = prep, case: InputCase = case) -> list[Path]:
-                    return self._write(prep, case, out, save_probabilities)
+                    return self._write(prep, case, out, save_probabilities, segment_codes)
 
                 if pool is None:
                     finish(case, job)
@@ -409,9 +417,20 @@ class Predictor:
         summary.seconds = time.perf_counter() - t0
         return summary
 
-    def _write(self, prep: _Prepared, case: InputCase, out: Path, save_probabilities: bool) -> list[Path]:
+    def _write(self, prep: _Prepared, case: InputCase, out: Path, save_probabilities: bool,
+               segment_codes: Mapping | None = None) -> list[Path]:
         seg, maps = self._export(prep, save_probabilities)
-        return self.write(seg, maps, prep.geometry, out, case.id, case.ending)
+        if case.dicom_format is None:
+            return self.write(seg, maps, prep.geometry, out, case.id, case.ending)
+        from autoseg.dicom.output import class_names, write_dicom_labels
+
+        names = class_names(self.plans.labels, self.plans.regions_class_order)
+        written = [write_dicom_labels(case.dicom_format, seg, case.series[0], names, out / f"{case.id}{case.ending}",
+                                      segment_codes)]
+        if maps is not None:
+            write_probabilities(maps, out / f"{case.id}.npz")
+            written.append(out / f"{case.id}.npz")
+        return written
 
 
 def _remove_empty(created: list[Path]) -> None:

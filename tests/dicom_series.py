@@ -108,6 +108,7 @@ def _slice(pixels: np.ndarray, modality: str, study: Study, series_uid: str, des
     ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, series_number, description
     ds.Modality, ds.Manufacturer = modality, "autoseg tests"
+    ds.PatientPosition, ds.BodyPartExamined = "HFS", "ABDOMEN"
     ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = study.frame_of_reference_uid, ""
     ds.InstanceNumber = k + 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
