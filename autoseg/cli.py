@@ -90,6 +90,13 @@ def cmd_convert_msd(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_dicom(a: argparse.Namespace) -> int:
+    from autoseg.dicom.convert import convert_dicom
+
+    print(convert_dicom(a.src, a.dst, jobs=a.jobs).summary())
+    return 0
+
+
 def cmd_plan(a: argparse.Namespace) -> int:
     from autoseg.workflow import plan_dataset, summary
 
@@ -546,6 +553,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", type=Path, metavar="DST")
     _add_jobs(p)
     p.set_defaults(func=cmd_convert_msd)
+
+    p = sub.add_parser("convert-dicom", parents=[common], help="import DICOM studies labelled by SEG or RTSTRUCT objects",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Convert the DICOM studies under SRC (any nesting, any file names) into a new\n"
+                                   "nnU-Net v2 dataset DST: each SEG or RTSTRUCT object is a case, its referenced\n"
+                                   "image series imagesTr/CASE_0000.nii.gz, its segments labelsTr/CASE.nii.gz on that\n"
+                                   "series' grid; classes named after the segments. The result is validated before\n"
+                                   "it is put in place. Needs `pip install 'autoseg[dicom]'`.")
+    p.add_argument("src", type=Path, metavar="SRC")
+    p.add_argument("dst", type=Path, metavar="DST")
+    _add_jobs(p)
+    p.set_defaults(func=cmd_convert_dicom)
     return parser
 
 
