@@ -95,3 +95,46 @@ def test_corrupt_and_non_dicom_files_are_one_line_naming_them(tmp_path):
     (tmp_path / "junk" / "IM0001").write_bytes(b"\x00" * 300)
     with pytest.raises(UserError, match=rf"^{tmp_path / 'junk' / 'IM0001'}: not a DICOM file"):
         find_series(tmp_path / "junk")
+
+
+def test_series_are_chosen_by_uid_or_description_and_never_guessed(tmp_path):
+    from autoseg.dicom.choose import choose_series
+    from autoseg.dicom.seg import write_seg
+
+    study = Study.new()
+    for k, name in enumerate(("T1", "T2", "t2")):
+        write_series(volume_image(_volume(k, low=0, high=900)), tmp_path / name, modality="MR", study=study,
+                     description=name, name_prefix=name)
+    found = find_series(tmp_path)
+    t1 = next(s for s in found.series if s.description == "T1")
+    assert choose_series(found, [t1.uid], ["MRI"]) == [t1]
+    assert choose_series(found, ["t1"], ["MRI"]) == [t1]  # case-insensitive when nothing matches exactly
+    assert [s.description for s in choose_series(found, ["1=T2", "0=t2"], ["T1", "T2"])] == ["t2", "T2"]
+    with pytest.raises(UserError, match="3 image series; choose one with --series"):
+        choose_series(found, [], ["MRI"])
+    with pytest.raises(UserError, match="map a series to each with --series 0=UID"):
+        choose_series(found, [], ["T1", "T2"])
+    with pytest.raises(UserError, match="no series for channel 1"):
+        choose_series(found, ["0=T1"], ["T1", "T2"])
+    with pytest.raises(UserError, match="say which channel each is"):
+        choose_series(found, ["T1", "T2"], ["T1", "T2"])
+    with pytest.raises(UserError, match="no series with that SeriesInstanceUID or description"):
+        choose_series(found, ["FLAIR"], ["MRI"])
+    labels = np.zeros((7, 12, 10), np.uint8)
+    labels[2:4, 3:6, 3:6] = 1
+    seg = write_seg(labels, t1, {1: "lesion"}, tmp_path / "seg" / "s.dcm")
+    found = find_series(tmp_path)
+    assert [o.modality for o in found.objects] == ["SEG"]
+    seg_series = found.objects[0].series_uid
+    with pytest.raises(UserError, match=rf"^{seg}: --series {seg_series}: a SEG object"):
+        choose_series(found, [seg_series], ["MRI"])
+
+
+def test_without_the_extra_the_error_names_it(monkeypatch, tmp_path):
+    import sys
+
+    from autoseg.dicom import require
+
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # what an environment without the package gives
+    with pytest.raises(UserError, match=r"needs highdicom, which is not installed: pip install 'autoseg\[dicom\]'"):
+        require("highdicom")

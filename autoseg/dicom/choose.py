@@ -27,6 +27,10 @@ def _match(found: DicomFolder, selector: str, flag: str) -> DicomSeries:
         if len(named) > 1:
             raise UserError(f"{found.root}: {flag}: {len(named)} series are described '{selector}'; give a "
                             f"SeriesInstanceUID instead: {_listing(named)}")
+    other = next((o for o in found.objects if o.series_uid == selector), None)
+    if other is not None:
+        raise UserError(f"{other.path}: {flag}: a {other.modality or 'DICOM'} object ({other.sop_class}), not an "
+                        f"image series; choose one of {_listing(found.series)}")
     raise UserError(f"{found.root}: {flag}: no series with that SeriesInstanceUID or description; found "
                     f"{_listing(found.series)}")
 

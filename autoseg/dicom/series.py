@@ -112,18 +112,20 @@ def _files(root: Path) -> list[Path]:
             p.relative_to(root).parts) and not p.name.lower().endswith(NOT_DICOM_ENDINGS)]
 
 
-def is_dicom_folder(path: Path | str) -> bool:
-    """Whether ``path`` is a folder whose first file (in name order, searched in depth) starts like a DICOM file
-    (the ``DICM`` marker after the 128-byte preamble): what ``autoseg predict`` reads as DICOM input."""
+def is_dicom_folder(path: Path | str, look_at: int = 20) -> bool:
+    """Whether ``path`` is a folder where one of the first ``look_at`` files (in name order, searched in depth)
+    starts like a DICOM file (the ``DICM`` marker after the 128-byte preamble): what ``autoseg predict`` reads
+    as DICOM input."""
     path = Path(path)
     if not path.is_dir():
         return False
-    for p in _files(path):
+    for p in _files(path)[:look_at]:
         try:
             with open(p, "rb") as f:
-                return f.read(132)[128:132] == b"DICM"
+                if f.read(132)[128:132] == b"DICM":
+                    return True
         except OSError:
-            return False
+            continue
     return False
 
 
