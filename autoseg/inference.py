@@ -422,11 +422,10 @@ class Predictor:
         seg, maps = self._export(prep, save_probabilities)
         if case.dicom_format is None:
             return self.write(seg, maps, prep.geometry, out, case.id, case.ending)
-        from autoseg.dicom.output import class_names, write_dicom_labels
+        from autoseg.dicom.output import write_dicom_labels
 
-        names = class_names(self.plans.labels, self.plans.regions_class_order)
-        written = [write_dicom_labels(case.dicom_format, seg, case.series[0], names, out / f"{case.id}{case.ending}",
-                                      segment_codes)]
+        written = [write_dicom_labels(case.dicom_format, seg, case.series[0], self.plans.labels,
+                                      out / f"{case.id}{case.ending}", segment_codes)]
         if maps is not None:
             write_probabilities(maps, out / f"{case.id}.npz")
             written.append(out / f"{case.id}.npz")

@@ -159,3 +159,30 @@ def test_bad_dicom_is_one_line_naming_the_file_and_nothing_is_written(ct, tmp_pa
     assert _predict(work, root / "nifti", out, "--output-format", "seg") == 2
     _one_error(capsys, "--output-format seg", "needs DICOM input")
     assert not (tmp_path / "out").exists()
+
+
+def test_rtstruct_output_converts_back_to_the_nifti_prediction(ct, tmp_path):
+    pytest.importorskip("autoseg.dicom.rtstruct")  # helper 22b's writer and reader
+    work, root = ct
+    assert _predict(work, root / "nifti", tmp_path / "ref") == 0
+    assert _predict(work, root / "dicom", tmp_path / "rt", "--output-format", "rtstruct") == 0
+    study = shutil.copytree(root / "dicom", tmp_path / "study" / "ct")
+    shutil.copy(tmp_path / "rt" / "dicom.rtstruct.dcm", study.parent / "rt.dcm")
+    assert run(["convert-dicom", str(study.parent), str(tmp_path / "ds"), "-q", "-j", "1"]) == 0
+    got, _ = read_label(tmp_path / "ds" / "labelsTr" / "ANON0001.nii.gz")
+    want, _ = read_label(tmp_path / "ref" / "case.nii.gz")
+    for value in (1, 2):  # contours rasterised back: Dice per structure
+        a, b = got == value, want == value
+        assert 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)) >= 0.95
+
+
+def test_rtstruct_without_its_module_is_one_line_before_any_work(ct, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "autoseg.dicom.rtstruct" else find_spec(name, *a))
+    work, root = ct
+    assert _predict(work, root / "dicom", tmp_path / "rt", "--output-format", "rtstruct") == 2
+    _one_error(capsys, "--output-format rtstruct", "not available")
+    assert not (tmp_path / "rt").exists()

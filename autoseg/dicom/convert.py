@@ -79,10 +79,13 @@ def _labels_of(obj: DicomObject, series: DicomSeries) -> tuple[np.ndarray, dict[
         raise UserError(f"{obj.path}: an RT Structure Set; this autoseg cannot read them "
                         "(no autoseg.dicom.rtstruct); export the labels as SEG") from e
     pydicom = require("pydicom")
-    labels, names = read_rtstruct(pydicom.dcmread(obj.path), series)
-    if isinstance(labels, sitk.Image):
-        labels = sitk.GetArrayFromImage(labels)
-    return np.asarray(labels), dict(names)
+    ds = pydicom.dcmread(obj.path)
+    rois = [str(roi.ROIName) for roi in ds.get("StructureSetROISequence", [])]
+    twice = sorted({n for n in rois if rois.count(n) > 1})
+    if twice:
+        raise UserError(f"{obj.path}: ROI name(s) {', '.join(twice)} used twice; a class needs one name")
+    values = {name: k for k, name in enumerate(rois, start=1)}
+    return sitk.GetArrayFromImage(read_rtstruct(ds, series, values)), {k: n for n, k in values.items()}
 
 
 def _case_ids(pairs: list[tuple[DicomObject, DicomSeries]]) -> list[str]:

@@ -9,23 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from autoseg.dicom import require
 from autoseg.dicom.series import DicomSeries
 from autoseg.errors import UserError
-from autoseg.schema.labels import foreground_classes, regions_of
+from autoseg.schema.labels import scored_classes
 
 DICOM_FORMATS = {"seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}  # --output-format -> the file's ending
-
-
-def class_names(labels: Mapping, regions_class_order: list[int] | tuple[int, ...] = ()) -> dict[int, str]:
-    """Label value -> class name of what a prediction holds (dataset.json's ``labels``): the foreground values;
-    for a region model, the value each region paints (``regions_class_order``) named after the region."""
-    regions = regions_of(labels)
-    if regions:
-        return {int(v): name for v, name in zip(regions_class_order, regions)}
-    return dict(sorted(foreground_classes(dict(labels)).items()))
 
 
 def check_available(fmt: str) -> None:
@@ -38,19 +28,19 @@ def check_available(fmt: str) -> None:
                         "(no autoseg.dicom.rtstruct); use --output-format seg")
 
 
-def write_dicom_labels(fmt: str, labels: np.ndarray, series: DicomSeries, names: Mapping[int, str], path: Path,
+def write_dicom_labels(fmt: str, labels: np.ndarray, series: DicomSeries, dataset_labels: Mapping, path: Path,
                        codes: Mapping | None = None) -> Path:
-    """Write ``labels`` (z, y, x, on the grid of ``series``) as ``fmt`` (``seg`` or ``rtstruct``) to ``path``."""
+    """Write ``labels`` (z, y, x, on the grid of ``series``) as ``fmt`` (``seg`` or ``rtstruct``) to ``path``:
+    one segment / ROI per class of dataset.json's ``dataset_labels`` (each region, the union of its values, for
+    a region model)."""
+    names = scored_classes(dataset_labels)
     if fmt == "seg":
         from autoseg.dicom.seg import write_seg
 
         return write_seg(labels, series, names, path, codes)
     if fmt == "rtstruct":
         check_available(fmt)
-        from autoseg.dicom import rtstruct
+        from autoseg.dicom.rtstruct import write_rtstruct
 
-        image = sitk.GetImageFromArray(np.ascontiguousarray(labels, dtype=np.uint16))
-        image.CopyInformation(series.image)
-        rtstruct.write_rtstruct(image, series, dict(names), path)
-        return Path(path)
+        return Path(write_rtstruct(np.asarray(labels), series, names, path))
     raise ValueError(f"unknown DICOM output format {fmt!r}")

@@ -1,7 +1,8 @@
 """Label maps as DICOM Segmentation objects (SEG), through highdicom, and read back.
 
-A SEG written here references every slice of its source series (one frame per slice that holds a label,
-in the source's geometry), with one segment per class named from dataset.json. A segment's coded category
+A SEG written here references every slice of its source series (one frame per slice and segment, in the
+source's geometry), with one segment per class named from dataset.json: a label value, or for a region model
+each region (the union of its values; regions overlap, as binary segments may). A segment's coded category
 and type come from the user's codes where given (``--segment-codes FILE``: ``{"liver": {"category":
 "SCT:91723000:Anatomical Structure", "type": "SCT:10200004:Liver"}}``), else a generic "Tissue" code with
 the class name as the segment's label, so a viewer shows the name either way.
@@ -24,6 +25,7 @@ import numpy as np
 from autoseg.dicom import require
 from autoseg.dicom.series import DicomSeries
 from autoseg.errors import UserError
+from autoseg.schema.labels import ClassKey, key_values
 from autoseg.version import __version__
 
 GENERIC_CATEGORY = ("SCT", "91723000", "Anatomical Structure")
@@ -63,12 +65,13 @@ def _concept(code: tuple[str, str, str]) -> Any:
     return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
 
 
-def write_seg(labels: np.ndarray, series: DicomSeries, class_names: Mapping[int, str], path: Path | str,
+def write_seg(labels: np.ndarray, series: DicomSeries, class_names: Mapping[ClassKey, str], path: Path | str,
               codes: Mapping[str, Mapping[str, tuple[str, str, str]]] | None = None,
               series_description: str = "autoseg segmentation") -> Path:
     """Write the label map ``labels`` (z, y, x: the series' slices in :attr:`DicomSeries.files` order) as a
-    binary DICOM SEG referencing ``series``: one segment per class of ``class_names`` (label value -> name),
-    numbered 1.. in value order. Written to a temporary name and renamed."""
+    binary DICOM SEG referencing ``series``: one segment per class of ``class_names`` (a label value, or a
+    region's values as a tuple -> name, as :func:`autoseg.schema.labels.scored_classes` gives), numbered 1.. in
+    that order. Written to a temporary name and renamed."""
     hd = require("highdicom")
     from pydicom.sr.codedict import codes as dcm_codes
 
@@ -78,17 +81,14 @@ def write_seg(labels: np.ndarray, series: DicomSeries, class_names: Mapping[int,
     if labels.shape != (len(series.files), rows, cols):
         raise ValueError(f"labels {labels.shape} do not match series {series.uid} "
                          f"({len(series.files)} slices of {rows}x{cols})")
-    values = sorted(class_names)
-    lookup = np.zeros(max([*values, int(labels.max(initial=0))]) + 1, dtype=np.uint16)
-    for number, value in enumerate(values, start=1):
-        lookup[value] = number
-    segments = lookup[labels]
+    keys = list(class_names)
+    segments = np.stack([np.isin(labels, key_values(key)) for key in keys], axis=-1).astype(np.uint8)
     algorithm = hd.AlgorithmIdentificationSequence(name="autoseg", version=__version__,
                                                    family=dcm_codes.cid7162.ArtificialIntelligence)
     codes = codes or {}
     descriptions = []
-    for number, value in enumerate(values, start=1):
-        name = class_names[value]
+    for number, key in enumerate(keys, start=1):
+        name = class_names[key]
         given = codes.get(name, {})
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=name[:64],
@@ -127,7 +127,8 @@ def _save(ds: Any, path: Path) -> Path:
 
 def read_seg(path: Path | str, series: DicomSeries) -> tuple[np.ndarray, dict[int, str]]:
     """The label map of SEG ``path`` on the grid of its source ``series`` (z, y, x) with segment numbers as
-    values, and the segments' labels (number -> SegmentLabel). Overlapping segments are refused (one line)."""
+    values, and the segments' labels (number -> SegmentLabel). Overlapping segments (a region model's SEG)
+    are refused with one line: a label map holds one class per voxel."""
     hd = require("highdicom")
     path = Path(path)
     try:
