@@ -138,3 +138,24 @@ def test_without_the_extra_the_error_names_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "highdicom", None)  # what an environment without the package gives
     with pytest.raises(UserError, match=r"needs highdicom, which is not installed: pip install 'autoseg\[dicom\]'"):
         require("highdicom")
+
+
+def test_compressed_slices_are_read_or_named_with_what_would_decode_them(tmp_path):
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    written = volume_image(_volume())
+    files = write_series(written, tmp_path, shuffle=False)
+    ds = pydicom.dcmread(files[0])
+    ds.compress(RLELossless)  # pydicom decodes RLE itself
+    ds.save_as(files[0])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(find_series(tmp_path).series[0].image),
+                                  sitk.GetArrayFromImage(written))
+    ds = pydicom.dcmread(files[1])
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 50])  # a codestream no decoder accepts
+    ds.save_as(files[1])
+    with pytest.raises(UserError, match=rf"^{files[1]}: compressed pixel data \(JPEG 2000.*pip install pylibjpeg") as e:
+        _ = find_series(tmp_path).series[0].image
+    assert "\n" not in str(e.value)

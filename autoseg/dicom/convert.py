@@ -31,7 +31,7 @@ import SimpleITK as sitk
 
 from autoseg.artifacts import check_writable
 from autoseg.dicom import require
-from autoseg.dicom.series import DicomFolder, DicomObject, DicomSeries, find_series
+from autoseg.dicom.series import DicomFolder, DicomObject, DicomSeries, find_series, reason
 from autoseg.errors import DatasetError, Problem, UserError
 from autoseg.io import Geometry, write_image, write_label
 
@@ -64,7 +64,7 @@ def referenced_series(ds: Any, path: Path) -> str:
         frame = ds.ReferencedFrameOfReferenceSequence[0]
         return str(frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID)
     except (AttributeError, IndexError, KeyError) as e:
-        raise UserError(f"{path}: a {ds.Modality} object that references no image series ({e})") from e
+        raise UserError(f"{path}: a {ds.Modality} object that references no image series ({reason(e)})") from e
 
 
 def _labels_of(obj: DicomObject, series: DicomSeries) -> tuple[np.ndarray, dict[int, str]]:

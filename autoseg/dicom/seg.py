@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.dicom import require
-from autoseg.dicom.series import DicomSeries
+from autoseg.dicom.series import DicomSeries, reason
 from autoseg.errors import UserError
 from autoseg.schema.labels import ClassKey, key_values
 from autoseg.version import __version__
@@ -47,7 +47,7 @@ def read_segment_codes(path: Path | str) -> dict[str, dict[str, tuple[str, str, 
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable JSON file of segment codes ({e})") from e
+        raise UserError(f"{path}: not a readable JSON file of segment codes ({reason(e)})") from e
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected an object mapping class names to {{'category': ..., 'type': ...}}")
     codes = {}
@@ -82,7 +82,12 @@ def write_seg(labels: np.ndarray, series: DicomSeries, class_names: Mapping[Clas
         raise ValueError(f"labels {labels.shape} do not match series {series.uid} "
                          f"({len(series.files)} slices of {rows}x{cols})")
     keys = list(class_names)
-    segments = np.stack([np.isin(labels, key_values(key)) for key in keys], axis=-1).astype(np.uint8)
+    if all(isinstance(key, int) for key in keys):  # one class per voxel: segment numbers in one array (small)
+        lookup = np.zeros(max([*keys, int(labels.max(initial=0))]) + 1, dtype=np.uint16)
+        lookup[keys] = np.arange(1, len(keys) + 1)
+        segments = lookup[labels]
+    else:  # regions overlap: one binary mask per segment
+        segments = np.stack([np.isin(labels, key_values(key)) for key in keys], axis=-1).astype(np.uint8)
     algorithm = hd.AlgorithmIdentificationSequence(name="autoseg", version=__version__,
                                                    family=dcm_codes.cid7162.ArtificialIntelligence)
     codes = codes or {}
@@ -134,7 +139,7 @@ def read_seg(path: Path | str, series: DicomSeries) -> tuple[np.ndarray, dict[in
     try:
         seg = hd.seg.segread(path)
     except Exception as e:  # noqa: BLE001  highdicom raises many kinds on a malformed object
-        raise UserError(f"{path}: not a readable DICOM Segmentation ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: not a readable DICOM Segmentation ({reason(e)})") from e
     names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
     uids = [str(ds.SOPInstanceUID) for ds in series.datasets]
     referenced = {str(u[2]) for u in seg.get_source_image_uids()}
@@ -144,5 +149,5 @@ def read_seg(path: Path | str, series: DicomSeries) -> tuple[np.ndarray, dict[in
         labels = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=False,
                                                    assert_missing_frames_are_empty=True, dtype=np.uint16)
     except (ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"{path}: its segments cannot be read as one label map on series {series.uid} ({e})") from e
+        raise UserError(f"{path}: its segments cannot be read as one label map on series {series.uid} ({reason(e)})") from e
     return np.asarray(labels), names

@@ -94,15 +94,21 @@ class DicomFolder:
         return next((s for s in self.series if s.uid == uid), None)
 
 
+def reason(e: BaseException) -> str:
+    """An exception as one short line (pydicom's decoders report one line per plugin)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")
+
+
 def read_header(path: Path) -> Dataset:
     """The DICOM header of ``path`` (no pixel data), or one line naming the file and what is wrong."""
     pydicom = require("pydicom")
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except pydicom.errors.InvalidDicomError as e:
-        raise UserError(f"{path}: not a DICOM file ({e})") from e
+        raise UserError(f"{path}: not a DICOM file ({reason(e)})") from e
     except Exception as e:  # noqa: BLE001  a cut or garbled file fails in many ways inside pydicom
-        raise UserError(f"{path}: unreadable DICOM file ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: unreadable DICOM file ({reason(e)})") from e
 
 
 def _files(root: Path) -> list[Path]:
@@ -170,7 +176,7 @@ def _orientation(ds: Any, path: Path) -> np.ndarray:
     try:
         iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
     except (AttributeError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: no usable ImageOrientationPatient ({e})") from e
+        raise UserError(f"{path}: no usable ImageOrientationPatient ({reason(e)})") from e
     if iop.shape != (6,):
         raise UserError(f"{path}: ImageOrientationPatient has {iop.size} values, not 6")
     return iop
@@ -265,9 +271,17 @@ def _pixels(path: Path) -> np.ndarray:
     pydicom = require("pydicom")
     try:
         ds = pydicom.dcmread(path)
+    except Exception as e:  # noqa: BLE001  a cut or garbled file fails in many ways inside pydicom
+        raise UserError(f"{path}: unreadable DICOM file ({reason(e)})") from e
+    try:
         pixels = ds.pixel_array
-    except Exception as e:  # noqa: BLE001  truncated pixel data, an unsupported compression, a garbled header
-        raise UserError(f"{path}: the pixel data cannot be read ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001  truncated pixel data, an unsupported compression
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and syntax.is_compressed:
+            raise UserError(f"{path}: compressed pixel data ({syntax.name}) that cannot be decoded here "
+                            f"({reason(e)}); install pydicom's decoders (pip install pylibjpeg "
+                            "pylibjpeg-libjpeg pylibjpeg-openjpeg) or decompress the series (gdcmconv --raw)") from e
+        raise UserError(f"{path}: the pixel data cannot be read ({reason(e)})") from e
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     return pixels.astype(np.float64) * slope + intercept
