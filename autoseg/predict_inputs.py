@@ -123,35 +123,30 @@ def find_cases(input: Path, plans: Plans, series: Sequence[str] = (), output_for
 
 def dicom_case(folder: Path, plans: Plans, choices: Sequence[str], ending: str) -> InputCase:
     """The one case a folder of DICOM series is: the series chosen for each channel, named after the folder,
-    their images read (a missing slice, a cut file: one :class:`UserError` naming it)."""
-    from autoseg.dicom.choose import choose_series
+    their images read and their grids checked (a missing slice, a cut file, channels from two frames of
+    reference: one :class:`UserError` naming a file)."""
+    from autoseg.dicom.choose import check_channels, choose_series
     from autoseg.dicom.series import find_series
 
     chosen = choose_series(find_series(folder), choices, list(plans.channel_names))
-    for s in chosen:  # read now: a broken series is one line before any model work (the image is kept)
-        _ = s.image
+    check_channels(chosen)  # reads the images now: a broken series is one line before any model work
     cid = re.sub(r"[^\w.-]+", "_", folder.resolve().name) or "dicom"
     return InputCase(cid, tuple(f for s in chosen for f in s.files), ending, str(folder), series=tuple(chosen))
 
 
 def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
-    """A case's channels ``(C, *spatial)`` float32 and its geometry: its files, or its DICOM series (which must
-    lie on one grid: the channels of a voxel are the same place in the patient)."""
+    """A case's channels ``(C, *spatial)`` float32 and its geometry: its files, or its DICOM series on the first
+    one's grid (:func:`autoseg.dicom.choose.channel_images`)."""
     if not case.series:
         return read_images(case.images)
-    images = [s.image for s in case.series]
-    geometries = [Geometry(tuple(float(v) for v in reversed(i.GetSpacing())), tuple(i.GetOrigin()),
-                           tuple(i.GetDirection())) for i in images]
-    for k, (img, g) in enumerate(zip(images[1:], geometries[1:]), start=1):
-        differs = (f"size {img.GetSize()} vs {images[0].GetSize()}" if img.GetSize() != images[0].GetSize()
-                   else geometries[0].mismatch(g))
-        if differs:
-            raise UserError(f"{case.series[k].files[0]}: series {case.series[k].uid} (channel {k}) is not on the grid "
-                            f"of channel 0's series {case.series[0].uid} ({differs}); resample it onto that grid first")
     import SimpleITK as sitk
 
-    arrays = np.stack([sitk.GetArrayFromImage(i) for i in images]).astype(np.float32, copy=False)
-    return arrays, geometries[0]
+    from autoseg.dicom.choose import channel_images
+
+    images = channel_images(case.series)
+    geometry = Geometry(tuple(float(v) for v in reversed(images[0].GetSpacing())), tuple(images[0].GetOrigin()),
+                        tuple(images[0].GetDirection()))
+    return np.stack([sitk.GetArrayFromImage(i) for i in images]).astype(np.float32, copy=False), geometry
 
 
 def _file_cases(input: Path, plans: Plans) -> list[InputCase]:

@@ -186,3 +186,28 @@ def test_rtstruct_without_its_module_is_one_line_before_any_work(ct, tmp_path, c
     assert _predict(work, root / "dicom", tmp_path / "rt", "--output-format", "rtstruct") == 2
     _one_error(capsys, "--output-format rtstruct", "not available")
     assert not (tmp_path / "rt").exists()
+
+
+def test_a_channel_on_another_grid_is_resampled_only_within_one_frame_of_reference(tmp_path, capsys):
+    ds, work, _ = make_workdir(tmp_path, "mr-2ch", "3d_fullres", 3, [8, 16, 16], [1, 2], cases=3)
+    images = [sitk.ReadImage(str(sorted((ds / "imagesTs").glob(f"*_000{c}.nii.gz"))[0])) for c in (0, 1)]
+    t1 = volume_image(np.clip(np.round(sitk.GetArrayFromImage(images[0]) * 100), 0, 60000).astype(np.float32),
+                      spacing=images[0].GetSpacing(), direction=oblique_direction(-30))
+    coarse = [s * 1.5 for s in t1.GetSpacing()]  # a T2 at 1.5 times the voxel size, over the same field of view
+    size = [int(n / 1.5) for n in t1.GetSize()]
+    t2 = sitk.Resample(t1, size, sitk.Transform(), sitk.sitkLinear, t1.GetOrigin(), coarse, t1.GetDirection())
+    study = Study.new()
+    for folder, t2_study in (("same", study), ("other", Study.new())):
+        write_series(t1, tmp_path / folder / "t1", modality="MR", study=study, description="T1")
+        write_series(t2, tmp_path / folder / "t2", modality="MR", study=t2_study, description="T2", series_number=2)
+    choice = ["--series", "0=T1", "--series", "1=T2"]
+    assert _predict(work, tmp_path / "same", tmp_path / "out", *choice) == 0
+    assert "resampled onto the grid of channel 0's series" in capsys.readouterr().err
+    pred, geometry = read_label(tmp_path / "out" / "same.nii.gz")
+    assert pred.shape == sitk.GetArrayFromImage(t1).shape
+    np.testing.assert_allclose(geometry.spacing, t1.GetSpacing()[::-1], atol=1e-5)  # channel 0's grid
+    np.testing.assert_allclose(geometry.origin, t1.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(geometry.direction, t1.GetDirection(), atol=1e-6)
+    assert _predict(work, tmp_path / "other", tmp_path / "out2", *choice) == 2
+    _one_error(capsys, str(tmp_path / "other" / "t2"), "another frame of reference")
+    assert not (tmp_path / "out2").exists()

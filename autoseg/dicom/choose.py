@@ -1,14 +1,22 @@
 """Which DICOM series a prediction takes: the only one, or the one the user named (``--series UID`` or its
 SeriesDescription); a model of several channels takes one series per channel by an explicit mapping
-(``--series 0=UID --series 1=T2``), never by guessing which scan is which.
+(``--series 0=UID --series 1=T2``), never by guessing which scan is which. The channels meet on the first
+one's grid (:func:`channel_images`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
 
 from autoseg.dicom.series import DicomFolder, DicomSeries
 from autoseg.errors import UserError
+
+logger = logging.getLogger(__name__)
+GRID_ATOL = 1e-3  # mm (spacing, origin) and direction cosines within which two series share a grid
 
 
 def _listing(series: Sequence[DicomSeries]) -> str:
@@ -85,3 +93,45 @@ def choose_series(found: DicomFolder, choices: Sequence[str], channel_names: Seq
     chosen = [_match(found, mapping[k], f"--series {k}={mapping[k]}" if n > 1 else f"--series {mapping[k]}")
               for k in range(n)]
     return chosen
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=GRID_ATOL)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=GRID_ATOL)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=GRID_ATOL))
+
+
+def check_channels(chosen: Sequence[DicomSeries]) -> list[bool]:
+    """Whether each chosen series must be resampled onto channel 0's grid (False: it is on it); one from another
+    frame of reference (FrameOfReferenceUID) on another grid is refused: its coordinates mean nothing in
+    channel 0's space without a registration."""
+    first = chosen[0].image
+    frame = str(chosen[0].datasets[0].get("FrameOfReferenceUID", ""))
+    needs = [False]
+    for k, series in enumerate(chosen[1:], start=1):
+        same = _same_grid(series.image, first)
+        if not same and (not frame or str(series.datasets[0].get("FrameOfReferenceUID", "")) != frame):
+            raise UserError(f"{series.files[0]}: series {series.uid} (channel {k}) is on another grid than channel "
+                            f"0's series {chosen[0].uid} and in another frame of reference; register and resample "
+                            "it onto channel 0's grid first")
+        needs.append(not same)
+    return needs
+
+
+def channel_images(chosen: Sequence[DicomSeries]) -> list[sitk.Image]:
+    """The chosen series' images on channel 0's grid. A series on another grid of the same frame of reference
+    (the scanner placed both in one patient space, as in one MR session) is resampled onto it, linearly, with
+    a warning (:func:`check_channels` refuses the others)."""
+    images = [chosen[0].image]
+    for k, (series, resample) in enumerate(zip(chosen, check_channels(chosen))):
+        if k == 0:
+            continue
+        if not resample:
+            images.append(series.image)
+            continue
+        low = float(sitk.GetArrayViewFromImage(series.image).min())
+        images.append(sitk.Resample(series.image, images[0], sitk.Transform(), sitk.sitkLinear, low,
+                                    sitk.sitkFloat32))
+        logger.warning(f"{series.files[0]}: series {series.uid} (channel {k}) resampled onto the grid of channel 0's "
+                       f"series {chosen[0].uid} (same frame of reference)")
+    return images
