@@ -49,6 +49,10 @@ def predict(model: Path | str, input: Path | str, output: Path | str, *, configu
                         "folder `autoseg plan` and `autoseg train` wrote to, or its model bundle")
     else:
         predictor = Predictor.from_workdir(model, configuration, folds, device, **options)
+    if codes is not None:
+        from autoseg.dicom.seg import check_codes
+
+        check_codes(codes, list(predictor.plans.scored_classes.values()), segment_codes)
     return predictor.predict_files(input, output, save_probabilities=save_probabilities, jobs=jobs, report=report,
                                    report_model=report_model, series=series, output_format=output_format,
                                    segment_codes=codes)

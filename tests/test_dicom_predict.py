@@ -88,6 +88,15 @@ def test_dciodvfy_finds_no_error_in_the_seg(ct, tmp_path):
     assert "Error" not in result.stderr + result.stdout, result.stderr
 
 
+def test_a_codes_file_naming_no_class_of_the_model_is_refused(ct, tmp_path, capsys):
+    work, root = ct
+    codes = tmp_path / "codes.json"
+    codes.write_text('{"livr": {"type": "SCT:10200004:Liver"}}')
+    assert _predict(work, root / "dicom", tmp_path / "seg", "--output-format", "seg", "--segment-codes", codes) == 2
+    _one_error(capsys, str(codes), "'livr' is not a class of the model (its classes: liver, tumour)")
+    assert not (tmp_path / "seg").exists()
+
+
 def test_bundle_predicts_a_dicom_folder_as_the_cli_does(ct, tmp_path):
     work, root = ct
     seg, geometry = load_bundle(pack_bundle(work, tmp_path / "m.autoseg")).predict(root / "dicom", mirror="off")

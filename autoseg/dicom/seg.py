@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,14 @@ def read_segment_codes(path: Path | str) -> dict[str, dict[str, tuple[str, str, 
                             "'SCHEME:VALUE:MEANING'}")
         codes[name] = {key: parse_code(value, f"{path}: {name}.{key}") for key, value in entry.items()}
     return codes
+
+
+def check_codes(codes: Mapping[str, Any], class_names: Sequence[str], source: Path | str) -> None:
+    """Refuse a codes file that names a class the model does not have (a typo would leave it generic)."""
+    unknown = [name for name in codes if name not in class_names]
+    if unknown:
+        raise UserError(f"{source}: {', '.join(map(repr, unknown))} is not a class of the model "
+                        f"(its classes: {', '.join(class_names)})")
 
 
 def _concept(code: tuple[str, str, str]) -> Any:
@@ -108,7 +116,7 @@ def write_seg(labels: np.ndarray, series: DicomSeries, class_names: Mapping[Clas
         instance_number=1, manufacturer="autoseg", manufacturer_model_name="autoseg",
         software_versions=__version__, device_serial_number="0", content_label="AUTOSEG",
         content_description=series_description[:64], series_description=series_description[:64],
-        omit_empty_frames=False)
+        omit_empty_frames=bool(segments.any()))  # frames a segment leaves empty are left out (all: none kept)
     return _save(seg, path)
 
 
