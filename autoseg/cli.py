@@ -90,6 +90,13 @@ def cmd_convert_msd(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_dicom(a: argparse.Namespace) -> int:
+    from autoseg.dicom.convert import convert_dicom
+
+    print(convert_dicom(a.src, a.dst, jobs=a.jobs).summary())
+    return 0
+
+
 def cmd_plan(a: argparse.Namespace) -> int:
     from autoseg.workflow import plan_dataset, summary
 
@@ -153,7 +160,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
     s = predict(a.model, a.input, a.output, configuration=a.config, folds=parse_folds(a.folds), device=a.device,
                 mirror=a.mirror, overlap=a.overlap, tile_batch=a.tile_batch,
                 save_probabilities=a.save_probabilities, jobs=a.jobs, progress=not a.quiet, report=report,
-                allow_large=a.allow_large, instances=True if a.instances else None,
+                allow_large=a.allow_large, instances=True if a.instances else None, series=a.series,
+                output_format=a.output_format, segment_codes=a.segment_codes,
                 report_model=lambda line: print(f"autoseg predict: {line}", file=sys.stderr))
     if s.mirror:
         print(f"autoseg predict: {s.mirror}", file=sys.stderr)
@@ -412,7 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "spacing, origin and direction. A case that does not fit the model gets one error\n"
                                    "line and the others are still predicted (exit code 2 at the end). A model whose\n"
                                    "dataset has instance classes (or --instances) also writes OUTPUT/instances/CASE<ending>\n"
-                                   "(one id per object) and OUTPUT/instances.csv (one row per object).")
+                                   "(one id per object) and OUTPUT/instances.csv (one row per object).\n\n"
+                                   "INPUT may be a folder of DICOM files (needs `pip install 'autoseg[dicom]'`): one\n"
+                                   "case, the only image series in it or the one --series names (one per channel for\n"
+                                   "a model of several); --output-format seg or rtstruct writes a DICOM object that\n"
+                                   "references that series, OUTPUT/<folder name>.seg.dcm or .rtstruct.dcm.")
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("input", type=Path, metavar="INPUT")
     p.add_argument("output", type=Path, metavar="OUTPUT")
@@ -438,6 +450,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write instance maps (OUTPUT/instances/) and OUTPUT/instances.csv for a model "
                         "without instance classes: the connected components of each class (on by default for "
                         "a model whose dataset has instance classes)")
+    p.add_argument("--series", action="append", default=[], metavar="UID|DESCRIPTION|K=UID",
+                   help="DICOM input: the series to segment, by SeriesInstanceUID or SeriesDescription (needed when "
+                        "the folder holds several); a model of several channels takes one per channel: "
+                        "--series 0=UID --series 1=UID")
+    p.add_argument("--output-format", default=None,
+                   choices=("nii.gz", "nii", "nrrd", "mha", "mhd", "png", "bmp", "tif", "tiff", "seg", "rtstruct"),
+                   help="how predictions are written (default: the input's file format; for DICOM input the "
+                        "model's, else nii.gz); seg: a DICOM Segmentation, rtstruct: an RT Structure Set, both "
+                        "referencing the DICOM input series")
+    p.add_argument("--segment-codes", type=Path, default=None, metavar="FILE.json",
+                   help="coded category and type per class for DICOM output: {\"liver\": {\"category\": "
+                        "\"SCT:91723000:Anatomical Structure\", \"type\": \"SCT:10200004:Liver\"}} (default: a "
+                        "generic Tissue code, the class name as the segment label)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", parents=[common], help="score predictions against reference labels",
@@ -549,6 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", type=Path, metavar="DST")
     _add_jobs(p)
     p.set_defaults(func=cmd_convert_msd)
+
+    p = sub.add_parser("convert-dicom", parents=[common], help="import DICOM studies labelled by SEG or RTSTRUCT objects",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Convert the DICOM studies under SRC (any nesting, any file names) into a new\n"
+                                   "nnU-Net v2 dataset DST: each SEG or RTSTRUCT object is a case, its referenced\n"
+                                   "image series imagesTr/CASE_0000.nii.gz, its segments labelsTr/CASE.nii.gz on that\n"
+                                   "series' grid; classes named after the segments. The result is validated before\n"
+                                   "it is put in place. Needs `pip install 'autoseg[dicom]'`.")
+    p.add_argument("src", type=Path, metavar="SRC")
+    p.add_argument("dst", type=Path, metavar="DST")
+    _add_jobs(p)
+    p.set_defaults(func=cmd_convert_dicom)
     return parser
 
 

@@ -71,6 +71,7 @@ from autoseg.predict_inputs import (
     check_outputs,
     check_size,
     find_cases,
+    read_case,
     unusual_input,
 )
 from autoseg.preprocess import preprocess_case
@@ -411,10 +412,17 @@ class Predictor:
     # --- files ---------------------------------------------------------------------------------------
     def predict_files(self, input: Path | str, output: Path | str, save_probabilities: bool = False,
                       jobs: int = 1, report: Callable[[str], None] | None = None,
-                      report_model: Callable[[str], None] | None = None) -> PredictionSummary:
+                      report_model: Callable[[str], None] | None = None, series: Sequence[str] = (),
+                      output_format: str | None = None, segment_codes: Mapping | None = None
+                      ) -> PredictionSummary:
         """Predict every case of ``input`` (a folder in the ``CASE_XXXX<ending>`` naming, or one file) into
         ``output/CASE<ending>`` with the input's spacing, origin and direction; with ``save_probabilities``
         also ``output/CASE.npz`` (``probabilities``: float16, ``(K, *spatial)``).
+
+        A folder of DICOM files is one case, named after the folder: the series ``series`` chooses
+        (:func:`autoseg.dicom.choose.choose_series`). ``output_format`` replaces the input's ending (``nii.gz``,
+        ``nrrd``, ...) or writes a DICOM object referencing the series (``seg``, ``rtstruct``; its segments
+        coded from ``segment_codes``, :func:`autoseg.dicom.seg.read_segment_codes`).
 
         OUTPUT is checked before the first case: a folder that cannot be written, or a prediction that would
         replace one of the input images (``case.nii.gz`` predicted into its own folder), is one
@@ -432,7 +440,7 @@ class Predictor:
 
         t0 = time.perf_counter()
         out = Path(output)
-        cases = find_cases(Path(input), self.plans)
+        cases = find_cases(Path(input), self.plans, series, output_format)
         if not cases:
             raise UserError(f"{input}: no images to predict (expected CASE_XXXX{self.plans.file_ending} files)")
         check_outputs(cases, out, save_probabilities, self.instances)  # nothing written: a folder we cannot fill, an input
@@ -464,7 +472,7 @@ class Predictor:
                     fail(case, case.problem)
                     continue
                 try:
-                    images, geometry = read_images(case.images)
+                    images, geometry = read_case(case)
                     cases = self._preprocess(images, geometry, case.where, case.images)
                     if self.last_warnings:
                         summary.warnings[case.id] = list(self.last_warnings)
@@ -475,7 +483,7 @@ class Predictor:
                     continue
 
                 def job(prep: _Prepared = prep, case: InputCase = case) -> list[Path]:
-                    return self._write(prep, case, out, save_probabilities, table)
+                    return self._write(prep, case, out, save_probabilities, table, segment_codes)
 
                 if pool is None:
                     finish(case, job)
@@ -503,11 +511,21 @@ class Predictor:
         return summary
 
     def _write(self, prep: _Prepared, case: InputCase, out: Path, save_probabilities: bool,
-               table: dict[str, list[InstanceRow]]) -> list[Path]:
+               table: dict[str, list[InstanceRow]], segment_codes: Mapping | None = None) -> list[Path]:
         result = self._case(prep, case.id, save_probabilities, self.instances)
-        written = self.write(result.labels, result.probabilities, prep.geometry, out, case.id, case.ending)
-        if result.instances is not None:
-            path = out / INSTANCES_FOLDER / f"{case.id}{case.ending}"
+        if case.dicom_format is None:
+            written = self.write(result.labels, result.probabilities, prep.geometry, out, case.id, case.ending)
+        else:
+            from autoseg.dicom.output import write_dicom_labels
+
+            written = [write_dicom_labels(case.dicom_format, result.labels, case.series[0], self.plans.labels,
+                                          out / f"{case.id}{case.ending}", segment_codes)]
+            if result.probabilities is not None:
+                write_probabilities(result.probabilities, out / f"{case.id}.npz")
+                written.append(out / f"{case.id}.npz")
+        if result.instances is not None:  # a DICOM case's instance map is written as NIfTI
+            ending = case.ending if case.dicom_format is None else ".nii.gz"
+            path = out / INSTANCES_FOLDER / f"{case.id}{ending}"
             path.parent.mkdir(exist_ok=True)
             write_label(result.instances, prep.geometry, path, ids=True)
             written.append(path)

@@ -3,6 +3,7 @@ the one inference engine (:class:`autoseg.inference.Predictor`).
 
 >>> predict("autoseg_work/Dataset001_CT", "imagesTs", "predictions")     # doctest: +SKIP
 >>> predict("model.autoseg", "scan_0000.nii.gz", "out")                   # doctest: +SKIP
+>>> predict("model.autoseg", "dicom/patient1", "out", output_format="seg")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -22,15 +23,23 @@ def predict(model: Path | str, input: Path | str, output: Path | str, *, configu
             overlap: float = 0.5, tile_batch: int | None = None, save_probabilities: bool = False,
             jobs: int = 1, progress: bool = True, report: Callable[[str], None] | None = None,
             report_model: Callable[[str], None] | None = None, storage: str = "float16",
-            allow_large: bool = False, instances: bool | None = None) -> PredictionSummary:
+            allow_large: bool = False, instances: bool | None = None, series: Sequence[str] = (),
+            output_format: str | None = None, segment_codes: Path | str | None = None) -> PredictionSummary:
     """Segment the cases of ``input`` into ``output`` with the selected model of ``model`` (a workdir: plans.json
     and runs/; or a bundle file, :mod:`autoseg.bundle`); see :meth:`Predictor.predict_files` for INPUT and
     OUTPUT. The model is the selected one (an ensemble when selection chose one) unless ``configuration``
     forces one. A case whose resampling would need more memory than this machine has available is refused
     (one line) unless ``allow_large``; inputs unlike anything the model saw are predicted with a warning,
     logged and kept in the summary's ``warnings``. ``instances`` (None: on for a model whose dataset has
-    instance classes) also writes ``output/instances/`` and ``output/instances.csv``."""
+    instance classes) also writes ``output/instances/`` and ``output/instances.csv``. A folder of DICOM series is one case (``series`` chooses,
+    ``output_format`` ``seg`` / ``rtstruct`` writes DICOM objects; ``segment_codes``: a JSON file of coded
+    segment categories and types, :func:`autoseg.dicom.seg.read_segment_codes`)."""
     model = Path(model)
+    codes = None
+    if segment_codes is not None:
+        from autoseg.dicom.seg import read_segment_codes
+
+        codes = read_segment_codes(segment_codes)
     check_writable(output, folder=True, what="predictions")  # before the model loads (inputs: once cases are known)
     options = dict(mirror=mirror, overlap=overlap, tile_batch=tile_batch, progress=progress, storage=storage,
                    allow_large=allow_large, instances=instances)
@@ -41,5 +50,10 @@ def predict(model: Path | str, input: Path | str, output: Path | str, *, configu
                         "folder `autoseg plan` and `autoseg train` wrote to, or its model bundle")
     else:
         predictor = Predictor.from_workdir(model, configuration, folds, device, **options)
+    if codes is not None:
+        from autoseg.dicom.seg import check_codes
+
+        check_codes(codes, list(predictor.plans.scored_classes.values()), segment_codes)
     return predictor.predict_files(input, output, save_probabilities=save_probabilities, jobs=jobs, report=report,
-                                   report_model=report_model)
+                                   report_model=report_model, series=series, output_format=output_format,
+                                   segment_codes=codes)

@@ -13,6 +13,11 @@ Before a case is resampled to the model's spacing, its resampled size is estimat
 voxels, and is refused with one line unless the caller allows it. A case the model can run but cannot have
 seen anything like (NaN voxels, a constant image, a spacing an order of magnitude away from the model's) is
 predicted with a warning naming it (:func:`unusual_input`).
+
+A folder of DICOM files is one case: the image series found in it (:mod:`autoseg.dicom.series`), the only one
+or the one ``--series`` names, one series per channel for a model of several (:mod:`autoseg.dicom.choose`);
+its prediction is written as a label file (the model's ending unless ``--output-format`` says another) or as a
+DICOM object referencing the series (``--output-format seg`` or ``rtstruct``).
 """
 
 from __future__ import annotations
@@ -21,14 +26,23 @@ import math
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from autoseg.artifacts import check_not_inputs, check_writable
 from autoseg.errors import UserError
-from autoseg.io import NATURAL_ENDINGS, SUPPORTED_ENDINGS, Geometry, available_memory, file_ending
+from autoseg.io import (
+    MEDICAL_ENDINGS,
+    NATURAL_ENDINGS,
+    SUPPORTED_ENDINGS,
+    Geometry,
+    available_memory,
+    file_ending,
+    read_images,
+)
 from autoseg.preprocess import axis_order3, new_spacing
 from autoseg.resample import target_shape
 from autoseg.schema.plans import Configuration, Plans
@@ -41,13 +55,22 @@ SPACING_RATIO_WARN = 10.0  # a case's spacing this many times finer or coarser t
 @dataclass(frozen=True)
 class InputCase:
     """One case to predict: its channel files in order, the ending its prediction gets, and what is wrong
-    with it (None when nothing is known to be)."""
+    with it (None when nothing is known to be). A DICOM case has its series, one per channel
+    (:class:`autoseg.dicom.series.DicomSeries`), and ``images`` lists their files."""
 
     id: str
     images: tuple[Path, ...]
     ending: str
     where: str  # how messages name the case
     problem: str | None = None
+    series: tuple[Any, ...] = ()
+
+    @property
+    def dicom_format(self) -> str | None:
+        """``seg`` or ``rtstruct`` when the prediction is written as that DICOM object, else None."""
+        from autoseg.dicom.output import DICOM_FORMATS
+
+        return next((f for f, e in DICOM_FORMATS.items() if self.ending == e), None) if self.series else None
 
 
 def _contract(plans: Plans) -> str:
@@ -55,10 +78,81 @@ def _contract(plans: Plans) -> str:
     return f"the model takes {plans.in_channels} channel{'s' if plans.in_channels != 1 else ''}: {names}"
 
 
-def find_cases(input: Path, plans: Plans) -> list[InputCase]:
-    """The cases in folder ``input`` (sorted by id), or the one case that file ``input`` is."""
+def output_ending(output_format: str | None, dicom: bool, plans: Plans) -> str | None:
+    """The ending ``--output-format`` gives predictions (None: the input's own), checked against the input."""
+    from autoseg.dicom.output import DICOM_FORMATS, check_available
+
+    if output_format is None:
+        return (plans.file_ending if plans.file_ending in MEDICAL_ENDINGS else ".nii.gz") if dicom else None
+    if output_format in DICOM_FORMATS:
+        if not dicom:
+            raise UserError(f"--output-format {output_format}: needs DICOM input (the object references the image "
+                            "series it segments); INPUT holds image files")
+        check_available(output_format)
+        return DICOM_FORMATS[output_format]
+    ending = "." + output_format.lstrip(".")
+    if ending not in SUPPORTED_ENDINGS:
+        raise UserError(f"--output-format {output_format}: expected one of "
+                        f"{', '.join(e[1:] for e in SUPPORTED_ENDINGS)}, {', '.join(DICOM_FORMATS)}")
+    return ending
+
+
+def is_dicom_input(input: Path) -> bool:
+    """A folder without image files autoseg reads directly, holding DICOM files (in it or below)."""
+    from autoseg.dicom.series import is_dicom_folder
+
+    return (input.is_dir() and not any(p.is_file() and file_ending(p) in SUPPORTED_ENDINGS for p in input.iterdir())
+            and is_dicom_folder(input))
+
+
+def find_cases(input: Path, plans: Plans, series: Sequence[str] = (), output_format: str | None = None
+               ) -> list[InputCase]:
+    """The cases in folder ``input`` (sorted by id), or the one case that file ``input`` is; a folder of
+    DICOM files is one case (its series chosen by ``series``, see :mod:`autoseg.dicom.choose`).
+    ``output_format``: the ending (or DICOM object) predictions get instead of the input's."""
     input = Path(input)
+    dicom = is_dicom_input(input)
+    ending = output_ending(output_format, dicom, plans)
+    if dicom:
+        return [dicom_case(input, plans, series, ending)]
+    if series:
+        raise UserError(f"--series: {input} is not a folder of DICOM files")
+    cases = _file_cases(input, plans)
+    return [replace(c, ending=ending) for c in cases] if ending else cases
+
+
+def dicom_case(folder: Path, plans: Plans, choices: Sequence[str], ending: str) -> InputCase:
+    """The one case a folder of DICOM series is: the series chosen for each channel, named after the folder,
+    their images read and their grids checked (a missing slice, a cut file, channels from two frames of
+    reference: one :class:`UserError` naming a file)."""
+    from autoseg.dicom.choose import check_channels, choose_series
+    from autoseg.dicom.series import find_series
+
+    chosen = choose_series(find_series(folder), choices, list(plans.channel_names))
+    check_channels(chosen)  # reads the images now: a broken series is one line before any model work
+    cid = re.sub(r"[^\w.-]+", "_", folder.resolve().name) or "dicom"
+    return InputCase(cid, tuple(f for s in chosen for f in s.files), ending, str(folder), series=tuple(chosen))
+
+
+def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
+    """A case's channels ``(C, *spatial)`` float32 and its geometry: its files, or its DICOM series on the first
+    one's grid (:func:`autoseg.dicom.choose.channel_images`)."""
+    if not case.series:
+        return read_images(case.images)
+    import SimpleITK as sitk
+
+    from autoseg.dicom.choose import channel_images
+
+    images = channel_images(case.series)
+    geometry = Geometry(tuple(float(v) for v in reversed(images[0].GetSpacing())), tuple(images[0].GetOrigin()),
+                        tuple(images[0].GetDirection()))
+    return np.stack([sitk.GetArrayFromImage(i) for i in images]).astype(np.float32, copy=False), geometry
+
+
+def _file_cases(input: Path, plans: Plans) -> list[InputCase]:
     if input.is_file():
+        if input.suffix.lower() == ".dcm":
+            raise UserError(f"{input}: a DICOM file; give the folder holding its series (autoseg reads whole series)")
         if file_ending(input) not in SUPPORTED_ENDINGS:
             raise UserError(f"{input}: not an image file autoseg reads (endings: {', '.join(SUPPORTED_ENDINGS)})")
         files, folder = [input], input.parent

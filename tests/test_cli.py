@@ -16,6 +16,7 @@ from autoseg.errors import DatasetError, Problem, UserError
 from autoseg.version import __version__
 
 COMMANDS = ["demo", "validate", "fingerprint", "plan", "train", "select", "predict", "evaluate", "synth", "convert-msd",
+            "convert-dicom",
             "bundle", "info", "verify", "export", "benchmark", "search-worker", "status"]
 
 

@@ -65,20 +65,28 @@ class Bundle:
         return Predictor(self.plans, names, weights, device, folds=chosen, **options)
 
     def predict(self, image: np.ndarray | Path | str | Sequence[Path | str], geometry: Geometry | None = None, *,
-                device: str | None = None, mirror: str = "auto", instances: bool | None = None) -> tuple:
+                device: str | None = None, mirror: str = "auto", instances: bool | None = None,
+                series: Sequence[str] = ()) -> tuple:
         """Segment one case: an array ``(C, *spatial)`` (with its :class:`~autoseg.io.Geometry`; without it,
-        the spacing the model was trained at is assumed) or an image file / one file per channel.
-        Returns the label map ``(*spatial)`` and the geometry it is in (the input's); for an instance model
-        (its dataset has instance classes) or with ``instances=True`` also the instance map ``(*spatial)``
-        (0 none, 1..N one object each) as a third element.
+        the spacing the model was trained at is assumed), an image file / one file per channel, or a folder of
+        DICOM series (``series`` chooses, as ``autoseg predict --series`` does; the label map is then in the
+        series' slice order). Returns the label map ``(*spatial)`` and the geometry it is in (the input's); for
+        an instance model (its dataset has instance classes) or with ``instances=True`` also the instance map
+        ``(*spatial)`` (0 none, 1..N one object each) as a third element.
 
         >>> seg, geometry = load_bundle("model.autoseg").predict("case_0000.nii.gz")   # doctest: +SKIP
+        >>> seg, geometry = load_bundle("model.autoseg").predict("dicom/patient1")     # doctest: +SKIP
         >>> seg, geometry, objects = load_bundle("nuclei.autoseg").predict("cell_0000.png")   # doctest: +SKIP
         """
         from autoseg.io import read_images
+        from autoseg.predict_inputs import dicom_case, is_dicom_input, read_case
 
         where = "image"
-        if isinstance(image, (str, Path)) or (isinstance(image, Sequence) and not isinstance(image, np.ndarray)):
+        if isinstance(image, (str, Path)) and is_dicom_input(Path(image)):
+            case = dicom_case(Path(image), self.plans, series, ".nii.gz")
+            image, geometry = read_case(case)
+            where = case.where
+        elif isinstance(image, (str, Path)) or (isinstance(image, Sequence) and not isinstance(image, np.ndarray)):
             paths = [image] if isinstance(image, (str, Path)) else list(image)
             image, geometry = read_images(paths)
             where = str(paths[0])
