@@ -62,7 +62,7 @@ from autoseg.ensemble import (
 )
 from autoseg.errors import UserError
 from autoseg.instances import InstanceRow, instance_table, instances_from_labels, rows_to_csv, split_touching
-from autoseg.io import Geometry, read_images, write_label
+from autoseg.io import Geometry, write_label
 from autoseg.normalize import resolve_plans
 from autoseg.postprocess import apply_postprocessing, parse_rules, split_weights
 from autoseg.predict_inputs import (
