@@ -28,6 +28,7 @@ from autoseg.dicom.rtstruct import (  # noqa: E402
 from autoseg.dicom.series import DicomSeries, find_series  # noqa: E402
 from autoseg.errors import UserError  # noqa: E402
 from tests.dicom_series import oblique_direction, volume_image, write_series  # noqa: E402
+from tests.test_dicom_predict import ct  # noqa: E402, F401  (the fixture: a model and a DICOM series of a volume)
 
 SHAPE = (10, 32, 28)  # (z, y, x)
 SPACING = (0.8, 0.9, 2.5)  # (x, y, z), SimpleITK order
@@ -207,3 +208,31 @@ def test_the_structure_set_passes_dciodvfy_without_errors(tmp_path: Path):
     del broken.StructureSetLabel
     broken.save_as(tmp_path / "broken.dcm")
     assert any("StructureSetLabel" in line for line in dciodvfy_errors(tmp_path / "broken.dcm"))
+
+
+# --- autoseg predict --output-format rtstruct, end to end -------------------------------------------------
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_predict_writes_a_structure_set_whose_contours_fill_back_to_the_nifti_prediction(ct, tmp_path: Path):  # noqa: F811
+    pytest.importorskip("highdicom")
+    from autoseg.cli import run
+    from autoseg.io import read_label
+
+    work, root = ct  # a ct-aniso model and one volume as NIfTI and as an oblique DICOM series (test_dicom_predict)
+    assert run(["predict", str(work), str(root / "nifti"), str(tmp_path / "nifti"), "--mirror", "off", "-q"]) == 0
+    out = tmp_path / "rt"
+    assert run(["predict", str(work), str(root / "dicom"), str(out), "--output-format", "rtstruct", "--mirror", "off",
+                "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["dicom.rtstruct.dcm"]
+    want, _ = read_label(tmp_path / "nifti" / "case.nii.gz")
+    series = find_series(root / "dicom").series[0]
+    ds = pydicom.dcmread(out / "dicom.rtstruct.dcm")
+    assert ds.StudyInstanceUID == series.datasets[0].StudyInstanceUID and roi_names(ds) == ["liver", "tumour"]
+    got = sitk.GetArrayFromImage(read_rtstruct(ds, series, {"liver": 1, "tumour": 2}))
+    for value in (1, 2):
+        if (want == value).any():
+            assert _dice(want == value, got == value) >= 0.95
+    np.testing.assert_array_equal(got, want)  # measured: voxel for voxel
+    if shutil.which("dciodvfy") is not None:
+        assert dciodvfy_errors(out / "dicom.rtstruct.dcm") == []
