@@ -157,6 +157,14 @@ def test_read_maps_chosen_rois_to_chosen_values(tmp_path: Path):
     assert np.array_equal(back, np.where(labels == 2, 7, 0))
 
 
+def test_any_class_name_becomes_a_valid_roi_name(tmp_path: Path):
+    series = _series(tmp_path / "ct")
+    name = "Leber \u2013 rechter Lappen\\links\t" + "x" * 80  # non-ASCII, the value separator, a tab, too long
+    path = write_rtstruct(_labels(), series, {1: name}, tmp_path / "rt.dcm")  # strict pydicom: valid values
+    (roi_name,) = roi_names(pydicom.dcmread(path))
+    assert roi_name.startswith("Leber \u2013 rechter Lappen/links") and len(roi_name) == 64
+
+
 def test_label_image_off_the_series_grid_is_refused(tmp_path: Path):
     series = _series(tmp_path / "ct")
     image = _image(_labels(), series)

@@ -123,8 +123,8 @@ def write_rtstruct(label_image: sitk.Image | np.ndarray, series: DicomSeries, cl
     frame.RTReferencedStudySequence = [study]
     ds.ReferencedFrameOfReferenceSequence = [frame]
 
-    ds.StructureSetLabel = structure_set_label[:16]
-    ds.StructureSetName = structure_set_label[:64]
+    ds.StructureSetLabel = _text(structure_set_label, 16)
+    ds.StructureSetName = _text(structure_set_label, 64)
     now = datetime.datetime.now()
     ds.StructureSetDate = now.strftime("%Y%m%d")
     ds.StructureSetTime = now.strftime("%H%M%S")
@@ -133,7 +133,7 @@ def write_rtstruct(label_image: sitk.Image | np.ndarray, series: DicomSeries, cl
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = frame_uid
-        roi.ROIName = str(name)[:64]
+        roi.ROIName = _text(name, 64)
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
         ds.StructureSetROISequence.append(roi)
 
@@ -156,6 +156,13 @@ def write_rtstruct(label_image: sitk.Image | np.ndarray, series: DicomSeries, cl
     ds.save_as(buffer, enforce_file_format=True)
     atomic_write_bytes(buffer.getvalue(), path)
     return Path(path)
+
+
+def _text(value: object, length: int) -> str:
+    """``value`` as a DICOM short/long string: no backslash (the value separator) or control character, at most
+    ``length`` characters."""
+    text = "".join(c for c in str(value).replace("\\", "/") if c.isprintable())
+    return text[:length].strip()
 
 
 def _series_grid(series: DicomSeries) -> tuple[sitk.Image, Sequence[Dataset]]:
