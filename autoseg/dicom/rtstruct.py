@@ -85,8 +85,8 @@ def patient_to_index(image: sitk.Image, points: np.ndarray) -> np.ndarray:
     return (np.asarray(points) - origin) @ np.linalg.inv(direction).T / np.asarray(image.GetSpacing())
 
 
-def write_rtstruct(label_image: sitk.Image | np.ndarray, series: DicomSeries, class_names: Mapping[ClassKey, str], path: Path | str,
-                   *, structure_set_label: str = "autoseg") -> Path:
+def write_rtstruct(label_image: sitk.Image | np.ndarray, series: DicomSeries, class_names: Mapping[ClassKey, str],
+                   path: Path | str, *, structure_set_label: str = "autoseg") -> Path:
     """Write the label map ``label_image`` (on the grid of ``series``, a DICOM series as
     ``autoseg.dicom.series`` reads it: an image with that geometry, or its (z, y, x) array) as an RT Structure
     Set at ``path``; returns ``path``.
@@ -111,17 +111,7 @@ def write_rtstruct(label_image: sitk.Image | np.ndarray, series: DicomSeries, cl
     ds.FrameOfReferenceUID = frame_uid
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
 
-    study = Dataset()
-    study.ReferencedSOPClassUID = STUDY_SOP_CLASS
-    study.ReferencedSOPInstanceUID = first.StudyInstanceUID
-    ref_series = Dataset()
-    ref_series.SeriesInstanceUID = first.SeriesInstanceUID
-    ref_series.ContourImageSequence = [_image_reference(s) for s in slices]
-    study.RTReferencedSeriesSequence = [ref_series]
-    frame = Dataset()
-    frame.FrameOfReferenceUID = frame_uid
-    frame.RTReferencedStudySequence = [study]
-    ds.ReferencedFrameOfReferenceSequence = [frame]
+    ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(slices)]
 
     ds.StructureSetLabel = _text(structure_set_label, 16)
     ds.StructureSetName = _text(structure_set_label, 64)
@@ -156,6 +146,25 @@ def write_rtstruct(label_image: sitk.Image | np.ndarray, series: DicomSeries, cl
     ds.save_as(buffer, enforce_file_format=True)
     atomic_write_bytes(buffer.getvalue(), path)
     return Path(path)
+
+
+def _referenced_frame(slices: Sequence[Dataset]) -> Dataset:
+    """The Referenced Frame of Reference item: the series' frame of reference, its study, the series and every
+    slice (the Contour Image Sequence)."""
+    from pydicom.dataset import Dataset
+
+    first = slices[0]
+    ref_series = Dataset()
+    ref_series.SeriesInstanceUID = first.SeriesInstanceUID
+    ref_series.ContourImageSequence = [_image_reference(s) for s in slices]
+    study = Dataset()
+    study.ReferencedSOPClassUID = STUDY_SOP_CLASS
+    study.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    study.RTReferencedSeriesSequence = [ref_series]
+    frame = Dataset()
+    frame.FrameOfReferenceUID = first.FrameOfReferenceUID
+    frame.RTReferencedStudySequence = [study]
+    return frame
 
 
 def _text(value: object, length: int) -> str:
@@ -271,7 +280,8 @@ def roi_names(ds: Dataset) -> list[str]:
     return [str(roi.ROIName) for roi in ds.get("StructureSetROISequence", [])]
 
 
-def read_rtstruct(ds: Dataset | Path | str, series: DicomSeries, class_values: Mapping[str, int] | None = None) -> sitk.Image:
+def read_rtstruct(ds: Dataset | Path | str, series: DicomSeries,
+                  class_values: Mapping[str, int] | None = None) -> sitk.Image:
     """Rasterise a structure set's contours onto ``series``' grid: a label map (uint16) with its geometry.
 
     ``class_values`` maps ROI names to label values (ROIs not named are skipped; a name missing from the file is
@@ -285,16 +295,19 @@ def read_rtstruct(ds: Dataset | Path | str, series: DicomSeries, class_values: M
     frame_uid = str(slices[0].FrameOfReferenceUID)
     names = roi_names(ds)
     if len(set(names)) != len(names):
-        raise UserError(f"{where}: two ROIs share a name ({', '.join(sorted(n for n in set(names) if names.count(n) > 1))})")
+        twice = sorted(n for n in set(names) if names.count(n) > 1)
+        raise UserError(f"{where}: two ROIs share a name ({', '.join(twice)}); give each structure its own name")
     if class_values is None:
         class_values = {name: value for value, name in enumerate(names, start=1)}
     missing = [n for n in class_values if n not in names]
     if missing:
-        raise UserError(f"{where}: no ROI named {missing[0]!r} (the structure set has {', '.join(names) or 'none'})")
+        raise UserError(f"{where}: no ROI named {missing[0]!r} (the structure set has "
+                        f"{', '.join(names) or 'none'})")
     numbers = {str(roi.ROIName): int(roi.ROINumber) for roi in ds.StructureSetROISequence}
     frames = {int(roi.ROINumber): str(roi.get("ReferencedFrameOfReferenceUID", frame_uid))
               for roi in ds.StructureSetROISequence}
-    contours_of = {int(c.ReferencedROINumber): c.get("ContourSequence", []) for c in ds.get("ROIContourSequence", [])}
+    contours_of = {int(c.ReferencedROINumber): c.get("ContourSequence", [])
+                   for c in ds.get("ROIContourSequence", [])}
 
     size_x, size_y, size_z = image.GetSize()
     out = np.zeros((size_z, size_y, size_x), dtype=np.uint16)
