@@ -138,6 +138,36 @@ def test_scanline_fill_agrees_with_scikit_image_and_xors_rings():
     assert np.array_equal(together, apart[0] ^ apart[1] ^ apart[2])
 
 
+def test_a_structure_set_drawn_elsewhere_fills_the_voxels_inside_its_polygons(tmp_path: Path):
+    """Not our writer's contours: a disc with a hole, drawn as 240-gons in patient coordinates on an oblique series,
+    fills the voxels whose centres lie in the ring (compared with the ring computed from the voxel centres)."""
+    series = _series(tmp_path / "ct", OBLIQUE)
+    rt = write_rtstruct(np.zeros(SHAPE, np.uint8), series, {1: "ring"}, tmp_path / "rt.dcm")
+    ds = pydicom.dcmread(rt)
+    axes = np.asarray(series.image.GetDirection()).reshape(3, 3)
+    k, centre = 4, np.array([13.3, 15.1])  # slice, centre in (x, y) mm along the image's row and column axes
+    origin = np.asarray(series.datasets[k].ImagePositionPatient, float)
+    angles = np.linspace(0, 2 * np.pi, 240, endpoint=False)
+    items = []
+    for radius in (9.0, 4.0):  # the outer boundary, then the hole
+        in_plane = centre + radius * np.column_stack([np.cos(angles), np.sin(angles)])
+        points = origin + in_plane @ axes[:, :2].T
+        item = pydicom.Dataset()
+        item.ContourGeometricType, item.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
+        item.ContourData = [f"{v:.4f}" for v in points.ravel()]
+        items.append(item)
+    ds.ROIContourSequence[0].ContourSequence = items
+    got = sitk.GetArrayFromImage(read_rtstruct(ds, series))
+
+    y, x = np.indices(SHAPE[1:])
+    distance = np.hypot(x * SPACING[0] - centre[0], y * SPACING[1] - centre[1])
+    want = np.zeros(SHAPE, bool)
+    want[k] = (distance < 9.0) & (distance > 4.0)
+    assert want.sum() > 200 and _dice(got == 1, want) >= 0.99
+    near_edge = (np.abs(distance - 9.0) < 0.01) | (np.abs(distance - 4.0) < 0.01)  # a 240-gon is not a circle there
+    assert np.array_equal((got == 1)[k][~near_edge], want[k][~near_edge]) and not got[np.arange(10) != k].any()
+
+
 def test_regions_become_overlapping_rois_painted_back_outer_first(tmp_path: Path):
     series = _series(tmp_path / "ct")
     labels = np.zeros(SHAPE, np.uint8)
