@@ -11,7 +11,8 @@ polygon and every centre outside lies outside, and filling the polygons at the v
 back. A hole is its own contour, and so is every component of a slice; the standard does not say which contours
 are holes, and planning systems (and :func:`read_rtstruct`) fill a slice's contours with the **even-odd rule**:
 a point is inside when it lies inside an odd number of the ROI's contours on that slice. Points are computed from
-the image's origin, spacing and direction, so oblique series get oblique contours.
+each slice's own position and the image's row and column axes and spacing, so oblique series get oblique contours.
+The structure set is marked UNAPPROVED: automatic contours are a proposal for a person to review.
 
 pydicom is imported on first use (``pip install 'autoseg[dicom]'``); no byte is encoded by hand. Time, measured on
 the shared 2-core machine, for a 512 x 512 x 100 CT with three large structures: writing 5-6 s (most of it
@@ -222,11 +223,10 @@ def _new_dataset(source: Dataset) -> Dataset:
     now = datetime.datetime.now()
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-                    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-                    "StudyDescription"):
-        value = source.get(keyword)
-        if value is not None or keyword != "StudyDescription":
-            setattr(ds, keyword, value if value is not None else "")
+                    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        setattr(ds, keyword, source.get(keyword) or "")  # required (type 1 or 2): empty when the source lacks it
+    if source.get("StudyDescription"):
+        ds.StudyDescription = source.StudyDescription
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = int(source.get("SeriesNumber") or 0) + 1000  # listed after its image series
