@@ -83,8 +83,9 @@ def cmd_fingerprint(a: argparse.Namespace) -> int:
 
 def cmd_synth(a: argparse.Namespace) -> int:
     from autoseg.synth import generate
+    from autoseg.synth.scanner import parse_scanner
 
-    out = generate(a.task, a.out_dir, cases=a.cases, size=a.size, seed=a.seed)
+    out = generate(a.task, a.out_dir, cases=a.cases, size=a.size, seed=a.seed, scanner=parse_scanner(a.scanner))
     print(f"wrote {out}")
     return 0
 
@@ -539,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=SIZES, default="small",
                    help="tiny (tests, seconds), small (demo) or bench (benchmarks); default %(default)s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scanner", default=None, metavar="KEY=V,...",
+                   help="image every case with another scanner setting: gamma (tissue contrast), scale, offset "
+                        "(calibration), blur (voxels), noise (share of the intensity range), spacing (voxel size "
+                        "factor); e.g. gamma=2.5,noise=0.05")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("convert-msd", parents=[common], help="import a Medical Segmentation Decathlon task",
