@@ -112,7 +112,7 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     if plans is None and bundle is not None:
         if existing is not None and not finetune.same_source(existing, sha) and wd.runs():
             raise UserError(f"{wd.root}: holds training runs of another plan; fine-tune {init} into another "
-                            "--workdir (or delete its runs/)")
+                            f"--workdir (or delete {wd.runs_dir})")
         plans = finetune.finetune_plans(bundle, sha, fp, budget_s, device, folds or 5, measurements_dir, remeasure)
         wd.save_plans(plans)
     if bundle is not None:

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("stages", ["autoseg.validate", "autoseg.fingerprint", "autoseg.plan", "autoseg.planners", "autoseg.preprocess",
                 "autoseg.train", "autoseg.ensemble", "autoseg.predict_inputs", "autoseg.inference", "autoseg.oof",
                 "autoseg.select", "autoseg.predict", "autoseg.evaluate", "autoseg.report", "autoseg.bundle",
-                "autoseg.export", "autoseg.msd"]),
+                "autoseg.export", "autoseg.msd", "autoseg.finetune"]),
     ("orchestration", ["autoseg.workflow", "autoseg.workers", "autoseg.search", "autoseg.status", "autoseg.benchmark", "autoseg.demo"]),
     ("command line", ["autoseg.cli", "autoseg.__main__"]),
     ("public surface", ["autoseg"]),
