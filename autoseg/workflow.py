@@ -103,14 +103,14 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
 
     t = time.perf_counter()
     plans, replanned = None, True
-    existing = wd.load_plans() if wd.plans_file.is_file() else None
-    if existing is not None and not (replan or remeasure):
+    if wd.plans_file.is_file() and not (replan or remeasure):
+        existing = wd.load_plans()
         same = (_same_finetune(existing, fp, sha, budget_s, device) if bundle is not None
                 else _same_request(existing, fp, planner, budget_s, device))
         if same and folds in (None, existing.folds):
             plans, replanned = existing, False
     if plans is None and bundle is not None:
-        if existing is not None and not finetune.same_source(existing, sha) and wd.runs():
+        if _holds_other_runs(wd, sha):
             raise UserError(f"{wd.root}: holds training runs of another plan; fine-tune {init} into another "
                             f"--workdir (or delete {wd.runs_dir})")
         plans = finetune.finetune_plans(bundle, sha, fp, budget_s, device, folds or 5, measurements_dir, remeasure)
@@ -144,6 +144,19 @@ def _same_finetune(plans: Plans, fp: Fingerprint, sha256: str, budget_s: float |
     return (same_source(plans, sha256) and plans.fingerprint_hash == fp.dataset_hash
             and (budget_s is None or abs(plans.budget_s - budget_s) < 1e-6)
             and (device is None or plans.device.get("type") == device.split(":")[0]))
+
+
+def _holds_other_runs(wd: Workdir, sha256: str) -> bool:
+    """Whether the workdir has training runs of a plan that is not a fine-tuning of this bundle (which a
+    fine-tuning plan would otherwise take over as its own)."""
+    from autoseg.finetune import same_source
+
+    if not wd.runs():
+        return False
+    try:
+        return not same_source(wd.load_plans(), sha256)
+    except UserError:
+        return True
 
 
 def trained_configurations(plans: Plans) -> list[str]:
