@@ -47,7 +47,7 @@ def site(root: Path, **kw) -> Path:
 
 def test_fine_tuning_trains_each_bundle_network_and_the_new_bundle_records_its_source(source, tmp_path):
     ds, work = site(tmp_path), tmp_path / "work"
-    assert run(["-q", "plan", str(ds), "-w", str(work), "--init", str(source), "--folds", "2", "--budget", "1m",
+    assert run(["-q", "plan", str(ds), "-w", str(work), "--init", str(source), "--folds", "2", "--budget", "1h",
                 "-j", "1"]) == 0
     assert run(["-q", "train", str(ds), "-w", str(work), "--fold", "all", "--workers", "0"]) == 0
     plans = Workdir(work).load_plans()
@@ -101,7 +101,7 @@ def test_a_stopped_fine_tuning_run_resumes_from_its_checkpoint_and_ends_as_an_un
     finals = []
     for name, stop in (("uninterrupted", None), ("stopped", 7)):
         work = tmp_path / name
-        plans = plan_dataset(ds, work, budget="1m", device="cpu", jobs=1, init=source, folds=2).plans
+        plans = plan_dataset(ds, work, budget="1h", device="cpu", jobs=1, init=source, folds=2).plans
         steps = plans.configurations["3d_fullres"].schedule.steps
         if stop is not None:  # a run stopped part-way (as a kill after a checkpoint leaves it)
             Trainer(work, "3d_fullres", 0, plans=plans, steps=steps, device="cpu", workers=0, progress=False,
@@ -109,7 +109,7 @@ def test_a_stopped_fine_tuning_run_resumes_from_its_checkpoint_and_ends_as_an_un
                     ).fit()
             assert load_checkpoint(Workdir(work).run("3d_fullres", 0).latest)["step"] == stop
         # the same command again, the plan kept (same bundle, dataset and budget)
-        again = plan_dataset(ds, work, budget="1m", device="cpu", jobs=1, init=source)
+        again = plan_dataset(ds, work, budget="1h", device="cpu", jobs=1, init=source)
         assert not again.replanned
         result = train_dataset(ds, work, fold=0, device="cpu", workers=0, progress=False)
         assert result.runs[0].finished and result.runs[0].steps == steps
