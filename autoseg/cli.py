@@ -52,6 +52,13 @@ def _add_workdir(p: argparse.ArgumentParser) -> None:
                    help="where artifacts go (default: ./autoseg_work/<dataset folder name>)")
 
 
+def _add_init(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", type=Path, default=None, metavar="MODEL.autoseg",
+                   help="fine-tune this bundle's networks on the dataset (same channels and classes): its plans' "
+                        "spacing, normalization, network and patch, a tenth of its learning rate, fewer steps, the "
+                        "dataset's own cross-validation; the new bundle records where it came from")
+
+
 def cmd_validate(a: argparse.Namespace) -> int:
     from autoseg.validate import validate_dataset
 
@@ -76,8 +83,9 @@ def cmd_fingerprint(a: argparse.Namespace) -> int:
 
 def cmd_synth(a: argparse.Namespace) -> int:
     from autoseg.synth import generate
+    from autoseg.synth.scanner import parse_scanner
 
-    out = generate(a.task, a.out_dir, cases=a.cases, size=a.size, seed=a.seed)
+    out = generate(a.task, a.out_dir, cases=a.cases, size=a.size, seed=a.seed, scanner=parse_scanner(a.scanner))
     print(f"wrote {out}")
     return 0
 
@@ -103,6 +111,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if a.search:
         from autoseg.search import plan_with_search, search_summary
 
+        if a.init is not None:
+            raise UserError("--init fine-tunes a bundle's networks as they are: it does not go with --search")
         found = plan_with_search(a.dataset, a.workdir, budget=a.budget, trials=a.trials, storage=a.storage,
                                  planner=a.planner, device=a.device, jobs=a.jobs, replan=a.replan,
                                  progress=not a.quiet, folds=a.folds, remeasure=a.remeasure,
@@ -114,7 +124,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
         raise UserError("--trials and --storage need --search")
     result = plan_dataset(a.dataset, a.workdir, planner=a.planner, budget=a.budget, device=a.device,
                           jobs=a.jobs, replan=a.replan, progress=not a.quiet, folds=a.folds,
-                          preprocess_also=a.preprocess, remeasure=a.remeasure, measurements_dir=cache_dir())
+                          preprocess_also=a.preprocess, remeasure=a.remeasure, measurements_dir=cache_dir(),
+                          init=a.init)
     print(summary(result))
     return 0
 
@@ -130,10 +141,17 @@ def cmd_search_worker(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from autoseg.distributed import is_main_process
     from autoseg.plan.budget import parse_duration
-    from autoseg.workflow import train_dataset, train_summary
+    from autoseg.workflow import plan_dataset, summary, train_dataset, train_summary
 
     every = None if a.checkpoint_every is None else parse_duration(a.checkpoint_every, "--checkpoint-every")
-    result = train_dataset(a.dataset, a.workdir, configuration=a.config, fold=a.fold, budget=a.budget,
+    budget = a.budget
+    if a.init is not None:  # plan the fine-tuning (kept as it is when already planned: a resumed run)
+        planned = plan_dataset(a.dataset, a.workdir, budget=a.budget, device=a.device, progress=not a.quiet,
+                               measurements_dir=cache_dir(), init=a.init)
+        if is_main_process():
+            print(summary(planned))
+        budget = None  # the plan took it
+    result = train_dataset(a.dataset, a.workdir, configuration=a.config, fold=a.fold, budget=budget,
                            device=a.device, extend=a.extend, seed=a.seed, workers=a.workers,
                            progress=not a.quiet, splits_file=a.splits, steps=a.steps, checkpoint_every_s=every)
     if is_main_process():  # under torchrun, one report (rank 0's)
@@ -329,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", nargs="+", metavar="CONFIG", default=None,
                    help="also preprocess these configurations now (or 'all'); by default only the ones the budget "
                         "trains are, and `autoseg train --config NAME` preprocesses the others when asked")
+    _add_init(p)
     _add_jobs(p)
     p.set_defaults(func=cmd_plan)
 
@@ -382,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claim-timeout", default="5m", metavar="T",
                    help="a run claimed by this worker counts as abandoned after T without its heartbeat (a lost "
                         "node; a dead process on the same machine is seen at once); default %(default)s")
+    _add_init(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("status", parents=[common], help="progress of a workdir: runs, workers, search, bundle",
@@ -566,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=SIZES, default="small",
                    help="tiny (tests, seconds), small (demo) or bench (benchmarks); default %(default)s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scanner", default=None, metavar="KEY=V,...",
+                   help="image every case with another scanner setting: gamma (tissue contrast), scale, offset "
+                        "(calibration), blur (voxels), noise (share of the intensity range), spacing (voxel size "
+                        "factor); e.g. gamma=2.5,noise=0.05")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("convert-msd", parents=[common], help="import a Medical Segmentation Decathlon task",

@@ -9,6 +9,7 @@ writers of what lives there. No other module spells a workdir path.
                                     [<case>_inst.npy: instance datasets]
       runs/<config>/fold_<k>/       checkpoint_latest.pt, checkpoint_final.pt, log.csv, curves.png (autoseg.train)
         validation/                 <case>.npz, <case><ending>, summary.json: out-of-fold outputs (autoseg.oof)
+      init/<config>/fold_<k>.pt     the weights a fine-tuning run starts from (``--init model.autoseg``)
       search.db                     the search's study (autoseg.search; SQLite by default)
       search/                       trial_<nnnn>/ (a run folder each), trials.csv, history.png, importances.png
       selection.json                Selection (autoseg.select)
@@ -53,6 +54,7 @@ LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
 VALIDATION_DIR, VALIDATION_SUMMARY = "validation", "summary.json"
 CLAIMS_DIR, LOCKS_DIR, SELECT_LOCK, PREPROCESS_LOCK = "claims", "locks", "select-bundle", "preprocess-{}"
 SEARCH_LOCK = "search-finalize"
+INIT_DIR = "init"
 
 
 def default_workdir(dataset_dir: Path | str) -> Path:
@@ -222,6 +224,11 @@ class Workdir:
     def search_lock(self) -> Path:
         """Writing the search's outcome (plans.json, the kept weights, the trial table): one worker at a time."""
         return self.claims_dir / LOCKS_DIR / SEARCH_LOCK
+
+    def init_weights(self, configuration: str, fold: int) -> Path:
+        """The weights of a fine-tuned bundle's fold that a fine-tuning run starts from (a checkpoint holding
+        only ``model``), copied here so the workdir trains and resumes without the bundle."""
+        return self.root / INIT_DIR / configuration / f"fold_{fold}.pt"
 
     def run(self, configuration: str, fold: int) -> RunDir:
         return RunDir(self.runs_dir / configuration / f"fold_{fold}")

@@ -50,7 +50,7 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
                  budget: str | float | None = None, device: str | None = None, jobs: int | None = None,
                  replan: bool = False, progress: bool = False, folds: int | None = None,
                  preprocess_also: list[str] | None = None, remeasure: bool = False,
-                 measurements_dir: Path | None = None) -> PlanResult:
+                 measurements_dir: Path | None = None, init: Path | str | None = None) -> PlanResult:
     """Validate, fingerprint, plan and preprocess ``dataset`` into ``workdir``.
 
     An existing ``plans.json`` made from the same dataset, planner, budget and device is kept as it is
@@ -59,7 +59,8 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     earlier measurements (and so re-plans); those are kept in ``measurements_dir`` (None: none kept). Only the
     configurations the default ``autoseg train`` trains are
     preprocessed, plus ``preprocess_also`` (names, or ``["all"]``); ``autoseg train --config NAME``
-    preprocesses the others.
+    preprocesses the others. ``init`` (a bundle) plans fine-tuning its networks instead (:mod:`autoseg.finetune`):
+    the dataset must have the bundle's channels and classes.
     """
     import time
 
@@ -79,6 +80,15 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     # arguments first: a typo in --budget or --planner should not wait for the dataset to be read
     budget_s = None if budget is None else parse_duration(budget)
     get_planner(planner)
+    bundle = sha = None
+    if init is not None:  # before the dataset is read: a bundle that cannot fine-tune on it is refused at once
+        from autoseg import finetune
+        from autoseg.bundle import load_bundle
+        from autoseg.dataset import load_dataset
+
+        bundle = load_bundle(init)
+        finetune.check_compatible(load_dataset(dataset), bundle.plans, str(init))
+        sha = finetune.sha256_file(init)
     timings = {}
     t = time.perf_counter()
     problems = validate_dataset(dataset, jobs=jobs, progress=progress)
@@ -95,8 +105,18 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
     plans, replanned = None, True
     if wd.plans_file.is_file() and not (replan or remeasure):
         existing = wd.load_plans()
-        if _same_request(existing, fp, planner, budget_s, device) and folds in (None, existing.folds):
+        same = (_same_finetune(existing, fp, sha, budget_s, device) if bundle is not None
+                else _same_request(existing, fp, planner, budget_s, device))
+        if same and folds in (None, existing.folds):
             plans, replanned = existing, False
+    if plans is None and bundle is not None:
+        if _holds_other_runs(wd, sha):
+            raise UserError(f"{wd.root}: holds training runs of another plan; fine-tune {init} into another "
+                            f"--workdir (or delete {wd.runs_dir})")
+        plans = finetune.finetune_plans(bundle, sha, fp, budget_s, device, folds or 5, measurements_dir, remeasure)
+        wd.save_plans(plans)
+    if bundle is not None:
+        finetune.write_init_weights(wd, bundle, plans)
     if plans is None:
         if progress:
             logger.info("planning: measuring candidate networks on the device ...")
@@ -115,6 +135,28 @@ def plan_dataset(dataset: Path | str, workdir: Path | str | None = None, planner
         done = preprocess(dataset, work, plans, fp, configurations=names, jobs=jobs, progress=progress)
     timings["preprocess"] = time.perf_counter() - t
     return PlanResult(work, fp, plans, replanned, done, timings)
+
+
+def _same_finetune(plans: Plans, fp: Fingerprint, sha256: str, budget_s: float | None, device: str | None) -> bool:
+    """Keep an existing fine-tuning plan of the same bundle, dataset, budget and device (a resumed run)."""
+    from autoseg.finetune import same_source
+
+    return (same_source(plans, sha256) and plans.fingerprint_hash == fp.dataset_hash
+            and (budget_s is None or abs(plans.budget_s - budget_s) < 1e-6)
+            and (device is None or plans.device.get("type") == device.split(":")[0]))
+
+
+def _holds_other_runs(wd: Workdir, sha256: str) -> bool:
+    """Whether the workdir has training runs of a plan that is not a fine-tuning of this bundle (which a
+    fine-tuning plan would otherwise take over as its own)."""
+    from autoseg.finetune import same_source
+
+    if not wd.runs():
+        return False
+    try:
+        return not same_source(wd.load_plans(), sha256)
+    except UserError:
+        return True
 
 
 def trained_configurations(plans: Plans) -> list[str]:
@@ -171,7 +213,7 @@ def summary(result: PlanResult) -> str:
         lines.append(f"training: {len(runs)} run(s) ({', '.join(configs)}; folds {folds}) of "
                      f"{format_duration(runs[0]['seconds'])} each")
     for n in p.notes:
-        if n.startswith(("budget", "busy machine")):
+        if n.startswith(("budget", "busy machine")) or p.finetune:
             lines.append(n)
     lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     reused = p.measurements.get("reused", 0) if result.replanned else 0
@@ -305,6 +347,7 @@ def _train_one(work: Workdir, dataset: Path | str, plans: Plans, c: str, k: int,
     from autoseg.checkpoint import read_progress
     from autoseg.crossval import load_splits
     from autoseg.device import best_device
+    from autoseg.finetune import fixed_steps
     from autoseg.oof import predict_fold_validation
     from autoseg.train import Trainer
 
@@ -316,7 +359,8 @@ def _train_one(work: Workdir, dataset: Path | str, plans: Plans, c: str, k: int,
     with ExitStack() as stack:
         if pick.claim is not None:
             stack.enter_context(pick.claim)
-        trainer = Trainer(work, c, k, plans=plans, seconds=seconds, steps=steps, device=device, seed=seed,
+        trainer = Trainer(work, c, k, plans=plans, seconds=seconds,
+                          steps=steps if steps is not None else fixed_steps(plans, c), device=device, seed=seed,
                           workers=workers, progress=progress, extend_s=extend_s, splits_file=splits_file,
                           checkpoint_every_s=checkpoint_every_s, claim=pick.claim,
                           init_weights=warm_start(work, plans, c, k, splits_file))
@@ -379,8 +423,13 @@ def select_after_training(work: Workdir | Path | str, dataset: Path | str) -> tu
 def warm_start(work: Workdir | Path | str, plans: Plans, configuration: str, fold: int,
                splits_file: Path | str | None = None) -> Path | None:
     """The search's best trial's weights when this run is the one it trained (same configuration, fold and
-    split): the final training continues from them instead of starting over."""
+    split): the final training continues from them instead of starting over. A fine-tuning plan's run starts
+    from its bundle network's weights (:mod:`autoseg.finetune`)."""
+    from autoseg.finetune import init_weights_for
+
     work = Workdir.of(work)
+    if (path := init_weights_for(work, plans, configuration, fold)) is not None:
+        return path
     ws = plans.search.get("warm_start") or {}
     if splits_file is not None or ws.get("configuration") != configuration or ws.get("fold") != fold:
         return None

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                 "autoseg.train", "autoseg.ensemble", "autoseg.predict_inputs", "autoseg.inference",
                 "autoseg.detected_instances", "autoseg.oof",
                 "autoseg.select", "autoseg.predict", "autoseg.evaluate", "autoseg.report", "autoseg.bundle",
-                "autoseg.export", "autoseg.msd", "autoseg.dicom"]),
+                "autoseg.export", "autoseg.msd", "autoseg.dicom", "autoseg.finetune"]),
     ("orchestration", ["autoseg.workflow", "autoseg.workers", "autoseg.search", "autoseg.status", "autoseg.benchmark", "autoseg.demo"]),
     ("command line", ["autoseg.cli", "autoseg.__main__"]),
     ("public surface", ["autoseg"]),

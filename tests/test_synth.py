@@ -237,3 +237,32 @@ def test_the_instances_suite_names_registered_instance_tasks():
     suite = load_suite(Path(__file__).parent.parent / "benchmarks" / "suites" / "instances.toml")
     assert {d.name for d in suite.datasets} == {"nuclei", "brain-mets", "lung-nodules"}
     assert all(TASKS[d.name].instance_classes for d in suite.datasets)
+
+
+def test_a_scanner_setting_images_the_same_anatomy_differently():
+    from autoseg.synth.scanner import parse_scanner
+
+    base = draw_case("mri-nested", "tiny", index=1, seed=3)
+    shifted = draw_case("mri-nested", "tiny", index=1, seed=3, scanner=parse_scanner("gamma=0.4,noise=0.03,blur=0.6"))
+    assert np.array_equal(shifted.label, base.label) and shifted.geometry == base.geometry
+    assert shifted.channels[0].dtype == base.channels[0].dtype
+    z = [(c[0] - c[0].mean()) / c[0].std() for c in (base.channels, shifted.channels)]
+    organ, lesion = base.label == 1, base.label == 2
+    contrast = [float(x[lesion].mean() - x[organ].mean()) for x in z]  # per-image z-scoring does not undo it
+    assert contrast[1] < 0.7 * contrast[0]
+    coarse = draw_case("mri-nested", "tiny", index=1, seed=3, scanner=parse_scanner("spacing=2"))
+    assert coarse.label.shape == tuple(round(s / 2) for s in base.label.shape)
+    assert np.allclose(np.multiply(coarse.geometry.spacing, coarse.label.shape),
+                       np.multiply(base.geometry.spacing, base.label.shape))
+    assert set(np.unique(coarse.label)) <= set(np.unique(base.label))
+
+
+def test_synth_scanner_is_recorded_and_a_bad_setting_is_one_line(tmp_path, capsys):
+    out = tmp_path / "site"
+    assert run(["-q", "synth", "png-2d", str(out), "--size", "tiny", "--cases", "2", "--scanner", "scale=0.5"]) == 0
+    assert json.loads((out / "dataset.json").read_text())["autoseg_synth"]["scanner"] == {"scale": 0.5}
+    assert validate_dataset(out) == []
+    for bad in ("foo=1", "gamma=-1", "noise=x"):
+        assert run(["synth", "png-2d", str(tmp_path / "bad"), "--scanner", bad]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

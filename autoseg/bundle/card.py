@@ -12,6 +12,19 @@ def _dice(v: object) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
 
+def _provenance(source: dict[str, Any] | None) -> list[str]:
+    """Where a fine-tuned model came from: the bundle it started from, and that one's own source."""
+    if not source:
+        return []
+    lines = ["", "## Provenance", ""]
+    while source:
+        lines.append(f"- fine-tuned from `{source.get('bundle')}` (sha256 {str(source.get('sha256'))[:16]}..., "
+                     f"trained on {source.get('dataset')}, made {source.get('created')} with autoseg "
+                     f"{source.get('autoseg_version')})")
+        source = source.get("fine_tuned_from")
+    return lines
+
+
 def model_card(manifest: dict[str, Any], plans: Plans) -> str:
     from autoseg.postprocess import describe
 
@@ -68,6 +81,7 @@ def model_card(manifest: dict[str, Any], plans: Plans) -> str:
                                                                  if after is not None else "."))
     else:
         lines.append("No cross-validation results were available when the bundle was made.")
+    lines += _provenance(manifest.get("fine_tuned_from"))
     lines += ["", "## Use", "", "```", "autoseg predict model.autoseg INPUT_DIR OUTPUT_DIR", "```", "",
               f"Made {manifest['created']} with autoseg {manifest['autoseg_version']}, torch "
               f"{manifest['torch_version']}, numpy {manifest['numpy_version']}; bundle format "

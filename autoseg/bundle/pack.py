@@ -111,6 +111,7 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
         "dataset": plans.dataset_name, "input": input_contract(plans),
         "configuration": names[0], "configurations": {c: {"folds": folds[c]} for c in names},
         "ensemble": names, "postprocessing": rules[model_name(names)], "cv": cv,
+        **({"fine_tuned_from": plans.finetune["source"]} if plans.finetune.get("source") else {}),
     }
     members[CARD] = model_card(manifest, plans).encode()
     return write_archive(members, manifest, output)

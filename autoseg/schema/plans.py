@@ -223,6 +223,9 @@ class Plans:
     notes: list[str] = field(default_factory=list)
     # set by `autoseg plan --search`: the study, its best trial, and the rules' configuration it replaced
     search: dict[str, Any] = field(default_factory=dict)
+    # set by `autoseg plan/train --init model.autoseg`: the bundle whose networks this plan fine-tunes (name,
+    # sha256, dataset, date), which of its folds starts each run, and the fine-tuning rule's numbers
+    finetune: dict[str, Any] = field(default_factory=dict)
     meta: dict = field(default_factory=dict, compare=False)  # bookkeeping (who wrote the file), not content
 
     @property

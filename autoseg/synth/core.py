@@ -22,6 +22,7 @@ import numpy as np
 
 from autoseg.errors import UserError
 from autoseg.io import Geometry, write_image, write_label
+from autoseg.synth.scanner import Scanner, apply_scanner
 from autoseg.version import __version__
 
 SIZES = ("tiny", "small", "bench")
@@ -72,7 +73,7 @@ class TaskSpec:
         """The foreground values a label file holds (regions are unions of them)."""
         return sorted({x for v in self.labels.values() for x in (v if isinstance(v, list) else [v])} - {0})
 
-    def dataset_json(self, num_training: int, size: str, seed: int) -> dict:
+    def dataset_json(self, num_training: int, size: str, seed: int, scanner: Scanner | None = None) -> dict:
         return {
             "name": f"synth-{self.name}",
             "description": self.description,
@@ -83,7 +84,8 @@ class TaskSpec:
             "numTraining": num_training,
             "file_ending": self.file_ending,
             "licence": "CC0 (synthetic)",
-            PROVENANCE_KEY: {"task": self.name, "size": size, "seed": seed, "version": __version__},
+            PROVENANCE_KEY: {"task": self.name, "size": size, "seed": seed, "version": __version__,
+                             **({"scanner": scanner.to_dict()} if scanner and not scanner.is_default else {})},
         }
 
 
@@ -121,14 +123,21 @@ def case_rng(task: str, seed: int, split: str, index: int) -> np.random.Generato
     return np.random.default_rng(np.random.SeedSequence(key))
 
 
-def draw_case(task: str, size: str = "tiny", index: int = 0, seed: int = 0, split: str = "Tr") -> SynthCase:
+def draw_case(task: str, size: str = "tiny", index: int = 0, seed: int = 0, split: str = "Tr",
+              scanner: Scanner | None = None) -> SynthCase:
     """Draw one case in memory, exactly as :func:`generate` would write it (for tests and notebooks)."""
     spec = get_task(task)
-    return spec.make_case(case_rng(task, seed, split, index), tuple(spec.shapes[size]), index)
+    case = spec.make_case(case_rng(task, seed, split, index), tuple(spec.shapes[size]), index)
+    if scanner is None or scanner.is_default:
+        return case
+    # the scanner's noise from a generator of its own: the anatomy is the case's whatever the setting
+    channels, label, geometry = apply_scanner(scanner, case.channels, case.label, case.geometry,
+                                              case_rng(f"{task}:scanner", seed, split, index))
+    return SynthCase(channels, label, geometry)
 
 
 def generate(task: str, out_dir: Path | str, cases: int | None = None, size: str = "small", seed: int = 0,
-             *, jobs: int | None = None) -> Path:
+             *, jobs: int | None = None, scanner: Scanner | None = None) -> Path:
     """Write a synthetic dataset for ``task`` in the nnU-Net v2 raw layout to ``out_dir`` and return it.
 
     ``out_dir`` becomes the dataset folder: ``dataset.json``, ``imagesTr``/``labelsTr`` with ``cases``
@@ -136,6 +145,8 @@ def generate(task: str, out_dir: Path | str, cases: int | None = None, size: str
     ``labelsTs``. The same (task, size, cases, seed) gives the same data. The folder is built beside
     ``out_dir`` and moved into place at the end, so an interrupted run leaves nothing half-written;
     an existing non-empty ``out_dir`` is only replaced when an earlier ``generate`` wrote it.
+    ``scanner`` images every case with another scanner setting (:mod:`autoseg.synth.scanner`), recorded in
+    dataset.json.
 
     >>> generate("ct-aniso", "/tmp/Dataset001_CT", size="tiny")  # doctest: +SKIP
     """
@@ -154,8 +165,9 @@ def generate(task: str, out_dir: Path | str, cases: int | None = None, size: str
         todo = [("Tr", i) for i in range(n_train)] + [("Ts", i) for i in range(spec.test_cases[size])]
         workers = jobs or min(4, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda job: _write_case(spec, work, size, seed, *job), todo))
-        (work / "dataset.json").write_text(json.dumps(spec.dataset_json(n_train, size, seed), indent=2) + "\n")
+            list(pool.map(lambda job: _write_case(spec, work, size, seed, *job, scanner=scanner), todo))
+        (work / "dataset.json").write_text(json.dumps(spec.dataset_json(n_train, size, seed, scanner), indent=2)
+                                           + "\n")
         _move_into_place(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -163,8 +175,9 @@ def generate(task: str, out_dir: Path | str, cases: int | None = None, size: str
     return out
 
 
-def _write_case(spec: TaskSpec, root: Path, size: str, seed: int, split: str, index: int) -> None:
-    case = spec.make_case(case_rng(spec.name, seed, split, index), tuple(spec.shapes[size]), index)
+def _write_case(spec: TaskSpec, root: Path, size: str, seed: int, split: str, index: int,
+                scanner: Scanner | None = None) -> None:
+    case = draw_case(spec.name, size, index, seed, split, scanner)
     case_id = f"{spec.prefix}_{'' if split == 'Tr' else 'ts'}{index:03d}"
     for c, channel in enumerate(case.channels):
         write_image(channel, case.geometry, root / f"images{split}" / f"{case_id}_{c:04d}{spec.file_ending}")
