@@ -64,6 +64,17 @@ from autoseg.predict_inputs import (
     unusual_input,
 )
 from autoseg.preprocess import preprocess_case
+from autoseg.quality import (
+    QUALITY_FILE,
+    CaseQuality,
+    InputFeatures,
+    ModelFeatures,
+    QualityModel,
+    assess,
+    input_features,
+    model_features,
+    write_quality,
+)
 from autoseg.schema.plans import Plans
 from autoseg.schema.selection import model_name
 from autoseg.sliding_window import count_tiles
@@ -86,6 +97,8 @@ class PredictionSummary:
     mirror: str = ""
     seconds: float = 0.0
     model: str = ""
+    quality: dict[str, CaseQuality] = field(default_factory=dict)  # case -> its quality verdict (autoseg.quality)
+    quality_file: Path | None = None  # OUTPUT/quality.json, when the model carries a quality calibration
 
 
 @dataclass
@@ -94,6 +107,8 @@ class _Prepared:
 
     outputs: list[MemberOutput]
     geometry: Geometry
+    features: InputFeatures | None = None  # for the quality flag, when the model has one
+    model: ModelFeatures | None = None
 
 
 class Predictor:
@@ -107,6 +122,9 @@ class Predictor:
     ``tile_batch`` tiles go through the network at once (default: the training batch, at least 4);
     ``storage`` is the dtype of the probabilities in preprocessed space (``"float16"`` or ``"float32"``).
     A case whose resampling would need more memory than is available is refused unless ``allow_large``.
+    ``quality``: a calibrated quality flag (:class:`autoseg.quality.QualityModel`, or its dict as
+    ``selection.json`` and a bundle's manifest hold it): each case is then assessed (``last_quality``;
+    ``predict_files`` writes ``quality.json``).
     """
 
     def __init__(self, plans: Plans, configuration: str | Sequence[str],
@@ -115,7 +133,7 @@ class Predictor:
                  folds: Sequence[int] | Mapping[str, Sequence[int]] | None = None, mirror: str = "auto",
                  overlap: float = 0.5, tile_batch: int | None = None, progress: bool = False,
                  postprocessing: Sequence[Mapping[str, Any]] = (), storage: str = "float16",
-                 allow_large: bool = False):
+                 allow_large: bool = False, quality: QualityModel | Mapping[str, Any] | None = None):
         names = [configuration] if isinstance(configuration, str) else list(configuration)
         if isinstance(configuration, str):
             weights, folds = {configuration: weights}, None if folds is None else {configuration: folds}
@@ -146,6 +164,9 @@ class Predictor:
         self.mirror_note = "" if mirror == "auto" else f"mirroring {mirror} (--mirror {mirror})"
         self.postprocessing = parse_rules([dict(r) for r in postprocessing])  # applied to every label map
         self.class_weights, self._label_rules = split_weights(self.postprocessing)  # the first at the argmax
+        self.quality = QualityModel.from_dict(quality) if isinstance(quality, Mapping) else quality
+        self.last_quality: CaseQuality | None = None  # the last predict_case's verdict (with ``quality``)
+        self._features: InputFeatures | None = None
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -166,6 +187,7 @@ class Predictor:
         selection = work.load_selection()
         options.setdefault("postprocessing", parse_rules(selection.rules_for(names), str(work.selection_file))
                            if selection is not None else [])
+        options.setdefault("quality", selection.quality if selection is not None else None)
         weights = {n: [load_weights(work.run(n, k).final, plans.configurations[n].network, plans.in_channels,
                                     plans.num_classes, plans.configurations[n].ndim) for k in ks]
                    for n, ks in chosen.items()}
@@ -204,7 +226,10 @@ class Predictor:
                      where: str = "image") -> tuple[np.ndarray, np.ndarray | None]:
         """Segment one case ``(C, *spatial)``: the label map ``(*spatial)`` in the input's array, and with
         ``probabilities`` the per-class maps ``(K, *spatial)`` (float16) there too."""
-        return self._export(self._run(self._preprocess(images, geometry, where), geometry), probabilities)
+        prep = self._run(self._preprocess(images, geometry, where), geometry)
+        seg, maps = self._export(prep, probabilities)
+        self.last_quality = self._assess(prep, seg)
+        return seg, maps
 
     def predict_preprocessed(self, cases: list[tuple[np.ndarray, dict]], probabilities: bool = False
                              ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -230,7 +255,8 @@ class Predictor:
         """Probabilities ``(K, Z, Y, X)`` of a case preprocessed for ``members[member]``, the mean over its folds."""
         return self._probabilities(self.members[member], data)
 
-    def _probabilities(self, member: Member, data: np.ndarray) -> torch.Tensor:
+    def _probabilities(self, member: Member, data: np.ndarray,
+                       fold_labels: list[torch.Tensor] | None = None) -> torch.Tensor:
         axes = member.mirror_axes if self._mirror_on else ()
         passes = count_tiles(data.shape[1:], member.cfg.patch_size, member.cfg.ndim, self.overlap) * len(member.folds)
         bar = self._tile_bar(passes, 2 ** len(axes))
@@ -238,7 +264,8 @@ class Predictor:
             return member_probabilities(member, self.plans, data, self.device, mirror_axes=axes, overlap=self.overlap,
                                         tile_batch=self.tile_batch(member),
                                         precision=precision_on(member.cfg.precision, self.device),
-                                        storage=self.storage, progress=bar.update if bar is not None else None)
+                                        storage=self.storage, progress=bar.update if bar is not None else None,
+                                        fold_labels=fold_labels)
         finally:
             if bar is not None:
                 bar.close()
@@ -256,6 +283,7 @@ class Predictor:
         self.last_warnings = unusual_input(images, geometry, self.plans, configurations, where, files)
         for line in self.last_warnings:
             logger.warning(line)
+        self._features = input_features(images, geometry) if self.quality is not None else None
         return [preprocess_case(images, geometry, m.cfg, self.plans)[::2] for m in self.members]
 
     def _run(self, cases: list[tuple[np.ndarray, dict]], geometry: Geometry) -> _Prepared:
@@ -265,9 +293,22 @@ class Predictor:
         outputs = []
         for member in self.members:
             data, props = cases.pop(0)
-            outputs.append(MemberOutput(self._probabilities(member, data), props, member.cfg, bool(self.plans.regions)))
+            folds: list[torch.Tensor] | None = [] if self.quality is not None else None
+            outputs.append(MemberOutput(self._probabilities(member, data, folds), props, member.cfg,
+                                        bool(self.plans.regions), folds or []))
             del data
-        return _Prepared(outputs, geometry)
+        if self.quality is None:
+            return _Prepared(outputs, geometry)
+        model = model_features(outputs, self.quality.expected)
+        for output in outputs:
+            output.fold_labels = []  # only the agreement is kept
+        return _Prepared(outputs, geometry, self._features, model)
+
+    def _assess(self, prep: _Prepared, seg: np.ndarray) -> CaseQuality | None:
+        """The quality verdict on one case's label map (None when the model has no calibrated flag)."""
+        if self.quality is None or prep.model is None or prep.features is None:
+            return None
+        return assess(self.quality, prep.features, prep.model, seg, prep.geometry.spacing)
 
     def _export(self, prep: _Prepared, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         seg, maps = combine(prep.outputs, probabilities, self.plans.regions_class_order if self.plans.regions else (),
@@ -340,6 +381,8 @@ class Predictor:
         summary; the other cases are still predicted. A case the model cannot have seen anything like is
         predicted with warnings (logged, and in the summary's ``warnings``).
         ``report_model`` is given :meth:`describe` before the first case.
+        With a calibrated quality flag (``quality``), ``output/quality.json`` holds each case's verdict
+        (:mod:`autoseg.quality`), written after the last case, replacing the last run's.
         ``jobs`` > 1 exports (restore + write) in ``jobs - 1`` threads while the network runs the next case.
         """
         from tqdm import tqdm
@@ -387,7 +430,7 @@ class Predictor:
                     continue
 
                 def job(prep: _Prepared = prep, case: InputCase = case) -> list[Path]:
-                    return self._write(prep, case, out, save_probabilities)
+                    return self._write(prep, case, out, save_probabilities, summary)
 
                 if pool is None:
                     finish(case, job)
@@ -405,12 +448,18 @@ class Predictor:
                 pool.shutdown(wait=True, cancel_futures=True)
             if not summary.written:
                 _remove_empty(created)
+        if summary.quality and self.quality is not None:
+            summary.quality_file = write_quality(summary.quality, self.quality, out / QUALITY_FILE)
         summary.mirror = self.mirror_note
         summary.seconds = time.perf_counter() - t0
         return summary
 
-    def _write(self, prep: _Prepared, case: InputCase, out: Path, save_probabilities: bool) -> list[Path]:
+    def _write(self, prep: _Prepared, case: InputCase, out: Path, save_probabilities: bool,
+               summary: PredictionSummary) -> list[Path]:
         seg, maps = self._export(prep, save_probabilities)
+        verdict = self._assess(prep, seg)
+        if verdict is not None:
+            summary.quality[case.id] = verdict
         return self.write(seg, maps, prep.geometry, out, case.id, case.ending)
 
 

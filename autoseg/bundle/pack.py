@@ -112,5 +112,7 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
         "configuration": names[0], "configurations": {c: {"folds": folds[c]} for c in names},
         "ensemble": names, "postprocessing": rules[model_name(names)], "cv": cv,
     }
+    if chosen and selection.quality:
+        manifest["quality"] = selection.quality  # the quality flag's calibration (autoseg.quality)
     members[CARD] = model_card(manifest, plans).encode()
     return write_archive(members, manifest, output)
