@@ -277,9 +277,11 @@ def model_features(outputs: Sequence[Any], expected: Iterable[int] = ()) -> Mode
     conf: dict[int, list[float | None]] = {}
     entropies, folds, restored = [], [], []
     for out in outputs:
-        for c, v in class_confidence(out.probabilities, out.sigmoid).items():
+        p = out.probabilities.float()  # float16 arithmetic is slow on CPUs
+        for c, v in class_confidence(p, out.sigmoid).items():
             conf.setdefault(c, []).append(v)
-        entropies.append(foreground_entropy(out.probabilities, out.sigmoid))
+        entropies.append(foreground_entropy(p, out.sigmoid))
+        del p
         k = out.probabilities.shape[0]
         folds.append(pairwise_dice(out.fold_labels, k, out.sigmoid))
         if len(outputs) > 1 and not out.sigmoid:

@@ -219,8 +219,10 @@ def test_shifted_inputs_flagged_and_normal_case_not(tmp_path: Path, capsys):
     selection = Selection.load(work.selection_file)
     assert selection.quality and selection.quality["min_dice"] == 0.5
     assert selection.quality["calibration"]["cases"] == 6
+    assert run(["-q", "select", str(ds), "-w", str(work.root), "--min-dice", "0.6"]) == 0  # recalibrated
+    assert Selection.load(work.selection_file).quality["min_dice"] == 0.6
     manifest_quality = json.loads(__import__("zipfile").ZipFile(work.bundle_file).read("manifest.json"))["quality"]
-    assert manifest_quality["threshold"] == selection.quality["threshold"]
+    assert manifest_quality["min_dice"] == 0.5  # the bundle keeps the calibration it was packed with
 
     test = tmp_path / "test"
     fresh = write_tiny_dataset(tmp_path / "fresh", cases=1, shape=(16, 16, 16), spacing=(1.0, 1.0, 1.0), seed=7,
