@@ -51,6 +51,7 @@ SHAPE_TOLERANCE = 2.0  # a size this many times beyond the training range fails
 INTENSITY_TOLERANCE = 0.25  # a percentile beyond the training range by this share of the typical p1-p99 span fails
 VOLUME_TOLERANCE = 3.0  # a structure this many times beyond the training 5th-95th percentile volume fails
 USUALLY_PRESENT = 0.9  # a class in at least this share of training cases is expected in every case
+MAX_FALSE_FLAGS = 0.2  # the calibrated threshold flags at most this share of the out-of-fold cases above min_dice
 MIN_MASS = 1.0  # a class whose probabilities sum to less (and that is not predicted) has no estimate
 
 
@@ -360,12 +361,15 @@ def expected_channels(ranges: Mapping[str, ClassRange], sigmoid: bool) -> list[i
 
 def calibrate(scores: Sequence[float], dices: Sequence[float], envelope: Envelope,
               classes: Mapping[str, ClassRange] | None = None, min_dice: float | None = None,
-              expected: Sequence[int] = ()) -> QualityModel:
+              expected: Sequence[int] = (), case_ids: Sequence[str] = ()) -> QualityModel:
     """The threshold on the score for "likely below ``min_dice``", from out-of-fold cases (``scores``: their
     scores, ``dices``: their real mean foreground Dice). ``min_dice`` defaults to the median Dice minus
     :data:`DEFAULT_MARGIN`. The threshold maximises Youden's J (share of the cases below ``min_dice`` flagged
-    minus share of the others flagged); when no out-of-fold case is below ``min_dice`` (or every one is), it
-    is the lowest out-of-fold score minus :data:`DEFAULT_MARGIN`: only a case less sure than any seen is flagged.
+    minus share of the others flagged) among those that flag at most :data:`MAX_FALSE_FLAGS` of the others.
+    When that is no gain (J <= 0), when the score does not rank the Dice (Spearman <= 0, or under 3 cases), or
+    when no out-of-fold case is below ``min_dice`` (or every one is), it is the lowest out-of-fold score minus
+    :data:`DEFAULT_MARGIN`: only a case less sure than any seen is flagged by its score.
+    ``case_ids``: the cases' names, to keep each one's score and Dice with the calibration.
     """
     from scipy.stats import spearmanr
 
@@ -373,24 +377,29 @@ def calibrate(scores: Sequence[float], dices: Sequence[float], envelope: Envelop
     if min_dice is None:
         min_dice = float(np.median(d)) - DEFAULT_MARGIN if d.size else 0.5
     low = d < min_dice
+    rho = float(spearmanr(s, d)[0]) if d.size >= 3 and np.ptp(s) > 0 and np.ptp(d) > 0 else None
+    threshold, rule = (float(s.min()) - DEFAULT_MARGIN if s.size else 0.0), "the lowest score minus the margin: "
     if d.size == 0 or low.all() or not low.any():
-        threshold = float(s.min()) - DEFAULT_MARGIN if s.size else 0.0
-        rule = "no out-of-fold case on both sides of min_dice: the lowest score minus the margin"
+        rule += "no out-of-fold case on both sides of min_dice"
+    elif rho is None or rho <= 0:
+        rule += "the score does not rank the out-of-fold Dice"
     else:
         cuts = np.unique(s)
-        candidates = np.concatenate([(cuts[:-1] + cuts[1:]) / 2, [cuts[-1] + 1e-6]])
-        j = [(np.mean(s[low] < t) - np.mean(s[~low] < t), -t) for t in candidates]
-        threshold = float(candidates[int(np.argmax([a for a, _ in j]))])
-        rule = "Youden's J on the out-of-fold cases"
+        best = 0.0
+        for t in np.concatenate([(cuts[:-1] + cuts[1:]) / 2, [cuts[-1] + 1e-6]]):
+            false = float(np.mean(s[~low] < t))
+            if false <= MAX_FALSE_FLAGS and float(np.mean(s[low] < t)) - false > best:
+                threshold, best = float(t), float(np.mean(s[low] < t)) - false
+        rule = "Youden's J on the out-of-fold cases" if best > 0 else rule + "no threshold separates them"
     flagged = s < threshold
     worst = np.argsort(d)[:max(1, int(low.sum()))] if d.size else np.array([], int)
-    rho = float(spearmanr(s, d)[0]) if d.size >= 3 and np.ptp(s) > 0 and np.ptp(d) > 0 else None
     report = {"cases": int(d.size), "min_dice": float(min_dice), "below_min_dice": int(low.sum()),
               "flagged": int(flagged.sum()), "flagged_below_min_dice": int((flagged & low).sum()),
               "flagged_above_min_dice": int((flagged & ~low).sum()),
               "worst_cases": int(worst.size), "worst_flagged": int(flagged[worst].sum()) if worst.size else 0,
               "spearman_score_dice": rho, "rule": rule,
-              "median_dice": float(np.median(d)) if d.size else None}
+              "median_dice": float(np.median(d)) if d.size else None,
+              "cases_score_dice": {c: [float(a), float(b)] for c, a, b in zip(case_ids, s, d)}}
     return QualityModel(float(min_dice), threshold, envelope, dict(classes or {}), report, list(expected))
 
 

@@ -244,7 +244,7 @@ def calibrate_quality(scorer: _Scorer, members: Members, cases: list, fingerprin
     ranges = class_ranges(fingerprint) if fingerprint is not None else {}
     sigmoid = bool(scorer.regions_class_order)
     expected = expected_channels(ranges, sigmoid)
-    scores, dices = [], []
+    scores, dices, ids = [], [], []
     for cid in sorted(scorer.cover(members)):
         dice = scorer.score(members, [cid])[1]
         if dice is None:  # every class empty in both: no Dice to predict
@@ -252,7 +252,8 @@ def calibrate_quality(scorer: _Scorer, members: Members, cases: list, fingerprin
         total = scorer.total(members, cid) / len(members)
         scores.append(score_of(class_confidence(total, sigmoid), expected))
         dices.append(dice)
-    return calibrate(scores, dices, envelope, ranges, min_dice, expected)
+        ids.append(cid)
+    return calibrate(scores, dices, envelope, ranges, min_dice, expected, ids)
 
 
 def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postprocessing: bool = True,

@@ -147,6 +147,14 @@ def test_calibration_threshold_separates_cases_below_min_dice():
     assert none_low.threshold == pytest.approx(0.8 - 0.05)
 
 
+def test_calibration_falls_back_when_the_score_does_not_rank_the_dice():
+    dices = [0.1, 0.3, 0.25, 0.2, 0.22, 0.19]
+    scores = [0.30, 0.24, 0.29, 0.27, 0.32, 0.29]  # the worst case has a high score: no separation
+    q = calibrate(scores, dices, _envelope(), min_dice=0.15)
+    assert q.threshold == pytest.approx(0.24 - 0.05) and q.calibration["flagged"] == 0
+    assert "does not rank" in q.calibration["rule"]
+
+
 def test_assess_flags_a_low_score_a_failed_check_and_disagreeing_folds():
     from autoseg.quality import ModelFeatures
 
