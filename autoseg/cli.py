@@ -38,6 +38,20 @@ def _jobs(value: str) -> int:
     return n
 
 
+def _dice(value: str) -> float:
+    d = float(value)
+    if not 0 < d < 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return d
+
+
+def _add_min_dice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-dice", type=_dice, default=None, metavar="D",
+                   help="the Dice below which `autoseg predict` should flag a case (quality.json): the quality "
+                        "score's threshold is calibrated on the out-of-fold cases for it (default: their median "
+                        "Dice minus 0.05)")
+
+
 def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -153,7 +167,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         budget = None  # the plan took it
     result = train_dataset(a.dataset, a.workdir, configuration=a.config, fold=a.fold, budget=budget,
                            device=a.device, extend=a.extend, seed=a.seed, workers=a.workers,
-                           progress=not a.quiet, splits_file=a.splits, steps=a.steps, checkpoint_every_s=every)
+                           progress=not a.quiet, splits_file=a.splits, steps=a.steps, checkpoint_every_s=every,
+                           min_dice=a.min_dice)
     if is_main_process():  # under torchrun, one report (rank 0's)
         print(train_summary(result))
     return 0
@@ -185,6 +200,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
         print(f"autoseg predict: {s.mirror}", file=sys.stderr)
     instances = f", {s.instances} instance(s) in {a.output / 'instances.csv'}" if s.instances or a.instances else ""
     print(f"wrote {s.cases} prediction(s) to {a.output} in {s.seconds:.1f}s{instances}")
+    if s.quality:
+        from autoseg.quality import quality_lines
+
+        flagged = sum(q.flagged for q in s.quality.values())
+        print("\n".join(quality_lines(s.quality)))
+        print(f"quality: {flagged} of {len(s.quality)} case(s) flagged; wrote {s.quality_file}")
     if s.failed:
         print(f"autoseg predict: {len(s.failed)} case(s) not predicted (see the errors above)", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -216,7 +237,8 @@ def cmd_select(a: argparse.Namespace) -> int:
     from autoseg.workdir import Workdir
 
     work = Workdir.for_dataset(a.dataset, a.workdir)
-    print(selection_table(select_model(work, a.dataset, postprocessing=not a.no_postprocessing)))
+    print(selection_table(select_model(work, a.dataset, postprocessing=not a.no_postprocessing,
+                                       min_dice=a.min_dice)))
     print(f"wrote {work.selection_file}")
     return 0
 
@@ -402,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run claimed by this worker counts as abandoned after T without its heartbeat (a lost "
                         "node; a dead process on the same machine is seen at once); default %(default)s")
     _add_init(p)
+    _add_min_dice(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("status", parents=[common], help="progress of a workdir: runs, workers, search, bundle",
@@ -429,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     _add_workdir(p)
     p.add_argument("--no-postprocessing", action="store_true", help="select the model only, no post-processing")
+    _add_min_dice(p)
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("predict", parents=[common], help="segment images with a trained model",

@@ -76,23 +76,35 @@ class MemberOutput:
     cfg: Configuration
     sigmoid: bool = False  # one independent probability per region (0 outside the crop for every map)
     interior: torch.Tensor | None = None
+    fold_labels: list[torch.Tensor] = field(default_factory=list)  # each fold's label map (quality flag), if kept
 
 
 def member_probabilities(member: Member, plans: Plans, data: np.ndarray, device: torch.device, *,
                          mirror_axes: Sequence[int], overlap: float, tile_batch: int, precision: str,
-                         storage: str = "float16", progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                         storage: str = "float16", progress: Callable[[int], None] | None = None,
+                         fold_labels: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The mean over ``member``'s folds of the sliding-window probabilities of a preprocessed case
     ``(C, Z, Y, X)``: every fold adds ``1 / folds`` into one ``storage`` buffer (no second volume). A member
-    with the touching-object formulation returns ``K + 1`` maps, the interior last (:func:`split_interior`)."""
+    with the touching-object formulation returns ``K + 1`` maps, the interior last (:func:`split_interior`).
+
+    ``fold_labels``: a list to append each fold's label map to (argmax, or region masks; for the quality
+    flag's fold disagreement), taken from what the fold added to the buffer, so the buffer is the same with
+    or without it (one copy of the buffer is held meanwhile)."""
     models = member.models(plans, device)
     extra = member.cfg.network.instance_outputs
     channels = plans.num_classes + extra
     out = torch.zeros((channels, *data.shape[1:]), dtype=STORAGE[storage])
+    sigmoid = bool(plans.regions)
     for model in models:
+        before = out.clone() if fold_labels is not None and len(models) > 1 else None
         sliding_window(model, data, member.cfg.patch_size, channels, member.cfg.ndim, device,
                        overlap=overlap, mirror_axes=mirror_axes, tile_batch=tile_batch, precision=precision,
                        channels_last=member.cfg.channels_last, progress=progress, out=out, scale=1 / len(models),
                        activation="sigmoid" if plans.regions else "softmax", extra=extra)
+        if before is not None:
+            added = (out - before)[:plans.num_classes]  # this fold's class maps / folds, in the storage dtype
+            fold_labels.append(added > 0.5 / len(models) if sigmoid else added.argmax(0).to(torch.uint8))
+            del before, added
     return out
 
 

@@ -75,6 +75,17 @@ from autoseg.predict_inputs import (
     unusual_input,
 )
 from autoseg.preprocess import preprocess_case
+from autoseg.quality import (
+    QUALITY_FILE,
+    CaseQuality,
+    InputFeatures,
+    ModelFeatures,
+    QualityModel,
+    assess,
+    input_features,
+    model_features,
+    write_quality,
+)
 from autoseg.schema.plans import Plans
 from autoseg.schema.selection import model_name
 from autoseg.sliding_window import count_tiles
@@ -101,6 +112,8 @@ class PredictionSummary:
     model: str = ""
     instances: int = 0  # instances written to OUT/instances.csv (instance models, or --instances)
     cases: int = 0  # cases predicted and written
+    quality: dict[str, CaseQuality] = field(default_factory=dict)  # case -> its quality verdict (autoseg.quality)
+    quality_file: Path | None = None  # OUTPUT/quality.json, when the model carries a quality calibration
 
 
 @dataclass
@@ -113,6 +126,7 @@ class CasePrediction:
     instances: np.ndarray | None = None
     table: list[InstanceRow] = field(default_factory=list)
     probabilities: np.ndarray | None = None
+    quality: CaseQuality | None = None  # the quality verdict, when the model has a calibrated flag
 
 
 @dataclass
@@ -123,6 +137,8 @@ class _Prepared:
     geometry: Geometry
     # a Mask R-CNN member's preprocessed image (2D: small), kept for its detections (:meth:`Predictor.detected`)
     detector_input: tuple[Member, np.ndarray, dict] | None = None
+    features: InputFeatures | None = None  # for the quality flag, when the model has one
+    model: ModelFeatures | None = None
 
 
 class Predictor:
@@ -138,6 +154,9 @@ class Predictor:
     A case whose resampling would need more memory than is available is refused unless ``allow_large``.
     ``instances`` (None: when the plan has instance classes) also makes instance maps and their table: the
     touching-object split for members that learned an interior, else connected components per class.
+    ``quality``: a calibrated quality flag (:class:`autoseg.quality.QualityModel`, or its dict as
+    ``selection.json`` and a bundle's manifest hold it): each case is then assessed (``last_quality``;
+    ``predict_files`` writes ``quality.json``).
     """
 
     def __init__(self, plans: Plans, configuration: str | Sequence[str],
@@ -146,7 +165,8 @@ class Predictor:
                  folds: Sequence[int] | Mapping[str, Sequence[int]] | None = None, mirror: str = "auto",
                  overlap: float = 0.5, tile_batch: int | None = None, progress: bool = False,
                  postprocessing: Sequence[Mapping[str, Any]] = (), storage: str = "float16",
-                 allow_large: bool = False, instances: bool | None = None):
+                 allow_large: bool = False, instances: bool | None = None,
+                 quality: QualityModel | Mapping[str, Any] | None = None):
         names = [configuration] if isinstance(configuration, str) else list(configuration)
         if isinstance(configuration, str):
             weights, folds = {configuration: weights}, None if folds is None else {configuration: folds}
@@ -178,6 +198,9 @@ class Predictor:
         self.postprocessing = parse_rules([dict(r) for r in postprocessing])  # applied to every label map
         self.class_weights, self._label_rules = split_weights(self.postprocessing)  # the first at the argmax
         self.instances = bool(plans.instance_classes) if instances is None else bool(instances)
+        self.quality = QualityModel.from_dict(quality) if isinstance(quality, Mapping) else quality
+        self.last_quality: CaseQuality | None = None  # the last predict_case's verdict (with ``quality``)
+        self._features: InputFeatures | None = None
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -198,6 +221,7 @@ class Predictor:
         selection = work.load_selection()
         options.setdefault("postprocessing", parse_rules(selection.rules_for(names), str(work.selection_file))
                            if selection is not None else [])
+        options.setdefault("quality", selection.quality if selection is not None else None)
         weights = {n: [load_weights(work.run(n, k).final, plans.configurations[n].network, plans.in_channels,
                                     plans.num_classes, plans.configurations[n].ndim) for k in ks]
                    for n, ks in chosen.items()}
@@ -236,7 +260,10 @@ class Predictor:
                      where: str = "image") -> tuple[np.ndarray, np.ndarray | None]:
         """Segment one case ``(C, *spatial)``: the label map ``(*spatial)`` in the input's array, and with
         ``probabilities`` the per-class maps ``(K, *spatial)`` (float16) there too."""
-        return self._export(self._run(self._preprocess(images, geometry, where), geometry), probabilities)
+        prep = self._run(self._preprocess(images, geometry, where), geometry)
+        seg, maps = self._export(prep, probabilities)
+        self.last_quality = self._assess(prep, seg)
+        return seg, maps
 
     def predict(self, images: np.ndarray, geometry: Geometry, *, probabilities: bool = False,
                 instances: bool | None = None, case_id: str = "image", where: str = "image") -> CasePrediction:
@@ -258,12 +285,13 @@ class Predictor:
 
     def _case(self, prep: _Prepared, case_id: str, probabilities: bool, instances: bool) -> CasePrediction:
         seg, maps = self._export(prep, probabilities or instances)
+        verdict = self.last_quality = self._assess(prep, seg)
         if not instances:
-            return CasePrediction(seg, probabilities=maps)
+            return CasePrediction(seg, probabilities=maps, quality=verdict)
         inst = self.instance_map(seg, prep)
         rows = instance_table(case_id, inst, seg, prep.geometry, self.instance_classes,
                               maps if not self.plans.regions else None)
-        return CasePrediction(seg, inst, rows, maps if probabilities else None)
+        return CasePrediction(seg, inst, rows, maps if probabilities else None, verdict)
 
     def instance_map(self, seg: np.ndarray, prep: _Prepared) -> np.ndarray:
         """Instances of a case's label map: a Mask R-CNN member's detections (:meth:`detected`), else the
@@ -303,7 +331,8 @@ class Predictor:
         """Probabilities ``(K, Z, Y, X)`` of a case preprocessed for ``members[member]``, the mean over its folds."""
         return split_interior(self._probabilities(self.members[member], data), self.plans.num_classes)[0]
 
-    def _probabilities(self, member: Member, data: np.ndarray) -> torch.Tensor:
+    def _probabilities(self, member: Member, data: np.ndarray,
+                       fold_labels: list[torch.Tensor] | None = None) -> torch.Tensor:
         axes = member.mirror_axes if self._mirror_on else ()
         passes = count_tiles(data.shape[1:], member.cfg.patch_size, member.cfg.ndim, self.overlap) * len(member.folds)
         bar = self._tile_bar(passes, 2 ** len(axes))
@@ -311,7 +340,8 @@ class Predictor:
             return member_probabilities(member, self.plans, data, self.device, mirror_axes=axes, overlap=self.overlap,
                                         tile_batch=self.tile_batch(member),
                                         precision=precision_on(member.cfg.precision, self.device),
-                                        storage=self.storage, progress=bar.update if bar is not None else None)
+                                        storage=self.storage, progress=bar.update if bar is not None else None,
+                                        fold_labels=fold_labels)
         finally:
             if bar is not None:
                 bar.close()
@@ -329,6 +359,7 @@ class Predictor:
         self.last_warnings = unusual_input(images, geometry, self.plans, configurations, where, files)
         for line in self.last_warnings:
             logger.warning(line)
+        self._features = input_features(images, geometry) if self.quality is not None else None
         return [preprocess_case(images, geometry, m.cfg, self.plans)[::2] for m in self.members]
 
     def _run(self, cases: list[tuple[np.ndarray, dict]], geometry: Geometry) -> _Prepared:
@@ -338,12 +369,25 @@ class Predictor:
         outputs, detector = [], None
         for member in self.members:
             data, props = cases.pop(0)
-            classes, interior = split_interior(self._probabilities(member, data), self.plans.num_classes)
-            outputs.append(MemberOutput(classes, props, member.cfg, bool(self.plans.regions), interior))
+            folds: list[torch.Tensor] | None = [] if self.quality is not None else None
+            classes, interior = split_interior(self._probabilities(member, data, folds), self.plans.num_classes)
+            outputs.append(MemberOutput(classes, props, member.cfg, bool(self.plans.regions), interior,
+                                        folds or []))
             if is_detector(member) and detector is None:
                 detector = (member, data, props)
             del data
-        return _Prepared(outputs, geometry, detector)
+        if self.quality is None:
+            return _Prepared(outputs, geometry, detector)
+        model = model_features(outputs, self.quality.expected)
+        for output in outputs:
+            output.fold_labels = []  # only the agreement is kept
+        return _Prepared(outputs, geometry, detector, self._features, model)
+
+    def _assess(self, prep: _Prepared, seg: np.ndarray) -> CaseQuality | None:
+        """The quality verdict on one case's label map (None when the model has no calibrated flag)."""
+        if self.quality is None or prep.model is None or prep.features is None:
+            return None
+        return assess(self.quality, prep.features, prep.model, seg, prep.geometry.spacing)
 
     def detected(self, prep: _Prepared, seg: np.ndarray) -> tuple[np.ndarray, list[dict]] | None:
         """The instance map of a model with a Mask R-CNN member (its first): the folds' detections mask-voted,
@@ -432,6 +476,8 @@ class Predictor:
         summary; the other cases are still predicted. A case the model cannot have seen anything like is
         predicted with warnings (logged, and in the summary's ``warnings``).
         ``report_model`` is given :meth:`describe` before the first case.
+        With a calibrated quality flag (``quality``), ``output/quality.json`` holds each case's verdict
+        (:mod:`autoseg.quality`), written after the last case, replacing the last run's.
         ``jobs`` > 1 exports (restore + write) in ``jobs - 1`` threads while the network runs the next case.
         With :attr:`instances` also ``output/instances/CASE<ending>`` (the instance map, the input's geometry)
         and ``output/instances.csv`` (every case's instances, written when all cases are done).
@@ -483,7 +529,7 @@ class Predictor:
                     continue
 
                 def job(prep: _Prepared = prep, case: InputCase = case) -> list[Path]:
-                    return self._write(prep, case, out, save_probabilities, table, segment_codes)
+                    return self._write(prep, case, out, save_probabilities, table, summary, segment_codes)
 
                 if pool is None:
                     finish(case, job)
@@ -506,13 +552,18 @@ class Predictor:
             atomic_write_bytes(rows_to_csv(rows).encode(), out / INSTANCES_TABLE)
             summary.written.append(out / INSTANCES_TABLE)
             summary.instances = len(rows)
+        if summary.quality and self.quality is not None:
+            summary.quality_file = write_quality(summary.quality, self.quality, out / QUALITY_FILE)
         summary.mirror = self.mirror_note
         summary.seconds = time.perf_counter() - t0
         return summary
 
     def _write(self, prep: _Prepared, case: InputCase, out: Path, save_probabilities: bool,
-               table: dict[str, list[InstanceRow]], segment_codes: Mapping | None = None) -> list[Path]:
+               table: dict[str, list[InstanceRow]], summary: PredictionSummary,
+               segment_codes: Mapping | None = None) -> list[Path]:
         result = self._case(prep, case.id, save_probabilities, self.instances)
+        if result.quality is not None:
+            summary.quality[case.id] = result.quality
         if case.dicom_format is None:
             written = self.write(result.labels, result.probabilities, prep.geometry, out, case.id, case.ending)
         else:

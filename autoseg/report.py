@@ -6,8 +6,10 @@ a workdir's runs, and overlays of the best, median and worst cases (by mean fore
 found) with the reference and prediction contours of each class. With lesion-wise metrics (see
 :mod:`autoseg.evaluate`), a lesion table and, for the same cases, each lesion class's reference and predicted
 instances outlined and numbered: matched ones in green, missed reference lesions in yellow ("M"), false
-positives in red ("FP"). Every picture is an embedded PNG, so the file can be mailed or attached to a ticket
-as it is; it needs no JavaScript.
+positives in red ("FP"). When the predictions were written by ``autoseg predict`` with a quality flag
+(``quality.json`` beside them, :mod:`autoseg.quality`), the case table has each case's score and flag, and a
+section says how the flags match the real Dice. Every picture is an embedded PNG, so the file can be mailed or
+attached to a ticket as it is; it needs no JavaScript.
 
 >>> result = evaluate_folder("preds/", "labelsTr", output="preds/metrics.json")  # doctest: +SKIP
 >>> write_report(result, "preds/", "labelsTr", "preds/report.html", images_dir="imagesTr")  # doctest: +SKIP
@@ -28,6 +30,7 @@ from autoseg.artifacts import atomic_write_bytes
 from autoseg.io import SUPPORTED_ENDINGS, Geometry, read_image, read_label
 from autoseg.lesionwise import SCORES as LESION_SCORES
 from autoseg.lesionwise import Matching, case_lesionwise, class_instances
+from autoseg.quality import flag_agreement, read_quality
 from autoseg.workdir import Workdir
 
 REPORT_FILE = "report.html"
@@ -344,16 +347,34 @@ def lesion_table(metrics: dict) -> str:
     return note + _table(header, rows)
 
 
-def case_table(metrics: dict) -> str:
-    """One row per case, best mean foreground Dice first: the mean, then Dice / HD95 / NSD per class."""
+def case_table(metrics: dict, quality: dict | None = None) -> str:
+    """One row per case, best mean foreground Dice first: the mean, then Dice / HD95 / NSD per class (and with
+    ``quality``, a prediction run's ``quality.json``: the case's quality score and flag)."""
     names = list(metrics["summary"]["per_class"])
     header = ["case", "mean Dice"] + [f"{n} {label}" for n in names for label in ("Dice", "HD95 mm", "NSD")]
+    verdicts = (quality or {}).get("cases", {})
+    if quality is not None:
+        header += ["quality score", "quality flag"]
     rows = []
     for case, dice in ranked_cases(metrics):
         cls = metrics["cases"][case]["classes"]
         rows.append([case, _fmt(dice)] + [c for n in names for c in (
             _fmt(cls[n].get("dice")), _fmt(cls[n].get("hd95_mm"), ".2f"), _fmt(cls[n].get("nsd")))])
+        if quality is not None:
+            v = verdicts.get(case)
+            rows[-1] += ["-", "-"] if v is None else [_fmt(v["score"], ".3f"),
+                                                       "; ".join(v["reasons"]) if v["flagged"] else "ok"]
     return _table(header, rows)
+
+
+def quality_section(metrics: dict, quality: dict) -> str:
+    """How the prediction run's quality flags match the real Dice of these cases."""
+    a = flag_agreement(quality, dict(ranked_cases(metrics)))
+    rho = "-" if a["spearman_score_dice"] is None else f"{a['spearman_score_dice']:.2f}"
+    return (f"<p>threshold {_fmt(quality.get('threshold'), '.3f')} on the score, calibrated on the out-of-fold "
+            f"cases for Dice {a['min_dice']:.3f}. Here: {a['flagged']} of {a['cases']} case(s) flagged; "
+            f"{a['flagged_below_min_dice']} of the {a['below_min_dice']} below Dice {a['min_dice']:.3f} flagged, "
+            f"{a['flagged_above_min_dice']} of the others; Spearman(score, Dice) {rho}.</p>")
 
 
 def curves_section(workdir: Path) -> str:
@@ -404,7 +425,10 @@ def write_report(metrics: dict, pred_dir: Path | str, ref_dir: Path | str, out_h
     parts += [_case_overlay(metrics, role, case, d, pred_dir, ref_dir, images) for role, case, d in pick_cases(metrics)]
     if workdir is not None:
         parts += ["<h2>Training curves</h2>", curves_section(Path(workdir))]
-    parts += ["<h2>Cases (best mean foreground Dice first)</h2>", case_table(metrics)]
+    quality = read_quality(pred_dir)
+    if quality is not None:
+        parts += ["<h2>Quality flag</h2>", quality_section(metrics, quality)]
+    parts += ["<h2>Cases (best mean foreground Dice first)</h2>", case_table(metrics, quality)]
     doc = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\"><title>autoseg report</title>"
            f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
     atomic_write_bytes(doc.encode("utf-8"), out_html)

@@ -15,6 +15,10 @@ dataset the classes are the regions, e.g. whole tumour, tumour core, enhancing t
    probabilities before the argmax (:func:`autoseg.postprocess.tune_class_weights`; not for region models),
    then the label-map rules on the label maps those give (:func:`autoseg.postprocess.tune_postprocessing`).
 
+4. The quality flag is calibrated on the chosen model's out-of-fold cases (:mod:`autoseg.quality`): the score
+   each case would get, against its real Dice, sets the threshold for "likely below ``min_dice``"; the
+   training images give the input envelope (one more read of each).
+
 The choice goes to ``WORKDIR/selection.json``: ``ensemble`` (the configurations, in the order they were
 added; ``configuration`` is the first) and ``postprocessing``, the rules tuned for that model.
 ``autoseg predict`` averages the ensemble's probabilities the way they were scored here
@@ -34,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import UserError
-from autoseg.io import read_label
+from autoseg.io import read_images, read_label
+from autoseg.parallel import map_cases
 from autoseg.postprocess import (
     MIN_GAIN,
     CaseLabels,
@@ -49,6 +54,18 @@ from autoseg.postprocess import (
     tune_class_weights,
     tune_postprocessing,
     weighted_argmax,
+)
+from autoseg.quality import (
+    Envelope,
+    InputFeatures,
+    QualityModel,
+    calibrate,
+    calibration_lines,
+    class_confidence,
+    class_ranges,
+    expected_channels,
+    input_features,
+    score_of,
 )
 from autoseg.regions import regions_to_labels
 from autoseg.schema.labels import ClassKey, key_values
@@ -215,9 +232,35 @@ def _tune(scorer: _Scorer, members: Members, fingerprint: object | None, names: 
                        "acceptable": e["acceptable"], "kept": e["kept"]} for e in log]}
 
 
-def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postprocessing: bool = True) -> Selection:
-    """Score every configuration's out-of-fold outputs, pick the model and its post-processing, write
-    ``WORKDIR/selection.json`` and return it. Works from one configuration with one fold."""
+def _case_features(images: tuple[Path, ...]) -> InputFeatures:
+    return input_features(*read_images(images))
+
+
+def calibrate_quality(scorer: _Scorer, members: Members, cases: list, fingerprint: object | None,
+                      min_dice: float | None = None, jobs: int = 1) -> QualityModel:
+    """The quality flag of model ``members``: the envelope of the training images ``cases`` (dataset cases)
+    and the score's threshold from its out-of-fold cases (their mean foreground Dice before post-processing)."""
+    envelope = Envelope.of(map_cases(_case_features, [c.images for c in cases], jobs))
+    ranges = class_ranges(fingerprint) if fingerprint is not None else {}
+    sigmoid = bool(scorer.regions_class_order)
+    expected = expected_channels(ranges, sigmoid)
+    scores, dices, ids = [], [], []
+    for cid in sorted(scorer.cover(members)):
+        dice = scorer.score(members, [cid])[1]
+        if dice is None:  # every class empty in both: no Dice to predict
+            continue
+        total = scorer.total(members, cid) / len(members)
+        scores.append(score_of(class_confidence(total, sigmoid), expected))
+        dices.append(dice)
+        ids.append(cid)
+    return calibrate(scores, dices, envelope, ranges, min_dice, expected, ids)
+
+
+def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postprocessing: bool = True,
+                 min_dice: float | None = None, jobs: int = 1) -> Selection:
+    """Score every configuration's out-of-fold outputs, pick the model and its post-processing, calibrate
+    its quality flag (``min_dice``: the Dice a flag warns of; default the out-of-fold median minus a margin),
+    write ``WORKDIR/selection.json`` and return it. Works from one configuration with one fold."""
     from autoseg.dataset import load_dataset
 
     work = Workdir.of(workdir)
@@ -250,6 +293,9 @@ def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postpro
             first = _tune(scorer, ensemble[:1], fp, names)
             selection.configuration_postprocessing_tuning = first
             selection.postprocessing_by_model[ensemble[0]] = first["rules"]
+    cases = [c for c in load_dataset(dataset_dir).cases("Tr") if c.id in refs]
+    selection.quality = calibrate_quality(scorer, ensemble, cases, work.fingerprint_or_none(), min_dice,
+                                          jobs).to_dict()
     selection = Selection.from_dict(selection.to_dict(), "selection")  # as it reads back: NaN scores as None
     work.save_selection(selection)
     return selection
@@ -292,6 +338,8 @@ def selection_table(selection: Selection) -> str:
         lines.append(f"post-processing tuned for {label} ({len(pp['rules'])} rule(s) kept):")
         lines += [f"  {_verdict(t):<22} {t['rule']:<36} {_fmt(t['before']).strip()} -> {_fmt(t['after']).strip()}"
                   for t in pp["tried"]]
+    if selection.quality:
+        lines += calibration_lines(QualityModel.from_dict(selection.quality))
     kind = "the ensemble" if len(selection.ensemble) > 1 else "configuration"
     lines.append(f"predict uses {kind} {chosen} with {len(selection.postprocessing)} post-processing rule(s)")
     return "\n".join(lines)

@@ -285,13 +285,14 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
                   extend: str | float | None = None, seed: int = 0, workers: int | None = None,
                   progress: bool = True, splits_file: Path | str | None = None,
                   steps: int | None = None, checkpoint_every_s: float | None = None,
-                  claim_timeout_s: float = claims.DEFAULT_STALE_AFTER_S) -> TrainResult:
+                  claim_timeout_s: float = claims.DEFAULT_STALE_AFTER_S, min_dice: float | None = None) -> TrainResult:
     """Train the planned runs (or the ones asked for) inside the budget, predict and score each finished
     fold's held-out cases, then select the model and pack the bundle. ``budget`` overrides the plan's and is
     split evenly over the runs (the checkpoint interval re-derived from it); ``steps`` fixes each run's length
     instead (no adaptation to the measured speed: repeatable); ``checkpoint_every_s`` overrides the plan's
     checkpoint interval. Other workers may share the workdir (see the module's docstring); a claim this worker
-    takes counts as abandoned after ``claim_timeout_s`` without a heartbeat."""
+    takes counts as abandoned after ``claim_timeout_s`` without a heartbeat. ``min_dice``: the Dice the quality
+    flag warns of (:mod:`autoseg.quality`; default the out-of-fold median minus a margin)."""
     from autoseg.distributed import DistContext
     from autoseg.plan.budget import checkpoint_interval, format_duration, parse_duration
 
@@ -334,7 +335,7 @@ def train_dataset(dataset: Path | str, workdir: Path | str | None = None, config
                          else every.get((c, k)))
         result.runs.append(run)
     if main and all(r.finished for r in result.runs):
-        _select_and_bundle(work, dataset, result, claim_timeout_s, progress)
+        _select_and_bundle(work, dataset, result, claim_timeout_s, progress, min_dice)
     elif main:
         result.selection_note = "not every run is finished: the worker that finishes the last one selects"
     return result
@@ -387,7 +388,7 @@ def _train_one(work: Workdir, dataset: Path | str, plans: Plans, c: str, k: int,
 
 
 def _select_and_bundle(work: Workdir, dataset: Path | str, result: TrainResult, stale_after_s: float,
-                       progress: bool) -> None:
+                       progress: bool, min_dice: float | None = None) -> None:
     """Select and pack under the selection lock, unless the bundle is already newer than every finished run
     and the selection (another worker made it)."""
     from autoseg.bundle import pack_bundle
@@ -401,21 +402,22 @@ def _select_and_bundle(work: Workdir, dataset: Path | str, result: TrainResult, 
         if stale is None:
             result.selection_note = f"{work.bundle_file} is current (newer than every finished run and the selection)"
             return
-        result.selection, result.selection_error = select_after_training(work, dataset)
+        result.selection, result.selection_error = select_after_training(work, dataset, min_dice)
         try:
             result.bundle = pack_bundle(work)  # -> the file to share
         except UserError as e:  # reported, not raised: the trained runs stand
             result.bundle_error = str(e)
 
 
-def select_after_training(work: Workdir | Path | str, dataset: Path | str) -> tuple[Selection | None, str | None]:
+def select_after_training(work: Workdir | Path | str, dataset: Path | str, min_dice: float | None = None
+                          ) -> tuple[Selection | None, str | None]:
     """Configuration, ensemble and post-processing from the out-of-fold outputs, as ``train`` ends; a selection
     that cannot be made (e.g. the references moved) is reported, not raised: the trained runs stand and
     ``autoseg select`` redoes it."""
     from autoseg.select import select_model
 
     try:
-        return select_model(work, dataset), None
+        return select_model(work, dataset, min_dice=min_dice), None
     except UserError as e:
         return None, str(e)
 

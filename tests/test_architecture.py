@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                          "autoseg.loader", "autoseg.sliding_window", "autoseg.metrics", "autoseg.lesionwise", "autoseg.postprocess",
                          "autoseg.checkpoint", "autoseg.trainlog", "autoseg.crossval", "autoseg.synth"]),
     ("stages", ["autoseg.validate", "autoseg.fingerprint", "autoseg.plan", "autoseg.planners", "autoseg.preprocess",
-                "autoseg.train", "autoseg.ensemble", "autoseg.predict_inputs", "autoseg.inference",
+                "autoseg.train", "autoseg.ensemble", "autoseg.predict_inputs", "autoseg.quality", "autoseg.inference",
                 "autoseg.detected_instances", "autoseg.oof",
                 "autoseg.select", "autoseg.predict", "autoseg.evaluate", "autoseg.report", "autoseg.bundle",
                 "autoseg.export", "autoseg.msd", "autoseg.dicom", "autoseg.finetune"]),

@@ -61,6 +61,7 @@ class Bundle:
                 raise UserError(f"{self.source}: fold {missing[0]} of '{name}' is not in the bundle "
                                 f"(it has fold(s) {', '.join(map(str, have))}); leave it out of --folds")
         options.setdefault("postprocessing", self.postprocessing.get(model_name(names), []))
+        options.setdefault("quality", self.manifest.get("quality"))  # the selected model's quality flag
         weights = {n: [self.weights[n][k] for k in ks] for n, ks in chosen.items()}
         return Predictor(self.plans, names, weights, device, folds=chosen, **options)
 

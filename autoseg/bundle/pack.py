@@ -113,5 +113,7 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
         "ensemble": names, "postprocessing": rules[model_name(names)], "cv": cv,
         **({"fine_tuned_from": plans.finetune["source"]} if plans.finetune.get("source") else {}),
     }
+    if chosen and selection.quality:
+        manifest["quality"] = selection.quality  # the quality flag's calibration (autoseg.quality)
     members[CARD] = model_card(manifest, plans).encode()
     return write_archive(members, manifest, output)

@@ -39,6 +39,7 @@ class Selection:
     postprocessing_tuning: dict[str, Any] | None = None  # what was tried for it, and the scores
     postprocessing_by_model: dict[str, Rules] = field(default_factory=dict)
     configuration_postprocessing_tuning: dict[str, Any] | None = None  # the first member's, for an ensemble
+    quality: dict[str, Any] | None = None  # the quality flag's calibration for the selected model (autoseg.quality)
 
     def __post_init__(self) -> None:
         if not self.ensemble:
@@ -61,8 +62,9 @@ class Selection:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["configuration_postprocessing_tuning"] is None:
-            del d["configuration_postprocessing_tuning"]
+        for key in ("configuration_postprocessing_tuning", "quality"):
+            if d[key] is None:
+                del d[key]
         return json_safe({**header("selection"), **d})
 
     def save(self, path: Path | str) -> None:
