@@ -1,16 +1,17 @@
-"""Instances on touching nuclei: U-Net + connected components vs U-Net + the touching-object formulation
-(interior output + seeded watershed), at an equal budget; a column for Mask R-CNN.
+"""Instances on touching nuclei at an equal wall-clock budget: U-Net + connected components, U-Net + the
+touching-object formulation (interior output + seeded watershed) and Mask R-CNN.
 
-    python benchmarks/instances.py [--size small] [--budget 3m] [--steps 250] [--work /tmp/instances_bench]
+    python benchmarks/instances.py [--size small] [--budget 5m] [--steps N] [--work /tmp/instances_bench]
 
 ``autoseg synth nuclei`` (seed 0) is planned once for ``--budget`` (the planner chooses the touching-object
-formulation: most nuclei touch another); the planned 2d configuration's fold 0 is then trained twice from the
-same plans.json, for the same number of steps (``--steps``, else the plan's; the same steps whatever the
-machine's load): as planned (``watershed``), and with the interior output removed (``components``: connected
-components of each class). The test cases (imagesTs) are predicted through ``autoseg predict``'s engine with
+formulation: most nuclei touch another; with torchvision installed it also offers ``2d_maskrcnn``). Fold 0 is
+then trained three times from the same plans.json, each for ``--budget`` of wall-clock time (or ``--steps``
+steps each, where given): the 2d configuration as planned (``watershed``), the same with the interior output
+removed (``components``: connected components of each class), and the ``2d_maskrcnn`` configuration (its
+detections, mask-voted). The test cases (imagesTs) are predicted through ``autoseg predict``'s engine with
 instances, and scored against instancesTs with :mod:`autoseg.lesionwise` (one-to-one matching at IoU > 0.5):
 instance F1 and panoptic quality per class, pooled over the test cases. Also time per training step and per
-predicted image. Mask R-CNN (issue 21's third family) is not on this branch; its column says so.
+predicted image.
 
 Writes benchmarks/results/instance_methods.md.
 """
@@ -34,6 +35,7 @@ from autoseg.benchmark.measure import machine  # noqa: E402
 from autoseg.inference import Predictor  # noqa: E402
 from autoseg.io import read_label  # noqa: E402
 from autoseg.lesionwise import case_lesionwise, pooled  # noqa: E402
+from autoseg.plan.budget import parse_duration  # noqa: E402
 from autoseg.schema.plans import Instances  # noqa: E402
 from autoseg.synth import generate  # noqa: E402
 from autoseg.train import Trainer  # noqa: E402
@@ -41,14 +43,19 @@ from autoseg.workdir import Workdir  # noqa: E402
 from autoseg.workflow import plan_dataset  # noqa: E402
 
 CONFIG = "2d"
-METHODS = {"U-Net + connected components": "components", "U-Net + interior + watershed": "watershed"}
+MASKRCNN = "2d_maskrcnn"
+METHODS = {"U-Net + connected components": (CONFIG, "components"),
+           "U-Net + interior + watershed": (CONFIG, "watershed"),
+           "Mask R-CNN": (MASKRCNN, "detections")}
 
 
-def as_method(plans, method: str):
-    """The plan with its 2d configuration making instances by ``method``."""
-    cfg = plans.configurations[CONFIG]
-    plans.configurations[CONFIG] = replace(cfg, instances=Instances(method=method),
-                                           network=replace(cfg.network, instance_outputs=int(method == "watershed")))
+def as_method(plans, config: str, method: str):
+    """The plan with its 2d configuration making instances by ``method`` (Mask R-CNN's: as planned)."""
+    if config == CONFIG:
+        cfg = plans.configurations[CONFIG]
+        plans.configurations[CONFIG] = replace(
+            cfg, instances=Instances(method=method),
+            network=replace(cfg.network, instance_outputs=int(method == "watershed")))
     return plans
 
 
@@ -68,17 +75,18 @@ def score(ds: Path, pred: Path, classes: dict[str, int]) -> dict[str, dict[str, 
     return out
 
 
-def run_method(ds: Path, base: Path, work: Path, method: str, steps: int) -> dict:
+def run_method(ds: Path, base: Path, work: Path, config: str, method: str, steps: int | None,
+               seconds: float) -> dict:
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(base, work, ignore=shutil.ignore_patterns("runs", "selection.json", "model.autoseg"))
     w = Workdir(work)
-    w.save_plans(as_method(w.load_plans(), method))
+    w.save_plans(as_method(w.load_plans(), config, method))
     t0 = time.perf_counter()
-    result = Trainer(work, CONFIG, 0, steps=steps, progress=False).fit()
+    result = Trainer(work, config, 0, steps=steps, seconds=seconds, progress=False).fit()
     train_s = time.perf_counter() - t0
     pred = work / "pred"
-    predictor = Predictor.from_workdir(work, CONFIG, folds=[0], mirror="off", instances=True)
+    predictor = Predictor.from_workdir(work, config, folds=[0], mirror="off", instances=True)
     t0 = time.perf_counter()
     summary = predictor.predict_files(ds / "imagesTs", pred)
     predict_s = time.perf_counter() - t0
@@ -95,16 +103,17 @@ def fmt(v: float | None) -> str:
 def report(results: dict[str, dict], args: argparse.Namespace, plan_note: str, out: Path) -> None:
     names = list(next(iter(results.values()))["scores"])
     lines = [
-        "# Instances on touching nuclei: connected components vs the touching-object formulation",
+        "# Instances on touching nuclei: connected components, the touching-object formulation, Mask R-CNN",
         "",
         f"`python benchmarks/instances.py --size {args.size} --budget {args.budget}"
         f"{f' --steps {args.steps}' if args.steps else ''}` "
-        f"on {', '.join(f'{k} {v}' for k, v in machine().items())}. **The machine was shared and loaded** (2 CPU cores, 8 agents and a background "
-        "benchmark): times are indicative, the comparison is at equal steps.",
+        f"on {', '.join(f'{k} {v}' for k, v in machine().items())}; load average (1 min) at the start "
+        f"{os.getloadavg()[0]:.1f}. "
+        + ("Equal steps per method." if args.steps else f"Equal wall-clock budget per method: {args.budget} of training."),
         "",
         f"Data: `autoseg synth nuclei --size {args.size}` (seed 0), test cases from imagesTs scored against "
-        "instancesTs. One plan (`autoseg plan`'s rules), fold 0 of the planned 2d configuration trained for the same "
-        "number of steps per method. Matching one-to-one at IoU > 0.5 (`autoseg.lesionwise`); F1 and PQ pooled over "
+        "instancesTs. One plan (`autoseg plan`'s rules), fold 0 trained per method (the 2d configuration with or "
+        "without the interior output; the 2d_maskrcnn configuration). Matching one-to-one at IoU > 0.5 (`autoseg.lesionwise`); F1 and PQ pooled over "
         "the test cases.",
         "",
         f"Plan: {plan_note}",
@@ -115,9 +124,7 @@ def report(results: dict[str, dict], args: argparse.Namespace, plan_note: str, o
     for method, r in results.items():
         cells = " | ".join(f"{fmt(r['scores'][n]['f1'])} | {fmt(r['scores'][n]['pq'])}" for n in names)
         lines.append(f"| {method} | {cells} | {r['steps']} | {r['s_per_step']:.2f} | {r['s_per_image']:.2f} |")
-    lines.append("| Mask R-CNN | " + " | ".join("not run | not run" for _ in names) + " | | | |")
-    lines += ["", "Mask R-CNN: not on this branch (i21c); it is issue 21's third family (branch i21b), to be added "
-                  "to this table once the branches meet.", ""]
+    lines.append("")
     best = max(results.values(), key=lambda r: r["scores"]["all nuclei"]["pq"] or 0)
     cc = results["U-Net + connected components"]["scores"]["all nuclei"]["pq"] or 0
     lines.append(f"All nuclei PQ: best {fmt(best['scores']['all nuclei']['pq'])} vs connected components {fmt(cc)} "
@@ -128,9 +135,9 @@ def report(results: dict[str, dict], args: argparse.Namespace, plan_note: str, o
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small")
-    ap.add_argument("--budget", default="3m")
+    ap.add_argument("--budget", default="5m")
     ap.add_argument("--steps", type=int, default=None,
-                    help="training steps per method (default: the plan's for --budget)")
+                    help="training steps per method instead of the wall-clock budget")
     ap.add_argument("--work", type=Path, default=Path("/tmp/instances_bench"))
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "instance_methods.md")
     args = ap.parse_args()
@@ -139,15 +146,21 @@ def main() -> None:
     base = args.work / "plan"
     result = plan_dataset(ds, base, budget=args.budget, device="cpu", jobs=min(2, os.cpu_count() or 1))
     cfg = result.plans.configurations[CONFIG]
-    steps = args.steps or cfg.schedule.steps
+    steps = args.steps
+    seconds = parse_duration(args.budget)
     notes = [n for n in result.plans.notes if n.startswith("instances:")]
     plan_note = (f"{notes[0] if notes else 'no instance note'}; 2d patch {cfg.patch_size}, batch {cfg.batch_size}, "
-                 f"features {cfg.network.features}; planned {cfg.schedule.steps} steps for {args.budget}, "
-                 f"trained {steps}.")
+                 f"features {cfg.network.features}; planned {cfg.schedule.steps} steps for {args.budget}"
+                 + (f"; 2d_maskrcnn patch {result.plans.configurations[MASKRCNN].patch_size}, batch "
+                    f"{result.plans.configurations[MASKRCNN].batch_size}, planned "
+                    f"{result.plans.configurations[MASKRCNN].schedule.steps} steps"
+                    if MASKRCNN in result.plans.configurations else "; no 2d_maskrcnn (torchvision missing)") + ".")
     print(plan_note, flush=True)
     results = {}
-    for name, method in METHODS.items():
-        results[name] = run_method(ds, base, args.work / method, method, steps)
+    for name, (config, method) in METHODS.items():
+        if config not in result.plans.configurations:
+            continue
+        results[name] = run_method(ds, base, args.work / method, config, method, steps, seconds)
         print(name, results[name], flush=True)
     report(results, args, plan_note, args.out)
     print(f"wrote {args.out}")
