@@ -19,6 +19,7 @@ Writes benchmarks/results/instance_methods.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ from autoseg.inference import Predictor  # noqa: E402
 from autoseg.io import read_label  # noqa: E402
 from autoseg.lesionwise import case_lesionwise, pooled  # noqa: E402
 from autoseg.plan.budget import parse_duration  # noqa: E402
+from autoseg.preprocess import preprocess  # noqa: E402
 from autoseg.schema.plans import Instances  # noqa: E402
 from autoseg.synth import generate  # noqa: E402
 from autoseg.train import Trainer  # noqa: E402
@@ -81,7 +83,9 @@ def run_method(ds: Path, base: Path, work: Path, config: str, method: str, steps
         shutil.rmtree(work)
     shutil.copytree(base, work, ignore=shutil.ignore_patterns("runs", "selection.json", "model.autoseg"))
     w = Workdir(work)
-    w.save_plans(as_method(w.load_plans(), config, method))
+    plans = as_method(w.load_plans(), config, method)
+    w.save_plans(plans)
+    preprocess(ds, work, plans, w.load_fingerprint(), configurations=[config], jobs=2)  # an offered config: not yet
     t0 = time.perf_counter()
     result = Trainer(work, config, 0, steps=steps, seconds=seconds, progress=False).fit()
     train_s = time.perf_counter() - t0
@@ -139,6 +143,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None,
                     help="training steps per method instead of the wall-clock budget")
     ap.add_argument("--work", type=Path, default=Path("/tmp/instances_bench"))
+    ap.add_argument("--only", default=None, help="run only these methods (comma-separated: components, "
+                    "watershed, detections); the others' results are read back from WORK/results.json")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "instance_methods.md")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -156,12 +162,15 @@ def main() -> None:
                     f"{result.plans.configurations[MASKRCNN].schedule.steps} steps"
                     if MASKRCNN in result.plans.configurations else "; no 2d_maskrcnn (torchvision missing)") + ".")
     print(plan_note, flush=True)
-    results = {}
+    store = args.work / "results.json"
+    results = json.loads(store.read_text()) if store.is_file() else {}
     for name, (config, method) in METHODS.items():
-        if config not in result.plans.configurations:
+        if config not in result.plans.configurations or (args.only and method not in args.only.split(",")):
             continue
         results[name] = run_method(ds, base, args.work / method, config, method, steps, seconds)
+        store.write_text(json.dumps(results))
         print(name, results[name], flush=True)
+    results = {name: results[name] for name in METHODS if name in results}
     report(results, args, plan_note, args.out)
     print(f"wrote {args.out}")
 
