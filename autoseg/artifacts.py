@@ -16,8 +16,11 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,23 @@ def atomic_write_bytes(data: bytes, path: Path | str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staged_folder(dst: Path) -> Iterator[Path]:
+    """A hidden sibling folder to fill in place of ``dst`` (which must be absent or empty): renamed to ``dst``
+    when the block ends, removed with all it holds when the block raises, so a failed conversion leaves nothing
+    half-written."""
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if dst.is_dir():
+            dst.rmdir()  # empty (callers check it first)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

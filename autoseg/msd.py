@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from autoseg.artifacts import check_writable
+from autoseg.artifacts import check_writable, staged_folder
 from autoseg.errors import UserError
 from autoseg.io import Geometry, read_label, read_sitk, write_image, write_label
 from autoseg.parallel import map_cases
@@ -63,9 +62,7 @@ def convert_msd(src: Path | str, dst: Path | str, jobs: int | None = None) -> Pa
     _check_unique_cases([c for c, _ in test], where)
     _check_files_exist([p for _, image, label in train for p in (image, label)] + [p for _, p in test], where)
 
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(dst) as tmp:
         n = len(channel_names)
         work = [_CaseJob(c, image, label, tmp, "Tr", n) for c, image, label in train]
         work += [_CaseJob(c, image, None, tmp, "Ts", n) for c, image in test]
@@ -73,12 +70,6 @@ def convert_msd(src: Path | str, dst: Path | str, jobs: int | None = None) -> Pa
             (tmp / folder).mkdir()
         _run(_convert_case, work, jobs)
         _write_dataset_json(tmp / "dataset.json", meta, src, channel_names, labels, len(train))
-        if dst.is_dir():
-            dst.rmdir()  # empty, checked above
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

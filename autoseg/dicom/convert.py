@@ -18,10 +18,7 @@ and renamed into place: a failed or interrupted conversion leaves nothing that l
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from autoseg.artifacts import check_writable
+from autoseg.artifacts import check_writable, staged_folder
 from autoseg.dicom import require
 from autoseg.dicom.series import DicomFolder, DicomObject, DicomSeries, find_series, reason
 from autoseg.errors import DatasetError, Problem, UserError
@@ -144,10 +141,9 @@ def convert_dicom(src: Path | str, dst: Path | str, jobs: int | None = None) -> 
         raise UserError(f"{src}: labelled series of several modalities ({', '.join(f'{m} in {p}' for m, p in first.items())}); "
                         "a dataset takes one kind of image: convert them separately")
     result = ConvertedDicom(dst, unlabelled=[s.uid for s in found.series if s.uid not in {p[1].uid for p in pairs}])
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    (tmp / "imagesTr").mkdir(parents=True)
-    (tmp / "labelsTr").mkdir()
-    try:
+    with staged_folder(dst) as tmp:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
         for cid, (obj, series) in zip(_case_ids(pairs), pairs):
             labels, names = _labels_of(obj, series)
             values = np.zeros(max([*names, int(labels.max(initial=0))]) + 1, dtype=np.uint16)
@@ -168,10 +164,4 @@ def convert_dicom(src: Path | str, dst: Path | str, jobs: int | None = None) -> 
         problems = validate_dataset(tmp, jobs=jobs or 1)
         if problems:
             raise DatasetError([Problem(p.where.replace(str(tmp), str(dst)), p.message) for p in problems])
-        if dst.is_dir():
-            dst.rmdir()  # empty, checked above
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
