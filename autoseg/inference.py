@@ -314,6 +314,14 @@ class Predictor:
         geometry = Geometry.from_dict(cases[0][1]["geometry"])
         return self._export(self._run(list(cases), geometry), probabilities)
 
+    def predict_preprocessed_case(self, cases: list[tuple[np.ndarray, dict]], *, probabilities: bool = False,
+                                  instances: bool | None = None, case_id: str = "image") -> CasePrediction:
+        """:meth:`predict` of a case already preprocessed for each member (as :meth:`predict_preprocessed`):
+        the out-of-fold validation's instance maps come from the same :meth:`instance_map` as predict's."""
+        geometry = Geometry.from_dict(cases[0][1]["geometry"])
+        prep = self._run(list(cases), geometry)
+        return self._case(prep, case_id, probabilities, self.instances if instances is None else instances)
+
     def write(self, seg: np.ndarray, maps: np.ndarray | None, geometry: Geometry, folder: Path, case_id: str,
               ending: str) -> list[Path]:
         """``folder/CASE<ending>`` with ``geometry`` and, with ``maps``, ``folder/CASE.npz``: the files of one
@@ -325,6 +333,15 @@ class Predictor:
             write_probabilities(maps, Path(folder) / f"{case_id}.npz")
             written.append(Path(folder) / f"{case_id}.npz")
         return written
+
+    @staticmethod
+    def write_instances(instances: np.ndarray, geometry: Geometry, folder: Path, case_id: str, ending: str) -> Path:
+        """``folder/CASE<ending>``: one case's instance map (ids, 16 bits where 8 do not hold them), for
+        ``autoseg predict`` (``OUT/instances/``) and the out-of-fold validation (``validation/instances/``)."""
+        path = Path(folder) / f"{case_id}{ending}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_label(instances, geometry, path, ids=True)
+        return path
 
     @torch.inference_mode()
     def preprocessed_probabilities(self, data: np.ndarray, member: int = 0) -> torch.Tensor:
@@ -576,10 +593,8 @@ class Predictor:
                 written.append(out / f"{case.id}.npz")
         if result.instances is not None:  # a DICOM case's instance map is written as NIfTI
             ending = case.ending if case.dicom_format is None else ".nii.gz"
-            path = out / INSTANCES_FOLDER / f"{case.id}{ending}"
-            path.parent.mkdir(exist_ok=True)
-            write_label(result.instances, prep.geometry, path, ids=True)
-            written.append(path)
+            written.append(self.write_instances(result.instances, prep.geometry, out / INSTANCES_FOLDER, case.id,
+                                                ending))
             table[case.id] = result.table
         return written
 

@@ -8,8 +8,13 @@ the same label map, voxel for voxel, before post-processing.
 
     <case>.npz          probabilities (float16, compressed) in the original geometry, (C, *spatial)
     <case><ending>      the label map (argmax, or regions painted), with the original spacing/origin/direction
+    instances/<case><ending>
+                        instance datasets (the plan has instance classes): the instance map, made by the
+                        Predictor's own instance path (detections, interior + watershed, or components), so
+                        it equals ``autoseg predict --folds K --mirror off --config C``'s; the selection
+                        compares configurations' instances by these (:mod:`autoseg.select`)
     summary.json        Dice per case and class (region datasets: per region), and the mean per class
-                        (written last)
+                        (written last: it marks the validation complete)
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from autoseg.artifacts import header, json_safe, write_json
 from autoseg.checkpoint import load_checkpoint
 from autoseg.dataset import load_dataset
-from autoseg.inference import Predictor
+from autoseg.inference import CasePrediction, Predictor
 from autoseg.io import Geometry, read_label
 from autoseg.metrics import dice_per_class
 from autoseg.schema.plans import Plans
@@ -42,17 +47,27 @@ def predict_cached(predictor: Predictor, folder: Path, case_id: str, probabiliti
                    ) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
     """Predict a case of the preprocessed cache ``folder`` (its configuration's): label map and maps in the
     original geometry, and that geometry."""
+    result, geometry = predict_cached_case(predictor, folder, case_id, probabilities, instances=False)
+    return result.labels, result.probabilities, geometry
+
+
+def predict_cached_case(predictor: Predictor, folder: Path, case_id: str, probabilities: bool = False,
+                        instances: bool | None = None) -> tuple[CasePrediction, Geometry]:
+    """:func:`predict_cached` with the instance map too (``instances`` None: when the plan has instance
+    classes), through :meth:`Predictor.predict_preprocessed_case`."""
     data, _, props = load_case(folder, case_id)
-    seg, maps = predictor.predict_preprocessed([(data, props)], probabilities=probabilities)
-    return seg, maps, Geometry.from_dict(props["geometry"])
+    result = predictor.predict_preprocessed_case([(data, props)], probabilities=probabilities, instances=instances,
+                                                 case_id=case_id)
+    return result, Geometry.from_dict(props["geometry"])
 
 
 def predict_fold_validation(workdir: Workdir | Path | str, dataset: Path | str, plans: Plans, configuration: str,
                             fold: int, case_ids: list[str], device: str | torch.device | None = None,
                             progress: bool = False, before_write: Callable[[], None] | None = None) -> dict:
     """Predict, write and score the held-out cases of one fold; returns the summary written to disk.
-    ``before_write`` is called before each file is written (a claim's ``verify``: a worker whose run was taken
-    over stops there, so two workers never write one run's validation/)."""
+    For a plan with instance classes each case's instance map goes to ``validation/instances/`` too.
+    ``before_write`` is called before each case's files and the summary are written (a claim's ``verify``: a
+    worker whose run was taken over stops there, so two workers never write one run's validation/)."""
     from tqdm import tqdm
 
     work = Workdir.of(workdir)
@@ -63,10 +78,13 @@ def predict_fold_validation(workdir: Workdir | Path | str, dataset: Path | str, 
     names = plans.scored_classes  # label values, or regions
     per_case = {}
     for cid in tqdm(case_ids, desc=f"validate fold {fold}", unit="case", disable=not progress):
-        seg, maps, geometry = predict_cached(predictor, work.preprocessed(configuration), cid, probabilities=True)
+        result, geometry = predict_cached_case(predictor, work.preprocessed(configuration), cid, probabilities=True)
+        seg = result.labels
         if before_write is not None:
             before_write()
-        predictor.write(seg, maps, geometry, run.validation, cid, plans.file_ending)
+        predictor.write(seg, result.probabilities, geometry, run.validation, cid, plans.file_ending)
+        if result.instances is not None:
+            predictor.write_instances(result.instances, geometry, run.oof_instances_dir, cid, plans.file_ending)
         ref, _ = read_label(labels[cid])
         per_case[cid] = {names[c]: d for c, d in dice_per_class(seg, ref, list(names), plans.ignore_label).items()}
     means = {name: _nanmean([s[name] for s in per_case.values()]) for name in names.values()}

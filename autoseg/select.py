@@ -19,11 +19,22 @@ dataset the classes are the regions, e.g. whole tumour, tumour core, enhancing t
    each case would get, against its real Dice, sets the threshold for "likely below ``min_dice``"; the
    training images give the input envelope (one more read of each).
 
+5. Instance datasets (the plan has instance classes): each trained configuration's out-of-fold instance maps
+   (``validation/instances/``, :mod:`autoseg.oof`: its detections, interior + watershed or components) are
+   matched to the reference instances (``instancesTr``, else the components of the label map) one-to-one at
+   IoU > 0.5 (:mod:`autoseg.lesionwise`). Panoptic quality and instance F1 are pooled over the instance classes
+   and over the cases every compared configuration covers (as the Dice ranking), and the configuration with
+   the highest PQ makes the instances ``autoseg predict`` writes. The semantic model stays the one chosen by
+   Dice: the two questions are answered apart (Mask R-CNN may find nuclei best and paint them worst). Runs
+   validated before instance maps were kept (no ``instances/``) are left out with a note.
+
 The choice goes to ``WORKDIR/selection.json``: ``ensemble`` (the configurations, in the order they were
 added; ``configuration`` is the first) and ``postprocessing``, the rules tuned for that model.
 ``autoseg predict`` averages the ensemble's probabilities the way they were scored here
 (:mod:`autoseg.ensemble`) and applies those rules. ``postprocessing_by_model`` holds the rules of every model
-tuned (``a+b`` and, for ``autoseg predict --config a``, the first member ``a`` alone).
+tuned (``a+b`` and, for ``autoseg predict --config a``, the first member ``a`` alone). ``instances``
+(:class:`autoseg.schema.selection.InstanceChoice`, instance datasets only) names the configuration whose
+instance maps predict makes, with the PQ and F1 of every configuration compared.
 
 >>> selection = select_model("autoseg_work/Dataset001_Liver", "Dataset001_Liver")   # doctest: +SKIP
 >>> print(selection_table(selection))                                                  # doctest: +SKIP
@@ -38,7 +49,9 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import UserError
+from autoseg.fingerprint import case_instances
 from autoseg.io import read_images, read_label
+from autoseg.lesionwise import LesionCounts, case_lesionwise, pooled
 from autoseg.parallel import map_cases
 from autoseg.postprocess import (
     MIN_GAIN,
@@ -69,7 +82,8 @@ from autoseg.quality import (
 )
 from autoseg.regions import regions_to_labels
 from autoseg.schema.labels import ClassKey, key_values
-from autoseg.schema.selection import Selection, model_name
+from autoseg.schema.plans import Plans
+from autoseg.schema.selection import InstanceChoice, Selection, model_name
 from autoseg.workdir import RunDir, Workdir
 
 Members = tuple[str, ...]
@@ -256,6 +270,68 @@ def calibrate_quality(scorer: _Scorer, members: Members, cases: list, fingerprin
     return calibrate(scores, dices, envelope, ranges, min_dice, expected, ids)
 
 
+def instance_cases(outputs: RunOutputs, refs: set[str], ending: str) -> tuple[set[str], list[int]]:
+    """The cases of ``outputs`` with an out-of-fold instance map and a reference, and the folds whose
+    validation has no ``instances/`` (validated before instance maps were kept)."""
+    cases = {c for c, run in outputs.cases.items() if c in refs and run.oof_instances(c, ending).is_file()}
+    older = sorted({outputs.fold_of[c] for c, run in outputs.cases.items() if not run.oof_instances_dir.is_dir()})
+    return cases, older
+
+
+def _instance_counts(outputs: RunOutputs, case, ref: np.ndarray, ref_ids: np.ndarray, classes: dict[str, int],
+                     ending: str) -> LesionCounts:
+    """One configuration's out-of-fold instances of one case against the reference's, pooled over the
+    instance classes (one-to-one matching at IoU > 0.5)."""
+    run = outputs.cases[case.id]
+    pred, _ = read_label(run.oof_labels(case.id, ending))
+    pred_ids, _ = read_label(run.oof_instances(case.id, ending))
+    if pred.shape != ref.shape or pred_ids.shape != ref.shape:
+        raise UserError(f"{run.validation}: out-of-fold prediction of {case.id} has shape {pred_ids.shape}, its "
+                        f"reference {case.label} {ref.shape}; the dataset changed since training: delete the "
+                        "runs' validation folders and train again")
+    matchings = case_lesionwise(ref, pred, classes, ref_ids, pred_ids, modes=("iou",))
+    return pooled(m["iou"].counts() for m in matchings.values())
+
+
+def _score(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def choose_instances(runs: dict[str, RunOutputs], names: list[str], cases: dict, plans: Plans) -> InstanceChoice:
+    """Rank the configurations ``names`` (in plan order: the first wins a tie) by out-of-fold panoptic quality
+    on the cases they all cover (each on its own when they share none); ``cases``: the dataset's training
+    cases with a label, by id."""
+    classes = {plans.class_names[v]: v for v in plans.instance_values}
+    ending, covered, skipped = plans.file_ending, {}, []
+    for n in names:
+        found, older = instance_cases(runs[n], set(cases), ending)
+        if older:
+            folds = ", ".join(map(str, older))
+            skipped.append(f"{n}: fold(s) {folds} validated without instance maps (no validation/instances/; "
+                           "an older run): " + ("left out" if not found else "their cases left out"))
+        if found:
+            covered[n] = found
+    compared = [n for n in names if n in covered]
+    if not compared:
+        return InstanceChoice(configuration=None, skipped=skipped)
+    common = set.intersection(*covered.values())
+    counts: dict[str, list[LesionCounts]] = {n: [] for n in compared}
+    for cid in sorted(set.union(*covered.values())):
+        todo = [n for n in compared if cid in (common or covered[n])]
+        if not todo:
+            continue
+        ref, _ = read_label(cases[cid].label)
+        ref_ids = case_instances(cases[cid], ref, plans.instance_values)
+        for n in todo:
+            counts[n].append(_instance_counts(runs[n], cases[cid], ref, ref_ids, classes, ending))
+    scores = {n: pooled(c).scores() for n, c in counts.items()}
+    pq = {n: _score(s["pq"]) for n, s in scores.items()}
+    best = max(compared, key=lambda n: -1.0 if pq[n] is None else pq[n])
+    return InstanceChoice(configuration=best, pq=pq, f1={n: _score(s["f1"]) for n, s in scores.items()},
+                          cases=len(common) if common else None,
+                          methods={n: plans.configurations[n].instances.method for n in compared}, skipped=skipped)
+
+
 def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postprocessing: bool = True,
                  min_dice: float | None = None, jobs: int = 1) -> Selection:
     """Score every configuration's out-of-fold outputs, pick the model and its post-processing, calibrate
@@ -296,6 +372,8 @@ def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postpro
     cases = [c for c in load_dataset(dataset_dir).cases("Tr") if c.id in refs]
     selection.quality = calibrate_quality(scorer, ensemble, cases, work.fingerprint_or_none(), min_dice,
                                           jobs).to_dict()
+    if plans.instance_classes:
+        selection.instances = choose_instances(runs, scored, {c.id: c for c in cases}, plans)
     selection = Selection.from_dict(selection.to_dict(), "selection")  # as it reads back: NaN scores as None
     work.save_selection(selection)
     return selection
@@ -340,6 +418,28 @@ def selection_table(selection: Selection) -> str:
                   for t in pp["tried"]]
     if selection.quality:
         lines += calibration_lines(QualityModel.from_dict(selection.quality))
+    if selection.instances is not None:
+        lines += instance_lines(selection.instances)
     kind = "the ensemble" if len(selection.ensemble) > 1 else "configuration"
     lines.append(f"predict uses {kind} {chosen} with {len(selection.postprocessing)} post-processing rule(s)")
+    if selection.instances is not None and selection.instances.configuration is not None:
+        lines.append(f"predict makes the instances with {selection.instances.configuration} "
+                     f"({selection.instances.methods.get(selection.instances.configuration, '?')})")
     return "\n".join(lines)
+
+
+def instance_lines(choice: InstanceChoice) -> list[str]:
+    """The instance ranking as table lines: PQ and F1 per configuration, and the runs left out."""
+    on = f"on the {choice.cases} case(s) all cover" if choice.cases else "each on its own cases"
+    lines = [f"out-of-fold instances (pooled over the instance classes, {on}; IoU > 0.5)"]
+    if choice.pq:
+        width = max(12, *(len(k) for k in choice.pq))
+        lines.append(f"  {'configuration':<{width}} {'method':<10}     PQ     F1")
+        for name, pq in choice.pq.items():
+            mark = "  <- instances" if name == choice.configuration else ""
+            lines.append(f"  {name:<{width}} {choice.methods.get(name, '?'):<10} {_fmt(pq)} "
+                         f"{_fmt(choice.f1.get(name))}{mark}")
+    else:
+        lines.append("  no configuration has out-of-fold instance maps: predict makes them from its model")
+    lines += [f"  skipped {note}" for note in choice.skipped]
+    return lines

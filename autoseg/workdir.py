@@ -9,6 +9,7 @@ writers of what lives there. No other module spells a workdir path.
                                     [<case>_inst.npy: instance datasets]
       runs/<config>/fold_<k>/       checkpoint_latest.pt, checkpoint_final.pt, log.csv, curves.png (autoseg.train)
         validation/                 <case>.npz, <case><ending>, summary.json: out-of-fold outputs (autoseg.oof)
+                                    [instances/<case><ending>: instance datasets' instance maps]
       init/<config>/fold_<k>.pt     the weights a fine-tuning run starts from (``--init model.autoseg``)
       search.db                     the search's study (autoseg.search; SQLite by default)
       search/                       trial_<nnnn>/ (a run folder each), trials.csv, history.png, importances.png
@@ -52,6 +53,7 @@ SEARCH_TABLE, SEARCH_HISTORY, SEARCH_IMPORTANCES = "trials.csv", "history.png", 
 LATEST, FINAL = "checkpoint_latest.pt", "checkpoint_final.pt"
 LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
 VALIDATION_DIR, VALIDATION_SUMMARY = "validation", "summary.json"
+VALIDATION_INSTANCES = "instances"  # validation/instances/<case><ending>: out-of-fold instance maps
 CLAIMS_DIR, LOCKS_DIR, SELECT_LOCK, PREPROCESS_LOCK = "claims", "locks", "select-bundle", "preprocess-{}"
 SEARCH_LOCK = "search-finalize"
 INIT_DIR = "init"
@@ -104,6 +106,15 @@ class RunDir:
 
     def oof_labels(self, case_id: str, ending: str) -> Path:
         return self.validation / f"{case_id}{ending}"
+
+    @property
+    def oof_instances_dir(self) -> Path:
+        """``validation/instances/``: the held-out cases' instance maps (instance datasets; absent in runs
+        validated before they were kept)."""
+        return self.validation / VALIDATION_INSTANCES
+
+    def oof_instances(self, case_id: str, ending: str) -> Path:
+        return self.oof_instances_dir / f"{case_id}{ending}"
 
     def read_validation_summary(self) -> dict[str, Any] | None:
         """The fold's out-of-fold summary (Dice per case and class), None when its validation has not finished

@@ -291,6 +291,36 @@ def test_instances_on_request_for_a_model_without_instance_classes_are_component
         "case,instance,class,voxels,volume_mm3,centroid_x,centroid_y,centroid_z,bbox,mean_probability")
 
 
+def test_out_of_fold_instance_maps_are_written_and_equal_a_fold_alone_predict(tmp_path):
+    """The held-out cases' instance maps in validation/instances/ are what ``autoseg predict`` of that fold
+    alone (no mirroring, no selection) makes of the raw image; summary.json is still written last, after the
+    same claim checks; the selection then scores them."""
+    from autoseg.inference import Predictor
+    from autoseg.io import read_images, read_label
+    from autoseg.oof import predict_fold_validation
+    from autoseg.select import select_model
+    from autoseg.workdir import Workdir
+
+    ds, work = trained_workdir(tmp_path, "watershed")
+    plans = Workdir(work).load_plans()
+    checks = []
+    predict_fold_validation(work, ds, plans, "2d", 0, ["cell01", "cell03"], device="cpu",
+                            before_write=lambda: checks.append(1))
+    assert len(checks) == 3  # one per case, one before the summary
+    run = Workdir(work).run("2d", 0)
+    predictor = Predictor.from_workdir(work, "2d", folds=[0], device="cpu", mirror="off")
+    for cid in ("cell01", "cell03"):
+        images, geometry = read_images([ds / "imagesTr" / f"{cid}_0000.png"])
+        result = predictor.predict(images, geometry, case_id=cid)
+        oof, _ = read_label(run.oof_instances(cid, ".png"))
+        assert np.array_equal(oof, result.instances) and np.array_equal(read_label(run.oof_labels(cid, ".png"))[0],
+                                                                         result.labels)
+        assert run.validation_summary.stat().st_mtime_ns >= run.oof_instances(cid, ".png").stat().st_mtime_ns
+    sel = select_model(work, ds, postprocessing=False)
+    assert sel.instances.configuration == "2d" and sel.instances.methods == {"2d": "watershed"}
+    assert sel.instances.cases == 2 and sel.instances.pq["2d"] is not None
+
+
 # --- end to end -------------------------------------------------------------------------------------------
 
 

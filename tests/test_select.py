@@ -214,3 +214,84 @@ def test_predict_applies_the_rules_of_selection_json(tmp_path):
     assert raw.any() and not written.any()
     assert np.array_equal(written, apply_postprocessing(raw, rules, GEOM.spacing))
     assert Predictor.from_workdir(work, configuration="c").postprocessing == rules
+
+
+# --- instance datasets: the configuration whose instances predict makes, by out-of-fold panoptic quality -------
+
+
+def instance_workdir(root: Path) -> tuple[Path, Path]:
+    """Touching-nuclei cells (tests/test_instances.py) and three configurations with perfect label maps:
+    ``merged`` (first in the plan) gives each class's components, so touching nuclei merge; ``split`` gives
+    the reference instances; ``old`` was validated before instance maps were kept (no instances/)."""
+    from test_instances import write_instance_dataset
+
+    from autoseg.instances import instances_from_labels
+    from autoseg.schema.plans import Instances
+
+    ds = write_instance_dataset(root / "Dataset905_Cells", cases=4)
+    work = root / "work"
+    work.mkdir()
+    net = Network("unet", [4, 8], [[3, 3], [3, 3]], [[1, 1], [2, 2]], [1, 1], decoder_convs=1)
+    methods = {"merged": "components", "split": "watershed", "old": "components"}
+    configs = {n: Configuration(name=n, ndim=2, spacing=[1.0, 1.0], median_shape=[32, 32], patch_size=[16, 16],
+                                batch_size=2, normalization=[Normalization()], resampling=Resampling(),
+                                network=Network(**{**net.__dict__, "instance_outputs": int(m == "watershed")}),
+                                instances=Instances(method=m))
+               for n, m in methods.items()}
+    labels = {"background": 0, "nucleus": 1, "small": 2}
+    Plans("Cells", "hash", "test", {"type": "cpu"}, 60.0, configs, axis_order=[0, 1], channel_names=["microscopy"],
+          labels=labels, file_ending=".png", folds=2, instance_classes=["nucleus", "small"],
+          train_runs=[{"configuration": n, "fold": 0, "seconds": 1.0} for n in methods]).save(work / "plans.json")
+    geom = Geometry((1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    for name in methods:
+        for fold, ids in {0: ["cell00", "cell01"], 1: ["cell02", "cell03"]}.items():
+            folder = work / "runs" / name / f"fold_{fold}" / "validation"
+            folder.mkdir(parents=True)
+            for cid in ids:
+                label, _ = read_label(ds / "labelsTr" / f"{cid}.png")
+                np.savez_compressed(folder / f"{cid}.npz", probabilities=np.eye(3, dtype=np.float16)[label].transpose(2, 0, 1))
+                write_label(label, geom, folder / f"{cid}.png")
+                if name != "old":
+                    inst = (read_label(ds / "instancesTr" / f"{cid}.png")[0] if name == "split"
+                            else instances_from_labels(label, [1, 2]))
+                    write_label(inst, geom, folder / "instances" / f"{cid}.png", ids=True)
+            (folder / "summary.json").write_text(json.dumps({"cases": {c: {} for c in ids}}))
+    return ds, work
+
+
+def test_instances_come_from_the_configuration_with_the_higher_out_of_fold_pq(tmp_path):
+    ds, work = instance_workdir(tmp_path)
+    sel = select_model(work, ds, postprocessing=False)
+    assert sel.configuration == "merged"  # the semantic model: by Dice, all three tie, the plan's first wins
+    choice = sel.instances
+    assert choice.configuration == "split" and choice.methods == {"merged": "components", "split": "watershed"}
+    assert choice.pq["split"] == pytest.approx(1.0) and choice.f1["split"] == pytest.approx(1.0)
+    assert choice.pq["merged"] < 0.75 and choice.f1["merged"] < 0.75  # each touching pair is one object there
+    assert choice.cases == 4
+    assert Workdir(work).load_selection() == sel  # selection.json round-trips the new key
+    assert json.loads((work / SELECTION_FILE).read_text())["instances"]["configuration"] == "split"
+    table = selection_table(sel)
+    assert "<- instances" in table and "predict makes the instances with split (watershed)" in table
+
+
+def test_runs_validated_without_instance_maps_are_skipped_with_a_note(tmp_path):
+    ds, work = instance_workdir(tmp_path)
+    sel = select_model(work, ds, postprocessing=False)
+    assert "old" not in sel.instances.pq and "old" in sel.cv  # compared by Dice, not by PQ
+    assert sel.instances.skipped == ["old: fold(s) 0, 1 validated without instance maps (no validation/instances/; "
+                                     "an older run): left out"]
+    assert "skipped old: fold(s) 0, 1" in selection_table(sel)
+    import shutil
+
+    for name in ("merged", "split"):  # every run older: no instance choice, predict's model makes its own
+        for fold in (0, 1):
+            shutil.rmtree(work / "runs" / name / f"fold_{fold}" / "validation" / "instances")
+    sel = select_model(work, ds, postprocessing=False)
+    assert sel.instances.configuration is None and len(sel.instances.skipped) == 3
+    assert "no configuration has out-of-fold instance maps" in selection_table(sel)
+
+
+def test_a_dataset_without_instance_classes_has_no_instance_choice(three_configs):
+    ds, work = three_configs
+    sel = select_model(work, ds, postprocessing=False)
+    assert sel.instances is None and "instances" not in json.loads((work / SELECTION_FILE).read_text())

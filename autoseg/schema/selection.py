@@ -25,10 +25,27 @@ def model_name(members: list[str] | tuple[str, ...]) -> str:
 
 
 @dataclass
+class InstanceChoice:
+    """Which trained configuration's instance maps ``autoseg predict`` makes (the highest out-of-fold panoptic
+    quality), with the scores that chose it: PQ and instance F1 per configuration, pooled over the instance
+    classes and the ``cases`` every compared configuration covers. ``methods``: each one's
+    ``instances.method``; ``skipped``: configurations left out, and why (a run older than out-of-fold
+    instance maps)."""
+
+    configuration: str | None  # None: no configuration had instance maps; predict's model makes its own
+    pq: dict[str, float | None] = field(default_factory=dict)
+    f1: dict[str, float | None] = field(default_factory=dict)
+    cases: int | None = None  # None: the configurations share no case, each was scored on its own
+    methods: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Selection:
     """The chosen model (``ensemble``: its configurations in the order they were added; ``configuration``
     is the first), the scores that chose it, and the post-processing rules tuned per model
-    (``postprocessing_by_model``: the ensemble's, and its first configuration's alone for ``--config``)."""
+    (``postprocessing_by_model``: the ensemble's, and its first configuration's alone for ``--config``);
+    for an instance dataset, which configuration's instance maps predict makes (``instances``)."""
 
     configuration: str
     ensemble: list[str] = field(default_factory=list)
@@ -40,6 +57,7 @@ class Selection:
     postprocessing_by_model: dict[str, Rules] = field(default_factory=dict)
     configuration_postprocessing_tuning: dict[str, Any] | None = None  # the first member's, for an ensemble
     quality: dict[str, Any] | None = None  # the quality flag's calibration for the selected model (autoseg.quality)
+    instances: InstanceChoice | None = None  # instance datasets: whose instance maps predict makes (by OOF PQ)
 
     def __post_init__(self) -> None:
         if not self.ensemble:
@@ -62,7 +80,7 @@ class Selection:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("configuration_postprocessing_tuning", "quality"):
+        for key in ("configuration_postprocessing_tuning", "quality", "instances"):
             if d[key] is None:
                 del d[key]
         return json_safe({**header("selection"), **d})
@@ -80,7 +98,9 @@ class Selection:
         body.pop("ensemble_postprocessing_tuning", None)  # written by early versions, never read
         if "configuration" not in body:
             raise UserError(f"{source}: no 'configuration' in it; run `autoseg select` again, or pass --config")
-        selection = build_record(cls, body, source)
+        if body.get("instances") is None:
+            body.pop("instances", None)
+        selection = build_record(cls, body, source, nested={"instances": InstanceChoice})
         if selection.ensemble[0] != selection.configuration:
             raise UserError(f"{source}: 'ensemble' {selection.ensemble!r} does not start with its 'configuration' "
                             f"'{selection.configuration}'; run `autoseg select` again, or pass --config")
