@@ -154,6 +154,10 @@ class Predictor:
     A case whose resampling would need more memory than is available is refused unless ``allow_large``.
     ``instances`` (None: when the plan has instance classes) also makes instance maps and their table: the
     touching-object split for members that learned an interior, else connected components per class.
+    ``instances_from``: the configuration whose outputs make them instead (``selection.json``'s instance
+    choice, by out-of-fold panoptic quality: :mod:`autoseg.select`): its detections, its interior + watershed,
+    or components, always on the model's label map; one outside the model (its ``weights`` and ``folds`` given
+    with the members') runs beside it for the instances alone.
     ``quality``: a calibrated quality flag (:class:`autoseg.quality.QualityModel`, or its dict as
     ``selection.json`` and a bundle's manifest hold it): each case is then assessed (``last_quality``;
     ``predict_files`` writes ``quality.json``).
@@ -166,12 +170,17 @@ class Predictor:
                  overlap: float = 0.5, tile_batch: int | None = None, progress: bool = False,
                  postprocessing: Sequence[Mapping[str, Any]] = (), storage: str = "float16",
                  allow_large: bool = False, instances: bool | None = None,
-                 quality: QualityModel | Mapping[str, Any] | None = None):
+                 quality: QualityModel | Mapping[str, Any] | None = None, instances_from: str | None = None):
         names = [configuration] if isinstance(configuration, str) else list(configuration)
         if isinstance(configuration, str):
             weights, folds = {configuration: weights}, None if folds is None else {configuration: folds}
         if not names:
             raise ValueError("a model needs at least one configuration")
+        self.semantic = len(names)  # members[:semantic] make the label map; one more may make the instances
+        if instances is False or (instances is None and not plans.instance_classes):
+            instances_from = None  # no instance maps: nothing to run a configuration for
+        if instances_from is not None and instances_from not in names:
+            names.append(instances_from)
         for name in names:
             if name not in plans.configurations:
                 raise UserError(f"plans.json has no configuration '{name}' "
@@ -198,6 +207,7 @@ class Predictor:
         self.postprocessing = parse_rules([dict(r) for r in postprocessing])  # applied to every label map
         self.class_weights, self._label_rules = split_weights(self.postprocessing)  # the first at the argmax
         self.instances = bool(plans.instance_classes) if instances is None else bool(instances)
+        self.instances_from = instances_from
         self.quality = QualityModel.from_dict(quality) if isinstance(quality, Mapping) else quality
         self.last_quality: CaseQuality | None = None  # the last predict_case's verdict (with ``quality``)
         self._features: InputFeatures | None = None
@@ -212,13 +222,17 @@ class Predictor:
         The model: ``configuration`` alone, else the ensemble ``WORKDIR/selection.json`` chose (one
         configuration or several), else the first of the plan's training runs. ``folds`` None means every
         fold trained so far (one is enough); given, every member must have them. The post-processing rules
-        ``selection.json`` tuned for that model are applied to its labels.
+        ``selection.json`` tuned for that model are applied to its labels; the selected model makes its
+        instances with the configuration ``selection.json`` chose for them (``instances_from``).
         """
         work = Workdir.of(workdir)
         plans = resolve_plans(work.load_plans(), work.fingerprint_or_none())
         names = work.model(plans, configuration)
-        chosen = {n: work.trained_folds(n, folds) for n in names}
         selection = work.load_selection()
+        if configuration is None and options.get("instances") is not False:
+            options.setdefault("instances_from", work.instance_configuration(plans))
+        extra = [c for c in [options.get("instances_from")] if c is not None and c not in names]
+        chosen = {n: work.trained_folds(n, folds) for n in [*names, *extra]}
         options.setdefault("postprocessing", parse_rules(selection.rules_for(names), str(work.selection_file))
                            if selection is not None else [])
         options.setdefault("quality", selection.quality if selection is not None else None)
@@ -230,7 +244,14 @@ class Predictor:
     # --- what the model is -------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return model_name([m.name for m in self.members])
+        return model_name([m.name for m in self.members[:self.semantic]])
+
+    @property
+    def instance_members(self) -> list[Member]:
+        """The members whose outputs make the instances: ``instances_from``, else the model's."""
+        if self.instances_from is None:
+            return self.members[:self.semantic]
+        return [m for m in self.members if m.name == self.instances_from]
 
     @property
     def cfg(self):
@@ -247,10 +268,14 @@ class Predictor:
 
     def describe(self) -> str:
         """One line: the members and their folds, and the post-processing (what ``autoseg predict`` prints)."""
-        kind = "ensemble" if len(self.members) > 1 else "configuration"
+        kind = "ensemble" if self.semantic > 1 else "configuration"
         rules = len(self.postprocessing)
-        return (f"{kind} {' + '.join(m.describe() for m in self.members)}, "
-                f"{rules} post-processing rule{'s' if rules != 1 else ''}, {self.storage} probabilities")
+        made = ""
+        if self.instances and self.instances_from is not None:
+            method = self.plans.configurations[self.instances_from].instances.method
+            made = f", instances from {self.instances_from} ({method})"
+        return (f"{kind} {' + '.join(m.describe() for m in self.members[:self.semantic])}, "
+                f"{rules} post-processing rule{'s' if rules != 1 else ''}, {self.storage} probabilities{made}")
 
     def tile_batch(self, member: Member) -> int:
         return self._tile_batch or max(4, member.cfg.batch_size)
@@ -294,17 +319,19 @@ class Predictor:
         return CasePrediction(seg, inst, rows, maps if probabilities else None, verdict)
 
     def instance_map(self, seg: np.ndarray, prep: _Prepared) -> np.ndarray:
-        """Instances of a case's label map: a Mask R-CNN member's detections (:meth:`detected`), else the
-        touching-object split where members learned an interior (their mean interior map seeds a watershed),
-        else the connected components of each class."""
+        """Instances of a case's label map, made by :attr:`instance_members`: a Mask R-CNN member's detections
+        (:meth:`detected`), else the touching-object split where members learned an interior (their mean
+        interior map seeds a watershed), else the connected components of each class."""
         detected = self.detected(prep, seg)
         if detected is not None:  # a Mask R-CNN member: its own objects, mask-voted over its folds
             return detected[0]
-        interior = combine_interior(prep.outputs)
+        makers = self.instance_members
+        names = {m.name for m in makers}
+        interior = combine_interior([o for m, o in zip(self.members, prep.outputs) if m.name in names])
         classes = list(self.instance_classes)
         if interior is None:
             return instances_from_labels(seg, classes)
-        threshold = next(m.cfg.instances.threshold for m in self.members if m.cfg.network.instance_outputs)
+        threshold = next(m.cfg.instances.threshold for m in makers if m.cfg.network.instance_outputs)
         return split_touching(seg, interior, classes, threshold)
 
     def predict_preprocessed(self, cases: list[tuple[np.ndarray, dict]], probabilities: bool = False
@@ -384,18 +411,19 @@ class Predictor:
         is freed after its member's sliding window."""
         self._decide_mirror([data.shape[1:] for data, _ in cases])
         outputs, detector = [], None
+        makers = {m.name for m in self.instance_members}
         for member in self.members:
             data, props = cases.pop(0)
             folds: list[torch.Tensor] | None = [] if self.quality is not None else None
             classes, interior = split_interior(self._probabilities(member, data, folds), self.plans.num_classes)
             outputs.append(MemberOutput(classes, props, member.cfg, bool(self.plans.regions), interior,
                                         folds or []))
-            if is_detector(member) and detector is None:
+            if is_detector(member) and detector is None and member.name in makers:
                 detector = (member, data, props)
             del data
         if self.quality is None:
             return _Prepared(outputs, geometry, detector)
-        model = model_features(outputs, self.quality.expected)
+        model = model_features(outputs[:self.semantic], self.quality.expected)
         for output in outputs:
             output.fold_labels = []  # only the agreement is kept
         return _Prepared(outputs, geometry, detector, self._features, model)
@@ -416,8 +444,8 @@ class Predictor:
         return agree_with_labels(*detected_instances(member, self.plans, data, props, self.device), seg)
 
     def _export(self, prep: _Prepared, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        seg, maps = combine(prep.outputs, probabilities, self.plans.regions_class_order if self.plans.regions else (),
-                            self.class_weights)
+        order = self.plans.regions_class_order if self.plans.regions else ()
+        seg, maps = combine(prep.outputs[:self.semantic], probabilities, order, self.class_weights)
         if self._label_rules:
             seg = apply_postprocessing(seg, self._label_rules, prep.geometry.spacing)
         return seg, maps

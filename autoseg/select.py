@@ -307,8 +307,8 @@ def choose_instances(runs: dict[str, RunOutputs], names: list[str], cases: dict,
         found, older = instance_cases(runs[n], set(cases), ending)
         if older:
             folds = ", ".join(map(str, older))
-            skipped.append(f"{n}: fold(s) {folds} validated without instance maps (no validation/instances/; "
-                           "an older run): " + ("left out" if not found else "their cases left out"))
+            skipped.append(f"{n}: fold(s) {folds} validated without out-of-fold instance maps (an older run): "
+                           + ("left out" if not found else "their cases left out"))
         if found:
             covered[n] = found
     compared = [n for n in names if n in covered]

@@ -53,7 +53,6 @@ SEARCH_TABLE, SEARCH_HISTORY, SEARCH_IMPORTANCES = "trials.csv", "history.png", 
 LATEST, FINAL = "checkpoint_latest.pt", "checkpoint_final.pt"
 LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
 VALIDATION_DIR, VALIDATION_SUMMARY = "validation", "summary.json"
-VALIDATION_INSTANCES = "instances"  # validation/instances/<case><ending>: out-of-fold instance maps
 CLAIMS_DIR, LOCKS_DIR, SELECT_LOCK, PREPROCESS_LOCK = "claims", "locks", "select-bundle", "preprocess-{}"
 SEARCH_LOCK = "search-finalize"
 INIT_DIR = "init"
@@ -110,8 +109,9 @@ class RunDir:
     @property
     def oof_instances_dir(self) -> Path:
         """``validation/instances/``: the held-out cases' instance maps (instance datasets; absent in runs
-        validated before they were kept)."""
-        return self.validation / VALIDATION_INSTANCES
+        validated before they were kept). Named as predict's ``OUT/instances/`` (a validation folder is laid
+        out as a prediction folder), a word too common elsewhere to be one of this module's reserved names."""
+        return self.validation / "instances"
 
     def oof_instances(self, case_id: str, ending: str) -> Path:
         return self.oof_instances_dir / f"{case_id}{ending}"
@@ -352,6 +352,19 @@ class Workdir:
             raise UserError(f"{self.selection_file}: configuration '{missing[0]}' is not in {self.plans_file} "
                             f"(it has {', '.join(plans.configurations)}); run `autoseg select` again, or pass --config")
         return list(selection.ensemble)
+
+    def instance_configuration(self, plans: Plans) -> str | None:
+        """The configuration ``selection.json`` chose to make the selected model's instances (by out-of-fold
+        panoptic quality); None without a choice (no selection, a dataset without instances, older runs)."""
+        selection = self.load_selection()
+        choice = selection.instances if selection is not None and plans.instance_classes else None
+        if choice is None or choice.configuration is None:
+            return None
+        if choice.configuration not in plans.configurations:
+            raise UserError(f"{self.selection_file}: instances.configuration '{choice.configuration}' is not in "
+                            f"{self.plans_file} (it has {', '.join(plans.configurations)}); run `autoseg select` "
+                            "again, or pass --config")
+        return choice.configuration
 
 
 # --- the preprocessed cache: one case --------------------------------------------------------------------

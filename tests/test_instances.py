@@ -312,6 +312,7 @@ def test_out_of_fold_instance_maps_are_written_and_equal_a_fold_alone_predict(tm
     for cid in ("cell01", "cell03"):
         images, geometry = read_images([ds / "imagesTr" / f"{cid}_0000.png"])
         result = predictor.predict(images, geometry, case_id=cid)
+        assert result.instances.max() > 1  # objects found: not two empty maps
         oof, _ = read_label(run.oof_instances(cid, ".png"))
         assert np.array_equal(oof, result.instances) and np.array_equal(read_label(run.oof_labels(cid, ".png"))[0],
                                                                          result.labels)
@@ -319,6 +320,62 @@ def test_out_of_fold_instance_maps_are_written_and_equal_a_fold_alone_predict(tm
     sel = select_model(work, ds, postprocessing=False)
     assert sel.instances.configuration == "2d" and sel.instances.methods == {"2d": "watershed"}
     assert sel.instances.cases == 2 and sel.instances.pq["2d"] is not None
+
+
+def test_predict_makes_the_instances_with_the_configuration_selection_json_chose(tmp_path):
+    """The semantic model is selection.json's ``cc`` (components; random-init fold); its instances come from
+    ``2d``'s interior + watershed (``instances.configuration``), run beside it: the label map is ``cc``'s alone,
+    the instance map ``2d``'s interior split over it. The bundle carries ``2d`` and predicts the same."""
+    from dataclasses import replace
+
+    import torch
+
+    from autoseg.bundle import load_bundle, pack_bundle
+    from autoseg.checkpoint import save_checkpoint
+    from autoseg.inference import Predictor
+    from autoseg.io import read_images
+    from autoseg.nets import build_network
+    from autoseg.schema.plans import Instances
+    from autoseg.workdir import SELECTION_FILE, Workdir
+
+    ds, work = trained_workdir(tmp_path, "watershed")
+    w = Workdir(work)
+    plans = w.load_plans()
+    cfg = plans.configurations["2d"]
+    plans.configurations["cc"] = replace(cfg, name="cc", instances=Instances(method="components"),
+                                         network=replace(cfg.network, instance_outputs=0))
+    w.save_plans(plans)
+    torch.manual_seed(0)
+    net = build_network(plans.configurations["cc"].network, 1, plans.num_classes, 2)
+    w.run("cc", 0).folder.mkdir(parents=True)
+    save_checkpoint(w.run("cc", 0).final, net, torch.optim.SGD(net.parameters(), lr=0.1), None, 1, {})
+    choice = {"configuration": "2d", "pq": {"cc": 0.2, "2d": 0.6}, "f1": {"cc": 0.3, "2d": 0.7}, "cases": 4,
+              "methods": {"cc": "components", "2d": "watershed"}}
+    (work / SELECTION_FILE).write_text(json.dumps({"configuration": "cc", "instances": choice}))
+
+    images, geometry = read_images([ds / "imagesTs" / "cell04_0000.png"])
+    predictor = Predictor.from_workdir(work, folds=[0], device="cpu", mirror="off")
+    assert predictor.name == "cc" and predictor.instances_from == "2d"
+    assert "instances from 2d (watershed)" in predictor.describe()
+    result = predictor.predict(images, geometry)
+    alone = Predictor.from_workdir(work, "cc", folds=[0], device="cpu", mirror="off")  # --config: its own
+    assert alone.instances_from is None
+    own = alone.predict(images, geometry)
+    assert np.array_equal(result.labels, own.labels)
+    assert np.array_equal(own.instances, instances_from_labels(own.labels, [1, 2]))
+    watershed = Predictor.from_workdir(work, "2d", folds=[0], device="cpu", mirror="off")
+    prep = watershed._run(watershed._preprocess(images, geometry, "image"), geometry)
+    from autoseg.ensemble import combine_interior
+
+    interior = combine_interior(prep.outputs)
+    threshold = cfg.instances.threshold
+    assert np.array_equal(result.instances, split_touching(result.labels, interior, [1, 2], threshold))
+
+    bundle = load_bundle(pack_bundle(work, tmp_path / "cells.autoseg"))
+    assert bundle.manifest["instances_from"] == "2d" and set(bundle.weights) == {"cc", "2d"}
+    labels, _, objects = bundle.predict(images, geometry, device="cpu", mirror="off")
+    assert np.array_equal(labels, result.labels) and np.array_equal(objects, result.instances)
+    assert "instances: made by `2d` (watershed)" in bundle.card
 
 
 # --- end to end -------------------------------------------------------------------------------------------

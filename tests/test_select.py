@@ -278,8 +278,8 @@ def test_runs_validated_without_instance_maps_are_skipped_with_a_note(tmp_path):
     ds, work = instance_workdir(tmp_path)
     sel = select_model(work, ds, postprocessing=False)
     assert "old" not in sel.instances.pq and "old" in sel.cv  # compared by Dice, not by PQ
-    assert sel.instances.skipped == ["old: fold(s) 0, 1 validated without instance maps (no validation/instances/; "
-                                     "an older run): left out"]
+    assert sel.instances.skipped == ["old: fold(s) 0, 1 validated without out-of-fold instance maps (an older run): "
+                                     "left out"]
     assert "skipped old: fold(s) 0, 1" in selection_table(sel)
     import shutil
 

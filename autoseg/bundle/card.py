@@ -60,6 +60,12 @@ def model_card(manifest: dict[str, Any], plans: Plans) -> str:
     if len(manifest.get("ensemble", [])) > 1:
         lines.append(f"- ensemble: {' + '.join(manifest['ensemble'])}, probabilities averaged "
                      f"(`autoseg predict --config {name}` runs the first alone)")
+    made_by = manifest.get("instances_from")
+    if made_by:
+        pq = manifest.get("instances", {}).get("pq", {})
+        lines.append(f"- instances: made by `{made_by}` ({plans.configurations[made_by].instances.method}) on the "
+                     "label map above, chosen by out-of-fold panoptic quality ("
+                     + ", ".join(f"{c} {_dice(v)}" for c, v in pq.items()) + ")")
     lines += ["", "## Cross-validation (out-of-fold Dice)", ""]
     selected = manifest["cv"].get("selection", {}).get(name)
     per_fold = manifest["cv"].get("folds", {}).get(name, {})

@@ -40,8 +40,8 @@ class Bundle:
     def predictor(self, configuration: str | None = None, folds: Sequence[int] | None = None,
                   device: str | torch.device | None = None, **options: Any):
         """A :class:`~autoseg.inference.Predictor` for ``configuration`` alone, or by default the selected model
-        (the manifest's ``ensemble``), with ``folds`` of each member (default: all in the bundle) and the
-        post-processing tuned for that model."""
+        (the manifest's ``ensemble``, its instances made by the manifest's ``instances_from``), with ``folds``
+        of each member (default: all in the bundle) and the post-processing tuned for that model."""
         from autoseg.inference import Predictor
         from autoseg.schema.selection import model_name
 
@@ -49,8 +49,10 @@ class Bundle:
             names = [configuration]
         else:
             names = [self.configuration] + [c for c in self.manifest.get("ensemble", []) if c != self.configuration]
+            options.setdefault("instances_from", self.manifest.get("instances_from"))
+        extra = [c for c in [options.get("instances_from")] if c is not None and c not in names]
         chosen = {}
-        for name in names:
+        for name in [*names, *extra]:
             if name not in self.weights:
                 raise UserError(f"{self.source}: no configuration '{name}' in the bundle "
                                 f"(it has {', '.join(self.weights)})")

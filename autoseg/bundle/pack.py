@@ -56,7 +56,8 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
 
     The model is ``configuration`` alone, else ``selection.json``'s: every configuration of the selected
     ensemble goes in, with all its trained folds and the post-processing rules tuned for the ensemble (and
-    for its first configuration alone, for ``autoseg predict --config``).
+    for its first configuration alone, for ``autoseg predict --config``), and the configuration the selection
+    chose to make the instances (manifest ``instances_from``) with its folds when it is not a member.
     ``ct`` normalization statistics are filled from the fingerprint, so the bundle needs nothing else.
 
     >>> pack_bundle("autoseg_work/Dataset001_CT")                 # doctest: +SKIP
@@ -73,10 +74,12 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
     names = work.model(plans, configuration)
     selection = work.load_selection()
     chosen = selection is not None and configuration is None  # the selected model, with its CV scores
-    folds = {c: work.trained_folds(c) for c in names}  # a member without folds is an error, as in predict
+    instances_from = work.instance_configuration(plans) if configuration is None else None
+    carried = list(dict.fromkeys([*names, *([instances_from] if instances_from else [])]))
+    folds = {c: work.trained_folds(c) for c in carried}  # a member without folds is an error, as in predict
     check_not_inputs([output], [work.plans_file, work.fingerprint_file, work.selection_file]
-                     + [work.run(c, k).final for c in names for k in folds[c]], "give another -o file")
-    plans = replace(plans, configurations={c: plans.configurations[c] for c in names},
+                     + [work.run(c, k).final for c in carried for k in folds[c]], "give another -o file")
+    plans = replace(plans, configurations={c: plans.configurations[c] for c in carried},
                     train_runs=[r for r in plans.train_runs if r.get("configuration") in folds])
     unresolved = _unresolved_ct(plans)
     if unresolved:
@@ -90,7 +93,7 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
     for key in rules:
         parse_rules(rules[key], str(work.selection_file))  # a bundle carries only rules its loader accepts
     members[POSTPROCESSING] = dumps_json({**header("postprocessing"), "rules": rules}).encode()
-    for c in names:
+    for c in carried:
         for k in folds[c]:
             cfg = plans.configurations[c]
             state = load_weights(work.run(c, k).final, cfg.network, plans.in_channels, plans.num_classes, cfg.ndim)
@@ -109,8 +112,10 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
         "numpy_version": np.__version__, "python_version": ".".join(map(str, sys.version_info[:3])),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dataset": plans.dataset_name, "input": input_contract(plans),
-        "configuration": names[0], "configurations": {c: {"folds": folds[c]} for c in names},
+        "configuration": names[0], "configurations": {c: {"folds": folds[c]} for c in carried},
         "ensemble": names, "postprocessing": rules[model_name(names)], "cv": cv,
+        **({"instances_from": instances_from, "instances": selection.instances.to_dict()}
+           if instances_from and selection is not None and selection.instances is not None else {}),
         **({"fine_tuned_from": plans.finetune["source"]} if plans.finetune.get("source") else {}),
     }
     if chosen and selection.quality:

@@ -39,6 +39,9 @@ class InstanceChoice:
     methods: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
 
 @dataclass
 class Selection:
