@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.dataset import Case
 from autoseg.errors import UserError
 from autoseg.fingerprint import case_instances
 from autoseg.io import read_images, read_label
@@ -278,7 +279,7 @@ def instance_cases(outputs: RunOutputs, refs: set[str], ending: str) -> tuple[se
     return cases, older
 
 
-def _instance_counts(outputs: RunOutputs, case, ref: np.ndarray, ref_ids: np.ndarray, classes: dict[str, int],
+def _instance_counts(outputs: RunOutputs, case: Case, ref: np.ndarray, ref_ids: np.ndarray, classes: dict[str, int],
                      ending: str) -> LesionCounts:
     """One configuration's out-of-fold instances of one case against the reference's, pooled over the
     instance classes (one-to-one matching at IoU > 0.5)."""
@@ -297,7 +298,7 @@ def _score(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-def choose_instances(runs: dict[str, RunOutputs], names: list[str], cases: dict, plans: Plans) -> InstanceChoice:
+def choose_instances(runs: dict[str, RunOutputs], names: list[str], cases: dict[str, Case], plans: Plans) -> InstanceChoice:
     """Rank the configurations ``names`` (in plan order: the first wins a tie) by out-of-fold panoptic quality
     on the cases they all cover (each on its own when they share none); ``cases``: the dataset's training
     cases with a label, by id."""
