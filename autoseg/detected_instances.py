@@ -30,7 +30,7 @@ def detected_instances(member: Member, plans: Plans, data: np.ndarray, propertie
                        device: torch.device) -> tuple[np.ndarray, list[dict]]:
     """The member's instance map of a preprocessed case ``(C, 1, Y, X)`` in the original image's array (int32,
     0 none, 1..N), and per id its class (``label``) and mean score over the folds."""
-    image = torch.from_numpy(np.ascontiguousarray(data[:, 0], dtype=np.float32)).to(device)
+    image = torch.from_numpy(np.array(data[:, 0], dtype=np.float32)).to(device)  # a copy: the cache is read-only
     per_fold = [detections_of(model, image, k) for k, model in enumerate(member.models(plans, device))]
     voted, objects = vote_instances(per_fold)
     if not per_fold or not any(per_fold):
