@@ -24,6 +24,7 @@ from scipy import ndimage
 from autoseg.io import Geometry
 
 INTERIOR_THRESHOLD = 0.5  # interior probability above which a voxel belongs to an object's seed
+CONTACT_RADIUS = 2  # voxels either side of the line where two objects meet that the interior loss weighs up
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -115,6 +116,19 @@ def interior_map(instances: np.ndarray, spacing: Sequence[float] | None = None) 
             inside = mask[(slice(1, -1),) * inst.ndim]
             region[inside] = (dist[inside] / top).astype(np.float32)
     return out
+
+
+def contact_zone(instances: np.ndarray, radius: int = CONTACT_RADIUS) -> np.ndarray:
+    """Where two objects meet: the voxels with two different instance ids within ``radius`` voxels (a cube).
+    The valley of the interior map between touching objects lies here, a sliver of each patch; the loss
+    weighs it up (the separation border weights of the original U-Net paper) so the network learns it early."""
+    inst = np.asarray(instances)
+    size = 2 * int(radius) + 1
+    big = np.iinfo(np.int32).max
+    highest = ndimage.maximum_filter(inst.astype(np.int32, copy=False), size=size, mode="constant", cval=0)
+    lowest = ndimage.minimum_filter(np.where(inst > 0, inst, big).astype(np.int32, copy=False), size=size,
+                                    mode="constant", cval=big)
+    return (lowest < big) & (highest > lowest)
 
 
 def split_touching(label: np.ndarray, interior: np.ndarray, classes: Sequence[int],

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from autoseg.augment import build_transforms, region_size
 from autoseg.errors import UserError
-from autoseg.instances import interior_map
+from autoseg.instances import contact_zone, interior_map
 from autoseg.schema.plans import Configuration
 
 OPEN_CASES = 64  # memory-mapped cases kept open per process
@@ -180,6 +180,7 @@ class BatchMaker:
         if self.instances:
             self._seg_dtype = np.int32  # the label and the instance ids travel as one array
         self.interior = configuration.instances.method == "watershed"
+        self.contact_weight = float(configuration.instances.contact_weight)
         if self.interior and not self.instances:
             raise UserError(f"{self.folder}: the plan trains an interior output (instances.method 'watershed') but "
                             "the cache holds no instance maps; run `autoseg plan` again on the dataset with instances")
@@ -220,6 +221,9 @@ class BatchMaker:
             out["instances"] = np.ascontiguousarray(batch["seg"][:, 1]).astype(np.int32)
         if self.interior:
             out["interior"] = np.stack([interior_map(i, self.spacing) for i in out["instances"]])
+            if self.contact_weight:
+                out["interior_weight"] = 1.0 + self.contact_weight * np.stack(
+                    [contact_zone(i) for i in out["instances"]]).astype(np.float32)
         return out
 
     def _cut(self, case: CaseIndex, foreground: bool, rng: np.random.Generator,

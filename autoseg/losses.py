@@ -66,14 +66,17 @@ class InteriorLoss(nn.Module):
     """The touching-object formulation's loss: the segmentation loss on the class outputs (every
     deep-supervision scale) plus ``weight`` times binary cross-entropy of the extra output, at full
     resolution, against each object's interior (:func:`autoseg.instances.interior_map`: 1 at an object's
-    centre, falling to 0 at its border and outside). The network's outputs are the ``num_classes`` class
-    logits and then the interior logit."""
+    centre, falling to 0 at its border and outside), per voxel weighted by ``weight`` where given (the loader's
+    contact zones). The network's outputs are the ``num_classes`` class logits and then the interior logit."""
 
-    def __init__(self, segmentation: nn.Module, num_classes: int, weight: float = 1.0):
+    def __init__(self, segmentation: nn.Module, num_classes: int, weight: float = 1.0, seed_dice: bool = False,
+                 threshold: float = 0.5):
         super().__init__()
         self.segmentation, self.num_classes, self.weight = segmentation, num_classes, float(weight)
+        self.seed_dice, self.threshold = bool(seed_dice), float(threshold)
 
-    def forward(self, logits: Tensor | Sequence[Tensor], target: Tensor, interior: Tensor) -> Tensor:
+    def forward(self, logits: Tensor | Sequence[Tensor], target: Tensor, interior: Tensor,
+                weight: Tensor | None = None) -> Tensor:
         outputs = [logits] if isinstance(logits, Tensor) else list(logits)
         if outputs[0].shape[1] != self.num_classes + 1:
             raise ValueError(f"logits have {outputs[0].shape[1]} channels, expected {self.num_classes} classes "
@@ -81,8 +84,21 @@ class InteriorLoss(nn.Module):
         classes = [o[:, :self.num_classes] for o in outputs]
         seg = self.segmentation(classes[0] if isinstance(logits, Tensor) else classes, target)
         with torch.autocast(device_type=outputs[0].device.type, enabled=False):
-            extra = F.binary_cross_entropy_with_logits(outputs[0][:, self.num_classes].float(), interior.float())
+            extra = F.binary_cross_entropy_with_logits(outputs[0][:, self.num_classes].float(), interior.float(),
+                                                       reduction="none" if weight is not None else "mean")
+            if weight is not None:  # a weighted mean: the contact zones count more, the scale stays the same
+                extra = (extra * weight).sum() / weight.sum()
+            if self.seed_dice:
+                extra = extra + seed_dice_loss(outputs[0][:, self.num_classes].float(), interior.float() > self.threshold)
         return seg + self.weight * extra
+
+
+def seed_dice_loss(logit: Tensor, seeds: Tensor, smooth: float = 1e-5) -> Tensor:
+    """1 - soft Dice of sigmoid(logit) against the seed mask (interior above the watershed's threshold), over
+    the whole batch: the seeds are a small share of each patch, which a voxel-mean loss barely sees."""
+    p = torch.sigmoid(logit)
+    t = seeds.to(p.dtype)
+    return 1 - (2 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)
 
 
 def deep_supervision_weights(n: int, scheme: str = "halving") -> list[float]:

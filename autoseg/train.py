@@ -130,14 +130,14 @@ def _with_losses(state: dict, losses: list[torch.Tensor], carried: tuple[float, 
     return {**state, "loss_sum": total, "loss_steps": len(losses) + carried[1]}
 
 
-def _forward_loss(model, loss_fn, data, target, dev, precision, interior=None, instances=None):
+def _forward_loss(model, loss_fn, data, target, dev, precision, interior=None, instances=None, weight=None):
     amp = AUTOCAST.get(precision)
     with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
         # a network that computes its own losses (Mask R-CNN) takes the target (and the instance map, where the
         # dataset has one) and returns its loss terms
         out = (model(data, target, instances) if getattr(unwrap(model), "trains_on_targets", False)
                else model(data))
-    return out, loss_fn(out, target) if interior is None else loss_fn(out, target, interior)
+    return out, loss_fn(out, target) if interior is None else loss_fn(out, target, interior, weight)
 
 
 class Trainer:
@@ -209,7 +209,8 @@ class Trainer:
         n_outputs = training_outputs(cfg.network, plans.in_channels, plans.num_classes, cfg.ndim)
         loss_fn = build_loss(cfg.loss, plans.num_classes, plans.ignore_label, n_outputs, plans.regions)
         if cfg.network.instance_outputs:  # the touching-object formulation: the interior output trains too
-            loss_fn = InteriorLoss(loss_fn, plans.num_classes, cfg.instances.interior_weight)
+            loss_fn = InteriorLoss(loss_fn, plans.num_classes, cfg.instances.interior_weight,
+                                   cfg.instances.seed_dice, cfg.instances.threshold)
 
         state, start = self._resume(model, optimizer, scaler)
         if start == 0 and state.get("init_weights") and dist.is_main:
@@ -323,10 +324,11 @@ class Trainer:
                 data = batch["data"].to(dev, non_blocking=True)
                 target = batch["target"].to(dev, non_blocking=True).long()
                 interior = batch["interior"].to(dev, non_blocking=True) if "interior" in batch else None
+                weight = batch["interior_weight"].to(dev, non_blocking=True) if "interior_weight" in batch else None
                 if fmt is not None:
                     data = data.contiguous(memory_format=fmt)
                 instances = batch["instances"].to(dev, non_blocking=True) if "instances" in batch else None
-                _, loss = _forward_loss(model, loss_fn, data, target, dev, cfg.precision, interior, instances)
+                _, loss = _forward_loss(model, loss_fn, data, target, dev, cfg.precision, interior, instances, weight)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()

@@ -38,7 +38,6 @@ from autoseg.io import read_label  # noqa: E402
 from autoseg.lesionwise import case_lesionwise, pooled  # noqa: E402
 from autoseg.plan.budget import parse_duration  # noqa: E402
 from autoseg.preprocess import preprocess  # noqa: E402
-from autoseg.schema.plans import Instances  # noqa: E402
 from autoseg.synth import generate  # noqa: E402
 from autoseg.train import Trainer  # noqa: E402
 from autoseg.workdir import Workdir  # noqa: E402
@@ -56,7 +55,7 @@ def as_method(plans, config: str, method: str):
     if config == CONFIG:
         cfg = plans.configurations[CONFIG]
         plans.configurations[CONFIG] = replace(
-            cfg, instances=Instances(method=method),
+            cfg, instances=replace(cfg.instances, method=method),
             network=replace(cfg.network, instance_outputs=int(method == "watershed")))
     return plans
 

@@ -11,6 +11,7 @@ import pytest
 
 from autoseg.instances import (
     components,
+    contact_zone,
     instance_stats,
     instances_from_labels,
     interior_map,
@@ -113,6 +114,53 @@ def test_watershed_splits_hand_made_touching_disks_that_components_merge():
     assert np.array_equal(parted > 0, label > 0)  # the semantic mask is kept
 
 
+def test_the_contact_zone_lies_where_two_objects_meet_and_a_lone_object_has_none():
+    _, inst = touching_pair()
+    zone = contact_zone(inst, radius=2)
+    assert zone[10, 13] and zone[10, 14]  # the seam between disks 1 and 2
+    assert not zone[10, 8] and not zone[10, 19]  # their centres, far from the seam
+    assert not zone[inst == 3].any()  # the lone disk meets nothing
+    assert zone.sum() < 0.25 * (inst > 0).sum()  # a band along the seam, not the objects
+
+
+def test_the_seed_dice_and_the_contact_weights_change_the_interior_loss_where_they_should():
+    import torch
+
+    from autoseg.losses import InteriorLoss, seed_dice_loss
+
+    seeds = torch.zeros(1, 8, 8, dtype=torch.bool)
+    seeds[0, 2:5, 2:5] = True
+    assert seed_dice_loss(torch.where(seeds, 20.0, -20.0), seeds).item() < 1e-4
+    assert seed_dice_loss(torch.where(seeds, -20.0, 20.0), seeds).item() > 0.99
+
+    class Fixed(torch.nn.Module):  # the segmentation part: nothing to learn here
+        def forward(self, logits, target):
+            return logits.sum() * 0
+
+    interior = torch.zeros(1, 8, 8)
+    interior[0, 2:5, 2:5] = 0.8
+    logits = torch.zeros(1, 3, 8, 8)
+    logits[0, 2, 0, 0] = 5.0  # one confident mistake, outside every object
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    plain = InteriorLoss(Fixed(), 2)(logits, target, interior)
+    assert InteriorLoss(Fixed(), 2)(logits, target, interior, torch.ones(1, 8, 8)).item() == pytest.approx(plain.item())
+    heavy = torch.ones(1, 8, 8)
+    heavy[0, 0, 0] = 11.0  # the mistake lies in a contact zone
+    assert InteriorLoss(Fixed(), 2)(logits, target, interior, heavy).item() > plain.item()
+    with_seeds = InteriorLoss(Fixed(), 2, seed_dice=True)(logits, target, interior)
+    assert with_seeds.item() > plain.item() + 0.5  # no seed predicted: its Dice term is near 1
+
+
+def test_the_rules_train_touching_objects_with_the_seed_dice_and_contact_weights(tmp_path):
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.plan import rules
+
+    fp = extract_fingerprint(write_instance_dataset(tmp_path / "Dataset905_Cells", cases=3), jobs=1)
+    chosen, note = rules.instances(fp)
+    assert chosen.method == "watershed" and chosen.seed_dice and chosen.contact_weight == rules.CONTACT_WEIGHT
+    assert "contact zones" in note
+
+
 def test_watershed_without_seeds_keeps_each_component_as_one_instance():
     label, _ = touching_pair()
     parted = split_touching(label, np.zeros(label.shape, np.float32), [1, 2])
@@ -192,6 +240,16 @@ def test_preprocessing_caches_the_instance_map_and_the_loader_cuts_it_with_the_l
             for i in np.unique(batch["instances"][b])[1:]:
                 assert len(np.unique(batch["target"][b][batch["instances"][b] == i])) == 1
 
+    from dataclasses import replace
+
+    from autoseg.schema.plans import Instances
+
+    weighted = replace(cfg, instances=Instances(method="watershed", contact_weight=10.0))
+    batch = BatchMaker(folder, ["cell00", "cell01"], weighted, seed=0).make(0)
+    assert batch["interior"].shape == batch["interior_weight"].shape == (2, 16, 16)
+    assert set(np.unique(batch["interior_weight"])) <= {1.0, 11.0}
+    assert np.array_equal(batch["interior_weight"] > 1, np.stack([contact_zone(i) for i in batch["instances"]]))
+
 
 def test_datasets_without_instances_cache_and_load_exactly_as_before(tiny_dataset, tmp_path):
     from autoseg.fingerprint import extract_fingerprint
@@ -234,7 +292,9 @@ def trained_workdir(root: Path, method: str, steps: int = 12) -> tuple[Path, Pat
     plans = hand_plans(fp)
     cfg = plans.configurations["2d"]
     plans.configurations["2d"] = replace(
-        cfg, spacing=[1.0, 1.0], instances=Instances(method=method), schedule=Schedule(steps=steps, val_every=steps),
+        cfg, spacing=[1.0, 1.0], schedule=Schedule(steps=steps, val_every=steps),
+        instances=Instances(method=method, contact_weight=10.0, seed_dice=True) if method == "watershed"
+        else Instances(method=method),
         network=replace(cfg.network, instance_outputs=int(method == "watershed")))
     if method == "components":  # a plan without instance classes: instances only when asked for
         plans.instance_classes = []

@@ -26,6 +26,7 @@ from autoseg.schema.plans import (
 ANISOTROPY_THRESHOLD = 3.0
 SMALL_CLASS_SHARE = 0.01  # a class whose typical object fills less than this share of a patch is small
 TOUCHING_SHARE = 0.05  # instances touching another at least this often: the touching-object formulation
+CONTACT_WEIGHT = 10.0  # interior loss weight where objects meet: the original U-Net paper's separation weight w0
 ADAMW_LR = 3e-3  # 3x Adam's usual 1e-3: a small class learned from ~half the steps (lesions.md); 3e-4 never
 
 
@@ -277,15 +278,19 @@ def instances(fp: Fingerprint) -> tuple[Instances, str | None]:
     """How instances are made, from how often the training instances touch (the fingerprint's largest
     ``touching_share`` over the instance classes): from :data:`TOUCHING_SHARE` on, connected components
     would merge objects often enough to matter, so the network learns each object's interior as an extra
-    output and a seeded watershed parts them; below it, connected components. A note for plans.json when
+    output and a seeded watershed parts them (its loss weighs the zones where objects meet up,
+    :data:`CONTACT_WEIGHT`, and adds the Dice of the seeds, the interior above the watershed's threshold: a
+    small share of each patch that a voxel-mean loss barely moves); below it, connected components. A note
+    for plans.json when
     the dataset has instances, else None."""
     if not fp.instance_classes:
         return Instances(), None
     share = fp.touching_share()
     if share >= TOUCHING_SHARE:
-        return Instances(method="watershed"), (
+        return Instances(method="watershed", contact_weight=CONTACT_WEIGHT, seed_dice=True), (
             f"instances: {share:.0%} of the training instances touch another (>= {TOUCHING_SHARE:.0%}): an "
-            f"interior output and a seeded watershed part them ({', '.join(fp.instance_classes)})")
+            f"interior output and a seeded watershed part them ({', '.join(fp.instance_classes)}); its loss adds "
+            f"the seeds' Dice and weighs the contact zones x{1 + CONTACT_WEIGHT:g}")
     return Instances(method="components"), (
         f"instances: {share:.0%} of the training instances touch another (< {TOUCHING_SHARE:.0%}): connected "
         f"components per class ({', '.join(fp.instance_classes)})")

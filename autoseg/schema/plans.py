@@ -153,11 +153,16 @@ class Sampling:
 class Instances:
     """How a configuration's label maps become instances of the plan's instance classes: ``components``
     (connected components per class) or ``watershed`` (the network's interior output seeds a watershed that
-    parts touching objects; :mod:`autoseg.instances`). Datasets without instances keep the default."""
+    parts touching objects; :mod:`autoseg.instances`). The interior's loss (:class:`autoseg.losses.InteriorLoss`)
+    can weigh the zones where objects meet up (``contact_weight``) and add the Dice of the seeds
+    (``seed_dice``): the rules set both (benchmarks/results/instance_methods.md). Datasets without instances
+    keep the default."""
 
     method: str = "components"  # components | watershed | detections (Mask R-CNN's objects, folds mask-voted)
     interior_weight: float = 1.0  # weight of the interior output's loss beside the segmentation loss
     threshold: float = 0.5  # interior probability above which a voxel belongs to an object's seed
+    contact_weight: float = 0.0  # extra weight of the interior loss where two objects meet (0: none)
+    seed_dice: bool = False  # add a soft Dice of the seeds (interior > threshold) to the interior loss
 
 
 INSTANCE_METHODS = {"components", "watershed", "detections"}  # detections: the maskrcnn family's own objects
@@ -389,6 +394,8 @@ def _check_configuration(c: Configuration, where: str, channels: int = 0) -> Non
     if c.instances.method not in INSTANCE_METHODS:
         raise UserError(f"{where}.instances.method: unknown '{c.instances.method}' "
                         f"(known: {', '.join(sorted(INSTANCE_METHODS))})")
+    if not (math.isfinite(c.instances.contact_weight) and c.instances.contact_weight >= 0):
+        raise UserError(f"{where}.instances.contact_weight: {c.instances.contact_weight} must be a number >= 0")
     wants = 1 if c.instances.method == "watershed" else 0
     if net.instance_outputs != wants:
         raise UserError(f"{where}.network.instance_outputs: instances.method '{c.instances.method}' needs "
