@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cc3d
@@ -98,43 +99,74 @@ def foreground_sample(images: np.ndarray, label: np.ndarray, ignore_label: int |
     return images.reshape(images.shape[0], -1)[:, pick]
 
 
-def _value_boxes(label: np.ndarray) -> dict[int, tuple[int, tuple[slice, ...]]]:
-    """Voxel count and bounding box of every value present, in one pass (cc3d.statistics)."""
+def _value_stats(label: np.ndarray) -> dict[int, tuple[int, tuple[slice, ...], list[float]]]:
+    """Voxel count, bounding box and centroid (voxel indices) of every value present, in one pass
+    (cc3d.statistics)."""
     if int(label.max(initial=0)) < label.size:  # cc3d's limit: values below the voxel count
         stats = cc3d.statistics(label)
-        return {v: (int(n), stats["bounding_boxes"][v]) for v, n in enumerate(stats["voxel_counts"]) if n}
-    boxes = {}
+        return {v: (int(n), stats["bounding_boxes"][v], [float(x) for x in stats["centroids"][v]])
+                for v, n in enumerate(stats["voxel_counts"]) if n}
+    found = {}
     for v in np.unique(label).tolist():
         mask = label == v
-        boxes[v] = (int(mask.sum()), _slices(mask_box(mask)))
-    return boxes
+        found[v] = (int(mask.sum()), _slices(mask_box(mask)), [float(ix.mean()) for ix in np.nonzero(mask)])
+    return found
 
 
-def class_stats(label: np.ndarray, spacing: Sequence[float], ignore_label: int | None
-                ) -> tuple[dict[str, int], dict[str, int], dict[str, list[float]], dict[str, list[float]]]:
+def _relative(centroid: Sequence[float], start: Sequence[int], shape: Sequence[int]) -> list[float]:
+    """A centroid found in a crop starting at ``start`` as a share of the whole array per axis: voxel ``i``
+    stands at ``(i + 0.5) / n``, so a flip along an axis maps ``x`` to ``1 - x`` exactly."""
+    return [round((a + c + 0.5) / n, 4) for c, a, n in zip(centroid, start, shape)]
+
+
+def class_centroids(label: np.ndarray, ignore_label: int | None = None) -> dict[str, list[float]]:
+    """Per label value present (not background, not ignore), its centroid as a share of the array per axis
+    (:func:`_relative`): the fingerprint's ``class_centroid`` and what the quality flag's position check
+    measures on a prediction, the same way."""
+    labelled = mask_box(label > 0)
+    if labelled is None:
+        return {}
+    stats = _value_stats(np.ascontiguousarray(label[_slices(labelled)]))
+    return {str(v): _relative(centroid, [a for a, _ in labelled], label.shape)
+            for v, (_, _, centroid) in sorted(stats.items()) if v not in (0, ignore_label)}
+
+
+@dataclass
+class ClassFacts:
+    """One case's label statistics, per label value (as str): what :class:`CaseFingerprint` keeps of them."""
+
+    voxels: dict[str, int] = field(default_factory=dict)
+    components: dict[str, int] = field(default_factory=dict)
+    extents: dict[str, list[float]] = field(default_factory=dict)  # bbox size in mm per axis
+    centers: dict[str, list[float]] = field(default_factory=dict)  # bbox centre / shape per axis
+    centroids: dict[str, list[float]] = field(default_factory=dict)  # :func:`_relative` centroid per axis
+
+
+def class_stats(label: np.ndarray, spacing: Sequence[float], ignore_label: int | None) -> ClassFacts:
     """Per label value present (not background, not ignore): voxels, connected components, bbox extent in mm,
-    and bbox centre as a share of the image per axis.
+    bbox centre and centroid as a share of the image per axis.
 
     Works inside the bounding box of all labelled voxels (a tenth of a CT volume, typically): ten times
     less to scan. Components use full connectivity (26 in 3D, 8 in 2D), each inside its value's box.
     """
     labelled = mask_box(label > 0)
+    facts = ClassFacts()
     if labelled is None:
-        return {}, {}, {}, {}
-    shape = label.shape
+        return facts
+    shape, start = label.shape, [a for a, _ in labelled]
     label = np.ascontiguousarray(label[_slices(labelled)])
     connectivity = 26 if label.ndim == 3 else 8
-    voxels, components, extents, centers = {}, {}, {}, {}
-    for value, (count, box) in sorted(_value_boxes(label).items()):
+    for value, (count, box, centroid) in sorted(_value_stats(label).items()):
         if value == 0 or value == ignore_label:
             continue
         key = str(value)
-        voxels[key] = count
-        components[key] = int(cc3d.connected_components(label[box] == value, connectivity=connectivity,
-                                                        return_N=True)[1])
-        extents[key] = [round((s.stop - s.start) * float(sp), 6) for s, sp in zip(box, spacing)]
-        centers[key] = [round((start + (s.start + s.stop) / 2) / n, 4) for s, (start, _), n in zip(box, labelled, shape)]
-    return voxels, components, extents, centers
+        facts.voxels[key] = count
+        facts.components[key] = int(cc3d.connected_components(label[box] == value, connectivity=connectivity,
+                                                              return_N=True)[1])
+        facts.extents[key] = [round((s.stop - s.start) * float(sp), 6) for s, sp in zip(box, spacing)]
+        facts.centers[key] = [round((a + (s.start + s.stop) / 2) / n, 4) for s, a, n in zip(box, start, shape)]
+        facts.centroids[key] = _relative(centroid, start, shape)
+    return facts
 
 
 def case_instances(case: Case, label: np.ndarray, instance_classes: Sequence[int]) -> np.ndarray:
@@ -171,7 +203,7 @@ def analyze_case(case: Case, ignore_label: int | None = None, samples: int = SAM
     crop = nonzero_box(images)
     sample = foreground_sample(images, label, ignore_label, samples, case_seed(case.id))
     del images
-    voxels, components, extents, centers = class_stats(label, geometry.spacing, ignore_label)
+    facts = class_stats(label, geometry.spacing, ignore_label)
     sizes, touching = {}, {}
     if instance_classes or case.instances is not None:
         stats = instance_stats(case_instances(case, label, instance_classes), label, instance_classes)
@@ -179,8 +211,9 @@ def analyze_case(case: Case, ignore_label: int | None = None, samples: int = SAM
         touching = {str(v): s.touching for v, s in stats.items() if s.sizes}
     fp = CaseFingerprint(id=case.id, spacing=[float(s) for s in geometry.spacing], shape=list(label.shape),
                          cropped_shape=[b - a for a, b in crop], crop_box=crop,
-                         source_hash=hash_files(case_files(case)), class_voxels=voxels,
-                         class_components=components, class_extent_mm=extents, class_center=centers,
+                         source_hash=hash_files(case_files(case)), class_voxels=facts.voxels,
+                         class_components=facts.components, class_extent_mm=facts.extents,
+                         class_center=facts.centers, class_centroid=facts.centroids,
                          instance_voxels=sizes, instance_touching=touching)
     return fp, sample
 

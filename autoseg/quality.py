@@ -7,8 +7,10 @@ A model that segments an image unlike anything it was trained on fails silently.
     model is selected): spacing and size per axis, orientation (which physical axis each array axis runs
     along, and its sign), channel count, and per channel the image's 1st, 50th and 99th intensity percentiles;
     a value outside the training range (widened by a tolerance) fails its check. The fingerprint's class
-    statistics give an **output check**: a structure predicted far larger or smaller than any training case
-    had, or missing where training nearly always had it.
+    statistics give **output checks**: a structure predicted far larger or smaller than any training case
+    had, or missing where training nearly always had it; a structure whose centroid (per array axis, as a
+    share of the image's extent) lies where no training case had it, as in an array flipped with its
+    header kept.
 (b) **model disagreement**: the mean pairwise Dice of the folds' label maps (each member's, in its
     preprocessed space) and of the ensemble's configurations (restored to the image), and the mean normalised
     entropy of the probabilities inside the predicted structures.
@@ -50,6 +52,12 @@ SPACING_TOLERANCE = 1.5  # a spacing this many times beyond the training range f
 SHAPE_TOLERANCE = 2.0  # a size this many times beyond the training range fails
 INTENSITY_TOLERANCE = 0.25  # a percentile beyond the training range by this share of the typical p1-p99 span fails
 VOLUME_TOLERANCE = 3.0  # a structure this many times beyond the training 5th-95th percentile volume fails
+# A structure whose centroid lies this share of the image's extent beyond where any training case had it (per
+# axis) fails. Wide enough for what a small training set under-samples (patient position, field-of-view cropping
+# move a structure by a tenth of the extent or so); narrow enough that an array flipped along an axis with its
+# header kept (a centroid at x moves to 1 - x) is caught for a structure whose training range lies off the
+# middle of that axis by more than half of this: a liver trained at 0.21-0.38 lands at 0.62-0.79, beyond 0.53.
+POSITION_TOLERANCE = 0.15
 USUALLY_PRESENT = 0.9  # a class in at least this share of training cases is expected in every case
 MAX_FALSE_FLAGS = 0.2  # the calibrated threshold flags at most this share of the out-of-fold cases above min_dice
 MIN_MASS = 1.0  # a class whose probabilities sum to less (and that is not predicted) has no estimate
@@ -165,25 +173,42 @@ def input_checks(f: InputFeatures, env: Envelope) -> list[Check]:
 @dataclass
 class ClassRange:
     """A label value's training statistics: in what share of cases it is present, its volume's 5th-95th
-    percentile (mm3, over the cases where present)."""
+    percentile (mm3, over the cases where present) and, per array axis, the range of its centroid as a share
+    of the image's extent (:func:`autoseg.fingerprint.class_centroids`; None from a fingerprint written
+    before centroids were kept, and in calibrations made before: the position check is then skipped)."""
 
     name: str
     present_share: float
     volume_p5: float
     volume_p95: float
+    position_min: list[float] | None = None
+    position_max: list[float] | None = None
+
+
+def _position_range(key: str, cases: Sequence[Any]) -> tuple[list[float] | None, list[float] | None]:
+    """Per axis, the lowest and highest centroid of label value ``key`` over the training cases that hold it;
+    (None, None) when any of them has no centroid (an older fingerprint) or none holds it."""
+    holding = [c for c in cases if c.class_voxels.get(key, 0) > 0]
+    centroids = [getattr(c, "class_centroid", {}).get(key) for c in holding]
+    if not centroids or any(x is None for x in centroids):
+        return None, None
+    at = np.array(centroids, float)
+    return at.min(0).tolist(), at.max(0).tolist()
 
 
 def class_ranges(fingerprint: Any) -> dict[str, ClassRange]:
-    """Label value (as str) -> :class:`ClassRange`, from a :class:`~autoseg.schema.fingerprint.Fingerprint`."""
+    """Label value (as str) -> :class:`ClassRange`, from a :class:`~autoseg.schema.fingerprint.Fingerprint`
+    (the positions from its cases' centroids)."""
     n = max(1, len(fingerprint.cases))
     return {str(s.value): ClassRange(s.name, s.cases_present / n, float(s.volume_mm3.get("p5", 0.0)),
-                                     float(s.volume_mm3.get("p95", math.inf)))
+                                     float(s.volume_mm3.get("p95", math.inf)),
+                                     *_position_range(str(s.value), fingerprint.cases))
             for s in fingerprint.classes if s.value != 0}
 
 
 def output_checks(seg: np.ndarray, spacing: Sequence[float], ranges: Mapping[str, ClassRange]) -> list[Check]:
     """The predicted volume of each label value against its training range, and classes that training nearly
-    always had but the prediction lacks."""
+    always had but the prediction lacks; then where each lies (:func:`position_checks`)."""
     voxel = float(np.prod(spacing))
     counts = np.bincount(seg.ravel().astype(np.int64), minlength=1 + max((int(v) for v in ranges), default=0))
     odd = []
@@ -194,7 +219,28 @@ def output_checks(seg: np.ndarray, spacing: Sequence[float], ranges: Mapping[str
                 odd.append(f"{r.name} missing (present in {r.present_share:.0%} of training cases)")
         elif r.present_share > 0 and not r.volume_p5 / VOLUME_TOLERANCE <= volume <= r.volume_p95 * VOLUME_TOLERANCE:
             odd.append(f"{r.name} {volume:.4g} mm3 (training {r.volume_p5:.4g} to {r.volume_p95:.4g})")
-    return [Check("structures", not odd, "; ".join(odd) if odd else "structure volumes within training's")]
+    return [Check("structures", not odd, "; ".join(odd) if odd else "structure volumes within training's"),
+            *position_checks(seg, ranges)]
+
+
+def position_checks(seg: np.ndarray, ranges: Mapping[str, ClassRange]) -> list[Check]:
+    """Where each predicted structure lies: its centroid per axis against the training range widened by
+    :data:`POSITION_TOLERANCE` (an array flipped with its header kept puts it where no training case had it).
+    No check when no class has a training range (an older calibration); a structure absent from the
+    prediction is left to the volume check."""
+    known = {v: r for v, r in ranges.items()
+             if r.position_min is not None and r.position_max is not None and len(r.position_min) == seg.ndim}
+    if not known:
+        return []
+    from autoseg.fingerprint import class_centroids
+
+    at = class_centroids(seg)
+    odd = []
+    for value, r in known.items():
+        for axis, (x, lo, hi) in enumerate(zip(at.get(value, ()), r.position_min, r.position_max)):
+            if not lo - POSITION_TOLERANCE <= x <= hi + POSITION_TOLERANCE:
+                odd.append(f"{r.name} centroid at {x:.2f} of axis {axis}, training {lo:.2f}-{hi:.2f}")
+    return [Check("position", not odd, "; ".join(odd) if odd else "structure positions within training's")]
 
 
 # --- (b) and (c): what the model's probabilities say -------------------------------------------------------

@@ -17,7 +17,8 @@ dataset the classes are the regions, e.g. whole tumour, tumour core, enhancing t
 
 4. The quality flag is calibrated on the chosen model's out-of-fold cases (:mod:`autoseg.quality`): the score
    each case would get, against its real Dice, sets the threshold for "likely below ``min_dice``"; the
-   training images give the input envelope (one more read of each).
+   training images give the input envelope (one more read of each); the fingerprint gives each class's range
+   of volumes and of centroid positions (the labels are not read again).
 
 5. Instance datasets (the plan has instance classes): each trained configuration's out-of-fold instance maps
    (``validation/instances/``, :mod:`autoseg.oof`: its detections, interior + watershed or components) are
@@ -253,8 +254,9 @@ def _case_features(images: tuple[Path, ...]) -> InputFeatures:
 
 def calibrate_quality(scorer: _Scorer, members: Members, cases: list, fingerprint: object | None,
                       min_dice: float | None = None, jobs: int = 1) -> QualityModel:
-    """The quality flag of model ``members``: the envelope of the training images ``cases`` (dataset cases)
-    and the score's threshold from its out-of-fold cases (their mean foreground Dice before post-processing)."""
+    """The quality flag of model ``members``: the envelope of the training images ``cases`` (dataset cases),
+    the classes' volume and position ranges from the fingerprint (none without one) and the score's threshold
+    from its out-of-fold cases (their mean foreground Dice before post-processing)."""
     envelope = Envelope.of(map_cases(_case_features, [c.images for c in cases], jobs))
     ranges = class_ranges(fingerprint) if fingerprint is not None else {}
     sigmoid = bool(scorer.regions_class_order)

@@ -12,7 +12,7 @@ from conftest import write_tiny_dataset
 from autoseg import parallel
 from autoseg.cli import run
 from autoseg.errors import DatasetError, UserError
-from autoseg.fingerprint import class_stats, extract_fingerprint, nonzero_box
+from autoseg.fingerprint import ClassFacts, class_centroids, class_stats, extract_fingerprint, nonzero_box
 from autoseg.io import Geometry, write_image, write_label
 from autoseg.schema.fingerprint import Fingerprint
 from autoseg.workdir import FINGERPRINT_FILE
@@ -163,12 +163,13 @@ def test_components_use_full_connectivity_in_2d_and_3d() -> None:
     diagonal2d = np.zeros((5, 5), np.uint8)
     diagonal2d[1, 1] = diagonal2d[2, 2] = 1
     diagonal2d[4, 0] = 1
-    voxels, components, extents, centers = class_stats(diagonal2d, (2.0, 1.0), None)
-    assert voxels == {"1": 3} and components == {"1": 2} and extents == {"1": [8.0, 3.0]}
-    assert centers == {"1": [0.6, 0.3]}  # rows 1-4 and columns 0-2 of 5: box centres 3.0 and 1.5
+    facts = class_stats(diagonal2d, (2.0, 1.0), None)
+    assert facts.voxels == {"1": 3} and facts.components == {"1": 2} and facts.extents == {"1": [8.0, 3.0]}
+    assert facts.centers == {"1": [0.6, 0.3]}  # rows 1-4 and columns 0-2 of 5: box centres 3.0 and 1.5
+    assert facts.centroids == {"1": [0.5667, 0.3]}  # rows 1, 2, 4 and columns 1, 2, 0: (mean + 0.5) / 5
     corner3d = np.zeros((3, 3, 3), np.uint8)
     corner3d[0, 0, 0] = corner3d[1, 1, 1] = 1
-    assert class_stats(corner3d, (1.0, 1.0, 1.0), None)[1] == {"1": 1}
+    assert class_stats(corner3d, (1.0, 1.0, 1.0), None).components == {"1": 1}
 
 
 def test_ignore_label_is_neither_a_class_nor_foreground(tmp_path: Path) -> None:
@@ -177,7 +178,8 @@ def test_ignore_label_is_neither_a_class_nor_foreground(tmp_path: Path) -> None:
     fp = extract_fingerprint(root, jobs=1)
     assert [c.value for c in fp.classes] == [1]
     assert all(set(c.class_voxels) == {"1"} for c in fp.cases)
-    assert class_stats(np.array([[0, 1], [2, 2]], np.uint8), (1.0, 1.0), 2)[0] == {"1": 1}
+    facts = class_stats(np.array([[0, 1], [2, 2]], np.uint8), (1.0, 1.0), 2)
+    assert facts.voxels == {"1": 1} and set(facts.centroids) == {"1"}
 
 
 def test_region_dataset_summarises_integer_values(tmp_path: Path) -> None:
@@ -230,8 +232,19 @@ def test_cli_bad_dataset_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 def test_label_values_above_the_voxel_count_still_counted() -> None:
     label = np.array([[0, 200], [0, 200]], np.uint8)  # beyond cc3d.statistics' limit once cropped
-    assert class_stats(label, (1.0, 2.0), None) == ({"200": 2}, {"200": 1}, {"200": [2.0, 2.0]},
-                                                    {"200": [0.5, 0.75]})
+    assert class_stats(label, (1.0, 2.0), None) == ClassFacts({"200": 2}, {"200": 1}, {"200": [2.0, 2.0]},
+                                                              {"200": [0.5, 0.75]}, {"200": [0.5, 0.75]})
+
+
+def test_centroids_are_shares_of_the_array_and_a_flip_mirrors_them() -> None:
+    label = np.zeros((4, 10, 20), np.uint8)
+    label[1:3, 2:4, 1:5] = 1
+    label[0, 9, 19] = 3
+    assert class_centroids(label) == {"1": [0.5, 0.3, 0.15], "3": [0.125, 0.95, 0.975]}
+    flipped = class_centroids(label[:, :, ::-1])
+    assert flipped["1"] == [0.5, 0.3, 0.85] and flipped["3"][2] == pytest.approx(0.025)
+    assert class_centroids(label, ignore_label=3) == {"1": [0.5, 0.3, 0.15]}
+    assert class_centroids(np.zeros((3, 3), np.uint8)) == {}
 
 
 def test_a_class_labelled_by_its_side_is_found_sided_on_that_axis(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,9 +24,12 @@ from autoseg.plan import rules
 from autoseg.quality import (
     ClassRange,
     Envelope,
+    ModelFeatures,
+    QualityModel,
     assess,
     calibrate,
     class_confidence,
+    class_ranges,
     foreground_entropy,
     input_checks,
     input_features,
@@ -34,6 +38,7 @@ from autoseg.quality import (
     pairwise_dice,
     score_of,
 )
+from autoseg.schema.fingerprint import CaseFingerprint, ClassStats
 from autoseg.schema.plans import Augmentation, Configuration, Network, Optimizer, Plans, Schedule
 from autoseg.schema.selection import Selection
 from autoseg.workdir import Workdir
@@ -108,6 +113,99 @@ def test_output_check_flags_missing_and_oversized_structures():
     assert _failed(output_checks(np.zeros_like(seg), (1.0, 1.0, 1.0), ranges)) == {"structures"}  # organ missing
     seg[:, :, :] = 1  # 1000 mm3: over 3x the 95th percentile
     assert _failed(output_checks(seg, (1.0, 1.0, 1.0), ranges)) == {"structures"}
+
+
+def _liver() -> tuple[dict[str, ClassRange], np.ndarray]:
+    """A structure trained at 0.21-0.38 of axis 2 (one side of the body) and centred on the other axes, and a
+    prediction of it where training had it."""
+    ranges = {"1": ClassRange("liver", 0.5, 1.0, 1e6, [0.4, 0.4, 0.21], [0.6, 0.6, 0.38])}
+    seg = np.zeros((10, 10, 20), np.uint8)
+    seg[3:7, 3:7, 4:8] = 1  # centroid (4.5, 4.5, 5.5) + 0.5 over the shape: 0.5, 0.5, 0.3
+    return ranges, seg
+
+
+def test_position_check_passes_a_structure_where_training_had_it():
+    ranges, seg = _liver()
+    checks = output_checks(seg, (1.0, 1.0, 1.0), ranges)
+    assert [c.name for c in checks] == ["structures", "position"] and _failed(checks) == set()
+    assert _failed(output_checks(seg[::-1].copy(), (1.0, 1.0, 1.0), ranges)) == set()  # mirrored where it is centred
+    shifted = np.roll(seg, 2, axis=2)  # 0.4: beyond 0.38 but within the tolerance
+    assert _failed(output_checks(shifted, (1.0, 1.0, 1.0), ranges)) == set()
+
+
+def test_position_check_fails_an_array_flipped_along_the_sided_axis():
+    ranges, seg = _liver()
+    checks = output_checks(seg[:, :, ::-1].copy(), (1.0, 1.0, 1.0), ranges)
+    assert _failed(checks) == {"position"}
+    assert checks[-1].detail == "liver centroid at 0.70 of axis 2, training 0.21-0.38"
+    q = calibrate([0.9, 0.8], [0.9, 0.95], _envelope(), ranges, min_dice=0.5)
+    verdict = assess(q, input_features(_image(9), IDENTITY), ModelFeatures(0.9, {"1": 0.9}, 0.1, 0.95, None),
+                     np.ascontiguousarray(np.pad(seg, ((3, 3), (3, 3), (0, 0)))[:, :, ::-1]), (1.0, 1.0, 1.0))
+    assert verdict.flagged and verdict.reasons == ["position: liver centroid at 0.70 of axis 2, training 0.21-0.38"]
+    assert json.loads(json.dumps(verdict.to_dict()))["checks"][-1]["name"] == "position"
+
+
+def test_position_check_leaves_an_absent_structure_to_the_volume_check():
+    ranges, seg = _liver()
+    ranges["2"] = ClassRange("tumour", 0.95, 1.0, 1e6, [0.0, 0.0, 0.9], [0.1, 0.1, 1.0])
+    checks = output_checks(seg, (1.0, 1.0, 1.0), ranges)
+    assert _failed(checks) == {"structures"} and "tumour missing" in checks[0].detail
+
+
+def test_quality_without_positions_loads_and_skips_the_position_check():
+    ranges, seg = _liver()
+    q = calibrate([0.9, 0.8], [0.9, 0.95], _envelope(), ranges, min_dice=0.5)
+    old = q.to_dict()
+    for c in old["classes"].values():  # a calibration made before positions were kept
+        del c["position_min"], c["position_max"]
+    loaded = QualityModel.from_dict(json.loads(json.dumps(old)))
+    assert loaded.classes["1"].position_min is None and loaded.classes["1"].position_max is None
+    checks = output_checks(seg[:, :, ::-1].copy(), (1.0, 1.0, 1.0), loaded.classes)
+    assert [c.name for c in checks] == ["structures"] and _failed(checks) == set()
+    wrong_dims = {"1": ClassRange("liver", 0.5, 1.0, 1e6, [0.4, 0.4], [0.6, 0.6])}  # a 2D range on a 3D image
+    assert [c.name for c in output_checks(seg, (1.0, 1.0, 1.0), wrong_dims)] == ["structures"]
+
+
+def test_positions_round_trip_through_the_quality_dict():
+    ranges, _ = _liver()
+    q = calibrate([0.9, 0.8], [0.9, 0.95], _envelope(), ranges, min_dice=0.5)
+    again = QualityModel.from_dict(json.loads(json.dumps(q.to_dict())))
+    assert again.classes == q.classes and again.to_dict() == q.to_dict()
+    assert again.classes["1"].position_min == [0.4, 0.4, 0.21]
+
+
+def test_class_ranges_take_the_positions_from_the_fingerprint_cases():
+    def case(cid: str, voxels: dict, centroids: dict) -> CaseFingerprint:
+        return CaseFingerprint(cid, [1.0] * 3, [10] * 3, [10] * 3, [[0, 10]] * 3, "h", class_voxels=voxels,
+                               class_centroid=centroids)
+
+    stats = [ClassStats(v, n, 2, {}, {"p5": 1.0, "p95": 9.0}, {}, {}) for v, n in ((1, "liver"), (2, "spleen"))]
+    cases = [case("a", {"1": 5, "2": 3}, {"1": [0.5, 0.4, 0.2], "2": [0.5, 0.5, 0.8]}),
+             case("b", {"1": 5, "2": 3}, {"1": [0.6, 0.5, 0.3], "2": [0.4, 0.5, 0.7]}),
+             case("c", {}, {})]  # neither present: not counted
+    ranges = class_ranges(SimpleNamespace(cases=cases, classes=stats))
+    assert ranges["1"].position_min == [0.5, 0.4, 0.2] and ranges["1"].position_max == [0.6, 0.5, 0.3]
+    assert ranges["2"].position_min == [0.4, 0.5, 0.7] and ranges["2"].position_max == [0.5, 0.5, 0.8]
+    older = [case("a", {"1": 5}, {}), case("b", {"1": 5}, {})]  # a fingerprint written before centroids
+    assert class_ranges(SimpleNamespace(cases=older, classes=stats[:1]))["1"].position_min is None
+
+
+def test_a_side_labelled_structure_flipped_fails_the_position_check(tmp_path: Path):
+    """kidneys-lr labels each kidney by its side (axis 2): a training label passes against the fingerprint's
+    ranges; the same label map flipped left-right fails, naming both kidneys on axis 2."""
+    from autoseg.io import read_label
+    from autoseg.synth import generate
+
+    root = generate("kidneys-lr", tmp_path / "k", size="tiny")
+    fp = extract_fingerprint(root, jobs=1)
+    ranges = class_ranges(fp)
+    label, geometry = read_label(sorted((root / "labelsTr").glob("*.nii.gz"))[0])
+    assert _failed(output_checks(label, geometry.spacing, ranges)) == set()
+    flipped = output_checks(np.ascontiguousarray(label[:, :, ::-1]), geometry.spacing, ranges)
+    assert _failed(flipped) == {"position"}
+    lines = flipped[-1].detail.split("; ")
+    assert {line.split(" centroid")[0] for line in lines} == {c.name for c in fp.classes}
+    assert all(" of axis 2, " in line for line in lines)
 
 
 def test_confidence_is_one_for_certain_maps_and_lower_for_unsure_ones():
@@ -254,6 +352,7 @@ def test_shifted_inputs_flagged_and_normal_case_not(tmp_path: Path, capsys):
         assert set(report["cases"]) == {"normal", "flipped", "spacing3x", "noise", "modality"}
         flags = {case: entry["flagged"] for case, entry in report["cases"].items()}
         assert flags == {"normal": False, "flipped": True, "spacing3x": True, "noise": True, "modality": True}, report
+        assert all("position" in {c["name"] for c in entry["checks"]} for entry in report["cases"].values())
         assert "4 of 5 case(s) flagged" in printed and "FLAGGED" in printed
 
     refs = tmp_path / "refs"  # the report of `autoseg evaluate` shows each case's score and flag

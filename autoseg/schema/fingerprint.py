@@ -31,6 +31,9 @@ class CaseFingerprint:
     class_components: dict[str, int] = field(default_factory=dict)  # label value -> connected components
     class_extent_mm: dict[str, list[float]] = field(default_factory=dict)  # label value -> bbox size per axis
     class_center: dict[str, list[float]] = field(default_factory=dict)  # label value -> bbox centre / shape per axis
+    # label value -> centroid per axis, (voxel index + 0.5) / shape (the quality flag's position range; absent
+    # in fingerprints written before it was kept)
+    class_centroid: dict[str, list[float]] = field(default_factory=dict)
     # instance classes only (datasets with instances): label value -> sizes of its instances in voxels
     # (ascending), and how many of them touch another instance
     instance_voxels: dict[str, list[int]] = field(default_factory=dict)
