@@ -184,7 +184,7 @@ def _check_segment_codes(raw: dict, labels: dict, where: str) -> list[Problem]:
         return []
     try:
         check_codes(parse_segment_codes(raw["segment_codes"], "segment_codes"),
-                    list(scored_classes(labels).values()), "segment_codes")
+                    list(scored_classes(labels).values()), "segment_codes", owner="the dataset")
     except UserError as e:
         return [Problem(where, str(e))]
     return []

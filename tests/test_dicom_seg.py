@@ -70,7 +70,7 @@ def test_dataset_json_segment_codes_are_checked_and_kept_for_the_selection(tmp_p
     typo = _dataset(tmp_path / "typo", segment_codes={"livr": liver})
     dataset, problems = parse_dataset_json(typo)
     assert dataset is None and len(problems) == 1
-    assert "segment_codes: 'livr' is not a class of the model (its classes: liver, tumour)" in problems[0].message
+    assert "segment_codes: 'livr' is not a class of the dataset (its classes: liver, tumour)" in problems[0].message
     bad = _dataset(tmp_path / "bad", segment_codes={"liver": {"type": "10200004"}})
     assert "liver.type: code '10200004' is not SCHEME:VALUE:MEANING" in parse_dataset_json(bad)[1][0].message
 

@@ -51,9 +51,10 @@ def merge_codes(base: Mapping[str, Mapping[str, tuple[str, str, str]]] | None,
     return {name: dict(entry) for name, entry in {**(base or {}), **(override or {})}.items()}
 
 
-def check_codes(codes: Mapping[str, Any], class_names: Sequence[str], source: Path | str) -> None:
-    """Refuse a codes file that names a class the model does not have (a typo would leave it generic)."""
+def check_codes(codes: Mapping[str, Any], class_names: Sequence[str], source: Path | str,
+                owner: str = "the model") -> None:
+    """Refuse codes that name a class ``owner`` does not have (a typo would leave that class generic)."""
     unknown = [name for name in codes if name not in class_names]
     if unknown:
-        raise UserError(f"{source}: {', '.join(map(repr, unknown))} is not a class of the model "
+        raise UserError(f"{source}: {', '.join(map(repr, unknown))} is not a class of {owner} "
                         f"(its classes: {', '.join(class_names)})")
