@@ -45,8 +45,8 @@ def verify_bundle(path: Path | str) -> str:
 def bundle_contents(source: str, manifest: dict[str, Any], members: dict[str, bytes]
                     ) -> tuple[Plans, dict[str, list[dict]], str, dict[str, list[int]]]:
     """The plans, post-processing rules, card and (configuration -> folds) of a verified archive, once the
-    manifest's configurations and the weights members have been held against each other (and its segment codes,
-if any, against the plans' classes)."""
+    manifest's configurations and the weights members have been held against each other (and its segment
+    codes, if any, against the plans' classes)."""
     from autoseg.postprocess import parse_rules
 
     try:
