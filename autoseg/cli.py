@@ -263,7 +263,7 @@ def cmd_benchmark(a: argparse.Namespace) -> int:
 def cmd_bundle(a: argparse.Namespace) -> int:
     from autoseg.bundle import pack_bundle
 
-    print(f"wrote {pack_bundle(a.workdir, a.output, configuration=a.config)}")
+    print(f"wrote {pack_bundle(a.workdir, a.output, configuration=a.config, segment_codes=a.segment_codes)}")
     return 0
 
 
@@ -505,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "referencing the DICOM input series")
     p.add_argument("--segment-codes", type=Path, default=None, metavar="FILE.json",
                    help="coded category and type per class for DICOM output: {\"liver\": {\"category\": "
-                        "\"SCT:91723000:Anatomical Structure\", \"type\": \"SCT:10200004:Liver\"}} (default: a "
+                        "\"SCT:91723000:Anatomical Structure\", \"type\": \"SCT:10200004:Liver\"}}, over the model's "
+                        "own codes class by class (default: the model's, from its bundle or selection.json; else a "
                         "generic Tissue code, the class name as the segment label)")
     p.set_defaults(func=cmd_predict)
 
@@ -568,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workdir", type=Path, metavar="WORKDIR")
     p.add_argument("-o", "--output", type=Path, default=None, help="bundle file (default: WORKDIR/model.autoseg)")
     p.add_argument("--config", default=None, help="configuration (default: WORKDIR/selection.json's)")
+    p.add_argument("--segment-codes", type=Path, default=None, metavar="FILE.json",
+                   help="coded category and type per class that the bundle carries for DICOM SEG output, as predict's "
+                        "--segment-codes takes them (over dataset.json's segment_codes, class by class); shown "
+                        "in the model card")
     p.set_defaults(func=cmd_bundle)
 
     p = sub.add_parser("info", parents=[common], help="print a bundle's model card",

@@ -11,7 +11,9 @@
 ``dataset.json`` holds ``channel_names`` (index -> name; the name says the modality, e.g. "CT"),
 ``labels`` (name -> value, or name -> list of values for regions), ``numTraining`` and ``file_ending``;
 optionally ``regions_class_order``, an ``ignore`` label (the highest value) and ``instance_classes`` (the
-names of the classes whose objects are instances; docs/architecture.md, "Instances").
+names of the classes whose objects are instances; docs/architecture.md, "Instances") and ``segment_codes``
+(class name -> ``{"category": "SCHEME:VALUE:MEANING", "type": "SCHEME:VALUE:MEANING"}``, the coded segment
+category and type a DICOM SEG output carries; selection.json and the bundle keep them, docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoseg.errors import DatasetError, Problem
+from autoseg.errors import DatasetError, Problem, UserError
 from autoseg.io import SUPPORTED_ENDINGS
 from autoseg.schema.instances import INSTANCE_FOLDERS, instance_classes
 from autoseg.schema.labels import (
@@ -165,9 +167,27 @@ def parse_dataset_json(root: Path) -> tuple[Dataset | None, list[Problem]]:
         problems.append(Problem(where, f"'file_ending' {ending!r} is not supported (use one of {', '.join(SUPPORTED_ENDINGS)})"))
     rco = raw.get("regions_class_order")
     problems += _check_regions(labels, rco, where, values_ok=not label_problems)
+    if not problems:
+        problems += _check_segment_codes(raw, labels, where)
     if problems:
         return None, problems
     return Dataset(root, channel_names, dict(labels), n, ending.lower(), rco, raw), []
+
+
+def _check_segment_codes(raw: dict, labels: dict, where: str) -> list[Problem]:
+    """``segment_codes``, if given, read as a ``--segment-codes`` file is and naming only classes of ``labels``:
+    a typo caught at validation, not when the model is packed after training."""
+    from autoseg.schema.labels import scored_classes
+    from autoseg.schema.segment_codes import check_codes, parse_segment_codes
+
+    if "segment_codes" not in raw:
+        return []
+    try:
+        check_codes(parse_segment_codes(raw["segment_codes"], "segment_codes"),
+                    list(scored_classes(labels).values()), "segment_codes", owner="the dataset")
+    except UserError as e:
+        return [Problem(where, str(e))]
+    return []
 
 
 def _check_labels(labels: dict, where: str) -> list[Problem]:

@@ -32,28 +32,44 @@ def predict(model: Path | str, input: Path | str, output: Path | str, *, configu
     (one line) unless ``allow_large``; inputs unlike anything the model saw are predicted with a warning,
     logged and kept in the summary's ``warnings``. ``instances`` (None: on for a model whose dataset has
     instance classes) also writes ``output/instances/`` and ``output/instances.csv``. A folder of DICOM series is one case (``series`` chooses,
-    ``output_format`` ``seg`` / ``rtstruct`` writes DICOM objects; ``segment_codes``: a JSON file of coded
-    segment categories and types, :func:`autoseg.dicom.seg.read_segment_codes`)."""
-    model = Path(model)
-    codes = None
-    if segment_codes is not None:
-        from autoseg.dicom.seg import read_segment_codes
+    ``output_format`` ``seg`` / ``rtstruct`` writes DICOM objects, each segment coded by the model's own codes
+    (its bundle's manifest, or its selection.json's, from dataset.json) with ``segment_codes``, a JSON file of
+    coded segment categories and types (:func:`autoseg.dicom.seg.read_segment_codes`), replacing them class by
+    class)."""
+    from autoseg.dicom.seg import read_segment_codes
+    from autoseg.schema.segment_codes import check_codes, merge_codes
 
-        codes = read_segment_codes(segment_codes)
+    model = Path(model)
+    given = read_segment_codes(segment_codes) if segment_codes is not None else None
     check_writable(output, folder=True, what="predictions")  # before the model loads (inputs: once cases are known)
     options = dict(mirror=mirror, overlap=overlap, tile_batch=tile_batch, progress=progress, storage=storage,
                    allow_large=allow_large, instances=instances)
     if model.is_file():
-        predictor = load_bundle(model).predictor(configuration, folds, device, **options)
+        bundle = load_bundle(model)
+        predictor, own = bundle.predictor(configuration, folds, device, **options), bundle.segment_codes
     elif not Workdir(model).plans_file.is_file():
         raise UserError(f"{model}: not a workdir (no {Workdir(model).plans_file.name}) nor a bundle file; give the "
                         "folder `autoseg plan` and `autoseg train` wrote to, or its model bundle")
     else:
         predictor = Predictor.from_workdir(model, configuration, folds, device, **options)
-    if codes is not None:
-        from autoseg.dicom.seg import check_codes
-
-        check_codes(codes, list(predictor.plans.scored_classes.values()), segment_codes)
+        own = workdir_segment_codes(Workdir(model), list(predictor.plans.scored_classes.values()))
+    if given is not None:
+        check_codes(given, list(predictor.plans.scored_classes.values()), segment_codes)
+    codes = merge_codes(own, given) or None
     return predictor.predict_files(input, output, save_probabilities=save_probabilities, jobs=jobs, report=report,
                                    report_model=report_model, series=series, output_format=output_format,
                                    segment_codes=codes)
+
+
+def workdir_segment_codes(work: Workdir, class_names: list[str]) -> dict[str, dict[str, tuple[str, str, str]]]:
+    """The coded segment category and type per class selection.json keeps (dataset.json's), or {}: what a
+    bundle packed from this workdir would carry."""
+    from autoseg.schema.segment_codes import check_codes, parse_segment_codes
+
+    selection = work.load_selection()
+    if selection is None or not selection.segment_codes:
+        return {}
+    where = f"{work.selection_file}: segment_codes"
+    codes = parse_segment_codes(selection.segment_codes, where)
+    check_codes(codes, class_names, where)
+    return codes

@@ -350,6 +350,7 @@ def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postpro
                         "run `autoseg train` first")
     refs = {c.id: c.label for c in load_dataset(dataset_dir).cases("Tr") if c.label is not None and c.label.is_file()}
     names = plans.scored_classes  # label values, or regions
+    segment_codes = dataset_segment_codes(dataset_dir, list(names.values()))  # a bad one fails before the scoring
     scorer = _Scorer(runs, refs, list(names), plans.ignore_label, plans.file_ending,
                      plans.regions_class_order if plans.regions else None)
     order = [r["configuration"] for r in plans.train_runs] + list(plans.configurations)
@@ -377,9 +378,25 @@ def select_model(workdir: Workdir | Path | str, dataset_dir: Path | str, postpro
                                           jobs).to_dict()
     if plans.instance_classes:
         selection.instances = choose_instances(runs, scored, {c.id: c for c in cases}, plans)
+    selection.segment_codes = segment_codes
     selection = Selection.from_dict(selection.to_dict(), "selection")  # as it reads back: NaN scores as None
     work.save_selection(selection)
     return selection
+
+
+def dataset_segment_codes(dataset_dir: Path | str, class_names: list[str]) -> dict[str, dict[str, str]]:
+    """dataset.json's ``segment_codes`` (class name -> coded category and type for DICOM SEG output), checked as
+    a ``--segment-codes`` file is: the selection keeps them so that the bundle, and so every site, carries them."""
+    from autoseg.dataset import load_dataset
+    from autoseg.schema.segment_codes import check_codes, codes_to_json, parse_segment_codes
+
+    raw = load_dataset(dataset_dir).raw.get("segment_codes")
+    if raw is None:
+        return {}
+    where = f"{Path(dataset_dir) / 'dataset.json'}: segment_codes"
+    codes = parse_segment_codes(raw, where)
+    check_codes(codes, class_names, where)
+    return codes_to_json(codes)
 
 
 def _fmt(v: float | None) -> str:

@@ -8,6 +8,7 @@ Models are random-init networks (as in test_predict): the plumbing is what is te
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,16 +17,19 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-pytest.importorskip("highdicom")
+hd = pytest.importorskip("highdicom")
 
 import pydicom  # noqa: E402
 from test_predict import make_workdir  # noqa: E402
 
-from autoseg.bundle import load_bundle, pack_bundle  # noqa: E402
+from autoseg.bundle import load_bundle, pack_bundle, read_archive  # noqa: E402
+from autoseg.bundle.archive import write_archive  # noqa: E402
 from autoseg.cli import run  # noqa: E402
 from autoseg.dicom.seg import read_seg  # noqa: E402
 from autoseg.dicom.series import find_series  # noqa: E402
+from autoseg.errors import UserError  # noqa: E402
 from autoseg.io import read_label  # noqa: E402
+from autoseg.schema.selection import Selection  # noqa: E402
 from tests.dicom_series import Study, corrupt, oblique_direction, volume_image, write_series  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -220,3 +224,86 @@ def test_a_channel_on_another_grid_is_resampled_only_within_one_frame_of_referen
     assert _predict(work, tmp_path / "other", tmp_path / "out2", *choice) == 2
     _one_error(capsys, str(tmp_path / "other" / "t2"), "another frame of reference")
     assert not (tmp_path / "out2").exists()
+
+
+LIVER = {"category": "SCT:123037004:Anatomical Structure", "type": "SCT:10200004:Liver"}
+TUMOUR = {"category": "SCT:49755003:Morphologically Altered Structure", "type": "SCT:108369006:Neoplasm"}
+
+
+def _codes_file(path: Path, codes: dict) -> Path:
+    path.write_text(json.dumps(codes))
+    return path
+
+
+def _segment_codes(seg_file: Path) -> dict[str, tuple[str, str]]:
+    """Segment label -> (category code value, type code value), read back with highdicom."""
+    seg = hd.seg.segread(seg_file)
+    return {d.segment_label: (d.segmented_property_category.value, d.segmented_property_type.value)
+            for d in (seg.get_segment_description(int(s.SegmentNumber)) for s in seg.SegmentSequence)}
+
+
+def test_codes_packed_with_the_bundle_are_in_its_manifest_and_model_card(ct, tmp_path):
+    work, _ = ct
+    codes = _codes_file(tmp_path / "codes.json", {"liver": LIVER, "tumour": {"type": TUMOUR["type"]}})
+    bundle = tmp_path / "m.autoseg"
+    assert run(["bundle", str(work), "-o", str(bundle), "--segment-codes", str(codes), "-q"]) == 0
+    manifest, members = read_archive(bundle)
+    assert manifest["segment_codes"] == {"liver": LIVER, "tumour": {"type": TUMOUR["type"]}}
+    card = members["README.md"].decode()
+    assert "## DICOM segment codes" in card
+    assert "| liver | Anatomical Structure (123037004) | Liver (10200004) | SCT |" in card
+    assert "| tumour | Anatomical Structure (91723000) | Neoplasm (108369006) | SCT |" in card  # generic category
+    assert load_bundle(bundle).segment_codes["liver"]["type"] == ("SCT", "10200004", "Liver")
+    plain = pack_bundle(work, tmp_path / "plain.autoseg")  # no codes: no key, no section, generic segments
+    manifest, members = read_archive(plain)
+    assert "segment_codes" not in manifest and "segment codes" not in members["README.md"].decode()
+
+
+def test_a_seg_from_the_bundle_carries_its_codes_and_a_codes_file_overrides_them_class_by_class(ct, tmp_path):
+    work, root = ct
+    bundle = pack_bundle(work, tmp_path / "m.autoseg",
+                         segment_codes=_codes_file(tmp_path / "codes.json", {"liver": LIVER, "tumour": TUMOUR}))
+    assert _predict(bundle, root / "dicom", tmp_path / "seg", "--output-format", "seg") == 0
+    seg_file = tmp_path / "seg" / "dicom.seg.dcm"
+    assert _segment_codes(seg_file) == {"liver": ("123037004", "10200004"), "tumour": ("49755003", "108369006")}
+    ds = pydicom.dcmread(seg_file)  # the same, as pydicom reads the sequences
+    assert ds.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodeValue == "123037004"
+    assert ds.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Neoplasm"
+    site = _codes_file(tmp_path / "site.json", {"tumour": {"type": "SCT:363346000:Malignant neoplastic disease"}})
+    assert _predict(bundle, root / "dicom", tmp_path / "over", "--output-format", "seg", "--segment-codes", site) == 0
+    assert _segment_codes(tmp_path / "over" / "dicom.seg.dcm") == {
+        "liver": ("123037004", "10200004"),  # the bundle's
+        "tumour": ("91723000", "363346000")}  # the file's entry, whole: its category is the generic one
+
+
+@pytest.mark.parametrize(("codes", "needle"), [
+    ({"livr": LIVER}, "'livr' is not a class of the model (its classes: liver, tumour)"),
+    ({"liver": {"type": "Liver"}}, "liver.type: code 'Liver' is not SCHEME:VALUE:MEANING"),
+    ([], "expected an object mapping class names"),
+])
+def test_a_bad_codes_file_at_packing_is_one_line_and_writes_no_bundle(ct, tmp_path, capsys, codes, needle):
+    work, _ = ct
+    bad = _codes_file(tmp_path / "bad.json", codes)
+    assert run(["bundle", str(work), "-o", str(tmp_path / "m.autoseg"), "--segment-codes", str(bad), "-q"]) == 2
+    _one_error(capsys, str(bad), needle)
+    assert not (tmp_path / "m.autoseg").exists()
+
+
+def test_a_bundle_whose_manifest_codes_name_no_class_is_refused(ct, tmp_path):
+    work, _ = ct
+    manifest, members = read_archive(pack_bundle(work, tmp_path / "m.autoseg"))
+    write_archive(members, {**manifest, "segment_codes": {"livr": LIVER}}, tmp_path / "bad.autoseg")
+    with pytest.raises(UserError, match=r"bad.autoseg: manifest.json segment_codes: 'livr' is not a class"):
+        load_bundle(tmp_path / "bad.autoseg")
+
+
+def test_a_workdir_whose_selection_has_codes_predicts_and_packs_them(ct, tmp_path):
+    work, root = ct
+    copy = shutil.copytree(work, tmp_path / "work")
+    Selection(configuration="3d_fullres", segment_codes={"liver": LIVER}).save(copy / "selection.json")
+    assert _predict(copy, root / "dicom", tmp_path / "seg", "--output-format", "seg") == 0
+    assert _segment_codes(tmp_path / "seg" / "dicom.seg.dcm") == {"liver": ("123037004", "10200004"),
+                                                                 "tumour": ("91723000", "85756007")}  # generic
+    over = _codes_file(tmp_path / "over.json", {"tumour": TUMOUR})
+    manifest, _ = read_archive(pack_bundle(copy, segment_codes=over))
+    assert manifest["segment_codes"] == {"liver": LIVER, "tumour": TUMOUR}

@@ -119,6 +119,19 @@ def test_one_configuration_with_one_fold_is_selected_without_ensembling(tmp_path
     assert sel.postprocessing == []  # nothing to improve on a perfect prediction
 
 
+def test_dataset_json_segment_codes_go_into_the_selection(tmp_path):
+    ds = write_dataset(tmp_path / "Dataset001_Tiny")
+    raw = json.loads((ds / "dataset.json").read_text())
+    organ = {"category": "SCT:123037004:Anatomical Structure", "type": "SCT:10200004:Liver"}
+    (ds / "dataset.json").write_text(json.dumps({**raw, "segment_codes": {"organ": organ}}))
+    work = tmp_path / "work"
+    work.mkdir()
+    write_plans(work, ["only"])
+    write_oof(work, "only", 0, {"case1": _reference(1).astype(np.float32)})
+    assert select_model(work, ds, postprocessing=False).segment_codes == {"organ": organ}
+    assert json.loads((work / SELECTION_FILE).read_text())["segment_codes"] == {"organ": organ}
+
+
 def test_selection_json_round_trips_and_predict_reads_it(three_configs):
     ds, work = three_configs
     sel = select_model(work, ds)

@@ -4,10 +4,11 @@
 
     manifest.json        format version, versions of autoseg/torch/numpy, creation time, dataset, the input
                          contract (channels and their order, file ending, dimensions, labels), the selected
-                         configuration(s), folds, ensemble, post-processing, cross-validation metrics, and
+                         configuration(s), folds, ensemble, post-processing, cross-validation metrics, the
+                         DICOM segment codes per class (``segment_codes``, if given), and
                          the sha256 and size of every other member (the only members a bundle may
                          hold: :mod:`autoseg.bundle.layout`)
-    README.md            the model card: what it segments, its input, its labels, its CV Dice
+    README.md            the model card: what it segments, its input, its labels, its CV Dice, its segment codes
     plans.json           the plans of the bundled configuration(s), ct normalization statistics filled in
     postprocessing.json  the tuned post-processing rules per configuration
     weights/<config>/fold_<k>.safetensors

@@ -25,6 +25,24 @@ def _provenance(source: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _segment_codes(codes: dict[str, dict[str, str]] | None) -> list[str]:
+    """The coded segment category and type per class a DICOM SEG from this model carries (none: generic)."""
+    from autoseg.schema.segment_codes import GENERIC_CATEGORY
+
+    if not codes:
+        return []
+    lines = ["", "## DICOM segment codes", "",
+             "`autoseg predict --output-format seg` codes each segment so (`--segment-codes FILE` overrides a class; "
+             "a class not listed gets a generic Tissue code):", "",
+             "| class | category | type | coding scheme |", "|---|---|---|---|"]
+    for name, entry in codes.items():
+        category = str(entry["category"]).split(":", 2) if "category" in entry else list(GENERIC_CATEGORY)
+        kind = str(entry["type"]).split(":", 2)
+        schemes = " / ".join(dict.fromkeys([category[0], kind[0]]))
+        lines.append(f"| {name} | {category[-1]} ({category[1]}) | {kind[-1]} ({kind[1]}) | {schemes} |")
+    return lines
+
+
 def model_card(manifest: dict[str, Any], plans: Plans) -> str:
     from autoseg.postprocess import describe
 
@@ -87,6 +105,7 @@ def model_card(manifest: dict[str, Any], plans: Plans) -> str:
                                                                  if after is not None else "."))
     else:
         lines.append("No cross-validation results were available when the bundle was made.")
+    lines += _segment_codes(manifest.get("segment_codes"))
     lines += _provenance(manifest.get("fine_tuned_from"))
     lines += ["", "## Use", "", "```", "autoseg predict model.autoseg INPUT_DIR OUTPUT_DIR", "```", "",
               f"Made {manifest['created']} with autoseg {manifest['autoseg_version']}, torch "

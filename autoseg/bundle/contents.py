@@ -13,6 +13,7 @@ from typing import Any
 from autoseg.bundle.archive import read_archive
 from autoseg.bundle.layout import (
     CARD,
+    MANIFEST,
     PLANS_MEMBER,
     POSTPROCESSING,
     SAFETENSORS,
@@ -44,7 +45,8 @@ def verify_bundle(path: Path | str) -> str:
 def bundle_contents(source: str, manifest: dict[str, Any], members: dict[str, bytes]
                     ) -> tuple[Plans, dict[str, list[dict]], str, dict[str, list[int]]]:
     """The plans, post-processing rules, card and (configuration -> folds) of a verified archive, once the
-    manifest's configurations and the weights members have been held against each other."""
+    manifest's configurations and the weights members have been held against each other (and its segment
+    codes, if any, against the plans' classes)."""
     from autoseg.postprocess import parse_rules
 
     try:
@@ -67,6 +69,11 @@ def bundle_contents(source: str, manifest: dict[str, Any], members: dict[str, by
         if owner is not None and owner[1] not in folds.get(owner[0], []):
             raise UserError(f"{source}: member {member} is not a fold the manifest's configurations list; "
                             "refusing to load it")
+    if manifest.get("segment_codes"):
+        from autoseg.schema.segment_codes import check_codes, parse_segment_codes
+
+        where = f"{source}: {MANIFEST} segment_codes"
+        check_codes(parse_segment_codes(manifest["segment_codes"], where), list(plans.scored_classes.values()), where)
     post = {key: [dict(r) for r in parse_rules(rules.get(key, []), f"{source}:{POSTPROCESSING}")]
             for key in dict.fromkeys([*configs, *rules])}  # per configuration, and per ensemble ("a+b")
     return plans, post, card, folds

@@ -37,6 +37,14 @@ class Bundle:
     def configuration(self) -> str:
         return self.manifest["configuration"]
 
+    @property
+    def segment_codes(self) -> dict[str, dict[str, tuple[str, str, str]]]:
+        """The coded segment category and type per class packed with the model, for DICOM SEG output ({}: none;
+        checked against the classes when the bundle loaded)."""
+        from autoseg.schema.segment_codes import parse_segment_codes
+
+        return parse_segment_codes(self.manifest.get("segment_codes", {}), f"{self.source}: segment_codes")
+
     def predictor(self, configuration: str | None = None, folds: Sequence[int] | None = None,
                   device: str | torch.device | None = None, **options: Any):
         """A :class:`~autoseg.inference.Predictor` for ``configuration`` alone, or by default the selected model

@@ -19,7 +19,7 @@ from autoseg.errors import UserError
 from autoseg.normalize import resolve_plans
 from autoseg.postprocess import parse_rules
 from autoseg.schema.plans import Plans
-from autoseg.schema.selection import model_name
+from autoseg.schema.selection import Selection, model_name
 from autoseg.version import __version__
 from autoseg.workdir import RunDir, Workdir
 
@@ -51,7 +51,27 @@ def _unresolved_ct(plans: Plans) -> list[str]:
             if any(n.scheme == "ct" and None in (n.clip_low, n.clip_high, n.mean, n.std) for n in c.normalization)]
 
 
-def pack_bundle(workdir: Path | str, output: Path | str | None = None, configuration: str | None = None) -> Path:
+def _segment_codes(plans: Plans, selection: Selection | None, selection_file: Path,
+                   codes_file: Path | str | None) -> dict[str, dict[str, str]]:
+    """The coded segment category and type per class the bundle carries: selection.json's (from dataset.json)
+    with ``codes_file``'s replacing them class by class, each checked against the model's classes."""
+    from autoseg.dicom.seg import read_segment_codes
+    from autoseg.schema.segment_codes import check_codes, codes_to_json, merge_codes, parse_segment_codes
+
+    classes = list(plans.scored_classes.values())
+    selected = None
+    if selection is not None and selection.segment_codes:
+        where = f"{selection_file}: segment_codes"
+        selected = parse_segment_codes(selection.segment_codes, where)
+        check_codes(selected, classes, where)
+    given = read_segment_codes(codes_file) if codes_file is not None else None
+    if given is not None:
+        check_codes(given, classes, codes_file)
+    return codes_to_json(merge_codes(selected, given))
+
+
+def pack_bundle(workdir: Path | str, output: Path | str | None = None, configuration: str | None = None,
+                segment_codes: Path | str | None = None) -> Path:
     """Write the trained model of ``workdir`` as one file (default ``WORKDIR/model.autoseg``).
 
     The model is ``configuration`` alone, else ``selection.json``'s: every configuration of the selected
@@ -59,6 +79,8 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
     for its first configuration alone, for ``autoseg predict --config``), and the configuration the selection
     chose to make the instances (manifest ``instances_from``) with its folds when it is not a member.
     ``ct`` normalization statistics are filled from the fingerprint, so the bundle needs nothing else.
+    The manifest's ``segment_codes`` (coded category and type per class, for DICOM SEG output) are
+    selection.json's, from dataset.json, with the file ``segment_codes``'s replacing them class by class.
 
     >>> pack_bundle("autoseg_work/Dataset001_CT")                 # doctest: +SKIP
     PosixPath('autoseg_work/Dataset001_CT/model.autoseg')
@@ -73,11 +95,13 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
     plans = resolve_plans(work.load_plans(), work.fingerprint_or_none())
     names = work.model(plans, configuration)
     selection = work.load_selection()
+    codes = _segment_codes(plans, selection, work.selection_file, segment_codes)  # before the weights are read
     chosen = selection is not None and configuration is None  # the selected model, with its CV scores
     instances_from = work.instance_configuration(plans) if configuration is None else None
     carried = list(dict.fromkeys([*names, *([instances_from] if instances_from else [])]))
     folds = {c: work.trained_folds(c) for c in carried}  # a member without folds is an error, as in predict
-    check_not_inputs([output], [work.plans_file, work.fingerprint_file, work.selection_file]
+    check_not_inputs([output], [work.plans_file, work.fingerprint_file, work.selection_file,
+                                *([Path(segment_codes)] if segment_codes is not None else [])]
                      + [work.run(c, k).final for c in carried for k in folds[c]], "give another -o file")
     plans = replace(plans, configurations={c: plans.configurations[c] for c in carried},
                     train_runs=[r for r in plans.train_runs if r.get("configuration") in folds])
@@ -117,6 +141,7 @@ def pack_bundle(workdir: Path | str, output: Path | str | None = None, configura
         **({"instances_from": instances_from, "instances": selection.instances.to_dict()}
            if instances_from and selection is not None and selection.instances is not None else {}),
         **({"fine_tuned_from": plans.finetune["source"]} if plans.finetune.get("source") else {}),
+        **({"segment_codes": codes} if codes else {}),
     }
     if chosen and selection.quality:
         manifest["quality"] = selection.quality  # the quality flag's calibration (autoseg.quality)

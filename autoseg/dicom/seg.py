@@ -5,7 +5,9 @@ source's geometry), with one segment per class named from dataset.json: a label 
 each region (the union of its values; regions overlap, as binary segments may). A segment's coded category
 and type come from the user's codes where given (``--segment-codes FILE``: ``{"liver": {"category":
 "SCT:91723000:Anatomical Structure", "type": "SCT:10200004:Liver"}}``), else a generic "Tissue" code with
-the class name as the segment's label, so a viewer shows the name either way.
+the class name as the segment's label, so a viewer shows the name either way. The model may carry codes
+(dataset.json's ``segment_codes`` -> selection.json -> the bundle manifest, or ``autoseg bundle
+--segment-codes``): predict uses them, a ``--segment-codes`` file overriding them class by class.
 
 >>> write_seg(labels, series, {1: "liver", 2: "tumour"}, Path("out/case.seg.dcm"))   # doctest: +SKIP
 >>> labels, names = read_seg(Path("out/case.seg.dcm"), series)                       # doctest: +SKIP
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,45 +28,27 @@ from autoseg.dicom import require
 from autoseg.dicom.series import DicomSeries, reason
 from autoseg.errors import UserError
 from autoseg.schema.labels import ClassKey, key_values
+from autoseg.schema.segment_codes import (  # noqa: F401  check_codes, parse_code: the DICOM writers' vocabulary
+    GENERIC_CATEGORY,
+    GENERIC_TYPE,
+    Codes,
+    check_codes,
+    parse_code,
+    parse_segment_codes,
+)
 from autoseg.version import __version__
 
-GENERIC_CATEGORY = ("SCT", "91723000", "Anatomical Structure")
-GENERIC_TYPE = ("SCT", "85756007", "Tissue")
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-def parse_code(text: str, where: str) -> tuple[str, str, str]:
-    """``SCHEME:VALUE:MEANING`` (``SCT:10200004:Liver``) as a triple, or one line saying what is wrong."""
-    parts = [p.strip() for p in str(text).split(":", 2)]
-    if len(parts) != 3 or not all(parts):
-        raise UserError(f"{where}: code {text!r} is not SCHEME:VALUE:MEANING (e.g. SCT:10200004:Liver)")
-    return parts[0], parts[1], parts[2]
-
-
-def read_segment_codes(path: Path | str) -> dict[str, dict[str, tuple[str, str, str]]]:
+def read_segment_codes(path: Path | str) -> Codes:
     """A codes file: class name -> ``{"category": "SCHEME:VALUE:MEANING", "type": "SCHEME:VALUE:MEANING"}``."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable JSON file of segment codes ({reason(e)})") from e
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected an object mapping class names to {{'category': ..., 'type': ...}}")
-    codes = {}
-    for name, entry in raw.items():
-        if not isinstance(entry, dict) or set(entry) - {"category", "type"} or "type" not in entry:
-            raise UserError(f"{path}: {name}: expected {{'category': 'SCHEME:VALUE:MEANING', 'type': "
-                            "'SCHEME:VALUE:MEANING'}")
-        codes[name] = {key: parse_code(value, f"{path}: {name}.{key}") for key, value in entry.items()}
-    return codes
-
-
-def check_codes(codes: Mapping[str, Any], class_names: Sequence[str], source: Path | str) -> None:
-    """Refuse a codes file that names a class the model does not have (a typo would leave it generic)."""
-    unknown = [name for name in codes if name not in class_names]
-    if unknown:
-        raise UserError(f"{source}: {', '.join(map(repr, unknown))} is not a class of the model "
-                        f"(its classes: {', '.join(class_names)})")
+    return parse_segment_codes(raw, str(path))
 
 
 def _concept(code: tuple[str, str, str]) -> Any:

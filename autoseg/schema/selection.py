@@ -48,7 +48,8 @@ class Selection:
     """The chosen model (``ensemble``: its configurations in the order they were added; ``configuration``
     is the first), the scores that chose it, and the post-processing rules tuned per model
     (``postprocessing_by_model``: the ensemble's, and its first configuration's alone for ``--config``);
-    for an instance dataset, which configuration's instance maps predict makes (``instances``)."""
+    for an instance dataset, which configuration's instance maps predict makes (``instances``); the coded
+    segment category and type per class that dataset.json gave (``segment_codes``), which the bundle carries."""
 
     configuration: str
     ensemble: list[str] = field(default_factory=list)
@@ -61,6 +62,8 @@ class Selection:
     configuration_postprocessing_tuning: dict[str, Any] | None = None  # the first member's, for an ensemble
     quality: dict[str, Any] | None = None  # the quality flag's calibration for the selected model (autoseg.quality)
     instances: InstanceChoice | None = None  # instance datasets: whose instance maps predict makes (by OOF PQ)
+    # class name -> {"category"?, "type": "SCHEME:VALUE:MEANING"}: dataset.json's segment_codes, for DICOM SEG output
+    segment_codes: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.ensemble:
