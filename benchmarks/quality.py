@@ -170,11 +170,11 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float) -> str
     load = os.getloadavg()
     lines = ["# Quality flag: shifted inputs flagged, normal cases not, score against Dice",
              "", f"Written by `python benchmarks/quality.py {' '.join(sys.argv[1:])}` in {seconds / 60:.0f} min. "
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores **shared with other "
-             f"agents and a background benchmark** (load average at the end {load[0]:.1f}); device cpu.",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (load average at the "
+             f"end {load[0]:.1f}: training ran a fixed number of steps, so load changes the times, not the "
+             "models); device cpu.",
              "", "Each task: size `tiny`, every fold of the planned 3D configuration trained a fixed number of steps "
-             "(each task's section says how many: few, because the machine is shared and a step took ~3.5 s there; "
-             "the models are far from converged), the flag calibrated on the out-of-fold cases with the default "
+             "(each task's section says how many, and the out-of-fold median Dice they reached), the flag calibrated on the out-of-fold cases with the default "
              "`--min-dice` (their median Dice - 0.05). Normal cases: the task's test cases and the training cases "
              "of a second draw (seed 1). Shifts (see the script's docstring): flipped (array reversed on two axes, header kept), "
              "spacing3x (header), noise (sd half the 1-99 % range), other-modality (CT values mapped to 0..1000, "
