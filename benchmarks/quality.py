@@ -9,6 +9,8 @@ then predict with the bundle: the task's test cases plus the training cases of a
 "normal" cases, and each of them shifted:
 
 - ``flipped``: the array reversed along its first two axes, header unchanged (a wrong orientation on import);
+- ``mirrored``: the array reversed along its last axis (left-right in the usual array order), header unchanged
+  (sides swapped on import; a task with sided anatomy, kidneys-lr, shows what the position check makes of it);
 - ``spacing3x``: the header's spacing times 3, array unchanged;
 - ``noise``: Gaussian noise with sd half the image's 1st-99th percentile range;
 - ``other-modality``: intensities mapped to another modality's range (CT -> 0..1000 as an MR; MR -> -1000..1000
@@ -43,7 +45,7 @@ from autoseg.workdir import Workdir
 from autoseg.workflow import plan_dataset, train_dataset
 
 ROOT = Path(__file__).resolve().parent
-SHIFTS = ("flipped", "spacing3x", "noise", "other-modality")
+SHIFTS = ("flipped", "mirrored", "spacing3x", "noise", "other-modality")
 
 
 def shifted(kind: str, image: np.ndarray, geometry: Geometry, ct: bool, rng: np.random.Generator
@@ -51,6 +53,8 @@ def shifted(kind: str, image: np.ndarray, geometry: Geometry, ct: bool, rng: np.
     """``image`` ``(C, *spatial)`` with one deliberate shift."""
     if kind == "flipped":
         return image[:, ::-1, ::-1].copy(), geometry
+    if kind == "mirrored":
+        return image[..., ::-1].copy(), geometry
     if kind == "spacing3x":
         return image, Geometry(tuple(3 * s for s in geometry.spacing), geometry.origin, geometry.direction)
     lo, hi = np.percentile(image, [1, 99], axis=tuple(range(1, image.ndim)), keepdims=True)
@@ -177,7 +181,7 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float) -> str
              "(each task's section says how many, and the out-of-fold median Dice they reached), the flag calibrated on the out-of-fold cases with the default "
              "`--min-dice` (their median Dice - 0.05). Normal cases: the task's test cases and the training cases "
              "of a second draw (seed 1). Shifts (see the script's docstring): flipped (array reversed on two axes, header kept), "
-             "spacing3x (header), noise (sd half the 1-99 % range), other-modality (CT values mapped to 0..1000, "
+             "mirrored (the last axis reversed, header kept; in the runs that have it), spacing3x (header), noise (sd half the 1-99 % range), other-modality (CT values mapped to 0..1000, "
              "MR to -1000..1000), and for the CT task the MR task's real test images (real-MR).", ""]
     lines += ["## Summary", "", "| task | OOF cases | OOF Spearman(score, Dice) | OOF worst flagged | min Dice | "
               "normal flagged | shifted flagged | Spearman(score, Dice), all cases with a reference |",
