@@ -28,14 +28,7 @@ from autoseg.dicom import require
 from autoseg.dicom.series import DicomSeries, reason
 from autoseg.errors import UserError
 from autoseg.schema.labels import ClassKey, key_values
-from autoseg.schema.segment_codes import (  # noqa: F401  check_codes, parse_code: the DICOM writers' vocabulary
-    GENERIC_CATEGORY,
-    GENERIC_TYPE,
-    Codes,
-    check_codes,
-    parse_code,
-    parse_segment_codes,
-)
+from autoseg.schema.segment_codes import GENERIC_CATEGORY, GENERIC_TYPE, Codes, parse_segment_codes
 from autoseg.version import __version__
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
