@@ -1,14 +1,16 @@
 """When does a small class start to be learned, with SGD and with AdamW (two step sizes), at the same number of steps?
 
     python benchmarks/lesion_onset.py [--tasks ct-aniso vessels lung-nodules mr-2ch mri-nested] [--budget 5m]
+                                      [--variants sgd adamw-1e-3 adamw]
 
 The evidence behind the planner's optimizer rule (autoseg.plan.rules.optimizer). For each synthetic task: the
-dataset (size small, seed 0) is planned once for ``--budget``; the planned run is then trained twice from the
-same plans.json, as the rules before the change (SGD, Nesterov, lr 1e-2), with AdamW at Adam's usual lr 1e-3, and as
-they are now for a small class (AdamW at ``autoseg.plan.rules.ADAMW_LR``), for the plan's number of steps (``autoseg train --steps``: the same steps whatever the machine's
-load, so the runs differ by the optimizer alone), then the test cases are predicted and scored. Reported per class:
-test Dice on the cases that hold the class, the first step at validation Dice 0.5, and what the network says
-inside the class (mean probability of the class there, and the share of its voxels where it wins the argmax).
+dataset (size small, seed 0) is planned once for ``--budget``; the planned run is then trained from the same
+plans.json once per variant: the rules before the optimizer rule (SGD, Nesterov, lr 1e-2), AdamW at Adam's usual
+lr 1e-3, and AdamW at ``autoseg.plan.rules.ADAMW_LR`` (the rule), each for the plan's number of steps (``autoseg
+train --steps``: the same steps whatever the machine's load, so the runs differ by the optimizer alone), then the
+test cases are predicted and scored. Reported per class: test Dice on the cases that hold the class,
+the first step at validation Dice 0.2 and 0.5, and what the network says inside the class (mean probability of
+the class there, and the share of its voxels where it wins the argmax).
 
 Writes benchmarks/results/lesion_onset.md.
 """
@@ -30,12 +32,13 @@ sys.path.insert(0, str(BENCH.parent))
 
 from autoseg.benchmark.measure import machine  # noqa: E402
 from autoseg.oof import fold_predictor  # noqa: E402
-from autoseg.plan.rules import ADAMW_LR  # noqa: E402
+from autoseg.plan import rules  # noqa: E402
 from autoseg.trainlog import TrainLog  # noqa: E402
 from autoseg.workdir import Workdir, load_case  # noqa: E402
 
-OPTIMIZERS = {"SGD 1e-2": {"name": "sgd", "lr": 1e-2}, "AdamW 1e-3": {"name": "adamw", "lr": 1e-3},
-              f"AdamW {ADAMW_LR:g} (the rule)": {"name": "adamw", "lr": ADAMW_LR}}
+# variant -> (label, the optimizer's values in plans.json)
+VARIANTS = {"sgd": ("SGD 1e-2", {"name": "sgd", "lr": 1e-2}), "adamw-1e-3": ("AdamW 1e-3", {"name": "adamw", "lr": 1e-3}),
+            "adamw": (f"AdamW {rules.ADAMW_LR:g} (the rule)", {"name": "adamw", "lr": rules.ADAMW_LR})}
 
 
 def autoseg(*args: str, env: dict | None = None) -> None:
@@ -58,7 +61,7 @@ def inside(work: Workdir, configuration: str, value: int) -> tuple[float, float]
     return (float(np.mean(probs_in)), float(np.mean(wins))) if probs_in else (float("nan"), float("nan"))
 
 
-def run_task(task: str, budget: str, work_root: Path) -> dict:
+def run_task(task: str, budget: str, work_root: Path, variants: list[str]) -> dict:
     data = work_root / "data" / task
     if not (data / "dataset.json").is_file():
         autoseg("synth", task, str(data), "--size", "small")
@@ -71,8 +74,9 @@ def run_task(task: str, budget: str, work_root: Path) -> dict:
     steps = plans["configurations"][configuration]["schedule"]["steps"]
     labels = {k: v for k, v in plans["labels"].items() if k not in ("background", "ignore") and isinstance(v, int)}
     out = {"configuration": configuration, "steps": steps, "runs": {}}
-    for opt, values in OPTIMIZERS.items():
-        w = work_root / "runs" / task / opt.split(" (")[0].replace(" ", "_")
+    for variant in variants:
+        label, values = VARIANTS[variant]
+        w = work_root / "runs" / task / variant
         shutil.rmtree(w, ignore_errors=True)
         shutil.copytree(planned, w, ignore=shutil.ignore_patterns("runs", "selection.json", "model.autoseg"))
         edited = json.loads((w / "plans.json").read_text())
@@ -84,16 +88,18 @@ def run_task(task: str, budget: str, work_root: Path) -> dict:
                 "-o", str(w / "metrics.json"))
         metrics = json.loads((w / "metrics.json").read_text())
         work = Workdir(w)
-        onsets = TrainLog(work.run(configuration, 0), {v: k for k, v in labels.items()}).onsets()
+        log = TrainLog(work.run(configuration, 0), {v: k for k, v in labels.items()})
+        onsets, starts = log.onsets(), log.onsets(0.2)
         per_class = {}
         for name, value in labels.items():
             present = [c["classes"][name]["dice"] for c in metrics["cases"].values()
                        if (c["classes"][name].get("volume_ref_mm3") or 0) > 0]
             p_in, won = inside(work, configuration, value)
             per_class[name] = {"dice_present": float(np.mean(present)) if present else None,
-                               "onset_step": onsets[name].step, "p_inside": p_in, "wins": won}
-        out["runs"][opt] = per_class
-        print(task, opt, json.dumps(per_class), flush=True)
+                               "onset_step": onsets[name].step, "start_step": starts[name].step,
+                               "p_inside": p_in, "wins": won}
+        out["runs"][label] = per_class
+        print(task, label, json.dumps(per_class), flush=True)
     return out
 
 
@@ -103,25 +109,27 @@ def main() -> None:
     p.add_argument("--budget", default="5m", help="the budget planned for; its step count is trained (default 5m)")
     p.add_argument("--work", type=Path, default=BENCH / "work" / "lesion_onset")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "lesion_onset.md")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     a = p.parse_args()
-    results = {t: run_task(t, a.budget, a.work) for t in a.tasks}
+    results = {t: run_task(t, a.budget, a.work, a.variants) for t in a.tasks}
 
     def f(x: float | None, fmt: str = ".3f") -> str:
         return "-" if x is None or x != x else format(x, fmt)
 
-    names = list(OPTIMIZERS)
+    names = [VARIANTS[v][0] for v in a.variants]
     lines = ["# Small classes: SGD against AdamW at the same step count (benchmarks/lesion_onset.py)", "",
-             f"`python benchmarks/lesion_onset.py --tasks {' '.join(a.tasks)} --budget {a.budget}`: each task "
-             f"planned for {a.budget}, then its planned run trained for the plan's steps with each optimizer.", "",
-             "| task | class | steps | " + " | ".join(f"{n}: test Dice (onset step; p inside / wins)" for n in names)
+             f"`python benchmarks/lesion_onset.py --tasks {' '.join(a.tasks)} --budget {a.budget} --variants "
+             f"{' '.join(a.variants)}`: each task planned for {a.budget}, then its planned run trained for the plan's "
+             "steps once per variant.", "",
+             "| task | class | steps | " + " | ".join(f"{n}: test Dice (0.2 / 0.5 at step; p inside / wins)" for n in names)
              + " |", "|---|---|---|" + "---|" * len(names)]
     for task, r in results.items():
         for name in r["runs"][names[0]]:
-            cells = [f"{f(x['dice_present'])} ({x['onset_step'] or 'never'}; {f(x['p_inside'], '.2f')} / "
-                     f"{f(x['wins'], '.2f')})" for x in (r["runs"][n][name] for n in names)]
+            cells = [f"{f(x['dice_present'])} ({x['start_step'] or '-'} / {x['onset_step'] or '-'}; "
+                     f"{f(x['p_inside'], '.2f')} / {f(x['wins'], '.2f')})" for x in (r["runs"][n][name] for n in names)]
             lines.append(f"| {task} | {name} | {r['steps']} | " + " | ".join(cells) + " |")
-    lines += ["", "Test Dice: mean over the test cases whose reference holds the class. Onset: the first validation "
-              "(patches) at Dice 0.5. p inside / wins: on the training cases, the class's mean probability over its "
+    lines += ["", "Test Dice: mean over the test cases whose reference holds the class. 0.2 / 0.5 at step: the first "
+              "validation (patches) at Dice 0.2 and 0.5 (- never). p inside / wins: on the training cases, the class's mean probability over its "
               "own voxels and the share of them where it wins the argmax (0.02 / 0.00 is a network that has not "
               "started on the class: the same small probability everywhere).", "", "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in machine().items()]
